@@ -1,0 +1,41 @@
+"""Backbone registry: a new backbone is one module here plus one entry in REGISTRY."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from pydantic import BaseModel
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    options: type[BaseModel]
+    build: Callable  # (ModelConfig, num_items) -> nn.Module
+
+
+def _registry() -> dict[str, Backbone]:
+    from models import sasrec
+
+    return {
+        "sasrec": Backbone("sasrec", sasrec.SASRecOptions, sasrec.SASRec),
+    }
+
+
+def backbone_names() -> list[str]:
+    return sorted(_registry())
+
+
+def get_backbone(name: str) -> Backbone:
+    registry = _registry()
+    if name not in registry:
+        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(sorted(registry))}")
+    return registry[name]
+
+
+def build_model(config, num_items: int):
+    """Instantiate the backbone named by `config` (a ModelConfig) for items 1..num_items."""
+    if num_items < 1:
+        raise ValueError(f"num_items must be >= 1, got {num_items}")
+    return get_backbone(config.name).build(config, num_items)

@@ -1,0 +1,40 @@
+"""Hyper-parameters shared by every backbone; backbone-specific ones live in `options`."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "sasrec"
+    max_len: int = Field(200, ge=2, description="longest input sequence; longer ones are windowed")
+    hidden: int = Field(64, ge=1)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(1, ge=1)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    loss: Literal["ce", "sampled", "bce"] = "ce"
+    negatives: int = Field(256, ge=1, description="uniform negatives per position for loss=sampled")
+    options: dict[str, Any] = Field(default_factory=dict, description="backbone-specific options")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from models import get_backbone  # late import: the registry imports the backbones
+
+        get_backbone(name)
+        return name
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        from models import get_backbone
+
+        backbone = get_backbone(self.name)
+        if self.hidden % self.heads != 0:
+            raise ValueError(f"heads={self.heads} must divide hidden={self.hidden}")
+        # Normalise options through the backbone's own schema (fills defaults, rejects unknown keys).
+        self.options = backbone.options(**self.options).model_dump()
+        return self

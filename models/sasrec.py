@@ -1,0 +1,129 @@
+"""SASRec (Kang & McAuley, 2018): causal self-attention over the item sequence.
+
+Inputs are left-padded with item 0, so the last position always holds the newest item.
+Pre-LayerNorm blocks; the item embedding is shared between input and output (scores are
+dot products with every item embedding).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.config import ModelConfig
+from models.losses import next_item_loss
+
+
+class SASRecOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ffn_mult: int = Field(1, ge=1, description="FFN inner size = ffn_mult * hidden (1 in the paper)")
+
+
+def attention_mask(seqs: torch.Tensor) -> torch.Tensor:
+    """(B, 1, L, L) boolean mask, True = may attend: causal, real keys only.
+
+    The diagonal is always allowed so that fully padded query rows still attend to
+    something (themselves) instead of producing NaN from an all -inf softmax row.
+    """
+    L = seqs.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=seqs.device).tril()
+    real_key = (seqs != 0)[:, None, None, :]
+    diagonal = torch.eye(L, dtype=torch.bool, device=seqs.device)
+    return (causal & real_key) | diagonal
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, hidden: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=2)
+        q, k, v = (t.view(B, L, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class Block(nn.Module):
+    def __init__(self, hidden: int, heads: int, dropout: float, ffn_mult: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(hidden)
+        self.attn = CausalSelfAttention(hidden, heads, dropout)
+        self.ln2 = nn.LayerNorm(hidden)
+        self.ffn = nn.Sequential(
+            nn.Linear(hidden, ffn_mult * hidden), nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(ffn_mult * hidden, hidden),
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), mask))
+        return x + self.drop(self.ffn(self.ln2(x)))
+
+
+class SASRec(nn.Module):
+    def __init__(self, config: ModelConfig, num_items: int):
+        super().__init__()
+        self.config = config
+        self.num_items = num_items
+        d = config.hidden
+        self.item_emb = nn.Embedding(num_items + 1, d, padding_idx=0)
+        self.pos_emb = nn.Embedding(config.max_len, d)
+        self.emb_drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(
+            Block(d, config.heads, config.dropout, config.options["ffn_mult"]) for _ in range(config.layers)
+        )
+        self.ln_f = nn.LayerNorm(d)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                module.weight.data[module.padding_idx].zero_()
+
+    def encode(self, seqs: torch.Tensor) -> torch.Tensor:
+        """(B, L) left-padded item ids -> (B, L, d) hidden states; padded rows stay finite."""
+        L = seqs.shape[1]
+        if L > self.config.max_len:
+            raise ValueError(f"sequence length {L} exceeds max_len={self.config.max_len}")
+        real = (seqs != 0).unsqueeze(-1)
+        pos = torch.arange(self.config.max_len - L, self.config.max_len, device=seqs.device)
+        x = self.item_emb(seqs) * math.sqrt(self.config.hidden) + self.pos_emb(pos)
+        x = self.emb_drop(x) * real
+        mask = attention_mask(seqs)
+        for block in self.blocks:
+            x = block(x, mask) * real
+        return self.ln_f(x)
+
+    def item_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Scores of every item (column 0, padding, is -inf) for hidden states (..., d)."""
+        scores = hidden @ self.item_emb.weight.T
+        scores[..., 0] = float("-inf")
+        return scores
+
+    def score_last(self, seqs: torch.Tensor) -> torch.Tensor:
+        """(B, L) -> (B, N+1) next-item scores after the newest item of each sequence."""
+        return self.item_scores(self.encode(seqs)[:, -1])
+
+    def loss(self, seqs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Next-item loss averaged over positions whose target is not padding (0)."""
+        hidden = self.encode(seqs)
+        has_target = targets != 0
+        return next_item_loss(
+            self.config.loss, hidden[has_target], targets[has_target], self.item_emb.weight,
+            self.config.negatives,
+        )

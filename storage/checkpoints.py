@@ -1,0 +1,70 @@
+"""Checkpoint files: state dict + model config + item count, loadable with weights_only=True."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from models import build_model
+from models.config import ModelConfig
+from rsir.errors import RsirError
+
+CHECKPOINT_FORMAT = 1
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, config: ModelConfig, num_items: int,
+                    meta: dict[str, Any]) -> Path:
+    """Write atomically (temp file + rename) so a crash never leaves a truncated checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "backbone": config.name,
+        "model_config": config.model_dump(mode="json"),
+        "num_items": num_items,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "meta": meta,
+    }
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise RsirError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise RsirError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise RsirError(f"{path} is not an rsir checkpoint (format {CHECKPOINT_FORMAT})")
+    return payload
+
+
+def load_checkpoint(path: str | Path, num_items: int | None = None, backbone: str | None = None,
+                    device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the model; refuse a checkpoint for another item count or another backbone."""
+    payload = read_checkpoint(path)
+    if backbone is not None and payload["backbone"] != backbone:
+        raise RsirError(f"checkpoint {path} holds a {payload['backbone']!r} model, not {backbone!r}")
+    if num_items is not None and payload["num_items"] != num_items:
+        raise RsirError(f"checkpoint {path} was trained on {payload['num_items']} items, "
+                        f"but the dataset has {num_items}")
+    try:
+        config = ModelConfig.model_validate(payload["model_config"])
+    except (ValidationError, ValueError) as exc:
+        raise RsirError(f"checkpoint {path} has an invalid model config: {exc}") from None
+    model = build_model(config, payload["num_items"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise RsirError(f"checkpoint {path} does not match backbone {config.name!r}: "
+                        f"{str(exc).splitlines()[0]}") from None
+    return model.to(device), payload

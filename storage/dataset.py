@@ -1,0 +1,275 @@
+"""Versioned, hive-partitioned Parquet datasets behind one interface (local paths or fsspec URIs).
+
+Layout of a dataset root::
+
+    <root>/<name>/items.parquet
+    <root>/<name>/sequences/iteration=<j>/bucket=<b>/part-<digest>.parquet
+    <root>/<name>/manifests/v00000.json, v00001.json, ...
+
+Writes are staged in a local folder outside every dataset root, copied into place, and become
+visible only when the manifest is committed (atomic rename locally, a single put on object
+stores). A crash therefore leaves either the previous version or the complete new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rsir.errors import RsirError
+from storage.manifest import FileEntry, Manifest, PartitionEntry, chain_digest
+
+SEQUENCE_SCHEMA = pa.schema([
+    pa.field("seq_id", pa.int64(), nullable=False),
+    pa.field("user_id", pa.string()),
+    pa.field("items", pa.list_(pa.int32()), nullable=False),
+    pa.field("origin", pa.string(), nullable=False),  # "real" | "synthetic"
+    pa.field("parent_seq_id", pa.int64()),  # source sequence of a synthetic one
+])
+ROWS_PER_BUCKET = 250_000
+_MANIFEST_RE = re.compile(r"^v(\d{5})\.json$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_name(name: str) -> str:
+    if not _NAME_RE.match(name or ""):
+        raise RsirError(f"invalid dataset name {name!r}: use letters, digits, '.', '_' and '-'")
+    return name
+
+
+def table_digest(table: pa.Table) -> str:
+    """Digest of the logical content (independent of Parquet encoding details)."""
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table.combine_chunks())
+    return hashlib.sha256(sink.getvalue()).hexdigest()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class DatasetStore:
+    """All datasets under one root URI, e.g. ``/home/me/workspace/datasets`` or ``memory://ws``."""
+
+    def __init__(self, root: str | Path, staging: str | Path):
+        self.root = str(root).rstrip("/")
+        self.fs, self._root_path = fsspec.core.url_to_fs(self.root)
+        self.staging = Path(staging)
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+
+    # ---------------------------------------------------------------- paths
+    def _path(self, name: str, *parts: str) -> str:
+        return "/".join([self._root_path, name, *parts])
+
+    def _url(self, name: str, *parts: str) -> str | io.BytesIO:
+        """A source polars accepts: the plain path locally, else the bytes read through fsspec
+        (polars cannot open fsspec-only protocols such as memory:// by URL)."""
+        path = self._path(name, *parts)
+        return path if self.is_local else io.BytesIO(self.fs.cat_file(path))
+
+    # ---------------------------------------------------------------- reading
+    def names(self) -> list[str]:
+        if not self.fs.exists(self._root_path):
+            return []
+        found = []
+        for entry in self.fs.ls(self._root_path, detail=False):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if self.versions(name):
+                found.append(name)
+        return sorted(found)
+
+    def versions(self, name: str) -> list[int]:
+        mdir = self._path(name, "manifests")
+        if not self.fs.exists(mdir):
+            return []
+        out = []
+        for entry in self.fs.ls(mdir, detail=False):
+            m = _MANIFEST_RE.match(entry.rsplit("/", 1)[-1])
+            if m:
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def manifest(self, name: str, version: int | None = None) -> Manifest:
+        versions = self.versions(name)
+        if not versions:
+            known = ", ".join(self.names()) or "none"
+            raise RsirError(f"unknown dataset {name!r} in {self.root} (known: {known}); "
+                            f"fetch or import it first, e.g. `rsir data fetch ml-100k`")
+        if version is None:
+            version = versions[-1]
+        if version not in versions:
+            raise RsirError(f"dataset {name!r} has no version {version} (versions: {versions})")
+        path = self._path(name, "manifests", f"v{version:05d}.json")
+        try:
+            return Manifest.model_validate_json(self.fs.cat_file(path))
+        except ValueError as exc:
+            raise RsirError(f"corrupt manifest {path}: {exc}") from exc
+
+    def verify(self, name: str, manifest: Manifest) -> None:
+        """Check every file's checksum against the manifest; name the first corrupt one."""
+        for entry in [manifest.items, *manifest.partitions]:
+            path = self._path(name, entry.path)
+            try:
+                data = self.fs.cat_file(path)
+            except FileNotFoundError:
+                raise RsirError(f"dataset {name!r} v{manifest.version}: file missing: {path}") from None
+            if _sha256(data) != entry.sha256:
+                raise RsirError(f"dataset {name!r} v{manifest.version}: checksum mismatch in {path} "
+                                f"(file is corrupt or was modified)")
+
+    def scan(self, name: str, version: int | None = None, iterations: list[int] | None = None,
+             verify: bool = True) -> pl.LazyFrame:
+        """Lazily read the sequences of a version, with an `iteration` column.
+
+        Only files named by the manifest are read (never a directory glob), so orphaned or
+        half-copied partitions are invisible. `iterations` prunes partitions before any I/O.
+        """
+        manifest = self.manifest(name, version)
+        if verify:
+            self.verify(name, manifest)
+        parts = [p for p in manifest.partitions if iterations is None or p.iteration in iterations]
+        if not parts:
+            empty = pl.from_arrow(SEQUENCE_SCHEMA.empty_table())
+            return empty.lazy().with_columns(pl.lit(0, dtype=pl.Int32).alias("iteration"))
+        frames = [
+            pl.scan_parquet(self._url(name, p.path), storage_options=self._storage_options())
+            .with_columns(pl.lit(p.iteration, dtype=pl.Int32).alias("iteration"))
+            for p in parts
+        ]
+        return pl.concat(frames, how="vertical")
+
+    def load(self, name: str, version: int | None = None, verify: bool = True) -> pl.DataFrame:
+        return self.scan(name, version, verify=verify).collect()
+
+    def items(self, name: str, version: int | None = None) -> pl.DataFrame:
+        manifest = self.manifest(name, version)
+        return pl.read_parquet(self._url(name, manifest.items.path), storage_options=self._storage_options())
+
+    def _storage_options(self) -> dict[str, Any] | None:
+        return None if self.is_local else dict(self.fs.storage_options)
+
+    # ---------------------------------------------------------------- writing
+    def create(self, name: str, sequences: pa.Table, items: pa.Table, source: dict[str, Any],
+               stats: dict[str, Any] | None = None, replace: bool = False) -> Manifest:
+        """Publish version 0 of a new dataset (or replace an existing one with `replace`)."""
+        check_name(name)
+        if self.versions(name) and not replace:
+            raise RsirError(f"dataset {name!r} already exists in {self.root}; pass --force to replace it")
+        stage = self._new_stage()
+        try:
+            items_entry = self._stage_file(stage, "items.parquet", items)
+            parts, part_digests = self._stage_partition(stage, 0, sequences)
+            manifest = Manifest(
+                dataset=name, version=0, parent_version=None, num_items=items.num_rows,
+                items=items_entry, partitions=parts,
+                digest=chain_digest(table_digest(items), part_digests),
+                created_at=datetime.now(timezone.utc).isoformat(), source=source, stats=stats or {},
+            )
+            if replace and self.fs.exists(self._path(name)):
+                self.fs.rm(self._path(name), recursive=True)
+            self._publish(stage, name)
+            self._commit(name, manifest)
+            return manifest
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    def append(self, name: str, parent: Manifest, sequences: pa.Table, generation: dict[str, Any],
+               stats: dict[str, Any] | None = None) -> Manifest:
+        """Publish version parent+1 = parent ∪ one new partition (iteration parent+1)."""
+        version = parent.version + 1
+        if version in self.versions(name):
+            raise RsirError(f"dataset {name!r} already has version {version}")
+        stage = self._new_stage()
+        try:
+            parts, part_digests = self._stage_partition(stage, version, sequences)
+            manifest = Manifest(
+                dataset=name, version=version, parent_version=parent.version,
+                num_items=parent.num_items, items=parent.items,
+                partitions=[*parent.partitions, *parts],
+                digest=chain_digest(parent.digest, part_digests),
+                created_at=datetime.now(timezone.utc).isoformat(), source=parent.source,
+                generation=generation, stats=stats or {},
+            )
+            # A crashed earlier attempt may have left an uncommitted partition: replace it.
+            stale = self._path(name, "sequences", f"iteration={version}")
+            if self.fs.exists(stale):
+                self.fs.rm(stale, recursive=True)
+            self._publish(stage, name)
+            self._commit(name, manifest)
+            return manifest
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    def _new_stage(self) -> Path:
+        stage = self.staging / f"stage-{uuid.uuid4().hex}"
+        stage.mkdir(parents=True)
+        return stage
+
+    def _stage_file(self, stage: Path, rel: str, table: pa.Table) -> FileEntry:
+        target = stage / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, target, compression="zstd")
+        data = target.read_bytes()
+        return FileEntry(path=rel, rows=table.num_rows, bytes=len(data), sha256=_sha256(data))
+
+    def _stage_partition(self, stage: Path, iteration: int, sequences: pa.Table
+                         ) -> tuple[list[PartitionEntry], list[str]]:
+        sequences = sequences.select(SEQUENCE_SCHEMA.names).cast(SEQUENCE_SCHEMA)
+        n_buckets = max(1, -(-sequences.num_rows // ROWS_PER_BUCKET))
+        seq_ids = sequences.column("seq_id").to_numpy()
+        entries, digests = [], []
+        for b in range(n_buckets):
+            part = sequences.filter(pa.array(seq_ids % n_buckets == b)) if n_buckets > 1 else sequences
+            digest = table_digest(part)
+            rel = f"sequences/iteration={iteration}/bucket={b}/part-{digest[:16]}.parquet"
+            entry = self._stage_file(stage, rel, part)
+            entries.append(PartitionEntry(**entry.model_dump(), iteration=iteration, bucket=b))
+            digests.append(digest)
+        return entries, digests
+
+    def _publish(self, stage: Path, name: str) -> None:
+        """Move staged files under the dataset root (not yet visible: no manifest names them)."""
+        for src in sorted(p for p in stage.rglob("*") if p.is_file()):
+            rel = src.relative_to(stage).as_posix()
+            dst = self._path(name, rel)
+            self.fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
+            if self.is_local:
+                Path(src).replace(dst)
+            else:
+                self.fs.put_file(str(src), dst)
+
+    def _commit(self, name: str, manifest: Manifest) -> None:
+        """The atomic commit point of a version."""
+        mdir = self._path(name, "manifests")
+        self.fs.makedirs(mdir, exist_ok=True)
+        final = f"{mdir}/v{manifest.version:05d}.json"
+        body = manifest.model_dump_json(indent=2).encode()
+        if self.is_local:
+            tmp = Path(mdir) / f".v{manifest.version:05d}.json.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "wb") as fh:
+                fh.write(body)
+                fh.flush()
+                os.fsync(fh.fileno())
+            tmp.replace(final)
+        else:
+            self.fs.pipe_file(final, body)
+
+
+def manifest_summary(manifest: Manifest) -> dict[str, Any]:
+    return json.loads(manifest.model_dump_json(include={"dataset", "version", "parent_version", "digest",
+                                                         "num_items", "stats", "created_at"}))

@@ -1,0 +1,99 @@
+"""Full-ranking leave-one-out evaluation, batched over users (memory ~ batch x items).
+
+Rank of the target = 1 + number of items with a strictly higher score. By default the
+items of the user's input history are removed from the ranking (the target itself is
+never removed, even when the user consumed it before).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tasks.split import LeaveOneOut, Ragged
+
+KS = (5, 10, 20)
+MRR_K = 20
+
+
+def metric_names() -> list[str]:
+    return [f"ndcg@{k}" for k in KS] + [f"recall@{k}" for k in KS] + [f"mrr@{MRR_K}"]
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
+    """scores (B, N+1) with column 0 = padding; targets (B,); history (B, H) item ids, 0 = pad."""
+    scores = scores.clone()
+    scores[:, 0] = float("-inf")
+    target_score = scores.gather(1, targets[:, None])
+    if history is not None:
+        scores.scatter_(1, history, float("-inf"))
+    higher = (scores > target_score).sum(dim=1)
+    return higher + 1
+
+
+def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
+    ranks = np.asarray(ranks, dtype=np.float64)
+    out: dict[str, float] = {}
+    if len(ranks) == 0:
+        return {name: float("nan") for name in metric_names()}
+    for k in KS:
+        out[f"ndcg@{k}"] = float(np.where(ranks <= k, 1.0 / np.log2(ranks + 1), 0.0).mean())
+    for k in KS:
+        out[f"recall@{k}"] = float((ranks <= k).mean())
+    out[f"mrr@{MRR_K}"] = float(np.where(ranks <= MRR_K, 1.0 / ranks, 0.0).mean())
+    return out
+
+
+@torch.no_grad()
+def rank_users(model: torch.nn.Module, inputs: Ragged, targets: np.ndarray, max_len: int,
+               batch_size: int = 512, exclude_history: bool = True,
+               device: torch.device | str = "cpu") -> np.ndarray:
+    """Rank of every user's target, scoring from the newest `max_len` items of `inputs`."""
+    was_training = model.training
+    model.eval()
+    ranks = []
+    try:
+        for lo in range(0, len(targets), batch_size):
+            rows = np.arange(lo, min(lo + batch_size, len(targets)))
+            seqs = inputs.tails(rows, max_len).to(device)
+            scores = model.score_last(seqs)
+            history = inputs.rows(rows).to(device) if exclude_history else None
+            target = torch.from_numpy(targets[rows]).to(device)
+            ranks.append(target_ranks(scores, target, history).cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
+
+
+def evaluate_split(model: torch.nn.Module, split: LeaveOneOut, which: str, max_len: int,
+                   batch_size: int = 512, exclude_history: bool = True,
+                   device: torch.device | str = "cpu") -> dict[str, float]:
+    if which == "valid":
+        inputs, targets = split.valid_input, split.valid_target
+    elif which == "test":
+        inputs, targets = split.test_input, split.test_target
+    else:
+        raise ValueError(f"which must be 'valid' or 'test', got {which!r}")
+    ranks = rank_users(model, inputs, targets, max_len, batch_size, exclude_history, device)
+    return metrics_from_ranks(ranks)
+
+
+def evaluate_checkpoint(ws, checkpoint, dataset: str, version: int | None = None,
+                        exclude_history: bool = True, device: str = "auto",
+                        batch_size: int = 512) -> dict:
+    """Evaluate a stored checkpoint on a dataset version; refuses a mismatched item count."""
+    from storage.checkpoints import load_checkpoint
+    from tasks.ingest import dataset_store
+    from tasks.split import leave_one_out
+    from tasks.train import resolve_device
+
+    store = dataset_store(ws)
+    manifest = store.manifest(dataset, version)
+    dev = resolve_device(device)
+    model, payload = load_checkpoint(checkpoint, num_items=manifest.num_items, device=dev)
+    split = leave_one_out(store.load(dataset, manifest.version), manifest.num_items)
+    args = (model.config.max_len, batch_size, exclude_history, dev)
+    return {"model": payload["backbone"], "checkpoint": str(checkpoint), "dataset": dataset,
+            "version": manifest.version, "digest": manifest.digest,
+            "valid": evaluate_split(model, split, "valid", *args),
+            "test": evaluate_split(model, split, "test", *args)}

@@ -1,0 +1,362 @@
+"""Data ingest: MovieLens-100K from the recbole wheel, users' own files, the sparse view.
+
+Preprocessing follows the literature: optional k-core filter, stable chronological order
+(ties keep file order), contiguous item ids from 1 (0 is padding), users with fewer than
+`min_seq_len` interactions dropped (and counted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Literal
+
+import polars as pl
+import pyarrow as pa
+from prefect import task
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from rsir.errors import RsirError
+from rsir.workspace import Workspace
+from storage.dataset import DatasetStore, check_name
+from tasks.statistics import version_statistics
+
+Format = Literal["csv", "parquet", "recbole", "amazon"]
+FORMATS: tuple[str, ...] = ("csv", "parquet", "recbole", "amazon")
+
+ML100K_WHEEL = "recbole==1.2.1"
+ML100K_INTER_SHA256 = "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff"
+ML100K_MEMBER = "recbole/dataset_example/ml-100k/"
+SPARSE_STRIDE = 5
+SPARSE_MIN_ITEMS = 5
+BUILTIN = ("ml-100k", "ml-100k-sparse")
+
+
+class ImportSpec(BaseModel):
+    """How to read and preprocess one interaction file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: Path
+    name: str
+    format: Format
+    user_col: str = "user_id"
+    item_col: str = "item_id"
+    time_col: str = "timestamp"
+    sep: str | None = Field(None, description="field separator; default ',' (csv, amazon) or tab (recbole)")
+    id_type: Literal["int", "str"] | None = Field(None, description="default 'str' for amazon, else 'int'")
+    kcore: int | None = Field(None, ge=0, description="k-core filter; default 5 for amazon, 0 (off) otherwise")
+    min_seq_len: int = Field(3, ge=3)
+
+    @model_validator(mode="after")
+    def _defaults(self) -> "ImportSpec":
+        amazon = self.format == "amazon"
+        if self.sep is None:
+            self.sep = "\t" if self.format == "recbole" else ","
+        if self.id_type is None:
+            self.id_type = "str" if amazon else "int"
+        if self.kcore is None:
+            self.kcore = 5 if amazon else 0
+        if amazon:  # the distributed files have no header and a fixed column order
+            self.user_col, self.item_col, self.time_col = "user", "item", "timestamp"
+        return self
+
+
+# ------------------------------------------------------------------ reading and validation
+def read_interactions(spec: ImportSpec) -> pl.DataFrame:
+    """Read a file into (user, item, ts) in file order; every fault names file, column and value."""
+    path = spec.path
+    if not path.exists():
+        raise RsirError(f"file not found: {path}")
+    if not path.is_file():
+        raise RsirError(f"not a file: {path}")
+    if path.stat().st_size == 0:
+        raise RsirError(f"empty file: {path}")
+    raw = _read_table(spec)
+    missing = [c for c in (spec.user_col, spec.item_col, spec.time_col) if c not in raw.columns]
+    if missing:
+        raise RsirError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; "
+                        f"columns found: {', '.join(map(repr, raw.columns))} "
+                        f"(set them with --user-col/--item-col/--time-col)")
+    if raw.height == 0:
+        raise RsirError(f"{path}: no interactions (the file has a header but no rows)")
+    return pl.DataFrame({
+        "user": _parse_ids(raw[spec.user_col], spec, spec.user_col),
+        "item": _parse_ids(raw[spec.item_col], spec, spec.item_col),
+        "ts": _parse_timestamps(raw[spec.time_col], spec),
+    })
+
+
+def _read_table(spec: ImportSpec) -> pl.DataFrame:
+    path = spec.path
+    try:
+        if spec.format == "parquet":
+            return pl.read_parquet(path)
+        if spec.format == "amazon":
+            return pl.read_csv(path, has_header=False, separator=spec.sep, infer_schema=False,
+                               new_columns=["user", "item", "rating", "timestamp"])
+        table = pl.read_csv(path, separator=spec.sep, infer_schema=False, quote_char='"')
+        if spec.format == "recbole":  # header fields are "name:type"
+            table = table.rename({c: c.split(":", 1)[0] for c in table.columns})
+        return table
+    except pl.exceptions.NoDataError:
+        raise RsirError(f"empty file: {path}") from None
+    except (pl.exceptions.ComputeError, pl.exceptions.PolarsError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RsirError(f"cannot read {path} as {spec.format}: {first}") from None
+
+
+def _first_bad(series: pl.Series, bad: pl.Series) -> str:
+    idx = int(bad.arg_true()[0])
+    return f"row {idx + 1} (value {series[idx]!r})"
+
+
+def _parse_ids(series: pl.Series, spec: ImportSpec, col: str) -> pl.Series:
+    where = f"{spec.path}: column {col!r}"
+    if spec.id_type == "str":
+        text = series.cast(pl.String).str.strip_chars()
+        bad = text.is_null() | (text == "")
+        if bad.any():
+            raise RsirError(f"{where} has a null or empty id at {_first_bad(series, bad)}")
+        return text
+    if series.null_count():
+        raise RsirError(f"{where} has a null id at {_first_bad(series, series.is_null())}")
+    if series.dtype.is_integer():
+        ids = series.cast(pl.Int64)
+    elif series.dtype.is_float():
+        bad = series.is_nan() | (series != series.round(0))
+        if bad.any():
+            raise RsirError(f"{where} has a non-integer id at {_first_bad(series, bad)}")
+        ids = series.cast(pl.Int64)
+    else:
+        ids = series.cast(pl.String).str.strip_chars().cast(pl.Int64, strict=False)
+        if ids.null_count():
+            raise RsirError(f"{where} has a non-integer id at {_first_bad(series, ids.is_null())} "
+                            f"(use --id-type str for string ids)")
+    if (ids < 0).any():
+        raise RsirError(f"{where} has a negative id at {_first_bad(series, ids < 0)}")
+    return ids.cast(pl.String)
+
+
+def _parse_timestamps(series: pl.Series, spec: ImportSpec) -> pl.Series:
+    """Numbers are taken as they are (any monotone unit); strings as numbers or ISO datetimes."""
+    where = f"{spec.path}: column {spec.time_col!r}"
+    if series.null_count():
+        raise RsirError(f"{where} has a null timestamp at {_first_bad(series, series.is_null())}")
+    if series.dtype.is_numeric():
+        ts = series.cast(pl.Float64)
+    elif series.dtype == pl.Datetime or series.dtype == pl.Date:
+        ts = series.cast(pl.Datetime("us")).dt.epoch("s").cast(pl.Float64)
+    else:
+        text = series.cast(pl.String).str.strip_chars()
+        ts = text.cast(pl.Float64, strict=False)
+        if ts.null_count():
+            try:
+                as_dt = text.str.to_datetime(strict=False, time_unit="us")
+                ts = ts.fill_null(as_dt.dt.epoch("s").cast(pl.Float64))
+            except pl.exceptions.ComputeError:  # no datetime format fits any value
+                pass
+        if ts.null_count():
+            raise RsirError(f"{where} has an unparsable timestamp at {_first_bad(series, ts.is_null())}")
+    if ts.is_nan().any() or ts.is_infinite().any():
+        raise RsirError(f"{where} has an unparsable timestamp at {_first_bad(series, ts.is_nan() | ts.is_infinite())}")
+    return ts
+
+
+# ------------------------------------------------------------------ preprocessing
+def kcore_filter(df: pl.DataFrame, k: int) -> pl.DataFrame:
+    """Repeat until every user and every item has at least k interactions."""
+    if k <= 1:
+        return df
+    while True:
+        before = df.height
+        df = df.filter(pl.len().over("user") >= k)
+        df = df.filter(pl.len().over("item") >= k)
+        if df.height == before:
+            return df
+
+
+def _natural_order(values: pl.Series) -> pl.Series:
+    """Sort ids numerically when they all are integers, else lexicographically."""
+    as_int = values.cast(pl.Int64, strict=False)
+    if as_int.null_count() == 0:
+        return values.gather(as_int.arg_sort())
+    return values.sort()
+
+
+def build_sequences(df: pl.DataFrame, kcore: int, min_seq_len: int, where: str
+                    ) -> tuple[pa.Table, pl.DataFrame, dict[str, Any]]:
+    """(user, item, ts) in file order -> (sequences, item map (item_id, raw_id), report)."""
+    report: dict[str, Any] = {"input_interactions": df.height, "input_users": df["user"].n_unique(),
+                              "input_items": df["item"].n_unique(), "kcore": kcore}
+    df = df.with_row_index("_row")
+    df = kcore_filter(df, kcore)
+    report["kcore_removed_interactions"] = report["input_interactions"] - df.height
+    short = pl.len().over("user") < min_seq_len
+    report["dropped_short_users"] = df.filter(short)["user"].n_unique()
+    df = df.filter(~short)
+    users = df["user"].n_unique()
+    if users < 2:
+        raise RsirError(f"{where}: only {users} usable user(s) remain after preprocessing "
+                        f"(k-core={kcore}, min length {min_seq_len}); at least 2 are needed")
+    item_map = pl.DataFrame({"raw_id": _natural_order(df["item"].unique())}).with_row_index(
+        "item_id", offset=1).with_columns(pl.col("item_id").cast(pl.Int32))
+    user_order = pl.DataFrame({"user": _natural_order(df["user"].unique())}).with_row_index("seq_id")
+    seqs = (
+        df.join(item_map, left_on="item", right_on="raw_id")
+        .sort(["user", "ts", "_row"], maintain_order=True)  # ties keep file order
+        .group_by("user", maintain_order=True).agg(pl.col("item_id").alias("items"))
+        .join(user_order, on="user").sort("seq_id")
+        .select(pl.col("seq_id").cast(pl.Int64), pl.col("user").alias("user_id"), "items",
+                pl.lit("real").alias("origin"), pl.lit(None, dtype=pl.Int64).alias("parent_seq_id"))
+    )
+    report.update(users=seqs.height, items=item_map.height, interactions=df.height)
+    return seqs.to_arrow(), item_map, report
+
+
+def publish(store: DatasetStore, name: str, seqs: pa.Table, items: pl.DataFrame,
+            source: dict[str, Any], report: dict[str, Any], replace: bool) -> dict[str, Any]:
+    stats = version_statistics(pl.from_arrow(seqs), items.height)
+    manifest = store.create(name, seqs, items.to_arrow(), source={**source, "report": report},
+                            stats=stats, replace=replace)
+    return {"dataset": name, "version": manifest.version, "digest": manifest.digest, **report,
+            "stats": stats}
+
+
+def import_dataset(ws: Workspace, spec: ImportSpec, replace: bool = False) -> dict[str, Any]:
+    """`rsir data import`: read, validate, preprocess and publish version 0."""
+    check_name(spec.name)
+    store = dataset_store(ws)
+    if store.versions(spec.name) and not replace:
+        raise RsirError(f"dataset {spec.name!r} already exists in {store.root}; pass --force to replace it")
+    df = read_interactions(spec)
+    seqs, item_map, report = build_sequences(df, spec.kcore, spec.min_seq_len, str(spec.path))
+    source = {"format": spec.format, "path": str(spec.path.resolve()),
+              "sha256": hashlib.sha256(spec.path.read_bytes()).hexdigest(),
+              "spec": spec.model_dump(mode="json")}
+    return publish(store, spec.name, seqs, item_map, source, report, replace)
+
+
+def dataset_store(ws: Workspace) -> DatasetStore:
+    return DatasetStore(ws.datasets, ws.staging)
+
+
+# ------------------------------------------------------------------ MovieLens-100K
+def download_ml100k(ws: Workspace) -> Path:
+    """Extract ml-100k.inter/.item from the recbole wheel (downloaded, never installed)."""
+    target = ws.downloads / "ml-100k"
+    inter = target / "ml-100k.inter"
+    if inter.exists() and _sha256_file(inter) == ML100K_INTER_SHA256:
+        return target
+    ws.downloads.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=ws.downloads) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "-q", ML100K_WHEEL, "-d", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("recbole-*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise RsirError(f"could not download {ML100K_WHEEL}: {done.stderr.strip()[-300:]}")
+        staged = Path(tmp) / "ml-100k"
+        staged.mkdir()
+        with zipfile.ZipFile(wheels[0]) as zf:
+            for member in ("ml-100k.inter", "ml-100k.item"):
+                (staged / member).write_bytes(zf.read(ML100K_MEMBER + member))
+        got = _sha256_file(staged / "ml-100k.inter")
+        if got != ML100K_INTER_SHA256:
+            raise RsirError(f"ml-100k.inter from {wheels[0].name} has sha256 {got}, "
+                            f"expected {ML100K_INTER_SHA256}")
+        shutil.rmtree(target, ignore_errors=True)
+        staged.replace(target)
+    return target
+
+
+def _sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def ml100k_item_table(item_file: Path, item_map: pl.DataFrame) -> pl.DataFrame:
+    raw = pl.read_csv(item_file, separator="\t", infer_schema=False, quote_char=None)
+    raw = raw.rename({c: c.split(":", 1)[0] for c in raw.columns})
+    meta = raw.select(
+        pl.col("item_id").alias("raw_id"), pl.col("movie_title").alias("title"),
+        pl.col("release_year").cast(pl.Int32, strict=False).alias("year"),
+        pl.col("class").str.split(" ").alias("genres"),
+    )
+    return item_map.join(meta, on="raw_id", how="left").sort("item_id")
+
+
+def fetch_ml100k(ws: Workspace, replace: bool = False) -> dict[str, Any]:
+    store = dataset_store(ws)
+    if store.versions("ml-100k") and not replace:
+        return {"dataset": "ml-100k", "status": "exists", **_existing(store, "ml-100k")}
+    folder = download_ml100k(ws)
+    spec = ImportSpec(path=folder / "ml-100k.inter", name="ml-100k", format="recbole")
+    seqs, item_map, report = build_sequences(read_interactions(spec), 0, spec.min_seq_len, str(spec.path))
+    items = ml100k_item_table(folder / "ml-100k.item", item_map)
+    source = {"format": "recbole", "origin": ML100K_WHEEL, "sha256": ML100K_INTER_SHA256}
+    return publish(store, "ml-100k", seqs, items, source, report, replace)
+
+
+def sparse_positions(length: int) -> list[int]:
+    """The sparse-view rule for one sequence (documented, deterministic): stride
+    s = min(5, max(1, n // 5)); keep positions i with (n - 1 - i) % s == 0, i.e. every s-th
+    interaction counted back from the newest one. That keeps the chronological order and
+    the last item, and at least 5 items of every user with 5 or more."""
+    stride = min(SPARSE_STRIDE, max(1, length // SPARSE_MIN_ITEMS))
+    return [i for i in range(length) if (length - 1 - i) % stride == 0]
+
+
+def fetch_ml100k_sparse(ws: Workspace, replace: bool = False) -> dict[str, Any]:
+    store = dataset_store(ws)
+    name = "ml-100k-sparse"
+    if store.versions(name) and not replace:
+        return {"dataset": name, "status": "exists", **_existing(store, name)}
+    if not store.versions("ml-100k"):
+        fetch_ml100k(ws)
+    base = store.load("ml-100k", 0).filter(pl.col("origin") == "real")
+    base_items = store.items("ml-100k", 0)
+    n = pl.col("items").list.len()
+    stride = pl.min_horizontal(pl.lit(SPARSE_STRIDE), pl.max_horizontal(pl.lit(1), n // SPARSE_MIN_ITEMS))
+    long = (base.with_columns(stride.alias("stride"), n.alias("n"))
+            .explode("items").with_columns(pl.int_range(pl.len()).over("seq_id").alias("pos"))
+            .filter((pl.col("n") - 1 - pl.col("pos")) % pl.col("stride") == 0))
+    # Re-run the standard preprocessing on the kept interactions (contiguous ids again).
+    raw_of = dict(zip(base_items["item_id"].to_list(), base_items["raw_id"].to_list()))
+    df = pl.DataFrame({
+        "user": long["user_id"],
+        "item": long["items"].replace_strict(raw_of, return_dtype=pl.String),
+        "ts": long["pos"].cast(pl.Float64),
+    })
+    seqs, item_map, report = build_sequences(df, 0, 3, name)
+    items = item_map.join(base_items.drop("item_id"), on="raw_id", how="left").sort("item_id")
+    source = {"derived_from": "ml-100k", "parent_digest": store.manifest("ml-100k", 0).digest,
+              "rule": sparse_positions.__doc__.split(": ", 1)[1].replace("\n", " ")}
+    return publish(store, name, seqs, items, source, report, replace)
+
+
+def _existing(store: DatasetStore, name: str) -> dict[str, Any]:
+    m = store.manifest(name, 0)
+    return {"version": m.version, "digest": m.digest, **m.source.get("report", {}), "stats": m.stats}
+
+
+def fetch_builtin(ws: Workspace, name: str, replace: bool = False) -> dict[str, Any]:
+    if name == "ml-100k":
+        return fetch_ml100k(ws, replace)
+    if name == "ml-100k-sparse":
+        return fetch_ml100k_sparse(ws, replace)
+    raise RsirError(f"unknown built-in dataset {name!r}; available: {', '.join(BUILTIN)}")
+
+
+@task(name="fetch-dataset", task_run_name="fetch-{name}")
+def fetch_builtin_task(name: str, home: str) -> dict[str, Any]:
+    """Prefect wrapper: make sure a built-in dataset exists (no-op for datasets that are present
+    or not built in)."""
+    ws = Workspace.at(home)
+    if name not in BUILTIN:
+        return {"dataset": name, "version": dataset_store(ws).manifest(name).version}
+    return fetch_builtin(ws, name)

@@ -1,0 +1,148 @@
+"""Train a backbone on a dataset version: Adam, early stopping on validation NDCG@10."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from prefect import task
+from tqdm import tqdm
+
+from models import build_model
+from rsir.config import TrainConfig
+from rsir.errors import RsirError
+from rsir.workspace import Workspace
+from storage.checkpoints import save_checkpoint
+from tasks.evaluate import evaluate_split
+from tasks.ingest import dataset_store
+from tasks.split import LeaveOneOut, leave_one_out, training_windows, window_batches, window_tensors
+
+EARLY_STOP_METRIC = "ndcg@10"
+
+
+@dataclass
+class TrainResult:
+    valid: dict[str, float]
+    test: dict[str, float]
+    epochs: int
+    best_epoch: int
+    seconds_per_epoch: float
+    seconds_total: float
+    checkpoint: str
+    dataset: str
+    version: int
+    digest: str
+    device: str
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RsirError(f"device {spec!r} requested but CUDA is not available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    keep = cfg.model_dump(mode="json", exclude={"progress", "threads", "device", "eval_batch_size"})
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def fit(model: torch.nn.Module, split: LeaveOneOut, cfg: TrainConfig, device: torch.device,
+        on_epoch: Callable[[dict[str, float]], None] | None = None) -> tuple[int, int, list[dict[str, float]]]:
+    """Train in place; leave the best (validation NDCG@10) weights loaded.
+    Returns (epochs run, best epoch, per-epoch curve)."""
+    max_len = cfg.model.max_len
+    windows = training_windows(split.train, max_len)
+    if len(windows) == 0:
+        raise RsirError(f"dataset {cfg.dataset!r} has no training sequence with 2 or more items")
+    rng = np.random.default_rng(cfg.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best_score, best_epoch, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
+    curve: list[dict[str, float]] = []
+    epoch = 0
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        batches = window_batches(windows, cfg.batch_size, rng)
+        total_loss = 0.0
+        bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not cfg.progress,
+                   file=sys.stderr, unit="batch")
+        for idx in bar:
+            inputs, targets = window_tensors(split.train, windows, idx)
+            loss = model.loss(inputs.to(device), targets.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(idx)
+        train_seconds = time.perf_counter() - t0
+        valid = evaluate_split(model, split, "valid", max_len, cfg.eval_batch_size, cfg.exclude_history, device)
+        point = {"epoch": epoch, "loss": total_loss / len(windows), "valid_ndcg@10": valid["ndcg@10"],
+                 "valid_recall@10": valid["recall@10"], "seconds": time.perf_counter() - t0,
+                 "train_seconds": train_seconds}
+        curve.append(point)
+        if on_epoch:
+            on_epoch(point)
+        if valid[EARLY_STOP_METRIC] > best_score:
+            best_score, best_epoch = valid[EARLY_STOP_METRIC], epoch
+            best_state = copy.deepcopy(model.state_dict())
+        elif epoch - best_epoch >= cfg.patience:
+            break
+    model.load_state_dict(best_state)
+    return epoch, best_epoch, curve
+
+
+def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Path | None = None,
+                on_epoch: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
+    """Load D_k, train from scratch, evaluate the best epoch on validation and test, save it."""
+    store = dataset_store(ws)
+    manifest = store.manifest(cfg.dataset, cfg.version)  # clear error for unknown names/versions
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    started = time.perf_counter()
+    split = leave_one_out(store.load(cfg.dataset, manifest.version), manifest.num_items)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model, manifest.num_items).to(device)
+    epochs, best_epoch, curve = fit(model, split, cfg, device, on_epoch)
+    args = (cfg.model.max_len, cfg.eval_batch_size, cfg.exclude_history, device)
+    valid = evaluate_split(model, split, "valid", *args)
+    test = evaluate_split(model, split, "test", *args)
+    total = time.perf_counter() - started
+    path = checkpoint or ws.checkpoints / cfg.dataset / (
+        f"{cfg.model.name}-v{manifest.version}-seed{cfg.seed}-{config_hash(cfg)}.pt")
+    meta = {"dataset": cfg.dataset, "version": manifest.version, "digest": manifest.digest,
+            "seed": cfg.seed, "best_epoch": best_epoch, "valid": valid, "test": test}
+    save_checkpoint(path, model, cfg.model, manifest.num_items, meta)
+    return TrainResult(
+        valid=valid, test=test, epochs=epochs, best_epoch=best_epoch,
+        seconds_per_epoch=sum(p["seconds"] for p in curve) / max(len(curve), 1),
+        seconds_total=total, checkpoint=str(path), dataset=cfg.dataset, version=manifest.version,
+        digest=manifest.digest, device=str(device), curve=curve,
+    )
+
+
+@task(name="train", task_run_name="train-{config.model.name}-{config.dataset}-seed{config.seed}")
+def train_task(config: TrainConfig, home: str) -> dict[str, Any]:
+    """Prefect wrapper: takes and returns small things (config, workspace path, metrics + checkpoint URI)."""
+    return train_model(config, Workspace.at(home)).to_dict()
