@@ -147,7 +147,7 @@ class DatasetStore:
             empty = pl.from_arrow(SEQUENCE_SCHEMA.empty_table())
             return empty.lazy().with_columns(pl.lit(0, dtype=pl.Int32).alias("iteration"))
         frames = [
-            pl.scan_parquet(self._url(name, p.path), storage_options=self._storage_options())
+            pl.scan_parquet(self._url(name, p.path))
             .with_columns(pl.lit(p.iteration, dtype=pl.Int32).alias("iteration"))
             for p in parts
         ]
@@ -158,10 +158,7 @@ class DatasetStore:
 
     def items(self, name: str, version: int | None = None) -> pl.DataFrame:
         manifest = self.manifest(name, version)
-        return pl.read_parquet(self._url(name, manifest.items.path), storage_options=self._storage_options())
-
-    def _storage_options(self) -> dict[str, Any] | None:
-        return None if self.is_local else dict(self.fs.storage_options)
+        return pl.read_parquet(self._url(name, manifest.items.path))
 
     # ---------------------------------------------------------------- writing
     def create(self, name: str, sequences: pa.Table, items: pa.Table, source: dict[str, Any],
@@ -249,7 +246,7 @@ class DatasetStore:
             dst = self._path(name, rel)
             self.fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
             if self.is_local:
-                Path(src).replace(dst)
+                shutil.move(src, dst)  # a rename on one filesystem, a copy across devices
             else:
                 self.fs.put_file(str(src), dst)
 

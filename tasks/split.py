@@ -8,6 +8,8 @@ import numpy as np
 import polars as pl
 import torch
 
+from rsir.errors import RsirError
+
 
 @dataclass(frozen=True)
 class Ragged:
@@ -65,6 +67,7 @@ class LeaveOneOut:
     test_input: Ragged  # real users' training part + validation item
     test_target: np.ndarray
     num_items: int
+    train_seq_ids: np.ndarray | None = None  # seq_id of each training row (parents of generated data)
 
     @property
     def num_users(self) -> int:
@@ -78,7 +81,8 @@ def leave_one_out(seqs: pl.DataFrame, num_items: int) -> LeaveOneOut:
     n = pl.col("items").list.len()
     short = real.filter(n < 3)
     if short.height:
-        raise ValueError(f"real sequence {short['seq_id'][0]} has fewer than 3 items; cannot hold out 2")
+        raise RsirError(f"real sequence {short['seq_id'][0]} has fewer than 3 items; "
+                        f"leave-one-out needs 3 (training, validation, test)")
     parts = real.select(
         pl.col("items").list.slice(0, n - 2).alias("train"),
         pl.col("items").list.slice(0, n - 1).alias("test_input"),
@@ -93,6 +97,7 @@ def leave_one_out(seqs: pl.DataFrame, num_items: int) -> LeaveOneOut:
         test_input=Ragged.from_series(parts["test_input"]),
         test_target=parts["test"].to_numpy().astype(np.int64),
         num_items=num_items,
+        train_seq_ids=np.concatenate([real["seq_id"].to_numpy(), synthetic["seq_id"].to_numpy()]).astype(np.int64),
     )
 
 

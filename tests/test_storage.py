@@ -1,0 +1,349 @@
+"""storage.dataset.DatasetStore: versions, digests, integrity, crash safety, fsspec roots."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import fsspec
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from rsir.errors import RsirError
+from storage.dataset import SEQUENCE_SCHEMA, DatasetStore, table_digest
+
+NAME = "toy"
+
+
+def seq_table(rows: list[tuple[int, str | None, list[int], str, int | None]]) -> pa.Table:
+    seq_id, user, items, origin, parent = zip(*rows) if rows else ([], [], [], [], [])
+    return pa.table({"seq_id": list(seq_id), "user_id": list(user), "items": list(items),
+                     "origin": list(origin), "parent_seq_id": list(parent)}, schema=SEQUENCE_SCHEMA)
+
+
+BASE = seq_table([
+    (1, "u1", [1, 2, 3, 4], "real", None),
+    (2, "u2", [2, 3, 5], "real", None),
+    (3, "u3", [5, 4, 3, 2, 1], "real", None),
+])
+NEW = seq_table([
+    (10, None, [1, 2, 5], "synthetic", 1),
+    (11, None, [3, 3, 4, 1], "synthetic", 3),
+])
+ITEMS = pa.table({"item_id": pa.array([1, 2, 3, 4, 5], pa.int32()),
+                  "raw_id": ["a", "b", "c", "d", "e"]})
+
+
+def store_at(tmp_path: Path, sub: str = "") -> DatasetStore:
+    base = tmp_path / sub if sub else tmp_path
+    return DatasetStore(root=base / "datasets", staging=base / "staging")
+
+
+def rows_of(df: pl.DataFrame) -> list[tuple]:
+    return sorted((r["seq_id"], r["user_id"], tuple(r["items"]), r["origin"], r["parent_seq_id"], r["iteration"])
+                  for r in df.iter_rows(named=True))
+
+
+def expected(table: pa.Table, iteration: int) -> list[tuple]:
+    return sorted((r["seq_id"], r["user_id"], tuple(r["items"]), r["origin"], r["parent_seq_id"], iteration)
+                  for r in table.to_pylist())
+
+
+def all_files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+# --------------------------------------------------------------------------- create / load
+def test_create_and_load(tmp_path):
+    store = store_at(tmp_path)
+    assert store.names() == [] and store.versions(NAME) == []
+    m = store.create(NAME, BASE, ITEMS, source={"kind": "test"}, stats={"users": 3})
+    assert (m.dataset, m.version, m.parent_version, m.num_items) == (NAME, 0, None, 5)
+    assert m.num_sequences == 3 and m.source == {"kind": "test"} and m.stats == {"users": 3}
+    assert store.names() == [NAME] and store.versions(NAME) == [0]
+    df = store.load(NAME)
+    assert rows_of(df) == expected(BASE, 0)
+    assert df.schema["items"] == pl.List(pl.Int32) and df.schema["iteration"] == pl.Int32
+    assert store.load(NAME, 0).equals(df)
+    assert store.manifest(NAME) == m
+    items = store.items(NAME)
+    assert items["item_id"].to_list() == [1, 2, 3, 4, 5] and items["raw_id"].to_list() == list("abcde")
+    # staging is outside the dataset root and left empty
+    root, staging = tmp_path / "datasets", tmp_path / "staging"
+    assert not staging.resolve().is_relative_to(root.resolve())
+    assert not staging.exists() or list(staging.iterdir()) == []
+    files = all_files(root)
+    assert f"{NAME}/items.parquet" in files and f"{NAME}/manifests/v00000.json" in files
+    assert all(f.startswith(f"{NAME}/") for f in files)
+    assert not any("stage" in f or f.endswith(".tmp") for f in files)
+    assert sum(f.startswith(f"{NAME}/sequences/iteration=0/") for f in files) == 1
+
+
+def test_create_existing_requires_replace(tmp_path):
+    store = store_at(tmp_path)
+    m0 = store.create(NAME, BASE, ITEMS, source={})
+    store.append(NAME, m0, NEW, generation={})
+    with pytest.raises(RsirError, match=NAME):
+        store.create(NAME, NEW, ITEMS, source={})
+    assert store.versions(NAME) == [0, 1] and rows_of(store.load(NAME, 0)) == expected(BASE, 0)
+    m = store.create(NAME, NEW, ITEMS, source={}, replace=True)
+    assert store.versions(NAME) == [0]  # the old history is gone
+    assert m.version == 0 and rows_of(store.load(NAME)) == expected(NEW, 0)
+
+
+@pytest.mark.parametrize("bad", ["", "../x", "a/b", ".hidden", "sp ace"])
+def test_invalid_names(tmp_path, bad):
+    with pytest.raises(RsirError):
+        store_at(tmp_path).create(bad, BASE, ITEMS, source={})
+
+
+# --------------------------------------------------------------------------- append / scan
+def test_append_is_union_and_keeps_old_version(tmp_path):
+    store = store_at(tmp_path)
+    m0 = store.create(NAME, BASE, ITEMS, source={"kind": "test"})
+    m1 = store.append(NAME, m0, NEW, generation={"tau": 3}, stats={"kept": 2})
+    assert (m1.version, m1.parent_version, m1.num_items) == (1, 0, 5)
+    assert m1.generation == {"tau": 3} and m1.source == {"kind": "test"} and m1.items == m0.items
+    assert m1.partitions[:len(m0.partitions)] == m0.partitions
+    assert m1.num_sequences == 5
+    assert store.versions(NAME) == [0, 1]
+    assert rows_of(store.load(NAME)) == sorted(expected(BASE, 0) + expected(NEW, 1))
+    assert rows_of(store.load(NAME, 1)) == sorted(expected(BASE, 0) + expected(NEW, 1))
+    assert rows_of(store.load(NAME, 0)) == expected(BASE, 0)  # version 0 unchanged
+    assert rows_of(store.scan(NAME, 1, iterations=[1]).collect()) == expected(NEW, 1)
+    assert rows_of(store.scan(NAME, 1, iterations=[0]).collect()) == expected(BASE, 0)
+    assert rows_of(store.scan(NAME, 0, iterations=[1]).collect()) == []
+    assert store.scan(NAME, 0, iterations=[1]).collect().columns == store.load(NAME).columns
+    # appending the same version twice is refused
+    with pytest.raises(RsirError, match="version 1"):
+        store.append(NAME, m0, NEW, generation={})
+    m2 = store.append(NAME, m1, seq_table([(20, None, [4, 5], "synthetic", 2)]), generation={})
+    assert store.versions(NAME) == [0, 1, 2]
+    assert rows_of(store.scan(NAME, 2, iterations=[2]).collect()) == [(20, None, (4, 5), "synthetic", 2, 2)]
+    assert len(store.load(NAME, 2)) == 6 and m2.digest not in (m0.digest, m1.digest)
+
+
+def test_append_empty_partition(tmp_path):
+    store = store_at(tmp_path)
+    m0 = store.create(NAME, BASE, ITEMS, source={})
+    m1 = store.append(NAME, m0, seq_table([]), generation={})
+    assert rows_of(store.load(NAME, 1)) == expected(BASE, 0)
+    assert m1.digest != m0.digest
+
+
+def test_digests_are_deterministic_and_content_addressed(tmp_path):
+    a, b = store_at(tmp_path, "a"), store_at(tmp_path, "b")
+    ma0 = a.create(NAME, BASE, ITEMS, source={"x": 1})
+    mb0 = b.create(NAME, BASE, ITEMS, source={"y": 2})
+    assert ma0.digest == mb0.digest and len(ma0.digest) == 64
+    assert [p.sha256 for p in ma0.partitions] == [p.sha256 for p in mb0.partitions]
+    ma1 = a.append(NAME, ma0, NEW, generation={})
+    mb1 = b.append(NAME, mb0, NEW, generation={"other": "metadata"})
+    assert ma1.digest == mb1.digest != ma0.digest
+    # different content -> different digest, in the sequences ...
+    changed = BASE.set_column(2, "items", pa.array([[1, 2, 3, 4], [2, 3, 5], [5, 4, 3, 2, 2]],
+                                                   pa.list_(pa.int32())))
+    c = store_at(tmp_path, "c")
+    assert c.create(NAME, changed, ITEMS, source={}).digest != ma0.digest
+    # ... in the items table ...
+    items2 = ITEMS.set_column(1, "raw_id", pa.array(["a", "b", "c", "d", "E"]))
+    assert store_at(tmp_path, "d").create(NAME, BASE, items2, source={}).digest != ma0.digest
+    # ... and in an appended partition, or in its parent
+    mc0 = c.manifest(NAME)
+    assert c.append(NAME, mc0, NEW, generation={}).digest != ma1.digest
+    other_new = NEW.set_column(0, "seq_id", pa.array([10, 12], pa.int64()))
+    assert store_at(tmp_path, "e").append(
+        NAME, store_at(tmp_path, "e").create(NAME, BASE, ITEMS, source={}), other_new, generation={}
+    ).digest != ma1.digest
+    assert table_digest(BASE) == table_digest(BASE.select(BASE.column_names))
+
+
+def test_input_column_order_and_types_are_normalised(tmp_path):
+    # columns in another order and with int64 items are cast to the schema
+    loose = pa.table({"origin": ["real"] * 3, "parent_seq_id": pa.array([None] * 3, pa.int64()),
+                      "items": [[1, 2, 3, 4], [2, 3, 5], [5, 4, 3, 2, 1]], "user_id": ["u1", "u2", "u3"],
+                      "seq_id": [1, 2, 3]})
+    m = store_at(tmp_path, "a").create(NAME, loose, ITEMS, source={})
+    assert m.digest == store_at(tmp_path, "b").create(NAME, BASE, ITEMS, source={}).digest
+
+
+# --------------------------------------------------------------------------- integrity
+def partition_file(tmp_path: Path, iteration: int) -> Path:
+    (path,) = (tmp_path / "datasets" / NAME / "sequences" / f"iteration={iteration}").rglob("*.parquet")
+    return path
+
+
+def test_corrupt_partition_is_detected(tmp_path):
+    store = store_at(tmp_path)
+    store.create(NAME, BASE, ITEMS, source={})
+    path = partition_file(tmp_path, 0)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(RsirError) as err:
+        store.load(NAME)
+    assert path.name in str(err.value) and NAME in str(err.value)
+    with pytest.raises(RsirError):
+        store.scan(NAME)
+
+
+def test_missing_partition_is_detected(tmp_path):
+    store = store_at(tmp_path)
+    m0 = store.create(NAME, BASE, ITEMS, source={})
+    store.append(NAME, m0, NEW, generation={})
+    path = partition_file(tmp_path, 1)
+    path.unlink()
+    assert rows_of(store.load(NAME, 0)) == expected(BASE, 0)  # only the files of v0 are read
+    with pytest.raises(RsirError) as err:
+        store.load(NAME, 1)
+    assert path.name in str(err.value)
+
+
+def test_corrupt_manifest(tmp_path):
+    store = store_at(tmp_path)
+    store.create(NAME, BASE, ITEMS, source={})
+    mpath = tmp_path / "datasets" / NAME / "manifests" / "v00000.json"
+    mpath.write_text("{not json")
+    with pytest.raises(RsirError) as err:
+        store.load(NAME)
+    assert "v00000.json" in str(err.value)
+
+
+def test_unknown_dataset_and_version(tmp_path):
+    store = store_at(tmp_path)
+    with pytest.raises(RsirError, match="nosuch"):
+        store.load("nosuch")
+    m0 = store.create(NAME, BASE, ITEMS, source={})
+    with pytest.raises(RsirError) as err:
+        store.manifest("nosuch")
+    assert "nosuch" in str(err.value) and NAME in str(err.value)  # lists the known ones
+    with pytest.raises(RsirError) as err:
+        store.load(NAME, 7)
+    assert "7" in str(err.value) and NAME in str(err.value)
+    with pytest.raises(RsirError, match="7"):
+        store.items(NAME, 7)
+    assert store.manifest(NAME, 0) == m0
+
+
+def test_orphan_files_are_invisible(tmp_path):
+    store = store_at(tmp_path)
+    store.create(NAME, BASE, ITEMS, source={})
+    stray = tmp_path / "datasets" / NAME / "sequences" / "iteration=0" / "bucket=0" / "part-stray.parquet"
+    import pyarrow.parquet as pq
+    pq.write_table(NEW, stray)
+    assert rows_of(store.load(NAME)) == expected(BASE, 0)
+
+
+# --------------------------------------------------------------------------- crash safety
+def test_crash_between_publish_and_commit(tmp_path, monkeypatch):
+    store = store_at(tmp_path)
+    m0 = store.create(NAME, BASE, ITEMS, source={})
+    published = []
+    real_publish = DatasetStore._publish
+
+    def spy_publish(self, stage, name):
+        real_publish(self, stage, name)
+        published.append(name)
+
+    def crash(self, name, manifest):
+        raise OSError("simulated crash before the commit")
+
+    monkeypatch.setattr(DatasetStore, "_publish", spy_publish)
+    monkeypatch.setattr(DatasetStore, "_commit", crash)
+    with pytest.raises(OSError, match="simulated"):
+        store.append(NAME, m0, NEW, generation={})
+    assert published == [NAME]  # the data files really were moved into the dataset root
+    assert list((tmp_path / "datasets" / NAME / "sequences" / "iteration=1").rglob("*.parquet"))
+    monkeypatch.undo()
+
+    # nothing is visible: still only version 0, with its rows
+    fresh = store_at(tmp_path)
+    for s in (store, fresh):
+        assert s.versions(NAME) == [0]
+        assert rows_of(s.load(NAME)) == expected(BASE, 0)
+        assert s.manifest(NAME) == m0
+    staging = tmp_path / "staging"
+    assert not staging.exists() or list(staging.iterdir()) == []
+
+    # a retry succeeds and equals a clean append elsewhere
+    m1 = store.append(NAME, m0, NEW, generation={})
+    clean = store_at(tmp_path, "clean")
+    c1 = clean.append(NAME, clean.create(NAME, BASE, ITEMS, source={}), NEW, generation={})
+    assert m1.digest == c1.digest
+    assert store.versions(NAME) == [0, 1]
+    assert rows_of(store.load(NAME)) == rows_of(clean.load(NAME))
+    assert len(list((tmp_path / "datasets" / NAME / "sequences" / "iteration=1").rglob("*.parquet"))) == 1
+
+
+def test_crash_with_different_retry_content(tmp_path, monkeypatch):
+    """A retry with other rows must not pick up the crashed attempt's partition."""
+    store = store_at(tmp_path)
+    m0 = store.create(NAME, BASE, ITEMS, source={})
+    monkeypatch.setattr(DatasetStore, "_commit", lambda self, name, manifest: (_ for _ in ()).throw(OSError("x")))
+    with pytest.raises(OSError):
+        store.append(NAME, m0, NEW, generation={})
+    monkeypatch.undo()
+    other = seq_table([(30, None, [1, 1], "synthetic", 2)])
+    store.append(NAME, m0, other, generation={})
+    assert rows_of(store.load(NAME)) == sorted(expected(BASE, 0) + expected(other, 1))
+    # the crashed attempt's partition file was cleaned up
+    assert len(list((tmp_path / "datasets" / NAME / "sequences" / "iteration=1").rglob("*.parquet"))) == 1
+
+
+# --------------------------------------------------------------------------- fsspec roots
+@pytest.fixture
+def memory_root():
+    root = f"memory://rsir-test-{uuid.uuid4().hex}"
+    yield root
+    fs = fsspec.filesystem("memory")
+    path = fs._strip_protocol(root)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def test_memory_root(memory_root, tmp_path):
+    store = DatasetStore(memory_root, tmp_path / "staging")
+    assert not store.is_local
+    assert store.names() == []
+    m0 = store.create(NAME, BASE, ITEMS, source={})
+    assert store.names() == [NAME] and store.versions(NAME) == [0]
+    assert rows_of(store.load(NAME)) == expected(BASE, 0)
+    assert store.items(NAME)["raw_id"].to_list() == list("abcde")
+    m1 = store.append(NAME, m0, NEW, generation={})
+    assert store.versions(NAME) == [0, 1]
+    assert rows_of(store.load(NAME)) == sorted(expected(BASE, 0) + expected(NEW, 1))
+    assert rows_of(store.load(NAME, 0)) == expected(BASE, 0)
+    assert rows_of(store.scan(NAME, iterations=[1]).collect()) == expected(NEW, 1)
+    # same digests as on a local root
+    local = store_at(tmp_path, "local")
+    l0 = local.create(NAME, BASE, ITEMS, source={})
+    assert (m0.digest, m1.digest) == (l0.digest, local.append(NAME, l0, NEW, generation={}).digest)
+    # nothing written to the local staging area stays there, and nothing outside the root
+    assert not (tmp_path / "staging").exists() or list((tmp_path / "staging").iterdir()) == []
+    # a fresh store on the same root sees the same data; corruption is detected there too
+    again = DatasetStore(memory_root, tmp_path / "staging")
+    assert again.manifest(NAME, 1) == m1
+    fs = fsspec.filesystem("memory")
+    part = f"{store._root_path}/{NAME}/{m1.partitions[-1].path}"
+    fs.pipe_file(part, b"garbage")
+    with pytest.raises(RsirError) as err:
+        again.load(NAME)
+    assert m1.partitions[-1].path.rsplit("/", 1)[-1] in str(err.value)
+    assert rows_of(again.load(NAME, 0)) == expected(BASE, 0)
+
+
+def test_memory_roots_are_isolated(tmp_path):
+    roots = [f"memory://rsir-test-{uuid.uuid4().hex}" for _ in range(2)]
+    try:
+        a, b = (DatasetStore(r, tmp_path / "staging") for r in roots)
+        a.create(NAME, BASE, ITEMS, source={})
+        assert b.names() == [] and a.names() == [NAME]
+        with pytest.raises(RsirError, match=NAME):
+            b.load(NAME)
+    finally:
+        fs = fsspec.filesystem("memory")
+        for r in roots:
+            p = fs._strip_protocol(r)
+            if fs.exists(p):
+                fs.rm(p, recursive=True)
