@@ -24,7 +24,7 @@ from rsir.config import TrainConfig  # noqa: E402
 from tasks.evaluate import rank_users  # noqa: E402
 from tasks.ingest import dataset_store, fetch_builtin  # noqa: E402
 from tasks.split import leave_one_out, training_windows, window_batches, window_tensors  # noqa: E402
-from tasks.train import resolve_device, seed_everything  # noqa: E402
+from tasks.runtime import resolve_device, seed_everything  # noqa: E402
 
 
 def bench_model(name: str, split, num_items: int, epochs: int, device: torch.device) -> dict:

@@ -16,10 +16,12 @@ class Backbone:
 
 
 def _registry() -> dict[str, Backbone]:
-    from models import sasrec
+    from models import cl4srec, hstu, sasrec
 
     return {
         "sasrec": Backbone("sasrec", sasrec.SASRecOptions, sasrec.SASRec),
+        "cl4srec": Backbone("cl4srec", cl4srec.CL4SRecOptions, cl4srec.CL4SRec),
+        "hstu": Backbone("hstu", hstu.HSTUOptions, hstu.HSTU),
     }
 
 

@@ -54,3 +54,24 @@ def next_item_loss(
     if kind == "bce":
         return bce_one_negative(hidden, targets, item_emb)
     raise ValueError(f"unknown loss {kind!r}")
+
+
+def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 1.0,
+             similarity: str = "dot") -> torch.Tensor:
+    """NT-Xent over 2B views with in-batch negatives: view i of z1 is the positive of view i of
+    z2 and every other view of the batch (both sides, except itself) is a negative.
+
+    z1, z2: (B, d) representations of two views of the same B sequences. B = 1 gives 0 (no
+    negatives). similarity: "dot" (inner product, as CL4SRec/RecBole) or "cosine" (SimCLR)."""
+    if similarity == "cosine":
+        z1, z2 = F.normalize(z1, dim=-1), F.normalize(z2, dim=-1)
+    elif similarity != "dot":
+        raise ValueError(f"unknown similarity {similarity!r}")
+    B = z1.shape[0]
+    z = torch.cat([z1, z2], dim=0)
+    logits = (z @ z.T) / temperature
+    self_pair = torch.eye(2 * B, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_pair, float("-inf"))
+    idx = torch.arange(B, device=z.device)
+    labels = torch.cat([idx + B, idx])
+    return F.cross_entropy(logits, labels)

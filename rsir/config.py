@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from models.config import ModelConfig
 from rsir.errors import RsirError
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+def _check_device(value: str) -> str:
+    if not _DEVICE_RE.match(value):
+        raise ValueError("device must be auto, cpu, cuda, cuda:N or mps")
+    return value
+
+
+Device = Annotated[str, AfterValidator(_check_device)]
 
 
 class TrainConfig(BaseModel):
@@ -25,17 +35,11 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(128, ge=1)
     eval_batch_size: int = Field(512, ge=1)
     seed: int = 0
-    device: str = "auto"
+    device: Device = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads; torch's default when omitted")
     exclude_history: bool = True
     progress: bool = True
 
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        if not _DEVICE_RE.match(value):
-            raise ValueError("device must be auto, cpu, cuda, cuda:N or mps")
-        return value
 
 
 def parse_config(cls: type[BaseModel], data: dict) -> BaseModel:

@@ -212,6 +212,37 @@ class DatasetStore:
         finally:
             shutil.rmtree(stage, ignore_errors=True)
 
+    def fork(self, source: str, name: str) -> Manifest:
+        """Start dataset `name` whose version 0 holds exactly the content of `source` v0
+        (same files, same digest). A run works on its own fork, so runs with different
+        parameters never write into each other's lineage. Idempotent: an existing fork of the
+        same content is returned."""
+        check_name(name)
+        src = self.manifest(source, 0)
+        if self.versions(name):
+            existing = self.manifest(name, 0)
+            if existing.digest != src.digest:
+                raise RsirError(f"dataset {name!r} exists with other content (digest {existing.digest[:12]}) "
+                                f"than {source!r} v0 ({src.digest[:12]})")
+            return existing
+        self.verify(source, src)
+        stage = self._new_stage()
+        try:
+            for entry in [src.items, *src.partitions]:
+                target = stage / entry.path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(self.fs.cat_file(self._path(source, entry.path)))
+            manifest = src.model_copy(update={
+                "dataset": name, "version": 0, "parent_version": None,
+                "created_at": datetime.now(timezone.utc).isoformat(),
+                "source": {**src.source, "forked_from": {"dataset": source, "version": 0}},
+            })
+            self._publish(stage, name)
+            self._commit(name, manifest)
+            return manifest
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
     def _new_stage(self) -> Path:
         stage = self.staging / f"stage-{uuid.uuid4().hex}"
         stage.mkdir(parents=True)

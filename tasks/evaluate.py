@@ -85,7 +85,7 @@ def evaluate_checkpoint(ws, checkpoint, dataset: str, version: int | None = None
     from storage.checkpoints import load_checkpoint
     from tasks.ingest import dataset_store
     from tasks.split import leave_one_out
-    from tasks.train import resolve_device
+    from tasks.runtime import resolve_device
 
     store = dataset_store(ws)
     manifest = store.manifest(dataset, version)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ from rsir.workspace import Workspace
 from storage.checkpoints import save_checkpoint
 from tasks.evaluate import evaluate_split
 from tasks.ingest import dataset_store
+from tasks.runtime import resolve_device, seed_everything
 from tasks.split import LeaveOneOut, leave_one_out, training_windows, window_batches, window_tensors
 
 EARLY_STOP_METRIC = "ndcg@10"
@@ -46,21 +46,6 @@ class TrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RsirError(f"device {spec!r} requested but CUDA is not available")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def config_hash(cfg: TrainConfig) -> str:

@@ -347,3 +347,19 @@ def test_memory_roots_are_isolated(tmp_path):
             p = fs._strip_protocol(r)
             if fs.exists(p):
                 fs.rm(p, recursive=True)
+
+
+def test_fork_copies_version_zero_with_the_same_digest(tmp_path):
+    store = DatasetStore(tmp_path / "datasets", tmp_path / "staging")
+    table = pa.table({"seq_id": [0, 1], "user_id": ["a", "b"], "items": [[1, 2, 3], [2, 3, 1]],
+                      "origin": ["real", "real"], "parent_seq_id": [None, None]})
+    items = pa.table({"item_id": pa.array([1, 2, 3], pa.int32()), "raw_id": ["x", "y", "z"]})
+    base = store.create("base", table, items, source={})
+    fork = store.fork("base", "base--run")
+    assert fork.digest == base.digest and fork.version == 0
+    assert store.load("base--run").drop("iteration").equals(store.load("base").drop("iteration"))
+    assert store.fork("base", "base--run").digest == base.digest  # idempotent
+    new = pa.table({"seq_id": [2], "user_id": [None], "items": [[3, 2]], "origin": ["synthetic"],
+                    "parent_seq_id": [0]})
+    store.append("base--run", fork, new, generation={"key": "g"})
+    assert store.versions("base") == [0] and store.versions("base--run") == [0, 1]

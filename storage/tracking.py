@@ -1,0 +1,131 @@
+"""MLflow tracking adapter: explicit run ids (no fluent active-run state), so tasks running
+in Prefect worker threads can log to the run they are given.
+
+Lineage: every iteration's child run logs D_k as a dataset input (context "training"), its
+checkpoint θ_k as an artifact, and D_{k+1} as a dataset with context "output" (MLflow 3.17 has
+dataset inputs only; `log_outputs` is for models), each with the manifest digest and URI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from rsir.errors import RsirError
+
+
+def default_tracking_uri(home: Path) -> str:
+    return f"sqlite:///{(home / 'mlflow.db').resolve()}"
+
+
+class Tracker:
+    def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path | None = None):
+        # Fail fast instead of MLflow's minutes of HTTP retries against an unreachable server.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        from mlflow import MlflowClient
+
+        self.uri = tracking_uri
+        if tracking_uri.startswith("sqlite:///"):
+            Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri)
+        try:
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+                experiment, artifact_location=artifact_root.resolve().as_uri() if artifact_root else None)
+        except Exception as exc:  # MLflow raises many types for a bad URI or a dead server
+            raise RsirError(f"MLflow tracking URI {tracking_uri!r} is unreachable or invalid: "
+                            f"{str(exc).splitlines()[0][:200]}") from None
+
+    # ------------------------------------------------------------ runs
+    def start_run(self, name: str, tags: dict[str, str] | None = None, parent: str | None = None) -> str:
+        tags = dict(tags or {})
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+
+    def find_run(self, name: str, tags: dict[str, str], parent: str | None = None) -> str | None:
+        """An unfinished or finished run with this name and tags (to resume instead of duplicating)."""
+        clauses = [f"attributes.run_name = '{name}'"] + [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+        if parent:
+            clauses.append(f"tags.`mlflow.parentRunId` = '{parent}'")
+        runs = self.client.search_runs([self.experiment_id], " and ".join(clauses), max_results=1,
+                                       order_by=["attributes.start_time DESC"])
+        return runs[0].info.run_id if runs else None
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    # ------------------------------------------------------------ logging
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(run_id).data.params
+        fresh = [Param(k, str(v)[:6000]) for k, v in _flatten(params).items() if k not in existing]
+        for lo in range(0, len(fresh), 100):
+            self.client.log_batch(run_id, params=fresh[lo:lo + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        batch = [Metric(_clean(k), float(v), now, step) for k, v in _flatten(metrics).items()
+                 if isinstance(v, (int, float)) and v is not None]
+        for lo in range(0, len(batch), 500):
+            self.client.log_batch(run_id, metrics=batch[lo:lo + 500])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, str(v))
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_dict(self, run_id: str, obj: dict[str, Any], file_name: str) -> None:
+        self.client.log_dict(run_id, obj, file_name)
+
+    def log_dataset(self, run_id: str, name: str, version: int, digest: str, uri: str, context: str,
+                    profile: dict[str, Any]) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=f"{name}@v{version}", digest=digest[:36], source_type="rsir-store",
+                          source=json.dumps({"uri": uri, "version": version, "digest": digest}),
+                          schema="", profile=json.dumps(profile, default=float))
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
+
+    def artifact_uri(self, run_id: str, artifact_path: str) -> str:
+        return f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+
+    def register_champion(self, model_name: str, run_id: str, artifact_path: str, alias: str = "champion") -> int:
+        """Register the checkpoint artifact of `run_id` as a new version of `model_name` and
+        point `alias` at it."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(model_name)
+        except MlflowException as exc:
+            if "already exists" not in str(exc).lower():
+                raise
+        version = self.client.create_model_version(model_name, source=self.artifact_uri(run_id, artifact_path),
+                                                    run_id=run_id)
+        self.client.set_registered_model_alias(model_name, alias, version.version)
+        return int(version.version)
+
+
+def _clean(key: str) -> str:
+    # MLflow keys allow alphanumerics, _ - . / and spaces; '@' is common in our metric names.
+    return key.replace("@", "_at_")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out

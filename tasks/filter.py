@@ -1,0 +1,146 @@
+"""Fidelity filter over generated rollouts: cut at the first failed check, drop short sequences,
+drop duplicates (within the batch and of the current dataset). Vectorized with numpy and
+polars (exact list equality, no per-sequence Python loops)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from rsir.errors import RsirError
+from tasks.generate import Extensions, Rollouts
+from tasks.split import Ragged
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """Sequences to add as pseudo-users, in rollout-id order, with their parent source row."""
+
+    items: Ragged
+    source_index: np.ndarray
+    rollout_id: np.ndarray
+    counts: dict[str, float]
+
+    def __len__(self) -> int:
+        return len(self.rollout_id)
+
+
+def filter_rollouts(rollouts: Rollouts, tau: int | None, min_len: int, fidelity: bool,
+                    existing: Ragged | None) -> Accepted:
+    """Counts: generated = too_short + duplicate_of_existing + duplicate_in_batch + accepted.
+    cut_by_tau counts rollouts that end at a failed fidelity check (rank > tau), whether the
+    generator stopped them there or this filter cut them, so re-filtering a generation at
+    tau' <= tau reports exactly what a fresh generation at tau' would."""
+    gen_tau = rollouts.params.tau
+    if min_len < 2:
+        raise RsirError(f"invalid parameter 'min_len': must be >= 2 (got {min_len})")
+    if fidelity:
+        if tau is not None and tau < 1:
+            raise RsirError(f"invalid parameter 'tau': must be >= 1 (got {tau})")
+        if tau is None:
+            tau = gen_tau  # no tighter threshold than the generator's
+        elif gen_tau is not None and tau > gen_tau:
+            raise RsirError(f"invalid parameter 'tau': {tau} exceeds the generation's tau={gen_tau}; "
+                            f"rollouts stopped at tau={gen_tau} cannot be re-filtered more loosely")
+    elif gen_tau is not None:
+        raise RsirError(f"fidelity off needs rollouts generated without a rank limit (tau=None), "
+                        f"these were generated with tau={gen_tau}")
+    keep_len, by_tau = fidelity_cut(rollouts.items, rollouts.trace, tau if fidelity else None)
+    too_short = keep_len < min_len
+    order = np.argsort(rollouts.rollout_id, kind="stable")  # "first" = lowest rollout id
+    kept = order[~too_short[order]]
+    seqs = truncate(rollouts.items, kept, keep_len[kept])
+    of_existing, in_batch = duplicates(seqs, existing)
+    ok = ~of_existing & ~in_batch
+    chosen = kept[ok]
+    counts = {
+        "generated": len(rollouts),
+        "cut_by_tau": int(by_tau.sum()),
+        "too_short": int(too_short.sum()),
+        "duplicate_in_batch": int(in_batch.sum()),
+        "duplicate_of_existing": int(of_existing.sum()),
+        "accepted": int(ok.sum()),
+    }
+    counts["acceptance_rate"] = counts["accepted"] / counts["generated"] if counts["generated"] else 0.0
+    return Accepted(select(seqs, ok), rollouts.source_index[chosen], rollouts.rollout_id[chosen], counts)
+
+
+def filter_extensions(extensions: Extensions, min_len: int, existing: Ragged | None) -> Accepted:
+    """Accepted extensions (second reading), minus short ones and duplicates; rollout_id is
+    the source index (one extension per source)."""
+    if min_len < 2:
+        raise RsirError(f"invalid parameter 'min_len': must be >= 2 (got {min_len})")
+    lengths = extensions.items.lengths
+    taken = extensions.accepted
+    too_short = taken & (lengths < min_len)
+    kept = np.flatnonzero(taken & ~too_short)
+    seqs = truncate(extensions.items, kept, lengths[kept])
+    of_existing, in_batch = duplicates(seqs, existing)
+    ok = ~of_existing & ~in_batch
+    chosen = kept[ok]
+    counts = {
+        "generated": len(extensions),
+        "rejected": int((~taken).sum()),
+        "too_short": int(too_short.sum()),
+        "duplicate_in_batch": int(in_batch.sum()),
+        "duplicate_of_existing": int(of_existing.sum()),
+        "accepted": int(ok.sum()),
+    }
+    counts["acceptance_rate"] = counts["accepted"] / counts["generated"] if counts["generated"] else 0.0
+    source = extensions.source_index[chosen]
+    return Accepted(select(seqs, ok), source, source.copy(), counts)
+
+
+def fidelity_cut(items: Ragged, trace: Ragged, tau: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Kept length of each rollout and whether it ends at a failed check.
+    Check t happened with t+1 items, so a first failure at check t keeps t+1 items."""
+    keep = items.lengths.copy()
+    ends_by_tau = np.zeros(len(keep), dtype=bool)
+    if tau is None or len(trace.values) == 0:
+        return keep, ends_by_tau
+    lengths = trace.lengths
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    check = np.arange(len(trace.values)) - np.repeat(trace.offsets[:-1], lengths)
+    failed = np.flatnonzero(trace.values > tau)  # the NO_REAL_ITEM sentinel (0) never fails
+    rows, first = np.unique(row[failed], return_index=True)  # row-major: first failure per row
+    keep[rows] = np.minimum(keep[rows], check[failed[first]] + 1)
+    ends_by_tau[rows] = True
+    return keep, ends_by_tau
+
+
+def truncate(items: Ragged, rows: np.ndarray, lengths: np.ndarray) -> Ragged:
+    """The first lengths[b] items of row rows[b], as a new Ragged."""
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    idx = np.repeat(items.offsets[rows] - offsets[:-1], lengths) + np.arange(offsets[-1])
+    return Ragged(items.values[idx], offsets)
+
+
+def select(seqs: Ragged, mask: np.ndarray) -> Ragged:
+    rows = np.flatnonzero(mask)
+    return truncate(seqs, rows, seqs.lengths[rows])
+
+
+def as_list_series(seqs: Ragged) -> pl.Series:
+    """Ragged -> polars list[i64] series without copying row by row."""
+    array = pa.LargeListArray.from_arrays(pa.array(seqs.offsets.astype(np.int64)),
+                                          pa.array(seqs.values.astype(np.int64)))
+    return pl.Series("items", array)
+
+
+def duplicates(seqs: Ragged, existing: Ragged | None) -> tuple[np.ndarray, np.ndarray]:
+    """(identical to a sequence of `existing`, repeat of an earlier row of `seqs` that is not)."""
+    if len(seqs) == 0:
+        return np.zeros(0, dtype=bool), np.zeros(0, dtype=bool)
+    series = as_list_series(seqs)
+    if existing is not None and len(existing):
+        of_existing = series.is_in(as_list_series(existing).implode()).to_numpy()
+    else:
+        of_existing = np.zeros(len(seqs), dtype=bool)
+    in_batch = np.zeros(len(seqs), dtype=bool)
+    rest = np.flatnonzero(~of_existing)
+    in_batch[rest] = ~series.gather(rest).is_first_distinct().to_numpy()
+    return of_existing, in_batch

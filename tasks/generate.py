@@ -1,0 +1,454 @@
+"""Synthetic-sequence generation with fidelity control (the released RSIR algorithm), vectorized.
+
+Every rollout of a batch advances one item per step, so the whole batch is scored with one
+`score_last` call per step; the fidelity check, both pools and the greedy pick are tensor ops
+over all active rollouts at once. Rollouts leave the active set as they stop. Memory is
+bounded by the batch: scores (batch, N+1) plus item lists (batch, longest source + max_len),
+never by the number of rollouts.
+
+Randomness: the only random choice is the pool (local S with probability p, else all items).
+Its uniform is a counter-based hash of (seed, rollout id, step), so results do not depend on
+the batch size, the device, or which other rollouts are active.
+
+Pure computation: no file IO; the caller moves the model to `params.device` beforehand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from rsir.config import Device
+from rsir.errors import RsirError
+from tasks.runtime import resolve_device
+from tasks.split import Ragged
+
+
+# Stop reasons of the main generator, stored as int8 codes into this table.
+STOP_REASONS: tuple[str, ...] = ("exhausted", "fidelity", "no_candidate", "max_len")
+EXHAUSTED, FIDELITY, NO_CANDIDATE, MAX_LEN = range(4)
+# Outcomes of the "second reading" (extension) mode.
+EXTEND_REASONS: tuple[str, ...] = ("accepted", "rejected", "exhausted", "no_candidate")
+ACCEPTED, REJECTED, EXT_EXHAUSTED, EXT_NO_CANDIDATE = range(4)
+# Trace value of a check that found no real item left (ranks are >= 1, so it never exceeds tau).
+NO_REAL_ITEM = 0
+
+
+class GenerationParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    m: int = Field(5, ge=1, description="rollouts per source (extension mode: most items added)")
+    tau: int | None = Field(10, ge=1, description="rank threshold; None = fidelity off (no rank limit)")
+    p: float = Field(0.5, ge=0.0, le=1.0, description="probability of the local pool (the user's items)")
+    min_len: int = Field(3, ge=2, description="shortest synthetic sequence kept by the filter")
+    max_len: int | None = Field(None, ge=2, description="longest rollout; default the model's max_len")
+    seed: int = 0
+    batch_size: int = Field(1024, ge=1, description="rollouts scored together")
+    device: Device = "cpu"
+
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "GenerationParams":
+        if self.max_len is not None and self.min_len > self.max_len:
+            raise ValueError(f"min_len={self.min_len} exceeds max_len={self.max_len}")
+        return self
+
+
+def resolve_params(params: GenerationParams, model: torch.nn.Module) -> GenerationParams:
+    """Fill max_len from the model and check it against the model (before any compute)."""
+    model_max = int(model.config.max_len)
+    max_len = model_max if params.max_len is None else params.max_len
+    if max_len > model_max:
+        raise RsirError(f"invalid parameter 'max_len': {max_len} exceeds the model's max_len={model_max}")
+    if params.min_len > max_len:
+        raise RsirError(f"invalid parameter 'min_len': {params.min_len} exceeds max_len={max_len}")
+    return params.model_copy(update={"max_len": max_len})
+
+
+# ------------------------------------------------------------------ counter-based uniforms
+_MASK64 = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+
+
+def _as_i64(x: int) -> int:
+    """The int64 with the same 64 bits as x (torch has no uint64 arithmetic)."""
+    x &= _MASK64
+    return x - (1 << 64) if x >> 63 else x
+
+
+def _srl(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's >> is arithmetic: mask off the sign copies)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64 finaliser on int64 tensors (multiplication wraps modulo 2^64)."""
+    x = (x ^ _srl(x, 30)) * _as_i64(_MIX1)
+    x = (x ^ _srl(x, 27)) * _as_i64(_MIX2)
+    return x ^ _srl(x, 31)
+
+
+def pool_uniform(seed: int, rollout_ids: torch.Tensor, step: int) -> torch.Tensor:
+    """Uniform in [0, 1) (float64) for each (seed, rollout id, step); step = items appended so far."""
+    ids = rollout_ids.to(torch.int64)
+    x = _mix64(ids * _as_i64(_GAMMA) + _as_i64(seed * _MIX2))
+    x = _mix64(x + _as_i64((step + 1) * _GAMMA))
+    return _srl(x, 11).to(torch.float64) * 2.0 ** -53
+
+
+# ------------------------------------------------------------------ shared step pieces
+# Membership is tested against per-rollout item lists, not (batch, N+1) masks: the user's
+# items (batch, |s|) with a "not yet used" flag, and the rollout's own items (batch, len),
+# written into the scores as -inf. Masking whole score rows with torch.where costs several
+# times a plain pass on CPU; only the rank count and the global argmax touch all N items.
+def best_rank(scores: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """Rank of a score `top` per row: 1 + #{items 1..N with a strictly higher score}.
+    With top = the best score of a candidate set this is the set's best rank."""
+    return 1 + (scores[:, 1:] > top[:, None]).sum(dim=1, dtype=torch.int32).long()
+
+
+def best_listed(scores: torch.Tensor, items: torch.Tensor, live: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Over each row's live listed items (items sorted ascending): (best score, that item, any live).
+    Ties go to the first position, i.e. the lowest id; dead entries count as -inf."""
+    listed = torch.where(live, scores.gather(1, items), float("-inf"))
+    at = listed.argmax(dim=1)
+    has = live.any(dim=1)
+    # Every live score -inf: argmax may land on a dead entry; take the first live one.
+    dead = ~live.gather(1, at[:, None]).squeeze(1)
+    at = torch.where(dead, live.to(torch.uint8).argmax(dim=1), at)
+    return listed.gather(1, at[:, None]).squeeze(1), items.gather(1, at[:, None]).squeeze(1), has
+
+
+def best_unused(scores: torch.Tensor, used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Highest-scoring item not in `used` (batch, W; 0 = padding), ties to the lowest id; and
+    whether any item was unused. Overwrites the used items' scores with -inf."""
+    scores.scatter_(1, used, float("-inf"))
+    item = scores.argmax(dim=1)
+    has = torch.ones_like(item, dtype=torch.bool)
+    odd = scores.gather(1, item[:, None]).squeeze(1) == float("-inf")
+    if bool(odd.any()):  # all unused scores -inf (or none unused): take the lowest unused id
+        rows = odd.nonzero().squeeze(1)
+        free = torch.ones(len(rows), scores.shape[1], dtype=torch.bool, device=scores.device)
+        free.scatter_(1, used[rows], False)
+        free[:, 0] = False
+        has[rows] = free.any(dim=1)
+        item[rows] = free.to(torch.uint8).argmax(dim=1)
+    return item, has
+
+
+def local_draw(seed: int, ids: torch.Tensor, step: int, p: float) -> torch.Tensor:
+    """True where the rollout decodes from its local pool (the user's items) at this step."""
+    return pool_uniform(seed, ids, step) < p
+
+
+def sorted_rows(rows: Ragged, index: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(len(index), longest row) item ids of rows[index], each row sorted ascending, 0-padded
+    at the front (padding is never live)."""
+    return rows.rows(index).sort(dim=1).values.to(device)
+
+
+def membership(rows: Ragged, index: np.ndarray, num_items: int, device: torch.device) -> torch.Tensor:
+    """(len(index), N+1) bool: True where the item occurs in row index[b] of `rows`."""
+    padded = rows.rows(index).to(device)
+    mask = torch.zeros(len(index), num_items + 1, dtype=torch.bool, device=device)
+    mask.scatter_(1, padded, True)
+    mask[:, 0] = False
+    return mask
+
+
+def _score(model: torch.nn.Module, seqs: torch.Tensor) -> torch.Tensor:
+    return model.score_last(seqs).float()
+
+
+def _num_items(model: torch.nn.Module, device: torch.device) -> int:
+    n = getattr(model, "num_items", None)
+    if n is None:  # any backbone: the score width says it
+        n = _score(model, torch.ones(1, 1, dtype=torch.int64, device=device)).shape[1] - 1
+    return int(n)
+
+
+def _check_sources(sources: Ragged, num_items: int, min_items: int = 1) -> None:
+    if len(sources) and sources.lengths.min() < min_items:
+        row = int(np.argmax(sources.lengths < min_items))
+        raise RsirError(f"invalid sources: sequence {row} has {sources.lengths[row]} items "
+                        f"(at least {min_items} needed)")
+    if len(sources.values) and (sources.values.min() < 1 or sources.values.max() > num_items):
+        raise RsirError(f"invalid sources: item ids must lie in 1..{num_items} (the model's items), "
+                        f"got {sources.values.min()}..{sources.values.max()}")
+
+
+def _ragged(values: list[np.ndarray], lengths: list[np.ndarray]) -> Ragged:
+    lens = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    offsets = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    vals = np.concatenate(values).astype(np.int64) if values else np.zeros(0, np.int64)
+    return Ragged(vals, offsets)
+
+
+def _flatten(buf: torch.Tensor, lengths: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Left-aligned (B, W) buffer + lengths -> flat values (row-major) and lengths, on the host."""
+    keep = torch.arange(buf.shape[1], device=buf.device)[None, :] < lengths[:, None]
+    return buf[keep].cpu().numpy(), lengths.cpu().numpy().astype(np.int64)
+
+
+def _compact(keep: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    idx = keep.nonzero().squeeze(1)
+    return [t[idx] for t in tensors]
+
+
+@contextmanager
+def _frozen(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) and no autograd for the duration; restores the training flag."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+# ------------------------------------------------------------------ main generator
+@dataclass(frozen=True)
+class Rollouts:
+    """Generated rollouts in rollout-id order (rollout r comes from source r // m).
+
+    trace: best rank of a remaining real item at each fidelity check; trace[t] was checked
+    when the rollout had t+1 items; NO_REAL_ITEM (0) where none remained ("exhausted").
+    A rollout stopped at check t has a trace of t+1 values (max_len: one fewer check than items)."""
+
+    items: Ragged
+    source_index: np.ndarray
+    rollout_id: np.ndarray
+    stop_reason: np.ndarray  # int8 codes into STOP_REASONS
+    trace: Ragged
+    params: GenerationParams
+
+    def __len__(self) -> int:
+        return len(self.rollout_id)
+
+    def stop_reason_names(self) -> np.ndarray:
+        return np.asarray(STOP_REASONS)[self.stop_reason]
+
+
+def stop_reason_counts(rollouts: Rollouts) -> dict[str, int]:
+    counts = np.bincount(rollouts.stop_reason, minlength=len(STOP_REASONS))
+    return {name: int(c) for name, c in zip(STOP_REASONS, counts)}
+
+
+def generate_rollouts(model: torch.nn.Module, sources: Ragged, params: GenerationParams) -> Rollouts:
+    """Run params.m rollouts from every source sequence (see docs/rsir-method.md, section 3)."""
+    params = resolve_params(params, model)
+    device = resolve_device(params.device)
+    with _frozen(model):
+        num_items = _num_items(model, device)
+        _check_sources(sources, num_items)
+        total = len(sources) * params.m
+        values, lengths, trace_values, trace_lengths, reasons = [], [], [], [], []
+        for lo in range(0, total, params.batch_size):
+            ids = np.arange(lo, min(lo + params.batch_size, total), dtype=np.int64)
+            items, trace, reason = _rollout_batch(model, sources, ids, params, num_items, device)
+            values.append(items[0]), lengths.append(items[1])
+            trace_values.append(trace[0]), trace_lengths.append(trace[1])
+            reasons.append(reason)
+    rollout_id = np.arange(total, dtype=np.int64)
+    return Rollouts(
+        items=_ragged(values, lengths), source_index=rollout_id // params.m, rollout_id=rollout_id,
+        stop_reason=np.concatenate(reasons) if reasons else np.zeros(0, np.int8),
+        trace=_ragged(trace_values, trace_lengths), params=params,
+    )
+
+
+def _rollout_batch(model: torch.nn.Module, sources: Ragged, ids: np.ndarray, params: GenerationParams,
+                   num_items: int, device: torch.device):
+    B, L = len(ids), params.max_len
+    src = ids // params.m
+    first = torch.from_numpy(sources.values[sources.offsets[src]]).to(device)
+    # Outputs for the whole batch, written as rollouts advance (row = position in the batch).
+    out = torch.zeros(B, L, dtype=torch.int64, device=device)
+    out[:, 0] = first
+    out_len = torch.ones(B, dtype=torch.int64, device=device)
+    trace = torch.zeros(B, L, dtype=torch.int64, device=device)
+    trace_len = torch.zeros(B, dtype=torch.int64, device=device)
+    reason = torch.full((B,), -1, dtype=torch.int8, device=device)
+    # Active state, compacted as rollouts stop; every active rollout has t+1 items at step t.
+    # own: the user's items S (sorted); live: that item is not in the rollout yet (R = live items).
+    pos, rid, seq = torch.arange(B, device=device), torch.from_numpy(ids).to(device), out.clone()
+    own = sorted_rows(sources, src, device)
+    live = (own != 0) & (own != first[:, None])
+    for t in range(L - 1):
+        scores = _score(model, seq[:, : t + 1])
+        # Fidelity check before extending: best rank over R.
+        top, local_item, has_real = best_listed(scores, own, live)
+        rank = best_rank(scores, top)
+        trace[pos, t] = torch.where(has_real, rank, NO_REAL_ITEM)
+        trace_len[pos] = t + 1
+        go = has_real if params.tau is None else has_real & (rank <= params.tau)
+        if not bool(go.all()):
+            reason[pos[~has_real]] = EXHAUSTED
+            reason[pos[has_real & ~go]] = FIDELITY
+            pos, rid, seq, own, live, scores, local_item = _compact(
+                go, pos, rid, seq, own, live, scores, local_item)
+            if len(pos) == 0:
+                break
+        # Decoding, greedy top-1: the local pool's best is the best live item of S (never
+        # empty here: R is not); the global pool's best is the best item not in the rollout.
+        # (So no_candidate cannot happen in this mode: a live item of S is in either pool.)
+        global_item, _ = best_unused(scores, seq[:, : t + 1])
+        local = local_draw(params.seed, rid, t, params.p)
+        item = torch.where(local, local_item, global_item)
+        live &= own != item[:, None]
+        seq[:, t + 1] = item
+        out[pos, t + 1] = item
+        out_len[pos] = t + 2
+        if t + 2 == L:
+            reason[pos] = MAX_LEN
+    return _flatten(out, out_len), _flatten(trace, trace_len), reason.cpu().numpy()
+
+
+# ------------------------------------------------------------------ extension mode ("second reading")
+@dataclass(frozen=True)
+class Extensions:
+    """One greedy extension of every source with more than holdout_h items.
+
+    items: prefix (source minus its last h items) + generated items; for an accepted
+    extension up to and including the accepting step, otherwise all that was generated.
+    trace[k]: best rank of a held-out item not in the sequence, checked after k+1 generated
+    items; NO_REAL_ITEM (0) when every held-out item was already in the sequence."""
+
+    items: Ragged
+    source_index: np.ndarray
+    prefix_len: np.ndarray
+    stop_reason: np.ndarray  # int8 codes into EXTEND_REASONS
+    trace: Ragged
+    holdout_h: int
+    params: GenerationParams
+
+    def __len__(self) -> int:
+        return len(self.source_index)
+
+    @property
+    def accepted(self) -> np.ndarray:
+        return self.stop_reason == ACCEPTED
+
+    def stop_reason_names(self) -> np.ndarray:
+        return np.asarray(EXTEND_REASONS)[self.stop_reason]
+
+
+def extend_sequences(model: torch.nn.Module, sources: Ragged, params: GenerationParams,
+                     holdout_h: int) -> Extensions:
+    """Hold out the last h items of each source (training parts only: the caller's job), extend
+    the prefix greedily by up to m items (same pool rule; local pool = the source's items) and
+    accept at the first step after which a held-out item ranks <= tau (tau None: any rank).
+    Pool draws use pool_uniform(seed, source index, number of generated items)."""
+    if not isinstance(holdout_h, (int, np.integer)) or holdout_h < 1:
+        raise RsirError(f"invalid parameter 'holdout_h': must be an integer >= 1 (got {holdout_h!r})")
+    params = resolve_params(params, model)
+    device = resolve_device(params.device)
+    eligible = np.flatnonzero(sources.lengths > holdout_h).astype(np.int64)
+    with _frozen(model):
+        num_items = _num_items(model, device)
+        _check_sources(sources, num_items, min_items=0)
+        values, lengths, trace_values, trace_lengths, reasons = [], [], [], [], []
+        for lo in range(0, len(eligible), params.batch_size):
+            rows = eligible[lo: lo + params.batch_size]
+            items, trace, reason = _extend_batch(model, sources, rows, params, holdout_h, num_items, device)
+            values.append(items[0]), lengths.append(items[1])
+            trace_values.append(trace[0]), trace_lengths.append(trace[1])
+            reasons.append(reason)
+    return Extensions(
+        items=_ragged(values, lengths), source_index=eligible,
+        prefix_len=sources.lengths[eligible] - holdout_h,
+        stop_reason=np.concatenate(reasons) if reasons else np.zeros(0, np.int8),
+        trace=_ragged(trace_values, trace_lengths), holdout_h=int(holdout_h), params=params,
+    )
+
+
+def _window(buf: torch.Tensor, lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Newest min(length, max_len) items of each left-aligned row, left-padded to a common width."""
+    width = min(int(lengths.max()), max_len)
+    idx = lengths[:, None] - width + torch.arange(width, device=buf.device)[None, :]
+    return torch.where(idx >= 0, buf.gather(1, idx.clamp(min=0)), 0)
+
+
+def _extend_batch(model: torch.nn.Module, sources: Ragged, rows: np.ndarray, params: GenerationParams,
+                  h: int, num_items: int, device: torch.device):
+    B, m = len(rows), params.m
+    starts, ends = sources.offsets[rows], sources.offsets[rows + 1]
+    prefix_len = ends - starts - h
+    width = int(prefix_len.max()) + m
+    out = torch.from_numpy(_left_aligned(sources.values, starts, prefix_len, width)).to(device)
+    out_len = torch.from_numpy(prefix_len).to(device).clone()
+    trace = torch.zeros(B, m, dtype=torch.int64, device=device)
+    trace_len = torch.zeros(B, dtype=torch.int64, device=device)
+    reason = torch.full((B,), REJECTED, dtype=torch.int8, device=device)
+    # Active state: own = the source's items (sorted; the local pool = its live ones), held =
+    # the held-out items (the acceptance check); live flags: not in the sequence yet.
+    batch = np.arange(B)
+    in_prefix = membership(_slices(sources.values, starts, ends - h), batch, num_items, device)
+    own = sorted_rows(sources, rows, device)
+    own_live = (own != 0) & ~in_prefix.gather(1, own)
+    held = sorted_rows(_slices(sources.values, ends - h, ends), batch, device)
+    held_live = (held != 0) & ~in_prefix.gather(1, held)
+    del in_prefix
+    pos = torch.arange(B, device=device)
+    rid = torch.from_numpy(rows).to(device)
+    seq, seq_len = out.clone(), out_len.clone()
+    for j in range(m + 1):  # j = items generated so far
+        scores = _score(model, _window(seq, seq_len, params.max_len))
+        if j >= 1:  # acceptance check after each generated item
+            top, _, has_held = best_listed(scores, held, held_live)
+            rank = best_rank(scores, top)
+            trace[pos, j - 1] = torch.where(has_held, rank, NO_REAL_ITEM)
+            trace_len[pos] = j
+            ok = has_held if params.tau is None else has_held & (rank <= params.tau)
+            reason[pos[ok]] = ACCEPTED
+            reason[pos[~has_held]] = EXT_EXHAUSTED
+            go = ~ok & has_held
+            if not bool(go.all()):
+                pos, rid, seq, seq_len, own, own_live, held, held_live, scores = _compact(
+                    go, pos, rid, seq, seq_len, own, own_live, held, held_live, scores)
+        if j == m or len(pos) == 0:
+            break  # whatever is still active stays REJECTED
+        _, local_item, has_local = best_listed(scores, own, own_live)
+        global_item, has_global = best_unused(scores, seq)  # seq's zero padding: item 0, harmless
+        local = local_draw(params.seed, rid, j, params.p)
+        item = torch.where(local, local_item, global_item)
+        has = torch.where(local, has_local, has_global)
+        if not bool(has.all()):
+            reason[pos[~has]] = EXT_NO_CANDIDATE
+            pos, rid, seq, seq_len, own, own_live, held, held_live, item = _compact(
+                has, pos, rid, seq, seq_len, own, own_live, held, held_live, item)
+            if len(pos) == 0:
+                break
+        own_live &= own != item[:, None]
+        held_live &= held != item[:, None]
+        seq[torch.arange(len(pos), device=device), seq_len] = item
+        seq_len += 1
+        out[pos, out_len[pos]] = item
+        out_len[pos] += 1
+    return _flatten(out, out_len), _flatten(trace, trace_len), reason.cpu().numpy()
+
+
+def _slices(values: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> Ragged:
+    """Ragged of values[starts[b]:ends[b]] (copied flat, vectorized)."""
+    lengths = ends - starts
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    idx = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+    return Ragged(values[idx].astype(np.int64), offsets)
+
+
+def _left_aligned(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray, width: int) -> np.ndarray:
+    """(B, width) int64: values[starts[b]:starts[b]+lengths[b]] at the left of row b, zeros after."""
+    col = np.arange(width)[None, :]
+    idx = np.clip(starts[:, None] + col, 0, max(len(values) - 1, 0))
+    return np.where(col < lengths[:, None], values[idx], 0).astype(np.int64)
