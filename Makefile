@@ -18,7 +18,7 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/rsir data fetch ml-100k
-	$(BIN)/rsir train --dataset ml-100k --model sasrec
+	$(BIN)/rsir run --dataset ml-100k --model sasrec -K 3
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,21 +1,241 @@
-"""The `rsir` flow. Today: train and evaluate one backbone on one dataset (the main job of the
-foundation); the RSIR loop over K iterations extends it."""
+"""The `rsir` flow: K self-improving iterations, each a named sub-flow in the Prefect UI.
+
+    for k in 0..K-1:  train θ_k on D_k → evaluate θ_k → generate → filter → expand → D_{k+1}
+    finally:          train and evaluate θ_K on D_K
+
+Wiring only: every step is a task from tasks/ that takes and returns small references
+(dataset name + version, checkpoint paths, metric dicts). A run works on its own fork of the
+dataset, named by the lineage key of its parameters, so re-running the same parameters after a
+crash finds the committed versions and checkpoints and continues from there.
+"""
 
 from __future__ import annotations
 
-from prefect import flow
+import time
+from typing import Any
 
-from rsir.config import TrainConfig
-from rsir.workspace import resolve_home
-from tasks.ingest import fetch_builtin_task
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.context import get_run_context
+
+from rsir.config import RunConfig, parse_config
+from rsir.workspace import Workspace
+from storage.tracking import Tracker, default_tracking_uri
+from tasks.evaluate import evaluate_task
+from tasks.expand import expand_task
+from tasks.filter import filter_task
+from tasks.generate import GenerationParams, generate_task
+from tasks.ingest import dataset_store, fetch_builtin_task
+from tasks.plots import plot_run_task
 from tasks.train import train_task
+
+STEP_KEYS = ("train", "train_generator", "evaluate", "generate", "filter", "expand")
+
+
+@flow(name="rsir-iteration", flow_run_name="iteration-{k}", log_prints=True)
+def iteration(cfg: RunConfig, home: str, dataset: str, k: int, last: bool) -> dict[str, Any]:
+    """Train and evaluate θ_k on D_k; unless this is the last iteration, produce D_{k+1}."""
+    student = train_task(cfg.train_config(dataset, k, cfg.model), home, role="student")
+    metrics = evaluate_task(home, student["checkpoint"], dataset, k, cfg.device)
+    times = {"train": student["task_seconds"], "evaluate": metrics["task_seconds"]}
+    out: dict[str, Any] = {"k": k, "student": student, "valid": metrics["valid"], "test": metrics["test"],
+                           "times": times}
+    if last:
+        return out
+    generator = student
+    if cfg.generator is not None and cfg.generator != cfg.model:  # weak-to-strong
+        generator = train_task(cfg.train_config(dataset, k, cfg.generator), home, role="generator")
+        times["train_generator"] = generator["task_seconds"]
+    params = GenerationParams(m=cfg.m, tau=cfg.tau if cfg.fidelity else None, p=cfg.p, min_len=cfg.min_len,
+                              seed=cfg.seed + k, batch_size=cfg.gen_batch_size, device=cfg.device)
+    generated = generate_task(home, dataset, k, generator["checkpoint"], params)
+    accepted = filter_task(home, generated["path"], params.tau, cfg.min_len, cfg.fidelity)
+    expanded = expand_task(home, accepted["path"], k + 1,
+                           generator={"backbone": cfg.generator_model.name, "checkpoint": generator["checkpoint"]})
+    times.update(generate=generated["task_seconds"], filter=accepted["task_seconds"], expand=expanded["task_seconds"])
+    out.update(generator=generator, generation=generated, filter=accepted["counts"], next=expanded)
+    return out
 
 
 @flow(name="rsir", log_prints=True)
-def rsir(config: TrainConfig = TrainConfig(), home: str | None = None) -> dict:
-    workspace = str(resolve_home(home))
-    fetch_builtin_task(config.dataset, workspace)
-    result = train_task(config, workspace)
-    print(f"{config.model.name} on {config.dataset}: test ndcg@10 {result['test']['ndcg@10']:.4f} "
-          f"recall@10 {result['test']['recall@10']:.4f}")
-    return result
+def rsir(
+    dataset: str = "ml-100k",
+    model: str = "sasrec",
+    K: int = 3,
+    tau: int = 10,
+    p: float = 0.5,
+    m: int = 5,
+    min_len: int = 3,
+    fidelity: bool = True,
+    generator: str | None = None,
+    model_params: dict[str, Any] | None = None,
+    generator_params: dict[str, Any] | None = None,
+    epochs: int = 200,
+    patience: int = 10,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    seed: int = 0,
+    device: str = "auto",
+    threads: int | None = None,
+    home: str | None = None,
+    tracking_uri: str | None = None,
+    experiment: str = "rsir",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """RSIR over K iterations with fidelity control; returns the per-iteration table."""
+    cfg = build_run_config(locals())
+    return run_rsir(cfg)
+
+
+def build_run_config(params: dict[str, Any]) -> RunConfig:
+    """Flat flow parameters (what `prefect deployment run --param` sets) -> one typed config.
+    A bad value fails the flow run at its start with a message naming the parameter."""
+    params = dict(params)
+    model = {"name": params.pop("model"), **(params.pop("model_params") or {})}
+    gen_name, gen_params = params.pop("generator"), params.pop("generator_params")
+    if gen_name or gen_params:
+        params["generator"] = {"name": gen_name or model["name"], **(gen_params or {})}
+    return parse_config(RunConfig, {**params, "model": model})
+
+
+def run_rsir(cfg: RunConfig) -> dict[str, Any]:
+    started = time.perf_counter()
+    logger = get_run_logger()
+    ws = Workspace.at(cfg.home)
+    home = str(ws.root)
+    tracker = Tracker(cfg.tracking_uri or default_tracking_uri(ws.root), cfg.experiment, ws.root / "mlartifacts")
+    fetch_builtin_task(cfg.dataset, home)
+    lineage = cfg.lineage_key()
+    run_dataset = f"{cfg.dataset}--{lineage[:10]}"
+    dataset_store(ws).fork(cfg.dataset, run_dataset)
+    parent = _parent_run(tracker, cfg, lineage, run_dataset)
+    progress = create_progress_artifact(0.0, key="rsir-progress", description=f"RSIR on {cfg.dataset}")
+    rows, champion = [], None
+    for k in range(cfg.K + 1):
+        result = iteration(cfg, home, run_dataset, k, last=k == cfg.K)
+        child = _log_iteration(tracker, parent, cfg, run_dataset, result)
+        rows.append(_table_row(ws, run_dataset, result))
+        logger.info("iteration %d: valid ndcg@10 %.4f, test ndcg@10 %.4f", k, result["valid"]["ndcg@10"],
+                    result["test"]["ndcg@10"])
+        if champion is None or result["valid"]["ndcg@10"] > champion[1]:
+            champion = (child, result["valid"]["ndcg@10"], k)
+        update_progress_artifact(progress, 100.0 * (k + 1) / (cfg.K + 1))
+    model_name = f"rsir-{cfg.dataset}-{cfg.model.name}"
+    version = tracker.register_champion(model_name, champion[0], "checkpoint")
+    wall = time.perf_counter() - started
+    step_seconds = sum(sum(r["times"].values()) for r in rows)
+    summary = {"dataset": cfg.dataset, "run_dataset": run_dataset, "model": cfg.model.name,
+               "generator": cfg.generator_model.name, "K": cfg.K, "iterations": rows,
+               "champion": {"iteration": champion[2], "registered_model": model_name, "version": version,
+                            "alias": "champion"},
+               "mlflow_run_id": parent, "tracking_uri": tracker.uri,
+               "wall_seconds": wall, "step_seconds": step_seconds,
+               "overhead_fraction": max(wall - step_seconds, 0.0) / wall if wall else 0.0}
+    plots = plot_run_task(rows, str(ws.runs / run_dataset / "plots"))
+    for path in plots:
+        tracker.log_artifact(parent, path, "plots")
+    tracker.log_dict(parent, summary, "summary.json")
+    tracker.log_metrics(parent, {"overhead_fraction": summary["overhead_fraction"], "wall_seconds": wall,
+                                 "best_valid_ndcg@10": champion[1]})
+    tracker.end_run(parent)
+    create_table_artifact(_flat_rows(rows), key="rsir-iterations", description="RSIR per-iteration results")
+    return summary
+
+
+def _parent_run(tracker: Tracker, cfg: RunConfig, lineage: str, run_dataset: str) -> str:
+    tags = {"rsir.lineage": lineage[:16], "rsir.K": str(cfg.K)}
+    # A run of the same lineage left RUNNING was killed: say so, the new run resumes its work.
+    for stale in tracker.client.search_runs([tracker.experiment_id],
+                                            f"tags.`rsir.lineage` = '{lineage[:16]}' and attributes.status = 'RUNNING'"):
+        tracker.end_run(stale.info.run_id, "KILLED")
+    ctx = get_run_context()
+    flow_run = getattr(ctx, "flow_run", None)
+    prefect_tags = {"prefect.flow_run_id": str(flow_run.id) if flow_run else "",
+                    "prefect.deployment_id": str(flow_run.deployment_id or "") if flow_run else ""}
+    run_id = tracker.start_run(f"rsir-{cfg.dataset}-{cfg.model.name}-K{cfg.K}", {**tags, **prefect_tags})
+    tracker.log_params(run_id, {**cfg.model_dump(mode="json", exclude={"home", "tracking_uri", "progress"}),
+                                "run_dataset": run_dataset})
+    return run_id
+
+
+def _log_iteration(tracker: Tracker, parent: str, cfg: RunConfig, dataset: str, result: dict[str, Any]) -> str:
+    """One child run per iteration: curves, metrics, statistics, θ_k, and D_k → θ_k → D_{k+1}."""
+    k = result["k"]
+    store = dataset_store(Workspace.at(cfg.home))
+    manifest = store.manifest(dataset, k)
+    child = tracker.start_run(f"iteration-{k}", {"rsir.iteration": str(k), "rsir.dataset": dataset}, parent=parent)
+    tracker.log_params(child, {"iteration": k, "dataset_version": k, "dataset_digest": manifest.digest,
+                               "student": cfg.model.name, "generator": cfg.generator_model.name})
+    for point in result["student"]["curve"]:
+        tracker.log_metrics(child, {f"train/{key}": v for key, v in point.items() if key != "epoch"},
+                            step=int(point["epoch"]))
+    tracker.log_metrics(child, {**{f"valid/{key}": v for key, v in result["valid"].items()},
+                                **{f"test/{key}": v for key, v in result["test"].items()},
+                                **{f"data/{key}": v for key, v in manifest.stats.items()
+                                   if isinstance(v, (int, float))},
+                                "train/epochs": result["student"]["epochs"],
+                                "train/best_epoch": result["student"]["best_epoch"]})
+    uri = store.root + "/" + dataset
+    tracker.log_dataset(child, dataset, k, manifest.digest, uri, "training", _profile(manifest.stats))
+    tracker.log_artifact(child, result["student"]["checkpoint"], "checkpoint")
+    if "next" in result:
+        nxt = result["next"]
+        tracker.log_metrics(child, {f"generation/{key}": v for key, v in result["filter"].items()})
+        tracker.log_dataset(child, dataset, nxt["version"], nxt["digest"], uri, "output", _profile(nxt["stats"]))
+        if result["generator"]["checkpoint"] != result["student"]["checkpoint"]:  # weak-to-strong
+            tracker.log_artifact(child, result["generator"]["checkpoint"], "generator_checkpoint")
+    tracker.end_run(child)
+    return child
+
+
+def _profile(stats: dict[str, Any]) -> dict[str, Any]:
+    return {k: stats[k] for k in ("sequences", "synthetic_sequences", "interactions", "density") if k in stats}
+
+
+def _table_row(ws: Workspace, dataset: str, result: dict[str, Any]) -> dict[str, Any]:
+    stats = dataset_store(ws).manifest(dataset, result["k"]).stats
+    return {
+        "iteration": result["k"],
+        "version": result["k"],
+        "sequences": stats["sequences"],
+        "synthetic_sequences": stats["synthetic_sequences"],
+        "interactions": stats["interactions"],
+        "density": stats["density"],
+        "item_entropy": stats["item_entropy"],
+        "acceptance_rate": stats.get("acceptance_rate"),
+        "mean_new_length": stats.get("mean_new_length"),
+        "valid": result["valid"],
+        "test": result["test"],
+        "epochs": result["student"]["epochs"],
+        "checkpoint": result["student"]["checkpoint"],
+        "train_seconds": result["student"]["seconds_total"],
+        "reused": result["student"]["reused"],
+        "stats": stats,
+        "times": result["times"],
+    }
+
+
+def _flat_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    keys = ("ndcg@10", "ndcg@20", "recall@10", "recall@20")
+    return [{"k": r["iteration"], "sequences": r["sequences"], "interactions": r["interactions"],
+             "density": round(r["density"], 5), "entropy": round(r["item_entropy"], 4),
+             "acceptance": None if r["acceptance_rate"] is None else round(r["acceptance_rate"], 4),
+             **{f"valid {m}": round(r["valid"][m], 4) for m in keys},
+             **{f"test {m}": round(r["test"][m], 4) for m in keys}} for r in rows]
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The per-iteration table the CLI and `make run` print."""
+    rows = _flat_rows(summary["iterations"])
+    cols = list(rows[0])
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(str(r[c]).rjust(w) for c, w in zip(cols, widths)) for r in rows]
+    lines.append(f"wall {summary['wall_seconds']:.1f} s, steps {summary['step_seconds']:.1f} s, "
+                 f"orchestration+tracking overhead {100 * summary['overhead_fraction']:.1f}%")
+    lines.append(f"champion: iteration {summary['champion']['iteration']} registered as "
+                 f"{summary['champion']['registered_model']} v{summary['champion']['version']} @champion; "
+                 f"MLflow run {summary['mlflow_run_id']} ({summary['tracking_uri']})")
+    return "\n".join(lines)
+
+

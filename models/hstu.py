@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.config import ModelConfig
+from models.layers import Dropout
 from models.losses import next_item_loss
 
 
@@ -49,7 +50,7 @@ class HSTULayer(nn.Module):
         self.uvqk = nn.Linear(hidden, 4 * hidden)
         self.rab = nn.Parameter(torch.zeros(heads, max_len))  # bias by relative distance i - j
         self.ln_attn = nn.LayerNorm(hidden)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.out = nn.Linear(hidden, hidden)
         nn.init.xavier_uniform_(self.uvqk.weight)
         nn.init.zeros_(self.uvqk.bias)
@@ -79,7 +80,7 @@ class HSTU(nn.Module):
         d = config.hidden
         self.item_emb = nn.Embedding(num_items + 1, d, padding_idx=0)
         self.pos_emb = nn.Embedding(config.max_len, d) if opts["abs_pos"] else None
-        self.emb_drop = nn.Dropout(config.dropout)
+        self.emb_drop = Dropout(config.dropout)
         self.layers = nn.ModuleList(
             HSTULayer(d, config.heads, config.max_len, config.dropout) for _ in range(config.layers)
         )

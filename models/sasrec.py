@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.config import ModelConfig
+from models.layers import Dropout
 from models.losses import next_item_loss
 
 
@@ -61,10 +62,10 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(hidden, heads, dropout)
         self.ln2 = nn.LayerNorm(hidden)
         self.ffn = nn.Sequential(
-            nn.Linear(hidden, ffn_mult * hidden), nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(hidden, ffn_mult * hidden), nn.GELU(), Dropout(dropout),
             nn.Linear(ffn_mult * hidden, hidden),
         )
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln1(x), mask))
@@ -79,7 +80,7 @@ class SASRec(nn.Module):
         d = config.hidden
         self.item_emb = nn.Embedding(num_items + 1, d, padding_idx=0)
         self.pos_emb = nn.Embedding(config.max_len, d)
-        self.emb_drop = nn.Dropout(config.dropout)
+        self.emb_drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(
             Block(d, config.heads, config.dropout, config.options["ffn_mult"]) for _ in range(config.layers)
         )

@@ -167,6 +167,136 @@ def evaluate(
     _emit(result, as_json, _render_eval)
 
 
+@app.command("generate")
+def generate(
+    dataset: Annotated[str, typer.Option(help="dataset to expand")],
+    checkpoint: Annotated[Path, typer.Option(help="generator checkpoint (trained on this dataset's items)")],
+    version: Annotated[Optional[int], typer.Option(help="version to expand (default: latest)")] = None,
+    tau: Annotated[int, typer.Option(help="fidelity rank threshold")] = 10,
+    p: Annotated[float, typer.Option(help="probability of the local pool (the user's own items)")] = 0.5,
+    m: Annotated[int, typer.Option(help="rollouts per source sequence")] = 5,
+    min_len: Annotated[int, typer.Option(help="shortest synthetic sequence kept")] = 3,
+    max_len: Annotated[Optional[int], typer.Option(help="longest rollout (default: the model's max_len)")] = None,
+    fidelity: Annotated[bool, typer.Option("--fidelity/--no-fidelity", help="fidelity control (off = the paper's ablation)")] = True,
+    mode: Annotated[str, typer.Option(help="rollout (the released algorithm) or extend (second reading)")] = "rollout",
+    holdout_h: Annotated[int, typer.Option(help="extend mode: training items held out from the prefix")] = 1,
+    seed: Annotated[int, typer.Option(help="seed of the pool choices")] = 0,
+    batch_size: Annotated[int, typer.Option(help="rollouts scored together")] = 1024,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    home: Home = None, as_json: Json = False,
+) -> None:
+    """Generate with fidelity control, filter and expand: publish the dataset's next version."""
+    from rsir.config import parse_config
+    from tasks.expand import expand_step
+    from tasks.filter import filter_step
+    from tasks.generate import GenerationParams, generate_step
+    from tasks.ingest import dataset_store
+
+    params = parse_config(GenerationParams, dict(m=m, tau=tau if fidelity else None, p=p, min_len=min_len,
+                                                 max_len=max_len, seed=seed, batch_size=batch_size, device=device))
+    ws = _workspace(home)
+    parent = dataset_store(ws).manifest(dataset, version)
+    if parent.version != dataset_store(ws).versions(dataset)[-1]:
+        raise RsirError(f"dataset {dataset!r}: version {parent.version} is not the latest; expand the latest "
+                        f"(versions are a chain) or fork the dataset")
+    generated = generate_step(str(ws.root), dataset, parent.version, str(checkpoint), params, mode, holdout_h)
+    accepted = filter_step(str(ws.root), generated["path"], params.tau, min_len, fidelity)
+    result = expand_step(str(ws.root), accepted["path"])
+    _emit(result, as_json, _render_version)
+
+
+@app.command("versions")
+def versions(
+    dataset: Annotated[str, typer.Option(help="dataset name")],
+    home: Home = None, as_json: Json = False,
+) -> None:
+    """List a dataset's versions with their statistics."""
+    from tasks.ingest import dataset_store
+
+    store = dataset_store(_workspace(home))
+    rows = []
+    for v in store.versions(dataset) or [store.manifest(dataset).version]:
+        m = store.manifest(dataset, v)
+        rows.append({"version": v, "parent_version": m.parent_version, "digest": m.digest, "stats": m.stats,
+                     "generation": m.generation})
+    _emit({"dataset": dataset, "versions": rows}, as_json, _render_versions)
+
+
+def _render_version(r: dict[str, Any]) -> None:
+    s = r["stats"]
+    print(f"dataset {r['dataset']} v{r['version']} (from v{r['parent_version']})  digest {r['digest'][:12]}")
+    for key in ("sequences", "real_sequences", "synthetic_sequences", "interactions", "density", "pair_density",
+                "item_entropy", "item_entropy_normalised", "item_gini", "apen_real", "apen_synthetic",
+                "acceptance_rate", "mean_new_length", "mean_synthetic_length", "stop_reasons"):
+        if key in s:
+            value = s[key]
+            print(f"  {key:<24} {value:.5f}" if isinstance(value, float) else f"  {key:<24} {value}")
+
+
+def _render_versions(r: dict[str, Any]) -> None:
+    print(f"{'v':>3} {'parent':>6} {'sequences':>9} {'synthetic':>9} {'interactions':>12} {'density':>8} "
+          f"{'entropy':>7} {'gini':>5} {'accept':>6} {'new len':>7}  digest")
+    for v in r["versions"]:
+        s = v["stats"]
+        parent = "-" if v["parent_version"] is None else v["parent_version"]
+        print(f"{v['version']:>3} {parent:>6} {s.get('sequences', 0):>9} {s.get('synthetic_sequences', 0):>9} "
+              f"{s.get('interactions', 0):>12} {s.get('density', 0):>8.5f} {s.get('item_entropy', 0):>7.3f} "
+              f"{s.get('item_gini', 0):>5.3f} {_opt(s.get('acceptance_rate')):>6} {_opt(s.get('mean_new_length')):>7}"
+              f"  {v['digest'][:12]}")
+
+
+def _opt(value: Any) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+@app.command("run")
+def run(
+    dataset: Annotated[str, typer.Option(help="dataset name (built-ins are fetched when missing)")] = "ml-100k",
+    model: Annotated[str, typer.Option(help="student backbone")] = "sasrec",
+    K: Annotated[int, typer.Option("-K", "--K", help="self-improving iterations")] = 3,
+    tau: Annotated[int, typer.Option(help="fidelity rank threshold")] = 10,
+    p: Annotated[float, typer.Option(help="probability of the local pool")] = 0.5,
+    m: Annotated[int, typer.Option(help="rollouts per source sequence")] = 5,
+    min_len: Annotated[int, typer.Option(help="shortest synthetic sequence kept")] = 3,
+    fidelity: Annotated[bool, typer.Option("--fidelity/--no-fidelity", help="fidelity control")] = True,
+    generator: Annotated[Optional[str], typer.Option(help="generator backbone (default: the student)")] = None,
+    option: Annotated[Optional[list[str]], typer.Option("--option", help="student option KEY=VALUE (repeatable)")] = None,
+    epochs: Annotated[int, typer.Option(help="maximum epochs per training")] = 200,
+    patience: Annotated[int, typer.Option(help="early-stopping patience")] = 10,
+    lr: Annotated[float, typer.Option(help="Adam learning rate")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="training batch size")] = 128,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: SQLite in the workspace)")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "rsir",
+    home: Home = None, as_json: Json = False,
+) -> None:
+    """Run the RSIR flow locally (no Prefect server needed) and print the per-iteration table."""
+    from flows.rsir import format_table, rsir
+
+    hidden = _options(option)
+    summary = rsir(dataset=dataset, model=model, K=K, tau=tau, p=p, m=m, min_len=min_len, fidelity=fidelity,
+                   generator=generator, model_params={"options": hidden} if hidden else None, epochs=epochs,
+                   patience=patience, lr=lr, batch_size=batch_size, seed=seed, device=device, threads=threads,
+                   home=str(_workspace(home).root), tracking_uri=tracking_uri, experiment=experiment,
+                   progress=sys.stderr.isatty())
+    _emit(summary, as_json, lambda r: print(format_table(r)))
+
+
+@app.command("serve")
+def serve(
+    port: Annotated[int, typer.Option(help="port of the Prefect server")] = 4200,
+    host: Annotated[str, typer.Option(help="interface to bind (loopback by default)")] = "127.0.0.1",
+    ready_file: Annotated[Optional[str], typer.Option(hidden=True, help="write the API URL here once ready")] = None,
+    home: Home = None,
+) -> None:
+    """Start a local Prefect server, the work pool, the deployments and a worker (Ctrl-C stops all)."""
+    from deployments.serve import serve as run_serve
+
+    run_serve(str(_workspace(home).root), host=host, port=port, ready_file=ready_file)
+
+
 def _options(pairs: list[str] | None) -> dict[str, Any] | None:
     if not pairs:
         return None

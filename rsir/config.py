@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from typing import Annotated
 
@@ -58,3 +60,50 @@ def describe_validation_error(exc: ValidationError) -> str:
     value = err.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     return f"invalid parameter {where!r}: {msg}{shown}"
+
+
+class RunConfig(BaseModel):
+    """Everything an RSIR run depends on; built from the flow's (deployment's) parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = "ml-100k"
+    K: int = Field(3, ge=0, le=100, description="self-improving iterations")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the student: trained and evaluated")
+    generator: ModelConfig | None = Field(None, description="generator backbone (weak-to-strong); default: the student")
+    epochs: int = Field(200, ge=1)
+    patience: int = Field(10, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(128, ge=1)
+    tau: int = Field(10, ge=1, description="fidelity rank threshold")
+    p: float = Field(0.5, ge=0.0, le=1.0, description="probability of the local pool")
+    m: int = Field(5, ge=1, description="rollouts per source sequence")
+    min_len: int = Field(3, ge=2)
+    fidelity: bool = True
+    gen_batch_size: int = Field(1024, ge=1)
+    seed: int = 0
+    device: Device = "auto"
+    threads: int | None = Field(None, ge=1)
+    home: str | None = Field(None, description="workspace directory (default $RSIR_HOME or ./workspace)")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite in the workspace)")
+    experiment: str = "rsir"
+    progress: bool = False
+
+    @property
+    def generator_model(self) -> ModelConfig:
+        return self.generator or self.model
+
+    def train_config(self, dataset: str, version: int, model: ModelConfig) -> TrainConfig:
+        return TrainConfig(dataset=dataset, version=version, model=model, epochs=self.epochs,
+                           patience=self.patience, lr=self.lr, weight_decay=self.weight_decay,
+                           batch_size=self.batch_size, seed=self.seed, device=self.device, threads=self.threads,
+                           progress=self.progress)
+
+    def lineage_key(self) -> str:
+        """What determines the generated data (not K: a K=2 run is the prefix of a K=3 run)."""
+        keep = self.model_dump(mode="json", include={
+            "dataset", "model", "generator", "epochs", "patience", "lr", "weight_decay", "batch_size", "tau",
+            "p", "m", "min_len", "fidelity", "seed"})
+        keep["generator"] = self.generator_model.model_dump(mode="json")
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()

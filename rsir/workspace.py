@@ -35,6 +35,11 @@ class Workspace:
         return self.root / "checkpoints"
 
     @property
+    def runs(self) -> Path:
+        """Intermediate artifacts of generation runs (rollouts, accepted sequences)."""
+        return self.root / "runs"
+
+    @property
     def downloads(self) -> Path:
         return self.root / "downloads"
 

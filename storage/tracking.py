@@ -46,15 +46,6 @@ class Tracker:
             tags["mlflow.parentRunId"] = parent
         return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
 
-    def find_run(self, name: str, tags: dict[str, str], parent: str | None = None) -> str | None:
-        """An unfinished or finished run with this name and tags (to resume instead of duplicating)."""
-        clauses = [f"attributes.run_name = '{name}'"] + [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
-        if parent:
-            clauses.append(f"tags.`mlflow.parentRunId` = '{parent}'")
-        runs = self.client.search_runs([self.experiment_id], " and ".join(clauses), max_results=1,
-                                       order_by=["attributes.start_time DESC"])
-        return runs[0].info.run_id if runs else None
-
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 

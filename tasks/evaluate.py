@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from prefect import task
 
 from tasks.split import LeaveOneOut, Ragged
 
@@ -97,3 +98,12 @@ def evaluate_checkpoint(ws, checkpoint, dataset: str, version: int | None = None
             "version": manifest.version, "digest": manifest.digest,
             "valid": evaluate_split(model, split, "valid", *args),
             "test": evaluate_split(model, split, "test", *args)}
+
+
+@task(name="evaluate", task_run_name="evaluate-v{version}")
+def evaluate_task(home: str, checkpoint: str, dataset: str, version: int, device: str = "auto") -> dict:
+    """Prefect wrapper: validation and test metrics of a checkpoint on D_version's real users."""
+    from rsir.workspace import Workspace
+    from tasks.runtime import timed
+
+    return timed(evaluate_checkpoint, Workspace.at(home), checkpoint, dataset, version, device=device)

@@ -13,10 +13,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
+from prefect import task
 
 from rsir.errors import RsirError
 from storage.dataset import SEQUENCE_SCHEMA, DatasetStore
 from storage.manifest import Manifest
+from tasks.runtime import timed
 from tasks.split import Ragged
 from tasks.statistics import version_statistics
 
@@ -53,3 +55,41 @@ def expand_dataset(store: DatasetStore, dataset: str, parent_version: int, items
     union = pl.concat([current.drop("iteration"), pl.from_arrow(new)], how="vertical")
     stats = {**version_statistics(union, parent.num_items), **(generation_stats or {})}
     return store.append(dataset, parent, new, generation=generation, stats=stats)
+
+
+def expand_step(home: str, accepted_path: str, generator: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Publish D_{k+1} from a filtered generation of D_k; idempotent for the same inputs."""
+    from rsir.workspace import Workspace
+    from storage.artifacts import read_table
+    from tasks.ingest import dataset_store
+
+    table, meta = read_table(accepted_path)
+    gen = meta["generation"]
+    frame = pl.from_arrow(table)
+    generation = {
+        "key": f"{gen['key']}:{meta['filter']}",
+        "parent_digest": gen["digest"], "checkpoint": gen["checkpoint"],
+        "checkpoint_sha256": gen["checkpoint_sha256"], "mode": gen["mode"], "params": gen["params"],
+        "filter": meta["filter"], "generator": generator or {},
+    }
+    generation_stats = {
+        "acceptance_rate": meta["counts"]["acceptance_rate"],
+        "accepted": meta["counts"]["accepted"],
+        "generated": meta["counts"]["generated"],
+        "mean_new_length": meta["counts"]["mean_accepted_length"],
+        "filter_counts": meta["counts"],
+        "stop_reasons": gen["stop_reasons"],
+        "generation_seconds": gen["seconds"],
+    }
+    store = dataset_store(Workspace.at(home))
+    manifest = expand_dataset(store, gen["dataset"], gen["version"], Ragged.from_series(frame["items"]),
+                              frame["parent_seq_id"].to_numpy(), generation, generation_stats)
+    return {"dataset": manifest.dataset, "version": manifest.version, "digest": manifest.digest,
+            "parent_version": manifest.parent_version, "stats": manifest.stats}
+
+
+@task(name="expand", task_run_name="expand-to-v{version}")
+def expand_task(home: str, accepted_path: str, version: int, generator: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+    """`version` (the one to be produced) only names the task run in the Prefect UI."""
+    return timed(expand_step, home, accepted_path, generator)

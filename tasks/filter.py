@@ -5,13 +5,19 @@ polars (exact list equality, no per-sequence Python loops)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
+from prefect import task
 
 from rsir.errors import RsirError
-from tasks.generate import Extensions, Rollouts
+from storage.artifacts import read_table, write_table
+from tasks.generate import (EXTEND_REASONS, STOP_REASONS, Extensions, GenerationParams, Rollouts, generation_key,
+                            ragged_to_arrow)
+from tasks.runtime import timed
 from tasks.split import Ragged
 
 
@@ -144,3 +150,60 @@ def duplicates(seqs: Ragged, existing: Ragged | None) -> tuple[np.ndarray, np.nd
     rest = np.flatnonzero(~of_existing)
     in_batch[rest] = ~series.gather(rest).is_first_distinct().to_numpy()
     return of_existing, in_batch
+
+
+# ------------------------------------------------------------------ the pipeline step (IO)
+def load_generation(path: str) -> tuple[Rollouts | Extensions, dict[str, Any], np.ndarray]:
+    """Rebuild what generate_step wrote: (rollouts or extensions, metadata, parent seq ids)."""
+    table, meta = read_table(path)
+    frame = pl.from_arrow(table)
+    params = GenerationParams.model_validate(meta["params"])
+    items, trace = Ragged.from_series(frame["items"]), Ragged.from_series(frame["trace"])
+    source = frame["source_index"].to_numpy()
+    if meta["mode"] == "extend":
+        codes = _codes(frame["stop_reason"], EXTEND_REASONS)
+        out: Rollouts | Extensions = Extensions(items, source, frame["prefix_len"].to_numpy(), codes, trace,
+                                                meta["holdout_h"], params)
+    else:
+        codes = _codes(frame["stop_reason"], STOP_REASONS)
+        out = Rollouts(items, source, frame["rollout_id"].to_numpy(), codes, trace, params)
+    return out, meta, frame["parent_seq_id"].to_numpy()
+
+
+def _codes(names: pl.Series, table: tuple[str, ...]) -> np.ndarray:
+    return names.replace_strict({n: i for i, n in enumerate(table)}, return_dtype=pl.Int8).to_numpy()
+
+
+def filter_step(home: str, rollouts_path: str, tau: int | None, min_len: int, fidelity: bool) -> dict[str, Any]:
+    """Filter a stored generation against its own D_k; write the accepted sequences with their
+    parent seq ids and return the file reference and the counts."""
+    from rsir.workspace import Workspace
+    from tasks.ingest import dataset_store
+    from tasks.split import leave_one_out
+
+    generated, meta, parent_ids = load_generation(rollouts_path)
+    store = dataset_store(Workspace.at(home))
+    manifest = store.manifest(meta["dataset"], meta["version"])
+    existing = leave_one_out(store.load(meta["dataset"], manifest.version), manifest.num_items).train
+    if isinstance(generated, Extensions):
+        accepted = filter_extensions(generated, min_len, existing)
+    else:
+        accepted = filter_rollouts(generated, tau, min_len, fidelity, existing)
+    # The file's rows are sorted by id (rollout id, or source index for extensions).
+    ids = generated.rollout_id if isinstance(generated, Rollouts) else generated.source_index
+    parents = parent_ids[np.searchsorted(ids, accepted.rollout_id)]
+    filter_params = {"tau": tau, "min_len": min_len, "fidelity": fidelity}
+    path = Path(rollouts_path).with_name(
+        Path(rollouts_path).stem.replace("rollouts-", "accepted-") + f"-{generation_key(filter_params)[:8]}.parquet")
+    table = pa.table({"parent_seq_id": pa.array(parents, pa.int64()),
+                      "rollout_id": pa.array(accepted.rollout_id, pa.int64()),
+                      "items": ragged_to_arrow(accepted.items)})
+    counts = {**accepted.counts, "mean_accepted_length": float(accepted.items.lengths.mean()) if len(accepted) else 0.0}
+    out_meta = {"generation": meta, "filter": filter_params, "counts": counts}
+    write_table(path, table, out_meta)
+    return {"path": str(path), "dataset": meta["dataset"], "version": meta["version"], **out_meta}
+
+
+@task(name="filter", task_run_name="filter-tau{tau}")
+def filter_task(home: str, rollouts_path: str, tau: int | None, min_len: int, fidelity: bool) -> dict[str, Any]:
+    return timed(filter_step, home, rollouts_path, tau, min_len, fidelity)

@@ -15,17 +15,24 @@ Pure computation: no file IO; the caller moves the model to `params.device` befo
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
+from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rsir.config import Device
 from rsir.errors import RsirError
-from tasks.runtime import resolve_device
+from tasks.runtime import resolve_device, timed
 from tasks.split import Ragged
 
 
@@ -452,3 +459,78 @@ def _left_aligned(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray, w
     col = np.arange(width)[None, :]
     idx = np.clip(starts[:, None] + col, 0, max(len(values) - 1, 0))
     return np.where(col < lengths[:, None], values[idx], 0).astype(np.int64)
+
+
+# ------------------------------------------------------------------ the pipeline step (IO)
+def ragged_to_arrow(rows: Ragged) -> pa.Array:
+    values = pa.array(rows.values.astype(np.int32), type=pa.int32())
+    return pa.ListArray.from_arrays(pa.array(rows.offsets.astype(np.int32)), values)
+
+
+def generation_key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def generate_step(home: str, dataset: str, version: int, checkpoint: str, params: GenerationParams,
+                  mode: str = "rollout", holdout_h: int = 1) -> dict[str, Any]:
+    """Generate from every training sequence of D_version with the model in `checkpoint`;
+    write the rollouts (with traces and stop reasons) to a file keyed by the inputs and
+    return its reference. An existing file for the same inputs is reused (resume)."""
+    from rsir.workspace import Workspace
+    from storage.artifacts import write_table
+    from storage.checkpoints import load_checkpoint, read_checkpoint
+    from tasks.ingest import dataset_store
+    from tasks.split import leave_one_out
+
+    if mode not in ("rollout", "extend"):
+        raise RsirError(f"invalid parameter 'mode': {mode!r} (rollout or extend)")
+    ws = Workspace.at(home)
+    store = dataset_store(ws)
+    manifest = store.manifest(dataset, version)
+    device = resolve_device(params.device)
+    payload_sha = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest() if Path(checkpoint).is_file() else None
+    read_checkpoint(checkpoint)  # clear error for a missing or foreign file before anything else
+    key = generation_key(manifest.digest, payload_sha, params.model_dump(exclude={"device", "batch_size"}),
+                         mode, holdout_h)
+    path = ws.runs / dataset / f"v{version}" / f"rollouts-{key[:16]}.parquet"
+    if path.is_file():
+        from storage.artifacts import read_table
+
+        _, meta = read_table(path)
+        return {**meta, "path": str(path), "reused": True}
+    model, _ = load_checkpoint(checkpoint, num_items=manifest.num_items, device=device)
+    params = resolve_params(params.model_copy(update={"device": str(device)}), model)
+    split = leave_one_out(store.load(dataset, manifest.version), manifest.num_items)
+    started = time.perf_counter()
+    if mode == "rollout":
+        out = generate_rollouts(model, split.train, params)
+        reasons = np.asarray(STOP_REASONS)[out.stop_reason]
+        rollout_id = out.rollout_id
+    else:
+        out = extend_sequences(model, split.train, params, holdout_h)
+        reasons = np.asarray(EXTEND_REASONS)[out.stop_reason]
+        rollout_id = out.source_index
+    seconds = time.perf_counter() - started
+    table = pa.table({
+        "rollout_id": pa.array(rollout_id, pa.int64()),
+        "source_index": pa.array(out.source_index, pa.int64()),
+        "parent_seq_id": pa.array(split.train_seq_ids[out.source_index], pa.int64()),
+        "items": ragged_to_arrow(out.items),
+        "trace": ragged_to_arrow(out.trace),
+        "stop_reason": pa.array(reasons.astype(str)),
+    })
+    if mode == "extend":
+        table = table.append_column("prefix_len", pa.array(out.prefix_len, pa.int64()))
+    names, counts = np.unique(reasons.astype(str), return_counts=True)
+    meta = {"key": key, "dataset": dataset, "version": version, "digest": manifest.digest,
+            "checkpoint": str(checkpoint), "checkpoint_sha256": payload_sha, "mode": mode, "holdout_h": holdout_h,
+            "params": params.model_dump(mode="json"), "rollouts": len(table), "seconds": seconds,
+            "stop_reasons": {str(n): int(c) for n, c in zip(names, counts)}}
+    write_table(path, table, meta)
+    return {**meta, "path": str(path), "reused": False}
+
+
+@task(name="generate", task_run_name="generate-{dataset}-v{version}")
+def generate_task(home: str, dataset: str, version: int, checkpoint: str, params: GenerationParams,
+                  mode: str = "rollout", holdout_h: int = 1) -> dict[str, Any]:
+    return timed(generate_step, home, dataset, version, checkpoint, params, mode, holdout_h)

@@ -352,7 +352,7 @@ def fetch_builtin(ws: Workspace, name: str, replace: bool = False) -> dict[str, 
     raise RsirError(f"unknown built-in dataset {name!r}; available: {', '.join(BUILTIN)}")
 
 
-@task(name="fetch-dataset", task_run_name="fetch-{name}")
+@task(name="fetch-dataset", task_run_name="fetch-{name}", retries=2, retry_delay_seconds=5)
 def fetch_builtin_task(name: str, home: str) -> dict[str, Any]:
     """Prefect wrapper: make sure a built-in dataset exists (no-op for datasets that are present
     or not built in)."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import time
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -24,3 +26,11 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def timed(fn: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Run a step and add its own duration as `task_seconds` (the flow's overhead is measured
+    against the sum of these)."""
+    started = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return {**out, "task_seconds": time.perf_counter() - started}

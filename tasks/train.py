@@ -20,10 +20,10 @@ from models import build_model
 from rsir.config import TrainConfig
 from rsir.errors import RsirError
 from rsir.workspace import Workspace
-from storage.checkpoints import save_checkpoint
+from storage.checkpoints import read_checkpoint, save_checkpoint
 from tasks.evaluate import evaluate_split
 from tasks.ingest import dataset_store
-from tasks.runtime import resolve_device, seed_everything
+from tasks.runtime import resolve_device, seed_everything, timed
 from tasks.split import LeaveOneOut, leave_one_out, training_windows, window_batches, window_tensors
 
 EARLY_STOP_METRIC = "ndcg@10"
@@ -43,6 +43,7 @@ class TrainResult:
     digest: str
     device: str
     curve: list[dict[str, float]] = field(default_factory=list)
+    reused: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,11 +98,25 @@ def fit(model: torch.nn.Module, split: LeaveOneOut, cfg: TrainConfig, device: to
     return epoch, best_epoch, curve
 
 
+def checkpoint_path(cfg: TrainConfig, ws: Workspace, version: int) -> Path:
+    """Deterministic for (dataset, version, config): lets a resumed flow find a finished training."""
+    return ws.checkpoints / cfg.dataset / f"{cfg.model.name}-v{version}-seed{cfg.seed}-{config_hash(cfg)}.pt"
+
+
 def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Path | None = None,
-                on_epoch: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
-    """Load D_k, train from scratch, evaluate the best epoch on validation and test, save it."""
+                on_epoch: Callable[[dict[str, float]], None] | None = None,
+                evaluate: bool = True, reuse: bool = False) -> TrainResult:
+    """Load D_k, train from scratch, evaluate the best epoch on validation and test, save it.
+
+    With `reuse`, a checkpoint already committed at the same path (same dataset version and
+    config) is returned with its stored result instead of training again (crash-resume)."""
     store = dataset_store(ws)
     manifest = store.manifest(cfg.dataset, cfg.version)  # clear error for unknown names/versions
+    path = checkpoint or checkpoint_path(cfg, ws, manifest.version)
+    if reuse and path.is_file():
+        stored = read_checkpoint(path)["meta"].get("result")
+        if stored and stored.get("digest") == manifest.digest:
+            return TrainResult(**{**stored, "checkpoint": str(path), "reused": True})
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -110,24 +125,26 @@ def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Path | None = None,
     seed_everything(cfg.seed)
     model = build_model(cfg.model, manifest.num_items).to(device)
     epochs, best_epoch, curve = fit(model, split, cfg, device, on_epoch)
-    args = (cfg.model.max_len, cfg.eval_batch_size, cfg.exclude_history, device)
-    valid = evaluate_split(model, split, "valid", *args)
-    test = evaluate_split(model, split, "test", *args)
-    total = time.perf_counter() - started
-    path = checkpoint or ws.checkpoints / cfg.dataset / (
-        f"{cfg.model.name}-v{manifest.version}-seed{cfg.seed}-{config_hash(cfg)}.pt")
-    meta = {"dataset": cfg.dataset, "version": manifest.version, "digest": manifest.digest,
-            "seed": cfg.seed, "best_epoch": best_epoch, "valid": valid, "test": test}
-    save_checkpoint(path, model, cfg.model, manifest.num_items, meta)
-    return TrainResult(
+    valid: dict[str, float] = {}
+    test: dict[str, float] = {}
+    if evaluate:
+        args = (cfg.model.max_len, cfg.eval_batch_size, cfg.exclude_history, device)
+        valid = evaluate_split(model, split, "valid", *args)
+        test = evaluate_split(model, split, "test", *args)
+    result = TrainResult(
         valid=valid, test=test, epochs=epochs, best_epoch=best_epoch,
         seconds_per_epoch=sum(p["seconds"] for p in curve) / max(len(curve), 1),
-        seconds_total=total, checkpoint=str(path), dataset=cfg.dataset, version=manifest.version,
-        digest=manifest.digest, device=str(device), curve=curve,
+        seconds_total=time.perf_counter() - started, checkpoint=str(path), dataset=cfg.dataset,
+        version=manifest.version, digest=manifest.digest, device=str(device), curve=curve,
     )
+    meta = {"dataset": cfg.dataset, "version": manifest.version, "digest": manifest.digest,
+            "seed": cfg.seed, "result": result.to_dict()}
+    save_checkpoint(path, model, cfg.model, manifest.num_items, meta)
+    return result
 
 
-@task(name="train", task_run_name="train-{config.model.name}-{config.dataset}-seed{config.seed}")
-def train_task(config: TrainConfig, home: str) -> dict[str, Any]:
-    """Prefect wrapper: takes and returns small things (config, workspace path, metrics + checkpoint URI)."""
-    return train_model(config, Workspace.at(home)).to_dict()
+@task(name="train", task_run_name="train-{role}-{config.model.name}-v{config.version}")
+def train_task(config: TrainConfig, home: str, role: str = "student") -> dict[str, Any]:
+    """Prefect wrapper: takes and returns small things (config, workspace path, curve + checkpoint
+    path); reuses a finished checkpoint of the same inputs; evaluation is its own task."""
+    return timed(lambda: train_model(config, Workspace.at(home), evaluate=False, reuse=True).to_dict())

@@ -71,3 +71,51 @@ def workspace_files(ws: Workspace) -> list[str]:
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+TINY_USERS = 150
+
+
+@pytest.fixture(scope="session")
+def tiny_csv(ml100k_ws, tmp_path_factory) -> Path:
+    """Real interactions, small: the first users of ml-100k-sparse as a CSV (user, item, position)."""
+    import polars as pl
+
+    from tasks.ingest import dataset_store
+
+    seqs = dataset_store(ml100k_ws).load("ml-100k-sparse").sort("seq_id").head(TINY_USERS)
+    rows = (seqs.select("user_id", "items").explode("items")
+            .with_columns(pl.int_range(pl.len()).over("user_id").alias("timestamp"))
+            .rename({"items": "item_id"}))
+    path = tmp_path_factory.mktemp("tiny") / "tiny.csv"
+    rows.write_csv(path)
+    return path
+
+
+def make_tiny_home(root: Path, tiny_csv: Path) -> Workspace:
+    from tasks.ingest import ImportSpec, import_dataset
+
+    ws = Workspace.at(root)
+    import_dataset(ws, ImportSpec(path=tiny_csv, name="tiny", format="csv"))
+    return ws
+
+
+# Flow parameters that make a whole RSIR run take seconds on tiny data.
+TINY_FLOW = dict(dataset="tiny", epochs=2, patience=1, seed=0, device="cpu", threads=1,
+                 model_params={"hidden": 16, "layers": 1, "max_len": 20})
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """One Prefect test server for the session, with state in temp dirs."""
+    import os
+
+    state = tmp_path_factory.mktemp("prefect-home")
+    os.environ["PREFECT_HOME"] = str(state)
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(state / "results")
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()

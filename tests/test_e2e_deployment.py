@@ -1,0 +1,80 @@
+"""End to end: `rsir serve` starts a real Prefect server and worker on loopback and deploys
+prefect.yaml; `prefect deployment run rsir/iterate` executes the flow; every process stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.ingest import dataset_store
+from tests.conftest import TINY_FLOW, make_tiny_home
+
+pytestmark = pytest.mark.prefect
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_deployment_run_through_server_and_worker(tiny_csv, tmp_path):
+    ws = make_tiny_home(tmp_path / "workspace", tiny_csv)
+    port = _free_port()
+    ready = tmp_path / "ready"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    serve = subprocess.Popen([str(BIN / "rsir"), "serve", "--port", str(port), "--home", str(ws.root),
+                              "--ready-file", str(ready)], cwd=REPO, env=env, start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while not ready.exists() and serve.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert ready.exists(), serve.stdout.read().decode()[-3000:] if serve.poll() is not None else "serve not ready"
+        api = ready.read_text()
+        assert api == f"http://127.0.0.1:{port}/api"
+        cli_env = {**env, "PREFECT_API_URL": api, "PREFECT_HOME": str(ws.root / "prefect")}
+        params = {"K": 1, **TINY_FLOW, "model_params": json.dumps(TINY_FLOW["model_params"])}
+        cmd = [str(BIN / "prefect"), "deployment", "run", "rsir/iterate", "--watch", "--watch-timeout", "300"]
+        for key, value in params.items():
+            cmd += ["--param", f"{key}={value}"]
+        done = subprocess.run(cmd, cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=400)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "Completed" in done.stdout + done.stderr
+
+        # The outcome: the run's lineage in the store and in MLflow (SQLite in the workspace).
+        store = dataset_store(ws)
+        runs = [n for n in store.names() if n.startswith("tiny--")]
+        assert len(runs) == 1 and store.versions(runs[0]) == [0, 1]
+        with sqlite3.connect(ws.root / "mlflow.db") as db:
+            names = {r[0] for r in db.execute("select name from runs")}
+            aliases = {r[0] for r in db.execute("select alias from registered_model_aliases")}
+        assert {"iteration-0", "iteration-1"} <= names and "champion" in aliases
+    finally:
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGINT)
+        try:
+            serve.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+            raise
+    assert serve.returncode == 0
+    assert not _port_open(port), "the Prefect server still listens after serve stopped"
+    leftovers = subprocess.run(["pgrep", "-f", f"--port {port}"], capture_output=True, text=True).stdout.split()
+    assert not leftovers, f"processes left running: {leftovers}"
