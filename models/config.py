@@ -11,7 +11,7 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = "sasrec"
-    max_len: int = Field(200, ge=2, description="longest input sequence; longer ones are windowed")
+    max_len: int = Field(50, ge=2, description="longest input sequence; longer ones are windowed (RecBole default: 50)")
     hidden: int = Field(64, ge=1)
     layers: int = Field(2, ge=1)
     heads: int = Field(1, ge=1)

@@ -273,13 +273,19 @@ def run(
     home: Home = None, as_json: Json = False,
 ) -> None:
     """Run the RSIR flow locally (no Prefect server needed) and print the per-iteration table."""
+    import os
+
+    ws = _workspace(home)
+    # Without PREFECT_API_URL, Prefect runs a temporary local server: keep its state in the workspace.
+    os.environ.setdefault("PREFECT_HOME", str(ws.root / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.rsir import format_table, rsir
 
     hidden = _options(option)
     summary = rsir(dataset=dataset, model=model, K=K, tau=tau, p=p, m=m, min_len=min_len, fidelity=fidelity,
                    generator=generator, model_params={"options": hidden} if hidden else None, epochs=epochs,
                    patience=patience, lr=lr, batch_size=batch_size, seed=seed, device=device, threads=threads,
-                   home=str(_workspace(home).root), tracking_uri=tracking_uri, experiment=experiment,
+                   home=str(ws.root), tracking_uri=tracking_uri, experiment=experiment,
                    progress=sys.stderr.isatty())
     _emit(summary, as_json, lambda r: print(format_table(r)))
 
