@@ -57,7 +57,7 @@ def iteration(cfg: RunConfig, home: str, dataset: str, k: int, last: bool) -> di
     return out
 
 
-@flow(name="rsir", log_prints=True)
+@flow(name="rsir", flow_run_name="rsir-{dataset}-{model}-K{K}", log_prints=True)
 def rsir(
     dataset: str = "ml-100k",
     model: str = "sasrec",

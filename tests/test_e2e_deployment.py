@@ -66,6 +66,15 @@ def test_deployment_run_through_server_and_worker(tiny_csv, tmp_path):
             names = {r[0] for r in db.execute("select name from runs")}
             aliases = {r[0] for r in db.execute("select alias from registered_model_aliases")}
         assert {"iteration-0", "iteration-1"} <= names and "champion" in aliases
+
+        # A bad parameter submitted through the deployment fails the run at its start, named.
+        bad = subprocess.run([*cmd[:4], "--param", "tau=0", "--param", "dataset=tiny", "--watch",
+                              "--watch-timeout", "120"], cwd=REPO, env=cli_env, capture_output=True, text=True,
+                             timeout=200)
+        assert bad.returncode != 0 and "Failed" in bad.stdout + bad.stderr
+        worker_log = (ws.root / "prefect" / "logs" / "worker.log").read_text()
+        assert "invalid parameter 'tau'" in worker_log
+        assert store.versions(runs[0]) == [0, 1]  # nothing was computed for the bad run
     finally:
         if serve.poll() is None:
             os.killpg(serve.pid, signal.SIGINT)

@@ -92,3 +92,24 @@ def test_unreachable_tracking_uri_fails_fast(prefect_api, tmp_path):
     with pytest.raises(RsirError, match="unreachable"):
         rsir(home=str(tmp_path / "ws"), tracking_uri="http://127.0.0.1:9/", **TINY_FLOW)
     assert time.monotonic() - started < 60
+
+
+def test_weak_to_strong_generator(prefect_api, tiny_csv, tmp_path):
+    """An HSTU generator produces the data; the SASRec student is trained and evaluated on it;
+    MLflow shows both checkpoints for the iteration."""
+    from flows.rsir import rsir
+
+    ws = make_tiny_home(tmp_path / "workspace", tiny_csv)
+    uri = f"sqlite:///{ws.root / 'mlflow.db'}"
+    summary = rsir(K=1, home=str(ws.root), tracking_uri=uri, generator="hstu",
+                   generator_params={"hidden": 16, "layers": 1, "max_len": 20}, **TINY_FLOW)
+    assert summary["generator"] == "hstu" and summary["model"] == "sasrec"
+    v1 = dataset_store(ws).manifest(summary["run_dataset"], 1)
+    assert v1.generation["generator"]["backbone"] == "hstu"
+    assert "hstu-v0" in v1.generation["checkpoint"]
+    client = MlflowClient(uri)
+    child = client.search_runs([client.get_run(summary["mlflow_run_id"]).info.experiment_id],
+                               f"tags.`mlflow.parentRunId` = '{summary['mlflow_run_id']}' "
+                               f"and attributes.run_name = 'iteration-0'")[0]
+    names = {f.path for f in client.list_artifacts(child.info.run_id)}
+    assert {"checkpoint", "generator_checkpoint"} <= names

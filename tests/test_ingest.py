@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import polars as pl
-import pytest
 
 from tasks.ingest import (ML100K_INTER_SHA256, ImportSpec, build_sequences, dataset_store, import_dataset,
                           read_interactions, sparse_positions)
