@@ -29,7 +29,6 @@ from tasks.ingest import dataset_store, fetch_builtin_task
 from tasks.plots import plot_run_task
 from tasks.train import train_task
 
-STEP_KEYS = ("train", "train_generator", "evaluate", "generate", "filter", "expand")
 
 
 @flow(name="rsir-iteration", flow_run_name="iteration-{k}", log_prints=True)
@@ -103,7 +102,7 @@ def run_rsir(cfg: RunConfig) -> dict[str, Any]:
     logger = get_run_logger()
     ws = Workspace.at(cfg.home)
     home = str(ws.root)
-    tracker = Tracker(cfg.tracking_uri or default_tracking_uri(ws.root), cfg.experiment, ws.root / "mlartifacts")
+    tracker = Tracker(cfg.tracking_uri or default_tracking_uri(ws.mlflow_db), cfg.experiment, ws.root / "mlartifacts")
     fetch_builtin_task(cfg.dataset, home)
     lineage = cfg.lineage_key()
     run_dataset = f"{cfg.dataset}--{lineage[:10]}"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import re
 import shutil
@@ -296,8 +295,3 @@ class DatasetStore:
             tmp.replace(final)
         else:
             self.fs.pipe_file(final, body)
-
-
-def manifest_summary(manifest: Manifest) -> dict[str, Any]:
-    return json.loads(manifest.model_dump_json(include={"dataset", "version", "parent_version", "digest",
-                                                         "num_items", "stats", "created_at"}))

@@ -49,6 +49,7 @@ class Manifest(BaseModel):
         return sum(p.rows for p in self.partitions)
 
 
+
 def chain_digest(parent_digest: str, partition_digests: list[str]) -> str:
     h = hashlib.sha256(parent_digest.encode())
     for d in partition_digests:

@@ -16,8 +16,9 @@ from typing import Any
 from rsir.errors import RsirError
 
 
-def default_tracking_uri(home: Path) -> str:
-    return f"sqlite:///{(home / 'mlflow.db').resolve()}"
+def default_tracking_uri(db: Path) -> str:
+    """MLflow 3.17 refuses file stores: SQLite at an absolute path."""
+    return f"sqlite:///{db.resolve()}"
 
 
 class Tracker:
@@ -67,10 +68,6 @@ class Tracker:
                  if isinstance(v, (int, float)) and v is not None]
         for lo in range(0, len(batch), 500):
             self.client.log_batch(run_id, metrics=batch[lo:lo + 500])
-
-    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(run_id, k, str(v))
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)

@@ -59,19 +59,8 @@ def filter_rollouts(rollouts: Rollouts, tau: int | None, min_len: int, fidelity:
     order = np.argsort(rollouts.rollout_id, kind="stable")  # "first" = lowest rollout id
     kept = order[~too_short[order]]
     seqs = truncate(rollouts.items, kept, keep_len[kept])
-    of_existing, in_batch = duplicates(seqs, existing)
-    ok = ~of_existing & ~in_batch
-    chosen = kept[ok]
-    counts = {
-        "generated": len(rollouts),
-        "cut_by_tau": int(by_tau.sum()),
-        "too_short": int(too_short.sum()),
-        "duplicate_in_batch": int(in_batch.sum()),
-        "duplicate_of_existing": int(of_existing.sum()),
-        "accepted": int(ok.sum()),
-    }
-    counts["acceptance_rate"] = counts["accepted"] / counts["generated"] if counts["generated"] else 0.0
-    return Accepted(select(seqs, ok), rollouts.source_index[chosen], rollouts.rollout_id[chosen], counts)
+    return _deduplicate(seqs, kept, existing, rollouts.source_index, rollouts.rollout_id, {
+        "generated": len(rollouts), "cut_by_tau": int(by_tau.sum()), "too_short": int(too_short.sum())})
 
 
 def filter_extensions(extensions: Extensions, min_len: int, existing: Ragged | None) -> Accepted:
@@ -84,20 +73,20 @@ def filter_extensions(extensions: Extensions, min_len: int, existing: Ragged | N
     too_short = taken & (lengths < min_len)
     kept = np.flatnonzero(taken & ~too_short)
     seqs = truncate(extensions.items, kept, lengths[kept])
+    return _deduplicate(seqs, kept, existing, extensions.source_index, extensions.source_index, {
+        "generated": len(extensions), "rejected": int((~taken).sum()), "too_short": int(too_short.sum())})
+
+
+def _deduplicate(seqs: Ragged, kept: np.ndarray, existing: Ragged | None, source_index: np.ndarray,
+                 ids: np.ndarray, counts: dict[str, float]) -> Accepted:
+    """Drop sequences of D_k and repeats within the batch; finish the counts."""
     of_existing, in_batch = duplicates(seqs, existing)
     ok = ~of_existing & ~in_batch
     chosen = kept[ok]
-    counts = {
-        "generated": len(extensions),
-        "rejected": int((~taken).sum()),
-        "too_short": int(too_short.sum()),
-        "duplicate_in_batch": int(in_batch.sum()),
-        "duplicate_of_existing": int(of_existing.sum()),
-        "accepted": int(ok.sum()),
-    }
+    counts = {**counts, "duplicate_in_batch": int(in_batch.sum()),
+              "duplicate_of_existing": int(of_existing.sum()), "accepted": int(ok.sum())}
     counts["acceptance_rate"] = counts["accepted"] / counts["generated"] if counts["generated"] else 0.0
-    source = extensions.source_index[chosen]
-    return Accepted(select(seqs, ok), source, source.copy(), counts)
+    return Accepted(select(seqs, ok), source_index[chosen], ids[chosen].copy(), counts)
 
 
 def fidelity_cut(items: Ragged, trace: Ragged, tau: int | None) -> tuple[np.ndarray, np.ndarray]:

@@ -488,8 +488,8 @@ def generate_step(home: str, dataset: str, version: int, checkpoint: str, params
     store = dataset_store(ws)
     manifest = store.manifest(dataset, version)
     device = resolve_device(params.device)
-    payload_sha = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest() if Path(checkpoint).is_file() else None
     read_checkpoint(checkpoint)  # clear error for a missing or foreign file before anything else
+    payload_sha = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
     key = generation_key(manifest.digest, payload_sha, params.model_dump(exclude={"device", "batch_size"}),
                          mode, holdout_h)
     path = ws.runs / dataset / f"v{version}" / f"rollouts-{key[:16]}.parquet"

@@ -17,6 +17,18 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("RSIR_HOME", str(tmp_path / "workspace"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and OpenMP spin-waiting makes them very slow on a
+    busy machine. Restored afterwards, so tests on real data keep torch's default."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def ws(tmp_path) -> Workspace:
     return Workspace.at(tmp_path / "workspace")

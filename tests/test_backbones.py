@@ -21,8 +21,7 @@ from models.sasrec import SASRec
 from rsir.errors import RsirError
 from storage.checkpoints import load_checkpoint, save_checkpoint
 
-# Tiny models gain nothing from threads; OpenMP spin-waiting on a busy machine is very slow.
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 N = 30
 BACKBONES = ["sasrec", "cl4srec", "hstu"]

@@ -10,7 +10,7 @@ from models.config import ModelConfig
 from rsir.errors import RsirError
 from storage.checkpoints import CHECKPOINT_FORMAT, load_checkpoint, read_checkpoint, save_checkpoint
 
-torch.set_num_threads(1)  # tiny models; avoids OpenMP spin-wait slowdowns on a busy machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 N = 30
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from rsir.errors import RsirError
 from tasks.filter import filter_extensions, filter_rollouts
@@ -13,12 +12,7 @@ from tasks.generate import (ACCEPTED, EXHAUSTED, FIDELITY, MAX_LEN, REJECTED, Ex
 from test_generate import TieModel, random_sources, ragged, row, tiny_sasrec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_rollouts(rows: list[tuple[list[int], list[int], int]], tau: int | None = None,

@@ -23,13 +23,7 @@ from tasks.split import Ragged
 MAX_LEN_MODEL = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: thread start-up costs more than it saves (and spins on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ragged(seqs: list[list[int]]) -> Ragged:

@@ -10,9 +10,7 @@ from models import build_model
 from models.config import ModelConfig
 from models.sasrec import SASRec, attention_mask
 
-# Tiny models gain nothing from threads; with other processes on the machine, OpenMP
-# spin-waiting makes multi-threaded tiny ops ~100x slower.
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 N = 30
 
