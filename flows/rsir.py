@@ -38,17 +38,19 @@ def iteration(cfg: RunConfig, home: str, dataset: str, k: int, last: bool) -> di
     metrics = evaluate_task(home, student["checkpoint"], dataset, k, cfg.device)
     times = {"train": student["task_seconds"], "evaluate": metrics["task_seconds"]}
     out: dict[str, Any] = {"k": k, "student": student, "valid": metrics["valid"], "test": metrics["test"],
-                           "times": times}
+                           "ranks_path": metrics["ranks_path"], "times": times}
     if last:
         return out
     generator = student
     if cfg.generator is not None and cfg.generator != cfg.model:  # weak-to-strong
         generator = train_task(cfg.train_config(dataset, k, cfg.generator), home, role="generator")
         times["train_generator"] = generator["task_seconds"]
-    params = GenerationParams(m=cfg.m, tau=cfg.tau if cfg.fidelity else None, p=cfg.p, min_len=cfg.min_len,
-                              seed=cfg.seed + k, batch_size=cfg.gen_batch_size, device=cfg.device)
+    params = GenerationParams(m=cfg.m, tau=cfg.generation_threshold, p=cfg.p, min_len=cfg.min_len,
+                              seed=cfg.seed + k, batch_size=cfg.gen_batch_size, device=cfg.device,
+                              max_sources=cfg.max_sources)
     generated = generate_task(home, dataset, k, generator["checkpoint"], params)
-    accepted = filter_task(home, generated["path"], params.tau, cfg.min_len, cfg.fidelity)
+    accepted = filter_task(home, generated["path"], cfg.tau if cfg.fidelity else None, cfg.min_len, cfg.fidelity,
+                           dataset, k)
     expanded = expand_task(home, accepted["path"], k + 1,
                            generator={"backbone": cfg.generator_model.name, "checkpoint": generator["checkpoint"]})
     times.update(generate=generated["task_seconds"], filter=accepted["task_seconds"], expand=expanded["task_seconds"])
@@ -66,6 +68,8 @@ def rsir(
     m: int = 5,
     min_len: int = 3,
     fidelity: bool = True,
+    generation_tau: int | None = None,
+    max_sources: int | None = None,
     generator: str | None = None,
     model_params: dict[str, Any] | None = None,
     generator_params: dict[str, Any] | None = None,
@@ -79,6 +83,7 @@ def rsir(
     home: str | None = None,
     tracking_uri: str | None = None,
     experiment: str = "rsir",
+    labels: dict[str, str] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """RSIR over K iterations with fidelity control; returns the per-iteration table."""
@@ -90,6 +95,7 @@ def build_run_config(params: dict[str, Any]) -> RunConfig:
     """Flat flow parameters (what `prefect deployment run --param` sets) -> one typed config.
     A bad value fails the flow run at its start with a message naming the parameter."""
     params = dict(params)
+    params["labels"] = params.get("labels") or {}
     model = {"name": params.pop("model"), **(params.pop("model_params") or {})}
     gen_name, gen_params = params.pop("generator"), params.pop("generator_params")
     if gen_name or gen_params:
@@ -142,7 +148,8 @@ def run_rsir(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _parent_run(tracker: Tracker, cfg: RunConfig, lineage: str, run_dataset: str) -> str:
-    tags = {"rsir.lineage": lineage[:16], "rsir.K": str(cfg.K)}
+    tags = {"rsir.lineage": lineage[:16], "rsir.K": str(cfg.K),
+            **{f"rsir.label.{key}": str(value) for key, value in cfg.labels.items()}}
     # A run of the same lineage left RUNNING was killed: say so, the new run resumes its work.
     for stale in tracker.client.search_runs([tracker.experiment_id],
                                             f"tags.`rsir.lineage` = '{lineage[:16]}' and attributes.status = 'RUNNING'"):
@@ -172,11 +179,13 @@ def _log_iteration(tracker: Tracker, parent: str, cfg: RunConfig, dataset: str, 
                                 **{f"test/{key}": v for key, v in result["test"].items()},
                                 **{f"data/{key}": v for key, v in manifest.stats.items()
                                    if isinstance(v, (int, float))},
+                                **{f"time/{key}": v for key, v in result["times"].items()},
                                 "train/epochs": result["student"]["epochs"],
                                 "train/best_epoch": result["student"]["best_epoch"]})
     uri = store.root + "/" + dataset
     tracker.log_dataset(child, dataset, k, manifest.digest, uri, "training", _profile(manifest.stats))
     tracker.log_artifact(child, result["student"]["checkpoint"], "checkpoint")
+    tracker.log_artifact(child, result["ranks_path"], "ranks")  # per-user ranks: paired tests across runs
     if "next" in result:
         nxt = result["next"]
         tracker.log_metrics(child, {f"generation/{key}": v for key, v in result["filter"].items()})

@@ -290,6 +290,86 @@ def run(
     _emit(summary, as_json, lambda r: print(format_table(r)))
 
 
+@app.command("experiment")
+def experiment_cmd(
+    suite: Annotated[str, typer.Argument(help="suite: main, sensitivity or backbones")],
+    smoke: Annotated[bool, typer.Option(help="trimmed suite: 2 seeds, short grids, 2 epochs, tiny models")] = False,
+    dataset: Annotated[Optional[list[str]], typer.Option("--dataset", help="override the suite's datasets (repeatable)")] = None,
+    seed: Annotated[Optional[list[int]], typer.Option("--seed", help="seeds (repeatable; default 0 1 2)")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="maximum epochs per training (every arm)")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="early-stopping patience (every arm)")] = None,
+    max_sources: Annotated[Optional[int], typer.Option(help="generation sources per iteration (every arm)")] = None,
+    backbone_option: Annotated[Optional[list[str]], typer.Option(
+        "--backbone-option", help="BACKBONE.KEY=VALUE or BACKBONE.options.KEY=VALUE (repeatable)")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: SQLite in the workspace)")] = None,
+    experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default experiment-SUITE)")] = None,
+    home: Home = None, as_json: Json = False,
+) -> None:
+    """Run an experiment suite (skipping finished arms) and print what ran."""
+    import os
+
+    ws = _workspace(home)
+    os.environ.setdefault("PREFECT_HOME", str(ws.root / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.experiments import experiment as run_experiment
+
+    summary = run_experiment(suite=suite, smoke=smoke, datasets=dataset or None, seeds=seed or None, epochs=epochs,
+                             patience=patience, max_sources=max_sources,
+                             backbone_options=_backbone_options(backbone_option), device=device, threads=threads,
+                             home=str(ws.root), tracking_uri=tracking_uri, experiment_name=experiment)
+    _emit(summary, as_json, lambda r: print(
+        f"suite {r['suite']}: {len(r['ran'])} arms run, {len(r['skipped'])} already finished, "
+        f"{r['wall_seconds']:.0f} s; MLflow experiment {r['experiment']!r} ({r['tracking_uri']})"))
+
+
+@app.command("report")
+def report_cmd(
+    suite: Annotated[str, typer.Argument(help="suite whose results to report: main, sensitivity or backbones")],
+    out: Annotated[Optional[Path], typer.Option(help="folder for report.md and figures (default WORKSPACE/reports/SUITE)")] = None,
+    smoke: Annotated[bool, typer.Option(help="report the --smoke run of the suite")] = False,
+    command: Annotated[Optional[str], typer.Option(help="the command that produced the results, quoted in the report")] = None,
+    notes: Annotated[Optional[Path], typer.Option(help="markdown file appended as the report's Notes section")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: SQLite in the workspace)")] = None,
+    experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default experiment-SUITE)")] = None,
+    home: Home = None, as_json: Json = False,
+) -> None:
+    """Write report.md and PNG figures from a suite's MLflow runs, and log them to MLflow."""
+    from flows.experiments import ExperimentConfig
+    from rsir.config import parse_config
+    from storage.tracking import Tracker, default_tracking_uri
+    from tasks.report import write_report
+
+    ws = _workspace(home)
+    cfg = parse_config(ExperimentConfig, _drop_none(suite=suite, smoke=smoke, experiment=experiment))
+    uri = tracking_uri or default_tracking_uri(ws.mlflow_db)
+    tracker = Tracker(uri, cfg.experiment_name, ws.root / "mlartifacts")
+    folder = out or ws.root / "reports" / cfg.experiment_name
+    if notes is not None and not notes.is_file():
+        raise RsirError(f"notes file not found: {notes}")
+    result = write_report(tracker, suite, Path(folder), command=command,
+                          notes=notes.read_text() if notes is not None else None)
+    _emit(result, as_json, lambda r: print(f"report written to {r['report']} ({len(r['figures'])} figures); "
+                                           f"logged to MLflow run {r['mlflow_run_id']}"))
+
+
+def _backbone_options(pairs: list[str] | None) -> dict[str, dict[str, Any]] | None:
+    """'hstu.dropout=0.5' and 'cl4srec.options.cl_weight=0.05' -> nested per-backbone params."""
+    if not pairs:
+        return None
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in (_options(pairs) or {}).items():
+        path = key.split(".")
+        if len(path) < 2 or not all(path):
+            raise RsirError(f"--backbone-option expects BACKBONE.KEY=VALUE, got {key!r}")
+        node = out.setdefault(path[0], {})
+        for part in path[1:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
 @app.command("serve")
 def serve(
     port: Annotated[int, typer.Option(help="port of the Prefect server")] = 4200,

@@ -7,7 +7,7 @@ import json
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from models.config import ModelConfig
 from rsir.errors import RsirError
@@ -81,6 +81,11 @@ class RunConfig(BaseModel):
     m: int = Field(5, ge=1, description="rollouts per source sequence")
     min_len: int = Field(3, ge=2)
     fidelity: bool = True
+    generation_tau: int | None = Field(None, ge=1, description="generate at this looser threshold and filter at "
+                                       "tau (equivalent, by the fidelity trace): lets runs that differ only "
+                                       "in tau share one generation")
+    max_sources: int | None = Field(None, ge=1, description="generate from at most this many training "
+                                    "sequences per iteration (seeded sample); None = all, as the paper")
     gen_batch_size: int = Field(1024, ge=1)
     seed: int = 0
     device: Device = "auto"
@@ -88,7 +93,23 @@ class RunConfig(BaseModel):
     home: str | None = Field(None, description="workspace directory (default $RSIR_HOME or ./workspace)")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite in the workspace)")
     experiment: str = "rsir"
+    labels: dict[str, str] = Field(default_factory=dict, description="MLflow tags rsir.label.<key> on the "
+                                   "parent run (experiment suites use them to find their arms)")
     progress: bool = False
+
+    @model_validator(mode="after")
+    def _generation_tau(self) -> "RunConfig":
+        if self.generation_tau is not None:
+            if not self.fidelity:
+                raise ValueError("generation_tau needs fidelity control on")
+            if self.generation_tau < self.tau:
+                raise ValueError(f"generation_tau={self.generation_tau} must be >= tau={self.tau}")
+        return self
+
+    @property
+    def generation_threshold(self) -> int | None:
+        """The rank threshold the generator runs with (None: fidelity off)."""
+        return (self.generation_tau or self.tau) if self.fidelity else None
 
     @property
     def generator_model(self) -> ModelConfig:
@@ -104,6 +125,6 @@ class RunConfig(BaseModel):
         """What determines the generated data (not K: a K=2 run is the prefix of a K=3 run)."""
         keep = self.model_dump(mode="json", include={
             "dataset", "model", "generator", "epochs", "patience", "lr", "weight_decay", "batch_size", "tau",
-            "p", "m", "min_len", "fidelity", "seed"})
+            "p", "m", "min_len", "fidelity", "generation_tau", "max_sources", "seed"})
         keep["generator"] = self.generator_model.model_dump(mode="json")
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()

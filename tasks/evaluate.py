@@ -7,6 +7,8 @@ never removed, even when the user consumed it before).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from prefect import task
@@ -66,23 +68,31 @@ def rank_users(model: torch.nn.Module, inputs: Ragged, targets: np.ndarray, max_
     return np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
 
 
-def evaluate_split(model: torch.nn.Module, split: LeaveOneOut, which: str, max_len: int,
-                   batch_size: int = 512, exclude_history: bool = True,
-                   device: torch.device | str = "cpu") -> dict[str, float]:
+def split_ranks(model: torch.nn.Module, split: LeaveOneOut, which: str, max_len: int,
+                batch_size: int = 512, exclude_history: bool = True,
+                device: torch.device | str = "cpu") -> np.ndarray:
+    """Target rank of every real user (in seq_id order) on the validation or test split."""
     if which == "valid":
         inputs, targets = split.valid_input, split.valid_target
     elif which == "test":
         inputs, targets = split.test_input, split.test_target
     else:
         raise ValueError(f"which must be 'valid' or 'test', got {which!r}")
-    ranks = rank_users(model, inputs, targets, max_len, batch_size, exclude_history, device)
-    return metrics_from_ranks(ranks)
+    return rank_users(model, inputs, targets, max_len, batch_size, exclude_history, device)
+
+
+def evaluate_split(model: torch.nn.Module, split: LeaveOneOut, which: str, max_len: int,
+                   batch_size: int = 512, exclude_history: bool = True,
+                   device: torch.device | str = "cpu") -> dict[str, float]:
+    return metrics_from_ranks(split_ranks(model, split, which, max_len, batch_size, exclude_history, device))
 
 
 def evaluate_checkpoint(ws, checkpoint, dataset: str, version: int | None = None,
                         exclude_history: bool = True, device: str = "auto",
-                        batch_size: int = 512) -> dict:
-    """Evaluate a stored checkpoint on a dataset version; refuses a mismatched item count."""
+                        batch_size: int = 512, ranks_path: str | None = None) -> dict:
+    """Evaluate a stored checkpoint on a dataset version; refuses a mismatched item count.
+    With `ranks_path`, also write every real user's validation and test target rank there
+    (Parquet), the input of paired comparisons between models."""
     from storage.checkpoints import load_checkpoint
     from tasks.ingest import dataset_store
     from tasks.split import leave_one_out
@@ -94,16 +104,33 @@ def evaluate_checkpoint(ws, checkpoint, dataset: str, version: int | None = None
     model, payload = load_checkpoint(checkpoint, num_items=manifest.num_items, device=dev)
     split = leave_one_out(store.load(dataset, manifest.version), manifest.num_items)
     args = (model.config.max_len, batch_size, exclude_history, dev)
-    return {"model": payload["backbone"], "checkpoint": str(checkpoint), "dataset": dataset,
-            "version": manifest.version, "digest": manifest.digest,
-            "valid": evaluate_split(model, split, "valid", *args),
-            "test": evaluate_split(model, split, "test", *args)}
+    ranks = {which: split_ranks(model, split, which, *args) for which in ("valid", "test")}
+    out = {"model": payload["backbone"], "checkpoint": str(checkpoint), "dataset": dataset,
+           "version": manifest.version, "digest": manifest.digest,
+           **{which: metrics_from_ranks(r) for which, r in ranks.items()}}
+    if ranks_path is not None:
+        write_ranks(ranks_path, ranks)
+        out["ranks_path"] = str(ranks_path)
+    return out
+
+
+def write_ranks(path: str, ranks: dict[str, np.ndarray]) -> None:
+    import pyarrow as pa
+
+    from storage.artifacts import write_table
+
+    table = pa.table({"user_index": pa.array(np.arange(len(ranks["test"]), dtype=np.int64)),
+                      **{f"{which}_rank": pa.array(r.astype(np.int64)) for which, r in ranks.items()}})
+    write_table(Path(path), table, {"columns": "target rank per real user, users in seq_id order"})
 
 
 @task(name="evaluate", task_run_name="evaluate-v{version}")
 def evaluate_task(home: str, checkpoint: str, dataset: str, version: int, device: str = "auto") -> dict:
-    """Prefect wrapper: validation and test metrics of a checkpoint on D_version's real users."""
+    """Prefect wrapper: validation and test metrics of a checkpoint on D_version's real users,
+    and the per-user ranks file next to the version's other run artifacts."""
     from rsir.workspace import Workspace
     from tasks.runtime import timed
 
-    return timed(evaluate_checkpoint, Workspace.at(home), checkpoint, dataset, version, device=device)
+    ws = Workspace.at(home)
+    ranks_path = ws.runs / dataset / f"v{version}" / f"ranks-{Path(checkpoint).stem}.parquet"
+    return timed(evaluate_checkpoint, ws, checkpoint, dataset, version, device=device, ranks_path=str(ranks_path))

@@ -68,7 +68,9 @@ def expand_step(home: str, accepted_path: str, generator: dict[str, Any] | None 
     frame = pl.from_arrow(table)
     generation = {
         "key": f"{gen['key']}:{meta['filter']}",
-        "parent_digest": gen["digest"], "checkpoint": gen["checkpoint"],
+        # A shared generation names whichever run made it first; the caller's copy of the same
+        # weights (checkpoint_sha256 says so) is the lineage link of this dataset.
+        "parent_digest": gen["digest"], "checkpoint": (generator or {}).get("checkpoint", gen["checkpoint"]),
         "checkpoint_sha256": gen["checkpoint_sha256"], "mode": gen["mode"], "params": gen["params"],
         "filter": meta["filter"], "generator": generator or {},
     }

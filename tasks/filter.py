@@ -163,17 +163,25 @@ def _codes(names: pl.Series, table: tuple[str, ...]) -> np.ndarray:
     return names.replace_strict({n: i for i, n in enumerate(table)}, return_dtype=pl.Int8).to_numpy()
 
 
-def filter_step(home: str, rollouts_path: str, tau: int | None, min_len: int, fidelity: bool) -> dict[str, Any]:
-    """Filter a stored generation against its own D_k; write the accepted sequences with their
-    parent seq ids and return the file reference and the counts."""
+def filter_step(home: str, rollouts_path: str, tau: int | None, min_len: int, fidelity: bool,
+                dataset: str | None = None, version: int | None = None) -> dict[str, Any]:
+    """Filter a stored generation of D_k and write the accepted sequences with their parent seq
+    ids under `dataset` (default: the dataset that generated it), whose version `version` must
+    hold the same data (digest) as the generation's. Returns the file reference and the counts."""
     from rsir.workspace import Workspace
     from tasks.ingest import dataset_store
     from tasks.split import leave_one_out
 
     generated, meta, parent_ids = load_generation(rollouts_path)
-    store = dataset_store(Workspace.at(home))
-    manifest = store.manifest(meta["dataset"], meta["version"])
-    existing = leave_one_out(store.load(meta["dataset"], manifest.version), manifest.num_items).train
+    dataset = meta["dataset"] if dataset is None else dataset
+    version = meta["version"] if version is None else version
+    ws = Workspace.at(home)
+    store = dataset_store(ws)
+    manifest = store.manifest(dataset, version)
+    if manifest.digest != meta["digest"]:
+        raise RsirError(f"generation {rollouts_path} was made from data {meta['digest'][:12]}, "
+                        f"not from {dataset!r} v{version} ({manifest.digest[:12]})")
+    existing = leave_one_out(store.load(dataset, manifest.version), manifest.num_items).train
     if isinstance(generated, Extensions):
         accepted = filter_extensions(generated, min_len, existing)
     else:
@@ -182,17 +190,19 @@ def filter_step(home: str, rollouts_path: str, tau: int | None, min_len: int, fi
     ids = generated.rollout_id if isinstance(generated, Rollouts) else generated.source_index
     parents = parent_ids[np.searchsorted(ids, accepted.rollout_id)]
     filter_params = {"tau": tau, "min_len": min_len, "fidelity": fidelity}
-    path = Path(rollouts_path).with_name(
-        Path(rollouts_path).stem.replace("rollouts-", "accepted-") + f"-{generation_key(filter_params)[:8]}.parquet")
+    name = Path(rollouts_path).stem.replace("rollouts-", "accepted-") + f"-{generation_key(filter_params)[:8]}"
+    path = ws.runs / dataset / f"v{version}" / f"{name}.parquet"
     table = pa.table({"parent_seq_id": pa.array(parents, pa.int64()),
                       "rollout_id": pa.array(accepted.rollout_id, pa.int64()),
                       "items": ragged_to_arrow(accepted.items)})
     counts = {**accepted.counts, "mean_accepted_length": float(accepted.items.lengths.mean()) if len(accepted) else 0.0}
-    out_meta = {"generation": meta, "filter": filter_params, "counts": counts}
+    out_meta = {"generation": {**meta, "dataset": dataset, "version": version}, "filter": filter_params,
+                "counts": counts}
     write_table(path, table, out_meta)
-    return {"path": str(path), "dataset": meta["dataset"], "version": meta["version"], **out_meta}
+    return {"path": str(path), "dataset": dataset, "version": version, **out_meta}
 
 
 @task(name="filter", task_run_name="filter-tau{tau}")
-def filter_task(home: str, rollouts_path: str, tau: int | None, min_len: int, fidelity: bool) -> dict[str, Any]:
-    return timed(filter_step, home, rollouts_path, tau, min_len, fidelity)
+def filter_task(home: str, rollouts_path: str, tau: int | None, min_len: int, fidelity: bool,
+                dataset: str | None = None, version: int | None = None) -> dict[str, Any]:
+    return timed(filter_step, home, rollouts_path, tau, min_len, fidelity, dataset, version)

@@ -57,6 +57,8 @@ class GenerationParams(BaseModel):
     seed: int = 0
     batch_size: int = Field(1024, ge=1, description="rollouts scored together")
     device: Device = "cpu"
+    max_sources: int | None = Field(None, ge=1, description="generate from at most this many training "
+                                    "sequences, a uniform sample seeded by `seed`; None = all (the paper)")
 
 
     @model_validator(mode="after")
@@ -467,6 +469,14 @@ def ragged_to_arrow(rows: Ragged) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(rows.offsets.astype(np.int32)), values)
 
 
+def sample_sources(n: int, max_sources: int | None, seed: int) -> np.ndarray:
+    """Sorted rows of the sources to generate from: all n, or a seeded uniform sample."""
+    if max_sources is None or max_sources >= n:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng([seed, n])
+    return np.sort(rng.choice(n, size=max_sources, replace=False)).astype(np.int64)
+
+
 def generation_key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -492,7 +502,9 @@ def generate_step(home: str, dataset: str, version: int, checkpoint: str, params
     payload_sha = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
     key = generation_key(manifest.digest, payload_sha, params.model_dump(exclude={"device", "batch_size"}),
                          mode, holdout_h)
-    path = ws.runs / dataset / f"v{version}" / f"rollouts-{key[:16]}.parquet"
+    # Content-addressed (data digest, weights, parameters): runs that share D_k and θ_k, such as
+    # the arms of a sensitivity sweep, share one generation.
+    path = ws.runs / "generations" / f"rollouts-{key[:16]}.parquet"
     if path.is_file():
         from storage.artifacts import read_table
 
@@ -501,20 +513,23 @@ def generate_step(home: str, dataset: str, version: int, checkpoint: str, params
     model, _ = load_checkpoint(checkpoint, num_items=manifest.num_items, device=device)
     params = resolve_params(params.model_copy(update={"device": str(device)}), model)
     split = leave_one_out(store.load(dataset, manifest.version), manifest.num_items)
+    rows = sample_sources(len(split.train), params.max_sources, params.seed)
+    sources = _slices(split.train.values, split.train.offsets[rows], split.train.offsets[rows + 1])
     started = time.perf_counter()
     if mode == "rollout":
-        out = generate_rollouts(model, split.train, params)
+        out = generate_rollouts(model, sources, params)
         reasons = np.asarray(STOP_REASONS)[out.stop_reason]
         rollout_id = out.rollout_id
     else:
-        out = extend_sequences(model, split.train, params, holdout_h)
+        out = extend_sequences(model, sources, params, holdout_h)
         reasons = np.asarray(EXTEND_REASONS)[out.stop_reason]
-        rollout_id = out.source_index
+        rollout_id = rows[out.source_index]  # extension ids are source rows of D_k
     seconds = time.perf_counter() - started
+    source_rows = rows[out.source_index]
     table = pa.table({
         "rollout_id": pa.array(rollout_id, pa.int64()),
-        "source_index": pa.array(out.source_index, pa.int64()),
-        "parent_seq_id": pa.array(split.train_seq_ids[out.source_index], pa.int64()),
+        "source_index": pa.array(source_rows, pa.int64()),
+        "parent_seq_id": pa.array(split.train_seq_ids[source_rows], pa.int64()),
         "items": ragged_to_arrow(out.items),
         "trace": ragged_to_arrow(out.trace),
         "stop_reason": pa.array(reasons.astype(str)),
@@ -524,7 +539,8 @@ def generate_step(home: str, dataset: str, version: int, checkpoint: str, params
     names, counts = np.unique(reasons.astype(str), return_counts=True)
     meta = {"key": key, "dataset": dataset, "version": version, "digest": manifest.digest,
             "checkpoint": str(checkpoint), "checkpoint_sha256": payload_sha, "mode": mode, "holdout_h": holdout_h,
-            "params": params.model_dump(mode="json"), "rollouts": len(table), "seconds": seconds,
+            "params": params.model_dump(mode="json"), "rollouts": len(table), "sources": len(rows),
+            "seconds": seconds,
             "stop_reasons": {str(n): int(c) for n, c in zip(names, counts)}}
     write_table(path, table, meta)
     return {**meta, "path": str(path), "reused": False}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -98,6 +100,17 @@ def fit(model: torch.nn.Module, split: LeaveOneOut, cfg: TrainConfig, device: to
     return epoch, best_epoch, curve
 
 
+def content_key(cfg: TrainConfig, digest: str) -> str:
+    """What a training depends on: the data (digest, not the dataset's name) and the config."""
+    keep = cfg.model_dump(mode="json", exclude={"dataset", "version", "progress", "threads", "device",
+                                                "eval_batch_size"})
+    return hashlib.sha256(json.dumps([digest, keep], sort_keys=True).encode()).hexdigest()[:20]
+
+
+def shared_checkpoint_path(ws: Workspace, key: str) -> Path:
+    return ws.checkpoints / "by-content" / f"{key}.pt"
+
+
 def checkpoint_path(cfg: TrainConfig, ws: Workspace, version: int) -> Path:
     """Deterministic for (dataset, version, config): lets a resumed flow find a finished training."""
     return ws.checkpoints / cfg.dataset / f"{cfg.model.name}-v{version}-seed{cfg.seed}-{config_hash(cfg)}.pt"
@@ -113,10 +126,12 @@ def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Path | None = None,
     store = dataset_store(ws)
     manifest = store.manifest(cfg.dataset, cfg.version)  # clear error for unknown names/versions
     path = checkpoint or checkpoint_path(cfg, ws, manifest.version)
-    if reuse and path.is_file():
-        stored = read_checkpoint(path)["meta"].get("result")
-        if stored and stored.get("digest") == manifest.digest:
-            return TrainResult(**{**stored, "checkpoint": str(path), "reused": True})
+    shared = shared_checkpoint_path(ws, content_key(cfg, manifest.digest))
+    if reuse:
+        found = _reusable(path, shared, manifest.digest)
+        if found is not None:
+            return TrainResult(**{**found, "checkpoint": str(path), "dataset": cfg.dataset,
+                                  "version": manifest.version, "reused": True})
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -140,7 +155,32 @@ def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Path | None = None,
     meta = {"dataset": cfg.dataset, "version": manifest.version, "digest": manifest.digest,
             "seed": cfg.seed, "result": result.to_dict()}
     save_checkpoint(path, model, cfg.model, manifest.num_items, meta)
+    _publish_shared(path, shared)
     return result
+
+
+def _reusable(path: Path, shared: Path, digest: str) -> dict[str, Any] | None:
+    """The stored result of a finished training of the same data and config: at `path` (this
+    run's own, crash-resume) or in the content-addressed store (another run trained the same
+    θ, e.g. the common θ_0 of every arm of an experiment), copied to `path` first."""
+    for candidate in (path, shared):
+        if candidate.is_file():
+            stored = read_checkpoint(candidate)["meta"].get("result")
+            if stored and stored.get("digest") == digest:
+                if candidate != path:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_name(f".{path.name}.tmp")
+                    shutil.copyfile(candidate, tmp)
+                    os.replace(tmp, path)
+                return stored
+    return None
+
+
+def _publish_shared(path: Path, shared: Path) -> None:
+    shared.parent.mkdir(parents=True, exist_ok=True)
+    tmp = shared.with_name(f".{shared.name}.tmp")
+    shutil.copyfile(path, tmp)
+    os.replace(tmp, shared)
 
 
 @task(name="train", task_run_name="train-{role}-{config.model.name}-v{config.version}")

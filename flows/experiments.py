@@ -1,0 +1,218 @@
+"""Experiment suites: many RSIR configurations ("arms") run as `rsir` sub-flows, each tracked in
+one MLflow experiment, and found again there (never from memory) by their labels.
+
+    main         K = 0 vs RSIR K = 1..3 with and without fidelity control, SASRec, 2 datasets
+    sensitivity  τ sweep at p = 0.5, then a p sweep at the best τ (chosen on validation), K = 1
+    backbones    K = 0 vs K = 1 for CL4SRec and HSTU, and weak-to-strong (SASRec → HSTU)
+
+Re-running a suite skips every arm whose MLflow run finished (same lineage key, same K), and an
+interrupted arm resumes inside the `rsir` flow from its committed versions and checkpoints.
+Arms that share data and configuration share work: θ_0 is trained once per (dataset, seed,
+backbone) through the content-addressed checkpoint store, and the τ sweep generates once per
+seed at the largest τ and re-filters at every smaller one (equivalent by the fidelity trace).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Literal
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, ConfigDict, Field
+
+from flows.rsir import build_run_config, rsir
+from rsir.config import Device, parse_config
+from rsir.workspace import Workspace
+from storage.tracking import Tracker, default_tracking_uri
+from tasks.results import collect_runs, finished_lineages
+
+SuiteName = Literal["main", "sensitivity", "backbones"]
+SUITE_DATASETS: dict[str, list[str]] = {"main": ["ml-100k-sparse", "ml-100k"], "sensitivity": ["ml-100k-sparse"],
+                                        "backbones": ["ml-100k-sparse"]}
+# Tiny models for --smoke: the machinery, not the numbers, is under test.
+SMOKE_MODEL = {"hidden": 16, "layers": 1, "max_len": 20}
+
+
+class ExperimentConfig(BaseModel):
+    """One suite invocation. Every arm of a suite gets the same training budget and rule."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    suite: SuiteName
+    datasets: list[str] | None = Field(None, description="override the suite's datasets")
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    K: int = Field(3, ge=1, description="iterations of the main suite's RSIR arms")
+    taus: list[int] = Field([1, 3, 5, 10, 20, 50, 100], min_length=1)
+    ps: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
+    tau: int = Field(10, ge=1, description="fidelity threshold of the main and backbones suites")
+    p: float = Field(0.5, ge=0.0, le=1.0)
+    m: int = Field(5, ge=1)
+    epochs: int = Field(200, ge=1)
+    patience: int = Field(10, ge=1)
+    max_sources: int | None = Field(None, ge=1, description="generation sources per iteration (None: all)")
+    model_params: dict[str, Any] = Field(default_factory=dict, description="applied to every backbone")
+    backbone_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-backbone model parameters (tuned on validation, issue 5)")
+    device: Device = "auto"
+    threads: int | None = Field(None, ge=1)
+    home: str | None = None
+    tracking_uri: str | None = None
+    experiment: str | None = Field(None, description="MLflow experiment (default: experiment-<suite>)")
+    smoke: bool = False
+
+    @property
+    def experiment_name(self) -> str:
+        return self.experiment or f"experiment-{self.suite}{'-smoke' if self.smoke else ''}"
+
+    def suite_datasets(self) -> list[str]:
+        return self.datasets or SUITE_DATASETS[self.suite]
+
+    def model(self, name: str) -> dict[str, Any]:
+        return {**self.model_params, **self.backbone_options.get(name, {})}
+
+
+def smoke_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The trimmed suite the test suite runs: 2 seeds, short grids, 2 epochs, tiny models."""
+    return cfg.model_copy(update={"seeds": cfg.seeds[:2], "K": min(cfg.K, 2), "taus": [1, 10], "ps": [0.0, 1.0],
+                                  "epochs": 2, "patience": 1, "model_params": {**SMOKE_MODEL, **cfg.model_params},
+                                  "smoke": True})
+
+
+class Arm(BaseModel):
+    """One RSIR configuration of a suite: `rsir` flow parameters plus the labels that find it."""
+
+    arm: str
+    dataset: str
+    seed: int
+    params: dict[str, Any]
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return f"{self.dataset}/{self.arm}/seed{self.seed}"
+
+
+def _arm(cfg: ExperimentConfig, name: str, dataset: str, seed: int, labels: dict[str, str] | None = None,
+         model: str = "sasrec", generator: str | None = None, **params: Any) -> Arm:
+    base = dict(dataset=dataset, seed=seed, model=model, model_params=cfg.model(model), tau=cfg.tau, p=cfg.p,
+                m=cfg.m, epochs=cfg.epochs, patience=cfg.patience, max_sources=cfg.max_sources)
+    if generator is not None:
+        base.update(generator=generator, generator_params=cfg.model(generator))
+    all_labels = {"suite": cfg.suite, "arm": name, "dataset": dataset, "seed": str(seed), **(labels or {})}
+    return Arm(arm=name, dataset=dataset, seed=seed, params={**base, **params}, labels=all_labels)
+
+
+# ------------------------------------------------------------------ suites
+# A suite is a list of stages; a stage sees the rows collected so far (from MLflow) and returns
+# arms. Only the sensitivity suite needs two: its p sweep runs at the τ chosen on validation.
+Stage = Callable[[ExperimentConfig, list[dict[str, Any]]], list[Arm]]
+
+
+def main_arms(cfg: ExperimentConfig, _: list[dict[str, Any]]) -> list[Arm]:
+    # K = 0 is iteration 0 of every arm (the same θ_0, trained once); K = j is iteration j.
+    return [a for ds in cfg.suite_datasets() for s in cfg.seeds for a in (
+        _arm(cfg, "fidelity", ds, s, K=cfg.K, fidelity=True),
+        _arm(cfg, "no-fidelity", ds, s, K=cfg.K, fidelity=False))]
+
+
+def tau_arms(cfg: ExperimentConfig, _: list[dict[str, Any]]) -> list[Arm]:
+    top = max(cfg.taus)
+    return [_arm(cfg, f"tau={t}", ds, s, {"sweep": "tau", "tau": str(t), "p": str(cfg.p)}, K=1, tau=t,
+                 generation_tau=top) for ds in cfg.suite_datasets() for s in cfg.seeds for t in cfg.taus]
+
+
+def best_tau(rows: list[dict[str, Any]], dataset: str) -> int:
+    """τ with the highest validation NDCG@10 at K = 1, averaged over seeds (never the test split)."""
+    scores: dict[int, list[float]] = {}
+    for r in rows:
+        if r.get("sweep") == "tau" and r["dataset"] == dataset and r["k"] == 1:
+            scores.setdefault(int(r["tau"]), []).append(r["valid/ndcg@10"])
+    if not scores:
+        raise ValueError(f"no finished τ arm on {dataset!r} to choose the best τ from")
+    return max(sorted(scores), key=lambda t: sum(scores[t]) / len(scores[t]))
+
+
+def p_arms(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> list[Arm]:
+    arms = []
+    for ds in cfg.suite_datasets():
+        t = best_tau(rows, ds)
+        arms += [_arm(cfg, f"p={p:g}", ds, s, {"sweep": "p", "tau": str(t), "p": f"{p:g}"}, K=1, tau=t, p=p)
+                 for s in cfg.seeds for p in cfg.ps]
+    return arms
+
+
+def backbone_arms(cfg: ExperimentConfig, _: list[dict[str, Any]]) -> list[Arm]:
+    return [a for ds in cfg.suite_datasets() for s in cfg.seeds for a in (
+        _arm(cfg, "cl4srec", ds, s, {"student": "cl4srec", "generator": "cl4srec"}, model="cl4srec", K=1),
+        _arm(cfg, "hstu", ds, s, {"student": "hstu", "generator": "hstu"}, model="hstu", K=1),
+        _arm(cfg, "sasrec-to-hstu", ds, s, {"student": "hstu", "generator": "sasrec"}, model="hstu",
+             generator="sasrec", K=1))]
+
+
+SUITES: dict[str, list[Stage]] = {"main": [main_arms], "sensitivity": [tau_arms, p_arms], "backbones": [backbone_arms]}
+
+
+# ------------------------------------------------------------------ the flow
+@flow(name="rsir-experiment", flow_run_name="experiment-{suite}", log_prints=True)
+def experiment(
+    suite: str = "main",
+    smoke: bool = False,
+    datasets: list[str] | None = None,
+    seeds: list[int] | None = None,
+    epochs: int | None = None,
+    patience: int | None = None,
+    max_sources: int | None = None,
+    model_params: dict[str, Any] | None = None,
+    backbone_options: dict[str, dict[str, Any]] | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+    home: str | None = None,
+    tracking_uri: str | None = None,
+    experiment_name: str | None = None,
+) -> dict[str, Any]:
+    """Run every arm of a suite that has not finished yet; return what ran and what was skipped."""
+    given = {k: v for k, v in dict(suite=suite, datasets=datasets, seeds=seeds, epochs=epochs, patience=patience,
+                                   max_sources=max_sources, model_params=model_params,
+                                   backbone_options=backbone_options, device=device, threads=threads, home=home,
+                                   tracking_uri=tracking_uri, experiment=experiment_name).items() if v is not None}
+    cfg = parse_config(ExperimentConfig, given)
+    if smoke:
+        cfg = smoke_config(cfg)
+    return run_suite(cfg)
+
+
+def run_suite(cfg: ExperimentConfig) -> dict[str, Any]:
+    logger = get_run_logger()
+    started = time.perf_counter()
+    ws = Workspace.at(cfg.home)
+    uri = cfg.tracking_uri or default_tracking_uri(ws.mlflow_db)
+    tracker = Tracker(uri, cfg.experiment_name, ws.root / "mlartifacts")
+    tracker.client.set_experiment_tag(tracker.experiment_id, "rsir.suite", cfg.suite)
+    ran, skipped = [], []
+    for stage in SUITES[cfg.suite]:
+        arms = stage(cfg, collect_runs(tracker))
+        done = finished_lineages(tracker)
+        for arm in arms:
+            params = {**arm.params, "device": cfg.device, "threads": cfg.threads, "home": str(ws.root),
+                      "tracking_uri": uri, "experiment": cfg.experiment_name, "labels": arm.labels}
+            run_cfg = build_run_config({**_flow_defaults(), **params})
+            if (run_cfg.lineage_key()[:16], run_cfg.K) in done:
+                skipped.append(arm.id)
+                continue
+            logger.info("arm %s", arm.id)
+            rsir.with_options(flow_run_name=f"{cfg.suite}-{arm.id.replace('/', '-')}")(**params)
+            ran.append(arm.id)
+    wall = time.perf_counter() - started
+    suite_run = tracker.start_run(f"suite-{cfg.suite}", {"rsir.suite_run": "1", "rsir.smoke": str(cfg.smoke)})
+    tracker.log_params(suite_run, cfg.model_dump(mode="json", exclude={"home", "tracking_uri"}))
+    tracker.log_metrics(suite_run, {"wall_seconds": wall, "arms_run": len(ran), "arms_skipped": len(skipped)})
+    tracker.end_run(suite_run)
+    return {"suite": cfg.suite, "experiment": cfg.experiment_name, "tracking_uri": uri, "ran": ran,
+            "skipped": skipped, "wall_seconds": wall}
+
+
+def _flow_defaults() -> dict[str, Any]:
+    """The `rsir` flow's own defaults, so an arm's lineage key matches the one the flow computes."""
+    import inspect
+
+    return {name: p.default for name, p in inspect.signature(rsir.fn).parameters.items()}

@@ -1,0 +1,101 @@
+"""Results of experiment arms, read back from MLflow (the system of record), and the paired
+statistics the report needs: per-user ranks from each iteration's `ranks/` artifact, and a
+bootstrap over users of the relative change between two models."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from storage.tracking import Tracker
+
+LABEL = "rsir.label."
+
+
+def _finished(tracker: Tracker, filter_string: str = "") -> list[Any]:
+    query = "attributes.status = 'FINISHED'" + (f" and {filter_string}" if filter_string else "")
+    runs, token = [], None
+    while True:
+        page = tracker.client.search_runs([tracker.experiment_id], query, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def finished_lineages(tracker: Tracker) -> set[tuple[str, int]]:
+    """(lineage key prefix, K) of every finished `rsir` parent run of the experiment."""
+    return {(r.data.tags["rsir.lineage"], int(r.data.tags["rsir.K"])) for r in _finished(tracker)
+            if "rsir.lineage" in r.data.tags and "rsir.K" in r.data.tags}
+
+
+def collect_runs(tracker: Tracker) -> list[dict[str, Any]]:
+    """One row per (arm, iteration k): the arm's labels, k, the iteration's MLflow metrics (keys as
+    logged, '@' restored) and run ids. Where an arm finished more than once, the latest run wins."""
+    runs = _finished(tracker)
+    parents: dict[tuple, Any] = {}
+    for r in runs:
+        labels = {k.removeprefix(LABEL): v for k, v in r.data.tags.items() if k.startswith(LABEL)}
+        if "arm" not in labels:
+            continue
+        key = tuple(sorted(labels.items()))
+        if key not in parents or r.info.start_time > parents[key][0].info.start_time:
+            parents[key] = (r, labels)
+    children: dict[str, list[Any]] = {}
+    for r in runs:
+        parent = r.data.tags.get("mlflow.parentRunId")
+        if parent:
+            children.setdefault(parent, []).append(r)
+    rows = []
+    for parent, labels in parents.values():
+        for child in children.get(parent.info.run_id, []):
+            metrics = {k.replace("_at_", "@"): v for k, v in child.data.metrics.items()}
+            rows.append({**labels, "k": int(child.data.tags.get("rsir.iteration", -1)), "run_id": child.info.run_id,
+                         "parent_run_id": parent.info.run_id,
+                         "arm_wall_seconds": parent.data.metrics.get("wall_seconds"), **metrics})
+    return sorted(rows, key=lambda r: (r["dataset"], r["arm"], int(r["seed"]), r["k"]))
+
+
+def user_ranks(tracker: Tracker, run_id: str, split: str = "test") -> np.ndarray:
+    """Per-user target ranks an iteration logged under `ranks/` (users in seq_id order)."""
+    files = [f.path for f in tracker.client.list_artifacts(run_id, "ranks")]
+    if len(files) != 1:
+        raise ValueError(f"MLflow run {run_id} has {len(files)} files under ranks/, expected 1")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = tracker.client.download_artifacts(run_id, files[0], tmp)
+        return pq.read_table(Path(local)).column(f"{split}_rank").to_numpy()
+
+
+def per_user_metric(ranks: np.ndarray, metric: str) -> np.ndarray:
+    """ndcg@k or recall@k of each user from the rank of their target."""
+    name, k = metric.split("@")
+    ranks = np.asarray(ranks, dtype=np.float64)
+    hit = ranks <= int(k)
+    if name == "ndcg":
+        return np.where(hit, 1.0 / np.log2(ranks + 1.0), 0.0)
+    if name == "recall":
+        return hit.astype(np.float64)
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def paired_bootstrap(arm: np.ndarray, base: np.ndarray, resamples: int = 2000, seed: int = 0
+                     ) -> dict[str, float]:
+    """Relative change mean(arm)/mean(base) - 1 over users, with a 95% percentile bootstrap
+    interval from resampling users (pairs kept together). Inputs: (users,) per-user metrics,
+    already averaged over seeds when there are several."""
+    arm, base = np.asarray(arm, dtype=np.float64), np.asarray(base, dtype=np.float64)
+    if arm.shape != base.shape or arm.ndim != 1 or len(arm) == 0:
+        raise ValueError(f"paired metrics need equal non-empty 1-d shapes, got {arm.shape} and {base.shape}")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(arm), size=(resamples, len(arm)))
+    a, b = arm[idx].mean(axis=1), base[idx].mean(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(b > 0, a / b - 1.0, np.nan)
+    point = arm.mean() / base.mean() - 1.0 if base.mean() > 0 else float("nan")
+    lo, hi = np.nanpercentile(rel, [2.5, 97.5]) if np.isfinite(rel).any() else (float("nan"), float("nan"))
+    return {"relative_change": float(point), "ci_low": float(lo), "ci_high": float(hi),
+            "diff": float(arm.mean() - base.mean())}
