@@ -1,0 +1,121 @@
+"""Experiment suites (`--smoke`, tiny real data) against a real Prefect test server and a real
+MLflow SQLite store: arms run as sub-flows, results come back from MLflow, a re-run skips finished
+arms, shared work is shared, and `rsir report` writes tables, figures and verdicts."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from mlflow import MlflowClient
+
+from rsir.errors import RsirError
+from storage.tracking import Tracker
+from tasks.results import collect_runs
+from tests.conftest import make_tiny_home
+
+pytestmark = pytest.mark.prefect
+
+SMOKE = dict(smoke=True, datasets=["tiny"], device="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def suites(prefect_api, tiny_csv, tmp_path_factory):
+    from flows.experiments import experiment
+
+    ws = make_tiny_home(tmp_path_factory.mktemp("experiments") / "workspace", tiny_csv)
+    uri = f"sqlite:///{ws.root / 'mlflow.db'}"
+    runs = {name: experiment(suite=name, home=str(ws.root), tracking_uri=uri, **SMOKE)
+            for name in ("main", "sensitivity", "backbones")}
+    return ws, uri, runs
+
+
+def _rows(uri: str, experiment: str) -> list[dict]:
+    return collect_runs(Tracker(uri, experiment))
+
+
+def test_main_suite_runs_every_arm_and_reports_from_mlflow(suites):
+    ws, uri, runs = suites
+    main = runs["main"]
+    assert sorted(main["ran"]) == sorted(f"tiny/{arm}/seed{s}" for arm in ("fidelity", "no-fidelity") for s in (0, 1))
+    rows = _rows(uri, main["experiment"])
+    assert {(r["arm"], r["seed"], r["k"]) for r in rows} == {
+        (arm, str(s), k) for arm in ("fidelity", "no-fidelity") for s in (0, 1) for k in (0, 1, 2)}
+    for r in rows:
+        assert 0 <= r["test/ndcg@10"] <= r["test/recall@10"] <= 1
+    # θ_0 of both arms of a seed is one training: identical metrics, trained once.
+    for s in ("0", "1"):
+        zero = [r for r in rows if r["seed"] == s and r["k"] == 0]
+        assert len(zero) == 2 and zero[0]["test/ndcg@10"] == zero[1]["test/ndcg@10"]
+    no_fid = {r["k"]: r for r in rows if r["arm"] == "no-fidelity" and r["seed"] == "0"}
+    fid = {r["k"]: r for r in rows if r["arm"] == "fidelity" and r["seed"] == "0"}
+    assert no_fid[1]["data/acceptance_rate"] > fid[1]["data/acceptance_rate"]
+
+
+def test_rerun_skips_finished_arms(suites):
+    from flows.experiments import experiment
+
+    ws, uri, runs = suites
+    again = experiment(suite="main", home=str(ws.root), tracking_uri=uri, **SMOKE)
+    assert again["ran"] == [] and sorted(again["skipped"]) == sorted(runs["main"]["ran"])
+
+
+def test_sensitivity_shares_theta0_and_one_generation_per_seed(suites):
+    ws, uri, runs = suites
+    sens = runs["sensitivity"]
+    rows = _rows(uri, sens["experiment"])
+    taus = {(r["tau"], r["seed"]) for r in rows if r["sweep"] == "tau"}
+    assert taus == {(t, s) for t in ("1", "10") for s in ("0", "1")}
+    # The p sweep ran at the τ with the best mean validation NDCG@10 of the τ sweep.
+    from flows.experiments import best_tau
+
+    chosen = best_tau(rows, "tiny")
+    assert {r["tau"] for r in rows if r["sweep"] == "p"} == {str(chosen)}
+    # No τ-sweep generation (p = 0.5) ran at τ = 1: those arms re-filtered the one made at τ_max.
+    from storage.artifacts import read_table
+
+    made = [read_table(p)[1]["params"] for p in (ws.runs / "generations").glob("rollouts-*.parquet")]
+    assert made and not [m for m in made if m["tau"] == 1 and m["p"] == 0.5]
+    assert {m["tau"] for m in made} >= {10, None}
+    # Shared trainings: fewer distinct checkpoints than iterations trained across all suites.
+    iterations = sum(len(_rows(uri, runs[name]["experiment"])) for name in runs)
+    assert len(list((ws.checkpoints / "by-content").glob("*.pt"))) < iterations
+
+
+def test_report_tables_figures_and_mlflow(suites, tmp_path):
+    from tasks.report import write_report
+
+    ws, uri, runs = suites
+    for name in ("main", "sensitivity", "backbones"):
+        tracker = Tracker(uri, runs[name]["experiment"])
+        out = write_report(tracker, name, tmp_path / name, command=f"rsir experiment {name} --smoke")
+        text = (tmp_path / name / "report.md").read_text()
+        assert f"rsir experiment {name} --smoke" in text
+        assert "The paper's claims against our measurements" in text
+        assert re.search(r"\*\*(held|not held|contradicted)\*\*", text)
+        assert out["figures"] and all((tmp_path / name / p.split("/")[-1]).stat().st_size > 1000
+                                      for p in out["figures"])
+        logged = {f.path for f in MlflowClient(uri).list_artifacts(out["mlflow_run_id"], "report")}
+        assert "report/report.md" in logged and len(logged) == 1 + len(out["figures"])
+    main_text = (tmp_path / "main" / "report.md").read_text()
+    assert "RSIR without fidelity K = 2" in main_text and "±" in main_text
+    assert re.search(r"[+-]\d+\.\d% \[[+-]\d+\.\d%, [+-]\d+\.\d%\]", main_text)  # change with its CI
+    assert "hstu (generator sasrec)" in (tmp_path / "backbones" / "report.md").read_text()
+
+
+def test_report_of_an_empty_experiment_is_a_clear_error(suites, tmp_path):
+    from tasks.report import write_report
+
+    _, uri, _ = suites
+    with pytest.raises(RsirError, match="no finished arm of suite 'main'"):
+        write_report(Tracker(uri, "nothing-here"), "main", tmp_path)
+
+
+def test_bad_suite_parameters_fail_before_compute(prefect_api, tmp_path):
+    from flows.experiments import experiment
+
+    with pytest.raises(RsirError, match="suite"):
+        experiment(suite="nope", home=str(tmp_path / "ws"))
+    with pytest.raises(RsirError, match="seeds"):
+        experiment(suite="main", seeds=[], home=str(tmp_path / "ws"))
+    assert not (tmp_path / "ws" / "checkpoints").exists()
