@@ -18,9 +18,10 @@ import time
 from typing import Any, Callable, Literal
 
 from prefect import flow, get_run_logger
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flows.rsir import build_run_config, rsir
+from models import get_backbone
 from rsir.config import Device, parse_config
 from rsir.workspace import Workspace
 from storage.tracking import Tracker, default_tracking_uri
@@ -64,6 +65,13 @@ class ExperimentConfig(BaseModel):
     tracking_uri: str | None = None
     experiment: str | None = Field(None, description="MLflow experiment (default: experiment-<suite>)")
     smoke: bool = False
+
+    @field_validator("backbone_options")
+    @classmethod
+    def _known_backbones(cls, options: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name in options:
+            get_backbone(name)  # a clear error naming the unknown backbone
+        return options
 
     @property
     def experiment_name(self) -> str:
@@ -197,10 +205,13 @@ def run_suite(cfg: ExperimentConfig) -> dict[str, Any]:
     for stage in SUITES[cfg.suite]:
         arms = stage(cfg, collect_runs(tracker))
         done = finished_lineages(tracker)
+        # Validate every arm's configuration before the first one computes anything.
+        planned = []
         for arm in arms:
             params = {**arm.params, "device": cfg.device, "threads": cfg.threads, "home": str(ws.root),
                       "tracking_uri": uri, "experiment": cfg.experiment_name, "labels": arm.labels}
-            run_cfg = build_run_config({**_flow_defaults(), **params})
+            planned.append((arm, params, build_run_config({**_flow_defaults(), **params})))
+        for arm, params, run_cfg in planned:
             if (run_cfg.lineage_key()[:16], run_cfg.K) in done:
                 skipped.append(arm.id)
                 continue

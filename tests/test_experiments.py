@@ -118,4 +118,9 @@ def test_bad_suite_parameters_fail_before_compute(prefect_api, tmp_path):
         experiment(suite="nope", home=str(tmp_path / "ws"))
     with pytest.raises(RsirError, match="seeds"):
         experiment(suite="main", seeds=[], home=str(tmp_path / "ws"))
-    assert not (tmp_path / "ws" / "checkpoints").exists()
+    with pytest.raises(RsirError, match="unknown backbone 'sasrek'"):
+        experiment(suite="backbones", backbone_options={"sasrek": {"dropout": 0.5}}, home=str(tmp_path / "ws"))
+    with pytest.raises(RsirError, match="dropout"):  # checked for every arm before any arm runs
+        experiment(suite="backbones", backbone_options={"hstu": {"dropout": 2.0}}, home=str(tmp_path / "ws"),
+                   datasets=["tiny"])
+    assert not (tmp_path / "ws" / "checkpoints").exists() and not (tmp_path / "ws" / "datasets").exists()
