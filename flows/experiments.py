@@ -219,12 +219,29 @@ def run_suite(cfg: ExperimentConfig) -> dict[str, Any]:
             rsir.with_options(flow_run_name=f"{cfg.suite}-{arm.id.replace('/', '-')}")(**params)
             ran.append(arm.id)
     wall = time.perf_counter() - started
-    suite_run = tracker.start_run(f"suite-{cfg.suite}", {"rsir.suite_run": "1", "rsir.smoke": str(cfg.smoke)})
+    suite_run = tracker.start_run(f"suite-{cfg.suite}", {"rsir.suite_run": "1", "rsir.smoke": str(cfg.smoke),
+                                                         "rsir.code_version": code_version()})
     tracker.log_params(suite_run, cfg.model_dump(mode="json", exclude={"home", "tracking_uri"}))
     tracker.log_metrics(suite_run, {"wall_seconds": wall, "arms_run": len(ran), "arms_skipped": len(skipped)})
     tracker.end_run(suite_run)
     return {"suite": cfg.suite, "experiment": cfg.experiment_name, "tracking_uri": uri, "ran": ran,
             "skipped": skipped, "wall_seconds": wall}
+
+
+def code_version() -> str:
+    """The git commit of this code (with '+dirty' for uncommitted changes), or 'unknown'."""
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
 
 
 def _flow_defaults() -> dict[str, Any]:

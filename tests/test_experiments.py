@@ -91,6 +91,7 @@ def test_report_tables_figures_and_mlflow(suites, tmp_path):
         out = write_report(tracker, name, tmp_path / name, command=f"rsir experiment {name} --smoke")
         text = (tmp_path / name / "report.md").read_text()
         assert f"rsir experiment {name} --smoke" in text
+        assert re.search(r"arms run, code ([0-9a-f]{12}|unknown)", text)  # which code produced the numbers
         assert "The paper's claims against our measurements" in text
         assert re.search(r"\*\*(held|not held|contradicted)\*\*", text)
         assert out["figures"] and all((tmp_path / name / p.split("/")[-1]).stat().st_size > 1000
