@@ -354,11 +354,15 @@ def write_report(tracker: Tracker, suite: str, folder: Path, command: str | None
         {r["parent_run_id"] for r in rows})}
 
 
+def _short_version(version: str) -> str:
+    return version[:12] + ("+dirty" if version.endswith("+dirty") else "")
+
+
 def _header(tracker: Tracker, suite: str, rows: list[dict[str, Any]], command: str | None) -> str:
     arms = {r["parent_run_id"]: r.get("arm_wall_seconds") or 0.0 for r in rows}
     suite_runs = tracker.client.search_runs([tracker.experiment_id], "tags.`rsir.suite_run` = '1'")
     walls = [f"{r.data.metrics.get('wall_seconds', 0) / 60:.1f} min ({int(r.data.metrics.get('arms_run', 0))} arms run, "
-             f"code {r.data.tags.get('rsir.code_version', 'not recorded')[:12]})"
+             f"code {_short_version(r.data.tags.get('rsir.code_version', 'not recorded'))})"
              for r in sorted(suite_runs, key=lambda r: r.info.start_time)]
     return "\n".join([
         f"# RSIR experiment report: `{suite}`\n",

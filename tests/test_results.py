@@ -1,0 +1,47 @@
+"""The report's statistics: per-user metrics from ranks, the paired bootstrap, and verdicts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tasks.evaluate import metrics_from_ranks
+from tasks.report import verdict
+from tasks.results import paired_bootstrap, per_user_metric
+
+
+def test_per_user_metrics_average_to_the_reported_metrics():
+    ranks = np.random.default_rng(0).integers(1, 60, size=500)
+    reported = metrics_from_ranks(ranks)
+    for metric in ("ndcg@10", "ndcg@20", "recall@10", "recall@20"):
+        assert per_user_metric(ranks, metric).mean() == pytest.approx(reported[metric])
+    with pytest.raises(ValueError, match="unknown metric"):
+        per_user_metric(ranks, "mrr@10")
+
+
+def test_paired_bootstrap_interval():
+    rng = np.random.default_rng(1)
+    base = rng.random(2000)
+    same = paired_bootstrap(base, base)
+    assert same["relative_change"] == 0 and same["ci_low"] == 0 and same["ci_high"] == 0
+    better = paired_bootstrap(base * 1.1, base)
+    assert better["relative_change"] == pytest.approx(0.1)
+    assert 0 < better["ci_low"] <= 0.1 <= better["ci_high"]
+    noisy = paired_bootstrap(base + rng.normal(0, 0.5, 2000), base)  # pure noise: the interval covers 0
+    assert noisy["ci_low"] < 0 < noisy["ci_high"]
+    assert paired_bootstrap(base * 1.1, base) == better  # seeded: reproducible
+    with pytest.raises(ValueError, match="equal non-empty"):
+        paired_bootstrap(base[:10], base[:11])
+
+
+@pytest.mark.parametrize("ci, seeds, direction, expected", [
+    ((0.01, 0.2), [0.05, 0.1, 0.02], 1, "**held**"),
+    ((0.01, 0.2), [0.05, -0.1, 0.02], 1, "seeds disagree"),
+    ((-0.1, 0.2), [0.05, 0.1, 0.02], 1, "no significant change"),
+    ((-0.3, -0.1), [-0.2, -0.1, -0.3], 1, "**contradicted**"),
+    ((-0.3, -0.1), [-0.2, -0.1, -0.3], -1, "**held**"),  # a claimed loss (collapse) that happened
+    ((0.1, 0.3), [0.2, 0.1, 0.3], -1, "**contradicted**"),
+])
+def test_verdict_needs_the_interval_and_every_seed(ci, seeds, direction, expected):
+    c = {"relative_change": float(np.mean(ci)), "ci_low": ci[0], "ci_high": ci[1], "per_seed": seeds}
+    assert expected in verdict(c, direction)
