@@ -156,7 +156,9 @@ def main_report(tracker: Tracker, rows: list[dict[str, Any]], folder: Path) -> t
         fid_last = select(rows, dataset=ds, arm="fidelity", k=kmax)
         last = paired.compare(fid_last, base, "ndcg@10")
         last_vs_1 = paired.compare(fid_last, select(rows, dataset=ds, arm="fidelity", k=1), "ndcg@10")
-        collapse = paired.compare(select(rows, dataset=ds, arm="no-fidelity", k=kmax), base, "ndcg@10")
+        no_fid_last = select(rows, dataset=ds, arm="no-fidelity", k=kmax)
+        collapse = paired.compare(no_fid_last, base, "ndcg@10")
+        fidelity_helps = paired.compare(fid_last, no_fid_last, "ndcg@10")
         d0, d_last = values(base, "data/density").mean(), values(fid_last, "data/density").mean()
         claims += [
             [f"{ds}: interaction density grows with the iterations (+342% by the 3rd in the paper); ours with "
@@ -167,8 +169,10 @@ def main_report(tracker: Tracker, rows: list[dict[str, Any]], folder: Path) -> t
             [f"{ds}: iterating with fidelity keeps improving (Sport NDCG@10: +8.1% after the 1st, +10.0% after the "
              f"3rd); ours after K = {kmax} vs K = 0, and vs K = 1", f"{change(last)}; vs K = 1: {change(last_vs_1)}",
              verdict(last)],
-            [f"{ds}: without fidelity the model collapses by the 3rd iteration (Sport NDCG@10 −56%); ours at K = {kmax}",
-             change(collapse), verdict(collapse, -1)],
+            [f"{ds}: without fidelity the model loses accuracy by the 3rd iteration (Sport NDCG@10 −56%, a "
+             f"collapse); ours at K = {kmax}", change(collapse), verdict(collapse, -1)],
+            [f"{ds}: fidelity control is what prevents it (Sport at the 3rd iteration: 0.0298 with, 0.0119 without); "
+             f"ours: with vs without fidelity at K = {kmax}", change(fidelity_helps), verdict(fidelity_helps)],
         ]
     parts.append("## The paper's claims against our measurements\n")
     parts.append(table(["claim (paper's figure)", "ours: relative change [95% CI]", "verdict"], claims) + "\n")
