@@ -209,13 +209,14 @@ def main_figures(rows: list[dict[str, Any]], datasets: list[str], ks: list[int],
 def sensitivity_report(tracker: Tracker, rows: list[dict[str, Any]], folder: Path) -> tuple[list[str], list[Path]]:
     paired, parts, claims, figures = Paired(tracker), [], [], []
     for ds in sorted({r["dataset"] for r in rows}):
-        base = [r for r in select(rows, dataset=ds, k=0, sweep="tau")]
-        base = list({r["seed"]: r for r in base}.values())  # θ_0 is shared by every arm of a seed
+        # θ_0 is shared by every arm of a seed: one baseline row per seed.
+        base = list({r["seed"]: r for r in select(rows, dataset=ds, k=0, sweep="tau")}.values())
         parts.append(f"## {ds}\n")
         parts.append(f"Baseline (K = 0): test ndcg@10 {mean_std(base, 'test/ndcg@10')}, recall@10 "
                      f"{mean_std(base, 'test/recall@10')}, valid ndcg@10 {mean_std(base, 'valid/ndcg@10')}.\n")
         best = {}
-        for sweep, key in (("tau", "tau"), ("p", "p")):
+        for sweep in ("tau", "p"):
+            key = sweep  # the label holding the swept value
             sweep_rows = select(rows, dataset=ds, sweep=sweep, k=1)
             if not sweep_rows:
                 continue
