@@ -49,8 +49,8 @@ def iteration(cfg: RunConfig, home: str, dataset: str, k: int, last: bool) -> di
                               seed=cfg.seed + k, batch_size=cfg.gen_batch_size, device=cfg.device,
                               max_sources=cfg.max_sources)
     generated = generate_task(home, dataset, k, generator["checkpoint"], params)
-    accepted = filter_task(home, generated["path"], cfg.tau if cfg.fidelity else None, cfg.min_len, cfg.fidelity,
-                           dataset, k)
+    accepted = filter_task(home, dataset, k, generated["path"], cfg.tau if cfg.fidelity else None, cfg.min_len,
+                           cfg.fidelity)
     expanded = expand_task(home, accepted["path"], k + 1,
                            generator={"backbone": cfg.generator_model.name, "checkpoint": generator["checkpoint"]})
     times.update(generate=generated["task_seconds"], filter=accepted["task_seconds"], expand=expanded["task_seconds"])

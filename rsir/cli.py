@@ -200,7 +200,7 @@ def generate(
         raise RsirError(f"dataset {dataset!r}: version {parent.version} is not the latest; expand the latest "
                         f"(versions are a chain) or fork the dataset")
     generated = generate_step(str(ws.root), dataset, parent.version, str(checkpoint), params, mode, holdout_h)
-    accepted = filter_step(str(ws.root), generated["path"], params.tau, min_len, fidelity)
+    accepted = filter_step(str(ws.root), dataset, parent.version, generated["path"], params.tau, min_len, fidelity)
     result = expand_step(str(ws.root), accepted["path"])
     _emit(result, as_json, _render_version)
 

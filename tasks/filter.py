@@ -163,18 +163,16 @@ def _codes(names: pl.Series, table: tuple[str, ...]) -> np.ndarray:
     return names.replace_strict({n: i for i, n in enumerate(table)}, return_dtype=pl.Int8).to_numpy()
 
 
-def filter_step(home: str, rollouts_path: str, tau: int | None, min_len: int, fidelity: bool,
-                dataset: str | None = None, version: int | None = None) -> dict[str, Any]:
-    """Filter a stored generation of D_k and write the accepted sequences with their parent seq
-    ids under `dataset` (default: the dataset that generated it), whose version `version` must
-    hold the same data (digest) as the generation's. Returns the file reference and the counts."""
+def filter_step(home: str, dataset: str, version: int, rollouts_path: str, tau: int | None, min_len: int,
+                fidelity: bool) -> dict[str, Any]:
+    """Filter a stored generation for `dataset` v`version` (which must hold the data the generation
+    was made from: generations are shared between datasets of equal content) and write the
+    accepted sequences with their parent seq ids under it. Returns the file reference and counts."""
     from rsir.workspace import Workspace
     from tasks.ingest import dataset_store
     from tasks.split import leave_one_out
 
     generated, meta, parent_ids = load_generation(rollouts_path)
-    dataset = meta["dataset"] if dataset is None else dataset
-    version = meta["version"] if version is None else version
     ws = Workspace.at(home)
     store = dataset_store(ws)
     manifest = store.manifest(dataset, version)
@@ -203,6 +201,6 @@ def filter_step(home: str, rollouts_path: str, tau: int | None, min_len: int, fi
 
 
 @task(name="filter", task_run_name="filter-tau{tau}")
-def filter_task(home: str, rollouts_path: str, tau: int | None, min_len: int, fidelity: bool,
-                dataset: str | None = None, version: int | None = None) -> dict[str, Any]:
-    return timed(filter_step, home, rollouts_path, tau, min_len, fidelity, dataset, version)
+def filter_task(home: str, dataset: str, version: int, rollouts_path: str, tau: int | None, min_len: int,
+                fidelity: bool) -> dict[str, Any]:
+    return timed(filter_step, home, dataset, version, rollouts_path, tau, min_len, fidelity)

@@ -508,8 +508,8 @@ def generate_step(home: str, dataset: str, version: int, checkpoint: str, params
     if path.is_file():
         from storage.artifacts import read_table
 
-        _, meta = read_table(path)
-        return {**meta, "path": str(path), "reused": True}
+        _, meta = read_table(path)  # made for whichever dataset of this content came first
+        return {**meta, "dataset": dataset, "version": version, "path": str(path), "reused": True}
     model, _ = load_checkpoint(checkpoint, num_items=manifest.num_items, device=device)
     params = resolve_params(params.model_copy(update={"device": str(device)}), model)
     split = leave_one_out(store.load(dataset, manifest.version), manifest.num_items)

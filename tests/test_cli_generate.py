@@ -50,6 +50,20 @@ def test_generate_then_versions(cli, trained):
     assert stale.code == 2 and "not the latest" in stale.err
 
 
+def test_a_shared_generation_expands_the_dataset_asked_for(cli, trained):
+    """Generations are shared between datasets of equal content: the second dataset must get its
+    own version, and the first must stay as it was."""
+    ws, ckpt = trained
+    store = dataset_store(ws)
+    store.fork("tiny", "copy")
+    first = cli("generate", "--dataset", "tiny", "--checkpoint", ckpt, "--home", ws.root, "--json")
+    second = cli("generate", "--dataset", "copy", "--checkpoint", ckpt, "--home", ws.root, "--json")
+    assert first.code == 0 and second.code == 0, second.err
+    assert second.json()["dataset"] == "copy" and second.json()["version"] == 1
+    assert store.versions("tiny") == [0, 1] and store.versions("copy") == [0, 1]
+    assert store.manifest("copy", 1).digest == store.manifest("tiny", 1).digest  # the same generation, reused
+
+
 def test_fidelity_off_accepts_more_and_longer(cli, trained, tmp_path):
     ws, ckpt = trained
     store = dataset_store(ws)

@@ -53,13 +53,13 @@ def test_generation_is_shared_across_forks_and_checked_against_the_data(home):
     first = generate_step(str(home.root), "fork-a", 0, ckpt, params)
     again = generate_step(str(home.root), "fork-b", 0, ckpt, params)
     assert again["reused"] and again["path"] == first["path"]
-    accepted = filter_step(str(home.root), first["path"], 10, 3, True, "fork-b", 0)
+    accepted = filter_step(str(home.root), "fork-b", 0, first["path"], 10, 3, True)
     assert accepted["dataset"] == "fork-b" and "/fork-b/" in accepted["path"]
     assert accepted["generation"]["dataset"] == "fork-b"
     # Other data (fork-b v1 = v0 plus the accepted sequences) is refused, naming both digests.
     assert expand_step(str(home.root), accepted["path"])["version"] == 1
     with pytest.raises(RsirError, match="was made from data .* not from 'fork-b' v1"):
-        filter_step(str(home.root), first["path"], 10, 3, True, "fork-b", 1)
+        filter_step(str(home.root), "fork-b", 1, first["path"], 10, 3, True)
 
 
 def test_source_budget_is_a_seeded_sample(home):
