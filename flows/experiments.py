@@ -25,7 +25,7 @@ from models import get_backbone
 from rsir.config import Device, parse_config
 from rsir.workspace import Workspace
 from storage.tracking import Tracker, default_tracking_uri
-from tasks.results import collect_runs, finished_lineages
+from tasks.results import best_on_validation, collect_runs, finished_lineages
 
 SuiteName = Literal["main", "sensitivity", "backbones"]
 SUITE_DATASETS: dict[str, list[str]] = {"main": ["ml-100k-sparse", "ml-100k"], "sensitivity": ["ml-100k-sparse"],
@@ -134,21 +134,10 @@ def tau_arms(cfg: ExperimentConfig, _: list[dict[str, Any]]) -> list[Arm]:
                  generation_tau=top) for ds in cfg.suite_datasets() for s in cfg.seeds for t in cfg.taus]
 
 
-def best_tau(rows: list[dict[str, Any]], dataset: str) -> int:
-    """τ with the highest validation NDCG@10 at K = 1, averaged over seeds (never the test split)."""
-    scores: dict[int, list[float]] = {}
-    for r in rows:
-        if r.get("sweep") == "tau" and r["dataset"] == dataset and r["k"] == 1:
-            scores.setdefault(int(r["tau"]), []).append(r["valid/ndcg@10"])
-    if not scores:
-        raise ValueError(f"no finished τ arm on {dataset!r} to choose the best τ from")
-    return max(sorted(scores), key=lambda t: sum(scores[t]) / len(scores[t]))
-
-
 def p_arms(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> list[Arm]:
     arms = []
     for ds in cfg.suite_datasets():
-        t = best_tau(rows, ds)
+        t = int(best_on_validation(rows, ds, "tau"))
         arms += [_arm(cfg, f"p={p:g}", ds, s, {"sweep": "p", "tau": str(t), "p": f"{p:g}"}, K=1, tau=t, p=p)
                  for s in cfg.seeds for p in cfg.ps]
     return arms

@@ -26,6 +26,16 @@ def _workspace(home: Path | None):
     return Workspace.at(home)
 
 
+def _local_prefect(ws):
+    """Without PREFECT_API_URL, Prefect runs a temporary local server: keep its state in the
+    workspace (unless PREFECT_HOME is set). Call before importing a flow."""
+    import os
+
+    os.environ.setdefault("PREFECT_HOME", str(ws.root / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    return ws
+
+
 def _emit(obj: dict[str, Any], as_json: bool, render) -> None:
     if as_json:
         print(json.dumps(obj, default=str))
@@ -273,12 +283,7 @@ def run(
     home: Home = None, as_json: Json = False,
 ) -> None:
     """Run the RSIR flow locally (no Prefect server needed) and print the per-iteration table."""
-    import os
-
-    ws = _workspace(home)
-    # Without PREFECT_API_URL, Prefect runs a temporary local server: keep its state in the workspace.
-    os.environ.setdefault("PREFECT_HOME", str(ws.root / "prefect"))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    ws = _local_prefect(_workspace(home))
     from flows.rsir import format_table, rsir
 
     hidden = _options(option)
@@ -308,11 +313,7 @@ def experiment_cmd(
     home: Home = None, as_json: Json = False,
 ) -> None:
     """Run an experiment suite (skipping finished arms) and print what ran."""
-    import os
-
-    ws = _workspace(home)
-    os.environ.setdefault("PREFECT_HOME", str(ws.root / "prefect"))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    ws = _local_prefect(_workspace(home))
     from flows.experiments import experiment as run_experiment
 
     summary = run_experiment(suite=suite, smoke=smoke, datasets=dataset or None, seeds=seed or None, epochs=epochs,

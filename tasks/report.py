@@ -20,7 +20,7 @@ import numpy as np
 
 from rsir.errors import RsirError
 from storage.tracking import Tracker
-from tasks.results import collect_runs, paired_bootstrap, per_user_metric, user_ranks
+from tasks.results import best_on_validation, collect_runs, paired_bootstrap, per_user_metric, user_ranks
 
 METRICS = ("ndcg@10", "ndcg@20", "recall@10", "recall@20")
 ARM_STYLE = {"fidelity": ("tab:blue", "with fidelity (τ=10)"), "no-fidelity": ("tab:red", "without fidelity")}
@@ -216,25 +216,24 @@ def sensitivity_report(tracker: Tracker, rows: list[dict[str, Any]], folder: Pat
                      f"{mean_std(base, 'test/recall@10')}, valid ndcg@10 {mean_std(base, 'valid/ndcg@10')}.\n")
         best = {}
         for sweep in ("tau", "p"):
-            key = sweep  # the label holding the swept value
             sweep_rows = select(rows, dataset=ds, sweep=sweep, k=1)
             if not sweep_rows:
                 continue
-            xs = sorted({r[key] for r in sweep_rows}, key=float)
+            xs = sorted({r[sweep] for r in sweep_rows}, key=float)
             body = []
             for x in xs:
-                g = select(sweep_rows, **{key: x})
+                g = select(sweep_rows, **{sweep: x})
                 body.append([x, mean_std(g, "valid/ndcg@10"), mean_std(g, "test/ndcg@10"), mean_std(g, "test/recall@10"),
                              change(paired.compare(g, base, "ndcg@10")), change(paired.compare(g, base, "recall@10")),
                              mean_std(g, "data/acceptance_rate", 3), mean_std(g, "data/mean_new_length", 1),
                              mean_std(g, "data/synthetic_sequences", 0)])
-            best[sweep] = max(xs, key=lambda x: values(select(sweep_rows, **{key: x}), "valid/ndcg@10").mean())
+            best[sweep] = best_on_validation(rows, ds, sweep)
             fixed = f"p = {sweep_rows[0]['p']}" if sweep == "tau" else f"τ = {sweep_rows[0]['tau']} (best τ on validation)"
             parts.append(f"### {'τ' if sweep == 'tau' else 'p'} sweep, K = 1, {fixed}\n")
-            parts.append(table([key, "valid ndcg@10", "test ndcg@10", "test recall@10", "Δ test ndcg@10",
+            parts.append(table([sweep, "valid ndcg@10", "test ndcg@10", "test recall@10", "Δ test ndcg@10",
                                 "Δ test recall@10", "acceptance", "synthetic length", "synthetic sequences"], body)
                          + f"\n\nBest {'τ' if sweep == 'tau' else 'p'} on validation: **{best[sweep]}**.\n")
-            figures.append(_sweep_figure(sweep_rows, base, xs, key, ds, folder))
+            figures.append(_sweep_figure(sweep_rows, base, xs, sweep, ds, folder))
         for sweep, claimed, extremes, text in (
                 ("tau", ("5", "10"), ("1", "100"), "the best τ is about 5–10 (τ = 1 accepts too little, τ = 100 "
                                                    "lets noise in)"),

@@ -60,6 +60,18 @@ def collect_runs(tracker: Tracker) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["dataset"], r["arm"], int(r["seed"]), r["k"]))
 
 
+def best_on_validation(rows: list[dict[str, Any]], dataset: str, sweep: str) -> str:
+    """The swept value (label `sweep`: 'tau' or 'p') of the K = 1 arms with the highest validation
+    NDCG@10 averaged over seeds; the smallest value wins a tie. The test split is never used."""
+    scores: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get("sweep") == sweep and r["dataset"] == dataset and r["k"] == 1:
+            scores.setdefault(r[sweep], []).append(r["valid/ndcg@10"])
+    if not scores:
+        raise ValueError(f"no finished {sweep} arm on {dataset!r} to choose the best {sweep} from")
+    return max(sorted(scores, key=float), key=lambda v: sum(scores[v]) / len(scores[v]))
+
+
 def user_ranks(tracker: Tracker, run_id: str, split: str = "test") -> np.ndarray:
     """Per-user target ranks an iteration logged under `ranks/` (users in seq_id order)."""
     files = [f.path for f in tracker.client.list_artifacts(run_id, "ranks")]

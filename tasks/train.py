@@ -51,8 +51,12 @@ class TrainResult:
         return asdict(self)
 
 
+# Settings that change how fast a training runs or what it prints, never what it learns.
+_NOT_LEARNED = {"progress", "threads", "device", "eval_batch_size"}
+
+
 def config_hash(cfg: TrainConfig) -> str:
-    keep = cfg.model_dump(mode="json", exclude={"progress", "threads", "device", "eval_batch_size"})
+    keep = cfg.model_dump(mode="json", exclude=_NOT_LEARNED)
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -102,8 +106,7 @@ def fit(model: torch.nn.Module, split: LeaveOneOut, cfg: TrainConfig, device: to
 
 def content_key(cfg: TrainConfig, digest: str) -> str:
     """What a training depends on: the data (digest, not the dataset's name) and the config."""
-    keep = cfg.model_dump(mode="json", exclude={"dataset", "version", "progress", "threads", "device",
-                                                "eval_batch_size"})
+    keep = cfg.model_dump(mode="json", exclude=_NOT_LEARNED | {"dataset", "version"})
     return hashlib.sha256(json.dumps([digest, keep], sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -155,7 +158,7 @@ def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Path | None = None,
     meta = {"dataset": cfg.dataset, "version": manifest.version, "digest": manifest.digest,
             "seed": cfg.seed, "result": result.to_dict()}
     save_checkpoint(path, model, cfg.model, manifest.num_items, meta)
-    _publish_shared(path, shared)
+    _copy_atomically(path, shared)
     return result
 
 
@@ -168,19 +171,16 @@ def _reusable(path: Path, shared: Path, digest: str) -> dict[str, Any] | None:
             stored = read_checkpoint(candidate)["meta"].get("result")
             if stored and stored.get("digest") == digest:
                 if candidate != path:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_name(f".{path.name}.tmp")
-                    shutil.copyfile(candidate, tmp)
-                    os.replace(tmp, path)
+                    _copy_atomically(candidate, path)
                 return stored
     return None
 
 
-def _publish_shared(path: Path, shared: Path) -> None:
-    shared.parent.mkdir(parents=True, exist_ok=True)
-    tmp = shared.with_name(f".{shared.name}.tmp")
-    shutil.copyfile(path, tmp)
-    os.replace(tmp, shared)
+def _copy_atomically(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
 
 
 @task(name="train", task_run_name="train-{role}-{config.model.name}-v{config.version}")

@@ -43,7 +43,7 @@ def test_main_suite_runs_every_arm_and_reports_from_mlflow(suites):
         (arm, str(s), k) for arm in ("fidelity", "no-fidelity") for s in (0, 1) for k in (0, 1, 2)}
     for r in rows:
         assert 0 <= r["test/ndcg@10"] <= r["test/recall@10"] <= 1
-    # θ_0 of both arms of a seed is one training: identical metrics, trained once.
+    # Both arms of a seed start from the same θ_0 (trained once; test_sharing.py checks the reuse).
     for s in ("0", "1"):
         zero = [r for r in rows if r["seed"] == s and r["k"] == 0]
         assert len(zero) == 2 and zero[0]["test/ndcg@10"] == zero[1]["test/ndcg@10"]
@@ -67,10 +67,10 @@ def test_sensitivity_shares_theta0_and_one_generation_per_seed(suites):
     taus = {(r["tau"], r["seed"]) for r in rows if r["sweep"] == "tau"}
     assert taus == {(t, s) for t in ("1", "10") for s in ("0", "1")}
     # The p sweep ran at the τ with the best mean validation NDCG@10 of the τ sweep.
-    from flows.experiments import best_tau
+    from tasks.results import best_on_validation
 
-    chosen = best_tau(rows, "tiny")
-    assert {r["tau"] for r in rows if r["sweep"] == "p"} == {str(chosen)}
+    chosen = best_on_validation(rows, "tiny", "tau")
+    assert {r["tau"] for r in rows if r["sweep"] == "p"} == {chosen}
     # No τ-sweep generation (p = 0.5) ran at τ = 1: those arms re-filtered the one made at τ_max.
     from storage.artifacts import read_table
 
