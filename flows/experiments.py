@@ -4,6 +4,9 @@ one MLflow experiment, and found again there (never from memory) by their labels
     main         K = 0 vs RSIR K = 1..3 with and without fidelity control, SASRec, 2 datasets
     sensitivity  τ sweep at p = 0.5, then a p sweep at the best τ (chosen on validation), K = 1
     backbones    K = 0 vs K = 1 for CL4SRec and HSTU, and weak-to-strong (SASRec → HSTU)
+    faithful     K = 0 vs K = 1 under three trainers (batch-weighted loss, position-weighted loss,
+                 the authors' release recipe), then K = 3 with and without fidelity under the
+                 trainer whose θ_0 validation prefers (issue 10)
 
 Re-running a suite skips every arm whose MLflow run finished (same lineage key, same K), and an
 interrupted arm resumes inside the `rsir` flow from its committed versions and checkpoints.
@@ -27,9 +30,18 @@ from rsir.workspace import Workspace
 from storage.tracking import Tracker, default_tracking_uri
 from tasks.results import best_on_validation, collect_runs, finished_lineages
 
-SuiteName = Literal["main", "sensitivity", "backbones"]
+SuiteName = Literal["main", "sensitivity", "backbones", "faithful"]
 SUITE_DATASETS: dict[str, list[str]] = {"main": ["ml-100k-sparse", "ml-100k"], "sensitivity": ["ml-100k-sparse"],
-                                        "backbones": ["ml-100k-sparse"]}
+                                        "backbones": ["ml-100k-sparse"],
+                                        "faithful": ["ml-100k", "ml-100k-last50", "ml-100k-sparse"]}
+# The trainers the faithful suite compares (issue 10): the loss as it was (each batch's mean, so
+# short synthetic sequences in batches of their own weigh several times a real position), the
+# position-faithful loss, and that loss under the authors' release recipe.
+TRAINERS: dict[str, dict[str, Any]] = {
+    "batch-weighted": {"training_params": {"weighting": "batch"}},
+    "position-weighted": {"training_params": {"weighting": "position"}},
+    "release": {"recipe": "release", "training_params": {"weighting": "position"}},
+}
 # Chosen on ml-100k-sparse validation NDCG@10 (issue 5): InfoNCE between cosine similarities at
 # temperature 0.5 and dropout 0.5; the dot-product / temperature-1 default let the contrastive
 # term dominate (valid 0.026 against 0.043). HSTU's defaults won its grid.
@@ -53,8 +65,8 @@ class ExperimentConfig(BaseModel):
     tau: int = Field(10, ge=1, description="fidelity threshold of the main and backbones suites")
     p: float = Field(0.5, ge=0.0, le=1.0)
     m: int = Field(5, ge=1)
-    epochs: int = Field(200, ge=1)
-    patience: int = Field(10, ge=1)
+    epochs: int | None = Field(None, ge=1, description="maximum epochs (None: the recipe's)")
+    patience: int | None = Field(None, ge=1, description="early-stopping patience (None: the recipe's)")
     max_sources: int | None = Field(None, ge=1, description="generation sources per iteration (None: all)")
     model_params: dict[str, Any] = Field(default_factory=dict, description="applied to every backbone")
     backbone_options: dict[str, dict[str, Any]] = Field(
@@ -108,7 +120,8 @@ class Arm(BaseModel):
 def _arm(cfg: ExperimentConfig, name: str, dataset: str, seed: int, labels: dict[str, str] | None = None,
          model: str = "sasrec", generator: str | None = None, **params: Any) -> Arm:
     base = dict(dataset=dataset, seed=seed, model=model, model_params=cfg.model(model), tau=cfg.tau, p=cfg.p,
-                m=cfg.m, epochs=cfg.epochs, patience=cfg.patience, max_sources=cfg.max_sources)
+                m=cfg.m, max_sources=cfg.max_sources,
+                **{k: v for k, v in dict(epochs=cfg.epochs, patience=cfg.patience).items() if v is not None})
     if generator is not None:
         base.update(generator=generator, generator_params=cfg.model(generator))
     all_labels = {"suite": cfg.suite, "arm": name, "dataset": dataset, "seed": str(seed), **(labels or {})}
@@ -151,7 +164,26 @@ def backbone_arms(cfg: ExperimentConfig, _: list[dict[str, Any]]) -> list[Arm]:
              generator="sasrec", K=1))]
 
 
-SUITES: dict[str, list[Stage]] = {"main": [main_arms], "sensitivity": [tau_arms, p_arms], "backbones": [backbone_arms]}
+def trainer_arms(cfg: ExperimentConfig, _: list[dict[str, Any]]) -> list[Arm]:
+    return [_arm(cfg, f"trainer={name}", ds, s, {"stage": "trainer", "trainer": name}, K=1, **params)
+            for ds in cfg.suite_datasets() for s in cfg.seeds for name, params in TRAINERS.items()]
+
+
+def long_run_arms(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> list[Arm]:
+    """K = 3 with and without fidelity under the trainer with the best mean validation NDCG@10 of
+    θ_0 (the model trained on real data only: the choice does not look at RSIR's effect)."""
+    arms = []
+    for ds in cfg.suite_datasets():
+        name = best_on_validation([r for r in rows if r.get("stage") == "trainer"], ds, "trainer", k=0)
+        arms += [_arm(cfg, f"{name}/{'fidelity' if fid else 'no-fidelity'}", ds, s,
+                      {"stage": "long", "trainer": name, "fidelity": str(fid)}, K=cfg.K, fidelity=fid,
+                      **TRAINERS[name])
+                 for s in cfg.seeds for fid in (True, False)]
+    return arms
+
+
+SUITES: dict[str, list[Stage]] = {"main": [main_arms], "sensitivity": [tau_arms, p_arms], "backbones": [backbone_arms],
+                                  "faithful": [trainer_arms, long_run_arms]}
 
 
 # ------------------------------------------------------------------ the flow

@@ -73,10 +73,13 @@ def rsir(
     generator: str | None = None,
     model_params: dict[str, Any] | None = None,
     generator_params: dict[str, Any] | None = None,
-    epochs: int = 200,
-    patience: int = 10,
-    lr: float = 1e-3,
-    batch_size: int = 128,
+    recipe: str = "default",
+    synthetic_weight: float = 1.0,
+    epochs: int | None = None,
+    patience: int | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    training_params: dict[str, Any] | None = None,
     seed: int = 0,
     device: str = "auto",
     threads: int | None = None,
@@ -86,7 +89,11 @@ def rsir(
     labels: dict[str, str] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """RSIR over K iterations with fidelity control; returns the per-iteration table."""
+    """RSIR over K iterations with fidelity control; returns the per-iteration table.
+
+    Training settings left None come from the recipe (`default` or `release`, rsir/config.py);
+    `training_params` sets any other training setting (batching, weighting, early_stop, stride,
+    weight_decay)."""
     cfg = build_run_config(locals())
     return run_rsir(cfg)
 
@@ -94,10 +101,11 @@ def rsir(
 def build_run_config(params: dict[str, Any]) -> RunConfig:
     """Flat flow parameters (what `prefect deployment run --param` sets) -> one typed config.
     A bad value fails the flow run at its start with a message naming the parameter."""
-    params = dict(params)
+    params = {**(params.get("training_params") or {}),
+              **{k: v for k, v in params.items() if v is not None and k != "training_params"}}
     params["labels"] = params.get("labels") or {}
-    model = {"name": params.pop("model"), **(params.pop("model_params") or {})}
-    gen_name, gen_params = params.pop("generator"), params.pop("generator_params")
+    model = {"name": params.pop("model", "sasrec"), **(params.pop("model_params", None) or {})}
+    gen_name, gen_params = params.pop("generator", None), params.pop("generator_params", None)
     if gen_name or gen_params:
         params["generator"] = {"name": gen_name or model["name"], **(gen_params or {})}
     return parse_config(RunConfig, {**params, "model": model})
@@ -173,7 +181,8 @@ def _log_iteration(tracker: Tracker, parent: str, cfg: RunConfig, dataset: str, 
     tracker.log_params(child, {"iteration": k, "dataset_version": k, "dataset_digest": manifest.digest,
                                "student": cfg.model.name, "generator": cfg.generator_model.name})
     for point in result["student"]["curve"]:
-        tracker.log_metrics(child, {f"train/{key}": v for key, v in point.items() if key != "epoch"},
+        tracker.log_metrics(child, {f"train/{key}": v for key, v in point.items()
+                                    if key != "epoch" and not key.startswith("synthetic_")},
                             step=int(point["epoch"]))
     tracker.log_metrics(child, {**{f"valid/{key}": v for key, v in result["valid"].items()},
                                 **{f"test/{key}": v for key, v in result["test"].items()},
@@ -181,7 +190,9 @@ def _log_iteration(tracker: Tracker, parent: str, cfg: RunConfig, dataset: str, 
                                    if isinstance(v, (int, float))},
                                 **{f"time/{key}": v for key, v in result["times"].items()},
                                 "train/epochs": result["student"]["epochs"],
-                                "train/best_epoch": result["student"]["best_epoch"]})
+                                "train/best_epoch": result["student"]["best_epoch"],
+                                "train/synthetic_position_share": result["student"]["synthetic_position_share"],
+                                "train/synthetic_weight_share": result["student"]["synthetic_weight_share"]})
     uri = store.root + "/" + dataset
     tracker.log_dataset(child, dataset, k, manifest.digest, uri, "training", _profile(manifest.stats))
     tracker.log_artifact(child, result["student"]["checkpoint"], "checkpoint")

@@ -141,12 +141,14 @@ class CL4SRec(SASRec):
         o = self.config.options
         return info_nce(z1, z2, o["cl_temperature"], o["cl_similarity"])
 
-    def next_item_loss(self, seqs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return super().loss(seqs, targets)
+    def next_item_loss(self, seqs: torch.Tensor, targets: torch.Tensor,
+                       weights: torch.Tensor | None = None) -> torch.Tensor:
+        return super().loss(seqs, targets, weights)
 
-    def loss(self, seqs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Next-item loss (over positions with a target) + cl_weight * InfoNCE."""
-        value = self.next_item_loss(seqs, targets)
+    def loss(self, seqs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-item loss (over positions with a target; mean, or weighted sum with weights) +
+        cl_weight * InfoNCE (a mean over the batch's sequences: the weights concern targets)."""
+        value = self.next_item_loss(seqs, targets, weights)
         weight = self.config.options["cl_weight"]
         if weight > 0:
             value = value + weight * self.contrastive_loss(seqs)

@@ -18,6 +18,11 @@ class ModelConfig(BaseModel):
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     loss: Literal["ce", "sampled", "bce"] = "ce"
     negatives: int = Field(256, ge=1, description="uniform negatives per position for loss=sampled")
+    negatives_exclude_input: bool = Field(False, description="loss=sampled: never draw an item of the "
+                                          "position's input sequence as a negative (the RSIR release)")
+    positions: Literal["newest", "oldest"] = Field(
+        "newest", description="absolute positions counted back from the newest item, or from the oldest "
+        "item of the input (RecBole, the RSIR release; stable while a sequence grows)")
     options: dict[str, Any] = Field(default_factory=dict, description="backbone-specific options")
 
     @field_validator("name")

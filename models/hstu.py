@@ -12,8 +12,8 @@ Choices:
   anyway, so n only sets the numeric range.
 - rab: per layer and head, a learned table indexed by the relative distance i - j in
   0..max_len-1 (zero-initialised); timestamps are not available, so no time bias.
-- inputs: item embedding x sqrt(d) + optional learned absolute positions (aligned right, as
-  SASRec: the newest item always has position max_len - 1), embedding dropout.
+- inputs: item embedding x sqrt(d) + optional learned absolute positions (counted from the
+  newest or the oldest item, config.positions, as SASRec), embedding dropout.
 - output: final LayerNorm; with options.l2_norm the output and the item embeddings are also
   L2-normalised and scores are cosine / temperature (the sampled-softmax setup of the paper;
   works with every `loss`).
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.config import ModelConfig
-from models.layers import Dropout
-from models.losses import next_item_loss
+from models.layers import Dropout, position_ids
+from models.losses import sequence_loss
 
 
 class HSTUOptions(BaseModel):
@@ -98,7 +98,7 @@ class HSTU(nn.Module):
         real = seqs != 0
         x = self.item_emb(seqs) * math.sqrt(self.config.hidden)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(self.config.max_len - L, self.config.max_len, device=seqs.device))
+            x = x + self.pos_emb(position_ids(seqs, self.config.max_len, self.config.positions))
         x = self.emb_drop(x) * real.unsqueeze(-1)
         causal = torch.ones(L, L, dtype=torch.bool, device=seqs.device).tril()
         keep = (causal & real[:, None, None, :]).to(x.dtype)  # (B, 1, L, L)
@@ -122,12 +122,9 @@ class HSTU(nn.Module):
         """(B, L) -> (B, N+1) next-item scores after the newest item of each sequence."""
         return self.item_scores(self.encode(seqs)[:, -1])
 
-    def loss(self, seqs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Next-item loss averaged over positions whose target is not padding (0); logits are the
-        same as item_scores (temperature folded into the hidden states)."""
-        hidden = self.encode(seqs)
-        has_target = targets != 0
-        return next_item_loss(
-            self.config.loss, hidden[has_target] / self.temperature, targets[has_target],
-            self.output_embeddings(), self.config.negatives,
-        )
+    def loss(self, seqs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-item loss over positions whose target is not padding (0), mean or weighted sum
+        (see models.losses); logits are the same as item_scores (temperature folded into the
+        hidden states)."""
+        hidden = self.encode(seqs) / self.temperature
+        return sequence_loss(self.config, hidden, seqs, targets, self.output_embeddings(), weights)

@@ -24,3 +24,20 @@ class Dropout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def position_ids(seqs: torch.Tensor, max_len: int, scheme: str) -> torch.Tensor:
+    """Absolute position index of every column of left-padded rows (B, L), as (B, L) or (1, L).
+
+    newest: counted back from the newest item, which always has max_len - 1 (the same for every
+            row, so a (1, L) index); an item's position shifts each time the sequence grows.
+    oldest: counted from the oldest item of the row's input, which has 0 (RecBole and the RSIR
+            release); positions never shift when a sequence grows. Padding columns get 0 (they
+            are masked out anyway)."""
+    L = seqs.shape[1]
+    if scheme == "newest":
+        return torch.arange(max_len - L, max_len, device=seqs.device)[None, :]
+    if scheme == "oldest":
+        pad = L - (seqs != 0).sum(dim=1, keepdim=True)
+        return (torch.arange(L, device=seqs.device)[None, :] - pad).clamp(min=0)
+    raise ValueError(f"unknown position scheme {scheme!r}")

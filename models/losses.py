@@ -2,6 +2,9 @@
 
 Every loss takes hidden states at the positions that have a target (P, d), the targets
 (P,) with ids in 1..N, and the item embedding matrix (N+1, d) whose row 0 is padding.
+Without `weights` a loss is the mean over the P positions; with `weights` (P,) it is the
+weighted sum Σ w_p ℓ_p (the trainer normalises the weights so that every target position of
+an epoch weighs the same, synthetic ones times λ: see tasks/split.position_weights).
 """
 
 from __future__ import annotations
@@ -9,51 +12,94 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# Rounds of redrawing negatives that hit an excluded item; after them a leftover hit (about
+# (|excluded|/N)^5 of the draws) is masked out instead of being counted as a negative.
+_REDRAWS = 4
+
+
+def reduce_positions(per_position: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """(P,) losses -> their mean, or Σ w ℓ with per-position weights (P,)."""
+    if weights is None:
+        return per_position.mean()
+    return (per_position * weights).sum()
+
 
 def full_softmax_ce(hidden: torch.Tensor, targets: torch.Tensor, item_emb: torch.Tensor) -> torch.Tensor:
+    """(P,) cross-entropy of every target against all N items."""
     logits = hidden @ item_emb.T
     logits[:, 0] = float("-inf")  # padding is never a valid next item
-    return F.cross_entropy(logits, targets)
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+def is_member(values: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
+    """values (P, K) ids, sets (P, S) ids (0 = padding, never a member) -> (P, K) bool: is
+    values[p, k] one of sets[p]? Sorted search: O(P K log S), no (P, N) mask."""
+    ordered = sets.sort(dim=1).values
+    idx = torch.searchsorted(ordered, values).clamp(max=sets.shape[1] - 1)
+    return (ordered.gather(1, idx) == values) & (values != 0)
+
+
+def draw_negatives(targets: torch.Tensor, num_items: int, negatives: int,
+                   exclude: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniform negatives (P, negatives) in 1..N and a (P, negatives) mask of the usable ones:
+    never the target, and never an item of `exclude` (P, S) when given (the release draws
+    negatives outside the input sequence). Hits are redrawn, so almost all are usable."""
+    P = targets.shape[0]
+    neg = torch.randint(1, num_items + 1, (P, negatives), device=targets.device)
+
+    def bad(ids: torch.Tensor) -> torch.Tensor:
+        hit = ids == targets[:, None]
+        return hit | is_member(ids, exclude) if exclude is not None else hit
+
+    for _ in range(_REDRAWS):
+        miss = bad(neg)
+        if not bool(miss.any()):
+            break
+        neg = torch.where(miss, torch.randint_like(neg, 1, num_items + 1), neg)
+    return neg, ~bad(neg)
 
 
 def sampled_softmax_ce(
     hidden: torch.Tensor, targets: torch.Tensor, item_emb: torch.Tensor, negatives: int,
-    temperature: float = 1.0,
+    temperature: float = 1.0, exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Softmax over the target and `negatives` uniform items (per position); a negative that
-    happens to equal the target is masked out rather than counted as a false negative."""
-    num_items = item_emb.shape[0] - 1
-    neg = torch.randint(1, num_items + 1, (hidden.shape[0], negatives), device=hidden.device)
+    """(P,) softmax cross-entropy over the target and `negatives` uniform items per position;
+    a negative equal to the target (or in `exclude`) is redrawn, and masked if it still is."""
+    neg, usable = draw_negatives(targets, item_emb.shape[0] - 1, negatives, exclude)
     pos_logit = (hidden * item_emb[targets]).sum(-1, keepdim=True)
     neg_logit = torch.einsum("pd,pnd->pn", hidden, item_emb[neg])
-    neg_logit = neg_logit.masked_fill(neg == targets[:, None], float("-inf"))
+    neg_logit = neg_logit.masked_fill(~usable, float("-inf"))
     logits = torch.cat([pos_logit, neg_logit], dim=1) / temperature
-    return F.cross_entropy(logits, torch.zeros_like(targets))
+    return F.cross_entropy(logits, torch.zeros_like(targets), reduction="none")
 
 
 def bce_one_negative(hidden: torch.Tensor, targets: torch.Tensor, item_emb: torch.Tensor) -> torch.Tensor:
-    """The original SASRec loss: one uniform negative per position."""
+    """(P,) original SASRec loss: one uniform negative per position."""
     num_items = item_emb.shape[0] - 1
     neg = torch.randint(1, num_items + 1, targets.shape, device=hidden.device)
     pos_logit = (hidden * item_emb[targets]).sum(-1)
     neg_logit = (hidden * item_emb[neg]).sum(-1)
     keep = (neg != targets).float()
-    pos_loss = F.binary_cross_entropy_with_logits(pos_logit, torch.ones_like(pos_logit))
-    neg_loss = F.binary_cross_entropy_with_logits(neg_logit, torch.zeros_like(neg_logit), weight=keep)
-    return pos_loss + neg_loss
+    pos_loss = F.binary_cross_entropy_with_logits(pos_logit, torch.ones_like(pos_logit), reduction="none")
+    neg_loss = F.binary_cross_entropy_with_logits(neg_logit, torch.zeros_like(neg_logit), reduction="none")
+    return pos_loss + keep * neg_loss
 
 
 def next_item_loss(
     kind: str, hidden: torch.Tensor, targets: torch.Tensor, item_emb: torch.Tensor, negatives: int,
-    temperature: float = 1.0,
+    temperature: float = 1.0, weights: torch.Tensor | None = None, exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """The configured loss over P positions, reduced by `reduce_positions`. `exclude` (P, S):
+    items never drawn as negatives of that position (loss=sampled only)."""
     if kind == "ce":
-        return full_softmax_ce(hidden, targets, item_emb)
-    if kind == "sampled":
-        return sampled_softmax_ce(hidden, targets, item_emb, negatives, temperature)
-    if kind == "bce":
-        return bce_one_negative(hidden, targets, item_emb)
-    raise ValueError(f"unknown loss {kind!r}")
+        per_position = full_softmax_ce(hidden, targets, item_emb)
+    elif kind == "sampled":
+        per_position = sampled_softmax_ce(hidden, targets, item_emb, negatives, temperature, exclude)
+    elif kind == "bce":
+        per_position = bce_one_negative(hidden, targets, item_emb)
+    else:
+        raise ValueError(f"unknown loss {kind!r}")
+    return reduce_positions(per_position, weights)
 
 
 def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 1.0,
@@ -75,3 +121,18 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 1.0,
     idx = torch.arange(B, device=z.device)
     labels = torch.cat([idx + B, idx])
     return F.cross_entropy(logits, labels)
+
+
+def sequence_loss(config, hidden: torch.Tensor, seqs: torch.Tensor, targets: torch.Tensor,
+                  item_emb: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The next-item loss of a backbone over every position whose target is not padding.
+
+    hidden (B, L, d) encoder states, already scaled as the scores are; seqs and targets (B, L);
+    weights (B, L) per-position weights or None (mean over target positions); item_emb (N+1, d).
+    With config.negatives_exclude_input, a position's negatives avoid its row's input items."""
+    has_target = targets != 0
+    exclude = None
+    if config.loss == "sampled" and config.negatives_exclude_input:
+        exclude = seqs[has_target.nonzero()[:, 0]]  # (P, L): the input window of each position's row
+    return next_item_loss(config.loss, hidden[has_target], targets[has_target], item_emb, config.negatives,
+                          weights=None if weights is None else weights[has_target], exclude=exclude)

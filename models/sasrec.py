@@ -1,6 +1,7 @@
 """SASRec (Kang & McAuley, 2018): causal self-attention over the item sequence.
 
 Inputs are left-padded with item 0, so the last position always holds the newest item.
+Learned absolute positions, counted from the newest or the oldest item (config.positions).
 Pre-LayerNorm blocks; the item embedding is shared between input and output (scores are
 dot products with every item embedding).
 """
@@ -15,8 +16,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.config import ModelConfig
-from models.layers import Dropout
-from models.losses import next_item_loss
+from models.layers import Dropout, position_ids
+from models.losses import sequence_loss
 
 
 class SASRecOptions(BaseModel):
@@ -102,7 +103,7 @@ class SASRec(nn.Module):
         if L > self.config.max_len:
             raise ValueError(f"sequence length {L} exceeds max_len={self.config.max_len}")
         real = (seqs != 0).unsqueeze(-1)
-        pos = torch.arange(self.config.max_len - L, self.config.max_len, device=seqs.device)
+        pos = position_ids(seqs, self.config.max_len, self.config.positions)
         x = self.item_emb(seqs) * math.sqrt(self.config.hidden) + self.pos_emb(pos)
         x = self.emb_drop(x) * real
         mask = attention_mask(seqs)
@@ -120,11 +121,7 @@ class SASRec(nn.Module):
         """(B, L) -> (B, N+1) next-item scores after the newest item of each sequence."""
         return self.item_scores(self.encode(seqs)[:, -1])
 
-    def loss(self, seqs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Next-item loss averaged over positions whose target is not padding (0)."""
-        hidden = self.encode(seqs)
-        has_target = targets != 0
-        return next_item_loss(
-            self.config.loss, hidden[has_target], targets[has_target], self.item_emb.weight,
-            self.config.negatives,
-        )
+    def loss(self, seqs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-item loss over positions whose target is not padding (0): their mean, or with
+        weights (B, L) the weighted sum (see models.losses)."""
+        return sequence_loss(self.config, self.encode(seqs), seqs, targets, self.item_emb.weight, weights)

@@ -17,6 +17,14 @@ data_app = typer.Typer(help="Fetch, import and inspect datasets.", no_args_is_he
 app.add_typer(data_app, name="data")
 
 Home = Annotated[Optional[Path], typer.Option("--home", help="workspace directory (default $RSIR_HOME or ./workspace)")]
+# Training settings shared by `train` and `run`; None = the recipe's value (rsir/config.py).
+Recipe = Annotated[str, typer.Option(help="training preset: default or release (the authors' RSIR release)")]
+SyntheticWeight = Annotated[Optional[float], typer.Option(
+    help="λ: weight of a synthetic target position relative to a real one (default 1)")]
+Batching = Annotated[Optional[str], typer.Option(help="length (similar lengths batched) or random")]
+Weighting = Annotated[Optional[str], typer.Option(help="position (every target alike) or batch (each batch's mean)")]
+Stride = Annotated[Optional[int], typer.Option(help="pairs between overlapping windows of long sequences (default max_len)")]
+EarlyStop = Annotated[Optional[str], typer.Option(help="validation metric of early stopping, e.g. ndcg@10, ndcg@20")]
 Json = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
 
 
@@ -133,7 +141,12 @@ def train(
     dropout: Annotated[Optional[float], typer.Option(help="dropout in [0, 1)")] = None,
     loss: Annotated[Optional[str], typer.Option(help="ce, sampled or bce")] = None,
     negatives: Annotated[Optional[int], typer.Option(help="negatives for loss=sampled")] = None,
+    negatives_exclude_input: Annotated[Optional[bool], typer.Option(
+        "--negatives-exclude-input/--negatives-any", help="loss=sampled: no negative from the input sequence")] = None,
+    positions: Annotated[Optional[str], typer.Option(help="newest or oldest: where positions are counted from")] = None,
     option: Annotated[Optional[list[str]], typer.Option("--option", help="backbone option KEY=VALUE (repeatable)")] = None,
+    recipe: Recipe = "default", synthetic_weight: SyntheticWeight = None, batching: Batching = None,
+    weighting: Weighting = None, stride: Stride = None, early_stop: EarlyStop = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads")] = None,
     include_history: Annotated[bool, typer.Option("--include-history", help="rank the user's own history items too")] = False,
@@ -145,9 +158,13 @@ def train(
     from rsir.config import TrainConfig, parse_config
 
     model_params = _drop_none(name=model, max_len=max_len, hidden=hidden, layers=layers, heads=heads,
-                              dropout=dropout, loss=loss, negatives=negatives, options=_options(option))
+                              dropout=dropout, loss=loss, negatives=negatives,
+                              negatives_exclude_input=negatives_exclude_input, positions=positions,
+                              options=_options(option))
     params = _drop_none(dataset=dataset, version=version, seed=seed, epochs=epochs, patience=patience, lr=lr,
-                        batch_size=batch_size, device=device, threads=threads, model=model_params,
+                        batch_size=batch_size, device=device, threads=threads, model=model_params, recipe=recipe,
+                        synthetic_weight=synthetic_weight, batching=batching, weighting=weighting, stride=stride,
+                        early_stop=early_stop,
                         exclude_history=not include_history,
                         progress=sys.stderr.isatty() if progress is None else progress)
     cfg = parse_config(TrainConfig, params)
@@ -271,10 +288,12 @@ def run(
     fidelity: Annotated[bool, typer.Option("--fidelity/--no-fidelity", help="fidelity control")] = True,
     generator: Annotated[Optional[str], typer.Option(help="generator backbone (default: the student)")] = None,
     option: Annotated[Optional[list[str]], typer.Option("--option", help="student option KEY=VALUE (repeatable)")] = None,
-    epochs: Annotated[int, typer.Option(help="maximum epochs per training")] = 200,
-    patience: Annotated[int, typer.Option(help="early-stopping patience")] = 10,
-    lr: Annotated[float, typer.Option(help="Adam learning rate")] = 1e-3,
-    batch_size: Annotated[int, typer.Option(help="training batch size")] = 128,
+    recipe: Recipe = "default", synthetic_weight: SyntheticWeight = None, batching: Batching = None,
+    weighting: Weighting = None, stride: Stride = None, early_stop: EarlyStop = None,
+    epochs: Annotated[Optional[int], typer.Option(help="maximum epochs per training (default: the recipe's)")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="early-stopping patience (default: the recipe's)")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="training batch size (default: the recipe's)")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads")] = None,
@@ -288,8 +307,12 @@ def run(
 
     hidden = _options(option)
     summary = rsir(dataset=dataset, model=model, K=K, tau=tau, p=p, m=m, min_len=min_len, fidelity=fidelity,
-                   generator=generator, model_params={"options": hidden} if hidden else None, epochs=epochs,
-                   patience=patience, lr=lr, batch_size=batch_size, seed=seed, device=device, threads=threads,
+                   generator=generator, model_params={"options": hidden} if hidden else None, recipe=recipe,
+                   synthetic_weight=1.0 if synthetic_weight is None else synthetic_weight, epochs=epochs,
+                   patience=patience, lr=lr, batch_size=batch_size,
+                   training_params=_drop_none(batching=batching, weighting=weighting, stride=stride,
+                                              early_stop=early_stop) or None,
+                   seed=seed, device=device, threads=threads,
                    home=str(ws.root), tracking_uri=tracking_uri, experiment=experiment,
                    progress=sys.stderr.isatty())
     _emit(summary, as_json, lambda r: print(format_table(r)))
@@ -297,7 +320,7 @@ def run(
 
 @app.command("experiment")
 def experiment_cmd(
-    suite: Annotated[str, typer.Argument(help="suite: main, sensitivity or backbones")],
+    suite: Annotated[str, typer.Argument(help="suite: main, sensitivity, backbones or faithful")],
     smoke: Annotated[bool, typer.Option(help="trimmed suite: 2 seeds, short grids, 2 epochs, tiny models")] = False,
     dataset: Annotated[Optional[list[str]], typer.Option("--dataset", help="override the suite's datasets (repeatable)")] = None,
     seed: Annotated[Optional[list[int]], typer.Option("--seed", help="seeds (repeatable; default 0 1 2)")] = None,
@@ -327,7 +350,7 @@ def experiment_cmd(
 
 @app.command("report")
 def report_cmd(
-    suite: Annotated[str, typer.Argument(help="suite whose results to report: main, sensitivity or backbones")],
+    suite: Annotated[str, typer.Argument(help="suite whose results to report: main, sensitivity, backbones or faithful")],
     out: Annotated[Optional[Path], typer.Option(help="folder for report.md and figures (default WORKSPACE/reports/SUITE)")] = None,
     smoke: Annotated[bool, typer.Option(help="report the --smoke run of the suite")] = False,
     command: Annotated[Optional[str], typer.Option(help="the command that produced the results, quoted in the report")] = None,

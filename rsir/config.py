@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -24,17 +24,96 @@ def _check_device(value: str) -> str:
 Device = Annotated[str, AfterValidator(_check_device)]
 
 
-class TrainConfig(BaseModel):
+Metric = Literal["ndcg@5", "ndcg@10", "ndcg@20", "recall@5", "recall@10", "recall@20", "mrr@20"]
+Recipe = Literal["default", "release"]
+
+# Named presets of the training settings. A preset fills only what the caller left unset, so
+# `--recipe release --patience 5` is the release recipe with patience 5.
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    # The authors' release (USTC-StarTeam/RSIR, configs/basemodel.yaml and model/basemodel.py;
+    # see ../shared/docs/rsir-method.md §4): sampled softmax over 256 negatives drawn outside
+    # the input sequence, batch 256, plain random batches, early stopping on validation
+    # NDCG@20 with patience 20 (up to 1000 epochs); SASRec as RecBole's: 2 heads, dropout 0.5,
+    # FFN 4d (256 for d = 64), positions from the oldest item.
+    "release": {
+        "batch_size": 256, "batching": "random", "early_stop": "ndcg@20", "patience": 20, "epochs": 1000,
+        "model": {"loss": "sampled", "negatives": 256, "negatives_exclude_input": True, "heads": 2,
+                  "dropout": 0.5, "positions": "oldest", "options": {"ffn_mult": 4}},
+    },
+}
+
+
+def apply_recipe(data: Any, model_keys: tuple[str, ...]) -> Any:
+    """Fill the settings the caller did not give from the named recipe (raw input dicts only;
+    a validated ModelConfig is taken as it is). Options a backbone does not know are skipped."""
+    if not isinstance(data, dict):
+        return data
+    preset = RECIPES.get(data.get("recipe", "default"), {})
+    out = {**{k: v for k, v in preset.items() if k != "model"}, **data}
+    for key in model_keys:
+        given = out.get(key, {} if key == "model" else None)
+        if isinstance(given, dict):
+            out[key] = _recipe_model(preset.get("model", {}), given)
+    return out
+
+
+def _recipe_model(preset: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    from models import get_backbone  # late import: the registry imports the backbones
+
+    name = given.get("name", ModelConfig.model_fields["name"].default)
+    try:
+        known = get_backbone(name).options.model_fields
+    except ValueError:
+        return given  # the model's own validation names the unknown backbone
+    options = {k: v for k, v in preset.get("options", {}).items() if k in known}
+    merged = {**{k: v for k, v in preset.items() if k != "options"}, **given}
+    merged["options"] = {**options, **given.get("options", {})}
+    return merged
+
+
+class TrainingSettings(BaseModel):
+    """How a model learns from a dataset version: every setting here can change θ. Declared once;
+    TrainConfig (one training) and RunConfig (every training of an RSIR run) both carry it."""
+
     model_config = ConfigDict(extra="forbid")
+
+    recipe: Recipe = Field("default", description="preset that fills the settings left unset: default "
+                           "(ours) or release (the authors' RSIR release)")
+    epochs: int = Field(200, ge=1, description="maximum epochs")
+    patience: int = Field(10, ge=1, description="epochs without a gain of the early-stopping metric before stopping")
+    early_stop: Metric = Field("ndcg@10", description="validation metric of early stopping and model selection")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(128, ge=1)
+    batching: Literal["length", "random"] = Field(
+        "length", description="length: windows of similar length batched together (less padding); "
+        "random: plain random batches (the release)")
+    weighting: Literal["position", "batch"] = Field(
+        "position", description="position: every target position of an epoch weighs the same, whatever "
+        "batch it falls in (the paper's objective); batch: each batch's mean (the trainer before issue 10)")
+    synthetic_weight: float = Field(1.0, ge=0.0, description="λ: weight of a synthetic target position "
+                                    "relative to a real one (1 = alike, the paper's L_k + λ·L_gen by counts)")
+    stride: int | None = Field(None, ge=1, description="pairs between overlapping training windows of long "
+                               "sequences (a window predicts only its newest `stride` targets); None = max_len "
+                               "(disjoint windows)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe(cls, data: Any) -> Any:
+        return apply_recipe(data, ("model", "generator"))
+
+    @classmethod
+    def names(cls) -> set[str]:
+        return set(TrainingSettings.model_fields)
+
+
+class TrainConfig(TrainingSettings):
+    """One training: a dataset version, a backbone, the training settings and the runtime."""
 
     dataset: str = "ml-100k"
     version: int | None = Field(None, ge=0, description="dataset version; latest when omitted")
     model: ModelConfig = Field(default_factory=ModelConfig)
-    epochs: int = Field(200, ge=1, description="maximum epochs")
-    patience: int = Field(10, ge=1, description="epochs without validation NDCG@10 gain before stopping")
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(128, ge=1)
     eval_batch_size: int = Field(512, ge=1)
     seed: int = 0
     device: Device = "auto"
@@ -42,6 +121,11 @@ class TrainConfig(BaseModel):
     exclude_history: bool = True
     progress: bool = True
 
+    @model_validator(mode="after")
+    def _stride(self) -> "TrainConfig":
+        if self.stride is not None and self.stride > self.model.max_len:
+            raise ValueError(f"stride={self.stride} exceeds the {self.model.name} model's max_len={self.model.max_len}")
+        return self
 
 
 def parse_config(cls: type[BaseModel], data: dict) -> BaseModel:
@@ -62,20 +146,13 @@ def describe_validation_error(exc: ValidationError) -> str:
     return f"invalid parameter {where!r}: {msg}{shown}"
 
 
-class RunConfig(BaseModel):
+class RunConfig(TrainingSettings):
     """Everything an RSIR run depends on; built from the flow's (deployment's) parameters."""
-
-    model_config = ConfigDict(extra="forbid")
 
     dataset: str = "ml-100k"
     K: int = Field(3, ge=0, le=100, description="self-improving iterations")
     model: ModelConfig = Field(default_factory=ModelConfig, description="the student: trained and evaluated")
     generator: ModelConfig | None = Field(None, description="generator backbone (weak-to-strong); default: the student")
-    epochs: int = Field(200, ge=1)
-    patience: int = Field(10, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(128, ge=1)
     tau: int = Field(10, ge=1, description="fidelity rank threshold")
     p: float = Field(0.5, ge=0.0, le=1.0, description="probability of the local pool")
     m: int = Field(5, ge=1, description="rollouts per source sequence")
@@ -99,6 +176,9 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _generation_tau(self) -> "RunConfig":
+        for model in (self.model, self.generator_model):
+            if self.stride is not None and self.stride > model.max_len:
+                raise ValueError(f"stride={self.stride} exceeds the {model.name} model's max_len={model.max_len}")
         if self.generation_tau is not None:
             if not self.fidelity:
                 raise ValueError("generation_tau needs fidelity control on")
@@ -116,15 +196,15 @@ class RunConfig(BaseModel):
         return self.generator or self.model
 
     def train_config(self, dataset: str, version: int, model: ModelConfig) -> TrainConfig:
-        return TrainConfig(dataset=dataset, version=version, model=model, epochs=self.epochs,
-                           patience=self.patience, lr=self.lr, weight_decay=self.weight_decay,
-                           batch_size=self.batch_size, seed=self.seed, device=self.device, threads=self.threads,
-                           progress=self.progress)
+        settings = self.model_dump(include=TrainingSettings.names())
+        return TrainConfig(**settings, dataset=dataset, version=version, model=model, seed=self.seed,
+                           device=self.device, threads=self.threads, progress=self.progress)
 
     def lineage_key(self) -> str:
-        """What determines the generated data (not K: a K=2 run is the prefix of a K=3 run)."""
+        """What determines the generated data (not K: a K=2 run is the prefix of a K=3 run; not
+        the recipe's name, only the settings it resolved to)."""
         keep = self.model_dump(mode="json", include={
-            "dataset", "model", "generator", "epochs", "patience", "lr", "weight_decay", "batch_size", "tau",
-            "p", "m", "min_len", "fidelity", "generation_tau", "max_sources", "seed"})
+            "dataset", "model", "generator", "tau", "p", "m", "min_len", "fidelity", "generation_tau",
+            "max_sources", "seed", *(TrainingSettings.names() - {"recipe"})})
         keep["generator"] = self.generator_model.model_dump(mode="json")
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()

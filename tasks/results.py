@@ -60,16 +60,26 @@ def collect_runs(tracker: Tracker) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["dataset"], r["arm"], int(r["seed"]), r["k"]))
 
 
-def best_on_validation(rows: list[dict[str, Any]], dataset: str, sweep: str) -> str:
-    """The swept value (label `sweep`: 'tau' or 'p') of the K = 1 arms with the highest validation
-    NDCG@10 averaged over seeds; the smallest value wins a tie. The test split is never used."""
+def best_on_validation(rows: list[dict[str, Any]], dataset: str, sweep: str, k: int = 1) -> str:
+    """The value of label `sweep` ('tau', 'p', 'trainer') whose iteration-k rows have the highest
+    validation NDCG@10 averaged over seeds; the smallest value (numbers) or the first name wins
+    a tie. The test split is never used."""
     scores: dict[str, list[float]] = {}
     for r in rows:
-        if r.get("sweep") == sweep and r["dataset"] == dataset and r["k"] == 1:
+        if sweep in r and r.get("sweep", sweep) == sweep and r["dataset"] == dataset and r["k"] == k:
             scores.setdefault(r[sweep], []).append(r["valid/ndcg@10"])
     if not scores:
         raise ValueError(f"no finished {sweep} arm on {dataset!r} to choose the best {sweep} from")
-    return max(sorted(scores, key=float), key=lambda v: sum(scores[v]) / len(scores[v]))
+    ordered = sorted(scores, key=lambda v: (float(v), v) if _is_number(v) else (float("inf"), v))
+    return max(ordered, key=lambda v: sum(scores[v]) / len(scores[v]))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def user_ranks(tracker: Tracker, run_id: str, split: str = "test") -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import polars as pl
@@ -68,6 +69,7 @@ class LeaveOneOut:
     test_target: np.ndarray
     num_items: int
     train_seq_ids: np.ndarray | None = None  # seq_id of each training row (parents of generated data)
+    train_synthetic: np.ndarray | None = None  # bool per training row: a synthetic sequence
 
     @property
     def num_users(self) -> int:
@@ -98,35 +100,53 @@ def leave_one_out(seqs: pl.DataFrame, num_items: int) -> LeaveOneOut:
         test_target=parts["test"].to_numpy().astype(np.int64),
         num_items=num_items,
         train_seq_ids=np.concatenate([real["seq_id"].to_numpy(), synthetic["seq_id"].to_numpy()]).astype(np.int64),
+        train_synthetic=np.repeat([False, True], [real.height, synthetic.height]),
     )
 
 
 @dataclass(frozen=True)
 class Windows:
-    """Training samples: each predicts every position of a window of <= max_len pairs."""
+    """Training samples: each predicts the positions of a window of <= max_len pairs, except its
+    first `skip` ones (their targets are another window's, which sees a longer context)."""
 
     starts: np.ndarray  # absolute index into Ragged.values of the first input item
     lengths: np.ndarray  # number of (input, target) pairs
+    rows: np.ndarray  # training row (index into LeaveOneOut.train) of each window
+    skip: np.ndarray  # leading pairs whose target this window does not predict
 
     def __len__(self) -> int:
         return len(self.starts)
 
     @property
+    def targets(self) -> np.ndarray:
+        """Target positions each window predicts."""
+        return self.lengths - self.skip
+
+    @property
     def positions(self) -> int:
-        return int(self.lengths.sum())
+        return int(self.targets.sum())
 
 
-def training_windows(train: Ragged, max_len: int) -> Windows:
-    """Sequences longer than max_len+1 are cut into windows counted back from the newest item,
-    so every target is predicted exactly once per epoch."""
+def training_windows(train: Ragged, max_len: int, stride: int | None = None) -> Windows:
+    """Cut every sequence into windows of <= max_len pairs counted back from the newest item, one
+    every `stride` pairs (default max_len: disjoint windows). A window predicts only its newest
+    `stride` targets (the oldest window all that are left), so every target is predicted
+    exactly once per epoch, with at least max_len - stride items of context unless it lies
+    near the start of its sequence. stride = 1 gives every target its full context (one sample
+    per prefix, as RecBole) at max_len times the cost of stride = max_len."""
+    stride = max_len if stride is None else stride
+    if not 1 <= stride <= max_len:
+        raise ValueError(f"stride must be in 1..max_len={max_len}, got {stride}")
     pairs = np.maximum(train.lengths - 1, 0)
-    counts = -(-pairs // max_len)  # windows per sequence (0 for sequences of one item)
+    counts = np.where(pairs > 0, -(-np.maximum(pairs - max_len, 0) // stride) + 1, 0)
     row = np.repeat(np.arange(len(train)), counts)
     first = np.cumsum(counts) - counts
     j = np.arange(counts.sum()) - np.repeat(first, counts)  # 0 = newest window
-    end = pairs[row] - j * max_len
+    end = pairs[row] - j * stride
     start = np.maximum(end - max_len, 0)
-    return Windows(starts=train.offsets[row] + start, lengths=end - start)
+    oldest = start == 0
+    skip = np.where(oldest, 0, end - stride - start)
+    return Windows(starts=train.offsets[row] + start, lengths=end - start, rows=row, skip=skip)
 
 
 def window_batches(windows: Windows, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -142,6 +162,70 @@ def window_batches(windows: Windows, batch_size: int, rng: np.random.Generator) 
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def random_batches(windows: Windows, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Plain random batches (the RSIR release): a permutation cut into batches; lengths mix."""
+    order = rng.permutation(len(windows))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+BATCHINGS = {"length": window_batches, "random": random_batches}
+
+
 def window_tensors(train: Ragged, windows: Windows, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets), both (len(idx), longest window) and left-padded; a target is 0 where
+    there is none: padding, and the skipped pairs of overlapping windows."""
     starts, lengths = windows.starts[idx], windows.lengths[idx]
-    return gather_padded(train.values, starts, lengths), gather_padded(train.values, starts, lengths, shift=1)
+    inputs = gather_padded(train.values, starts, lengths)
+    targets = gather_padded(train.values, starts, lengths, shift=1)
+    width = targets.shape[1]
+    # Left padding puts pair s of a window at column width - length + s.
+    first_counted = torch.from_numpy(width - lengths + windows.skip[idx])[:, None]
+    targets[torch.arange(width)[None, :] < first_counted] = 0
+    return inputs, targets
+
+
+# ------------------------------------------------------------------ how much each target weighs
+Weighting = Literal["position", "batch"]
+
+
+@dataclass(frozen=True)
+class TargetWeights:
+    """Per-window weight of each of its targets: `synthetic_weight` (λ) for windows of synthetic
+    sequences, 1 for real ones (the paper's L_k + λ·L_gen)."""
+
+    per_window: np.ndarray  # (windows,) λ or 1
+    synthetic: np.ndarray  # (windows,) bool
+
+    @classmethod
+    def of(cls, windows: Windows, train_synthetic: np.ndarray, synthetic_weight: float) -> "TargetWeights":
+        synthetic = train_synthetic[windows.rows]
+        return cls(np.where(synthetic, synthetic_weight, 1.0), synthetic)
+
+
+def batch_scales(windows: Windows, weights: TargetWeights, batches: list[np.ndarray],
+                 weighting: Weighting) -> np.ndarray:
+    """Factor that turns a batch's Σ w ℓ into its loss, one per batch.
+
+    position: every target position of the epoch weighs the same (times λ if synthetic), in
+              whatever batch it falls: factor = batches / Σ_epoch w, so the mean of the batch
+              losses is exactly the λ-weighted mean over all target positions of the epoch.
+    batch:    each batch's own weighted mean, factor = 1 / Σ_batch w (the trainer before issue
+              10: a batch of short sequences weighs as much as one of long ones)."""
+    mass = weights.per_window * windows.targets
+    if weighting == "position":
+        return np.full(len(batches), len(batches) / mass.sum())
+    if weighting == "batch":
+        return np.array([1.0 / mass[idx].sum() for idx in batches])
+    raise ValueError(f"unknown weighting {weighting!r}")
+
+
+def synthetic_shares(windows: Windows, weights: TargetWeights, batches: list[np.ndarray],
+                     scales: np.ndarray) -> tuple[float, float]:
+    """(share of the epoch's target positions that are synthetic, share of the epoch's gradient
+    weight they carry), the second under the given batches and scales."""
+    targets = windows.targets
+    position_share = float(targets[weights.synthetic].sum() / max(targets.sum(), 1))
+    mass = weights.per_window * targets
+    total = sum(scale * mass[idx].sum() for idx, scale in zip(batches, scales))
+    synthetic = sum(scale * mass[idx][weights.synthetic[idx]].sum() for idx, scale in zip(batches, scales))
+    return position_share, float(synthetic / total) if total else 0.0

@@ -1,4 +1,7 @@
-"""Train a backbone on a dataset version: Adam, early stopping on validation NDCG@10."""
+"""Train a backbone on a dataset version: Adam, early stopping on a validation metric.
+
+Every target position of an epoch weighs the same in the objective (a synthetic one times
+λ = synthetic_weight), whatever batch it falls in: the paper's L_k(θ) + λ·L_gen(θ)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -19,17 +22,15 @@ from prefect import task
 from tqdm import tqdm
 
 from models import build_model
-from rsir.config import TrainConfig
+from rsir.config import TrainConfig, TrainingSettings
 from rsir.errors import RsirError
 from rsir.workspace import Workspace
 from storage.checkpoints import read_checkpoint, save_checkpoint
 from tasks.evaluate import evaluate_split
 from tasks.ingest import dataset_store
 from tasks.runtime import resolve_device, seed_everything, timed
-from tasks.split import LeaveOneOut, leave_one_out, training_windows, window_batches, window_tensors
-
-EARLY_STOP_METRIC = "ndcg@10"
-
+from tasks.split import (BATCHINGS, LeaveOneOut, TargetWeights, Windows, batch_scales, leave_one_out,
+                         synthetic_shares, training_windows, window_tensors)
 
 @dataclass
 class TrainResult:
@@ -46,13 +47,16 @@ class TrainResult:
     device: str
     curve: list[dict[str, float]] = field(default_factory=list)
     reused: bool = False
+    synthetic_position_share: float = 0.0  # synthetic target positions / all, per epoch
+    synthetic_weight_share: float = 0.0  # their share of the gradient weight (mean over epochs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-# Settings that change how fast a training runs or what it prints, never what it learns.
-_NOT_LEARNED = {"progress", "threads", "device", "eval_batch_size"}
+# Settings that change how fast a training runs or what it prints, never what it learns (a
+# recipe only names the settings it filled in, which are keyed themselves).
+_NOT_LEARNED = {"progress", "threads", "device", "eval_batch_size", "recipe"}
 
 
 def config_hash(cfg: TrainConfig) -> str:
@@ -60,14 +64,39 @@ def config_hash(cfg: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:10]
 
 
+@dataclass(frozen=True)
+class EpochPlan:
+    """One epoch's batches: window indices and the factor of each batch's Σ w ℓ."""
+
+    batches: list[np.ndarray]
+    scales: np.ndarray
+
+
+def plan_epoch(windows: Windows, weights: TargetWeights, cfg: TrainingSettings,
+               rng: np.random.Generator) -> EpochPlan:
+    batches = BATCHINGS[cfg.batching](windows, cfg.batch_size, rng)
+    return EpochPlan(batches, batch_scales(windows, weights, batches, cfg.weighting))
+
+
+def epoch_batches(split: LeaveOneOut, windows: Windows, weights: TargetWeights, plan: EpochPlan
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(inputs, targets, weights) per batch, each (B, L); a batch's loss is Σ weights·ℓ over its
+    target positions, and the mean of an epoch's batch losses is the λ-weighted mean over all
+    its target positions (weighting=position)."""
+    for idx, scale in zip(plan.batches, plan.scales):
+        inputs, targets = window_tensors(split.train, windows, idx)
+        per_window = torch.from_numpy(weights.per_window[idx] * scale).float()[:, None]
+        yield inputs, targets, per_window.expand_as(targets) * (targets != 0)
+
+
 def fit(model: torch.nn.Module, split: LeaveOneOut, cfg: TrainConfig, device: torch.device,
         on_epoch: Callable[[dict[str, float]], None] | None = None) -> tuple[int, int, list[dict[str, float]]]:
-    """Train in place; leave the best (validation NDCG@10) weights loaded.
+    """Train in place; leave the best weights (validation `cfg.early_stop`) loaded.
     Returns (epochs run, best epoch, per-epoch curve)."""
-    max_len = cfg.model.max_len
-    windows = training_windows(split.train, max_len)
+    windows = training_windows(split.train, cfg.model.max_len, cfg.stride)
     if len(windows) == 0:
         raise RsirError(f"dataset {cfg.dataset!r} has no training sequence with 2 or more items")
+    weights = TargetWeights.of(windows, split.train_synthetic, cfg.synthetic_weight)
     rng = np.random.default_rng(cfg.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     best_score, best_epoch, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
@@ -76,27 +105,29 @@ def fit(model: torch.nn.Module, split: LeaveOneOut, cfg: TrainConfig, device: to
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         model.train()
-        batches = window_batches(windows, cfg.batch_size, rng)
+        plan = plan_epoch(windows, weights, cfg, rng)
         total_loss = 0.0
-        bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not cfg.progress,
-                   file=sys.stderr, unit="batch")
-        for idx in bar:
-            inputs, targets = window_tensors(split.train, windows, idx)
-            loss = model.loss(inputs.to(device), targets.to(device))
+        batches = epoch_batches(split, windows, weights, plan)
+        for inputs, targets, w in tqdm(batches, total=len(plan.batches), desc=f"epoch {epoch}", leave=False,
+                                       disable=not cfg.progress, file=sys.stderr, unit="batch"):
+            loss = model.loss(inputs.to(device), targets.to(device), w.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += loss.item() * len(idx)
+            total_loss += loss.item()
         train_seconds = time.perf_counter() - t0
-        valid = evaluate_split(model, split, "valid", max_len, cfg.eval_batch_size, cfg.exclude_history, device)
-        point = {"epoch": epoch, "loss": total_loss / len(windows), "valid_ndcg@10": valid["ndcg@10"],
-                 "valid_recall@10": valid["recall@10"], "seconds": time.perf_counter() - t0,
-                 "train_seconds": train_seconds}
+        valid = evaluate_split(model, split, "valid", cfg.model.max_len, cfg.eval_batch_size, cfg.exclude_history,
+                               device)
+        position_share, weight_share = synthetic_shares(windows, weights, plan.batches, plan.scales)
+        point = {"epoch": epoch, "loss": total_loss / len(plan.batches), f"valid_{cfg.early_stop}": valid[cfg.early_stop],
+                 "valid_ndcg@10": valid["ndcg@10"], "valid_recall@10": valid["recall@10"],
+                 "seconds": time.perf_counter() - t0, "train_seconds": train_seconds,
+                 "synthetic_position_share": position_share, "synthetic_weight_share": weight_share}
         curve.append(point)
         if on_epoch:
             on_epoch(point)
-        if valid[EARLY_STOP_METRIC] > best_score:
-            best_score, best_epoch = valid[EARLY_STOP_METRIC], epoch
+        if valid[cfg.early_stop] > best_score:
+            best_score, best_epoch = valid[cfg.early_stop], epoch
             best_state = copy.deepcopy(model.state_dict())
         elif epoch - best_epoch >= cfg.patience:
             break
@@ -154,6 +185,8 @@ def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Path | None = None,
         seconds_per_epoch=sum(p["seconds"] for p in curve) / max(len(curve), 1),
         seconds_total=time.perf_counter() - started, checkpoint=str(path), dataset=cfg.dataset,
         version=manifest.version, digest=manifest.digest, device=str(device), curve=curve,
+        synthetic_position_share=curve[0]["synthetic_position_share"],
+        synthetic_weight_share=float(np.mean([p["synthetic_weight_share"] for p in curve])),
     )
     meta = {"dataset": cfg.dataset, "version": manifest.version, "digest": manifest.digest,
             "seed": cfg.seed, "result": result.to_dict()}

@@ -50,7 +50,7 @@ def test_deployment_run_through_server_and_worker(tiny_csv, tmp_path):
         api = ready.read_text()
         assert api == f"http://127.0.0.1:{port}/api"
         cli_env = {**env, "PREFECT_API_URL": api, "PREFECT_HOME": str(ws.root / "prefect")}
-        params = {"K": 1, **TINY_FLOW, "model_params": json.dumps(TINY_FLOW["model_params"])}
+        params = {"K": 1, **TINY_FLOW, "model_params": json.dumps(TINY_FLOW["model_params"]), "synthetic_weight": 0.5}
         cmd = [str(BIN / "prefect"), "deployment", "run", "rsir/iterate", "--watch", "--watch-timeout", "300"]
         for key, value in params.items():
             cmd += ["--param", f"{key}={value}"]
@@ -65,7 +65,9 @@ def test_deployment_run_through_server_and_worker(tiny_csv, tmp_path):
         with sqlite3.connect(ws.root / "mlflow.db") as db:
             names = {r[0] for r in db.execute("select name from runs")}
             aliases = {r[0] for r in db.execute("select alias from registered_model_aliases")}
+            weights = {r[0] for r in db.execute("select value from params where key = 'synthetic_weight'")}
         assert {"iteration-0", "iteration-1"} <= names and "champion" in aliases
+        assert weights == {"0.5"}  # λ travelled from the deployment parameter to the tracked config
 
         # A bad parameter submitted through the deployment fails the run at its start, named.
         bad = subprocess.run([*cmd[:4], "--param", "tau=0", "--param", "dataset=tiny", "--watch",

@@ -26,7 +26,7 @@ def suites(prefect_api, tiny_csv, tmp_path_factory):
     ws = make_tiny_home(tmp_path_factory.mktemp("experiments") / "workspace", tiny_csv)
     uri = f"sqlite:///{ws.root / 'mlflow.db'}"
     runs = {name: experiment(suite=name, home=str(ws.root), tracking_uri=uri, **SMOKE)
-            for name in ("main", "sensitivity", "backbones")}
+            for name in ("main", "sensitivity", "backbones", "faithful")}
     return ws, uri, runs
 
 
@@ -86,7 +86,7 @@ def test_report_tables_figures_and_mlflow(suites, tmp_path):
     from tasks.report import write_report
 
     ws, uri, runs = suites
-    for name in ("main", "sensitivity", "backbones"):
+    for name in ("main", "sensitivity", "backbones", "faithful"):
         tracker = Tracker(uri, runs[name]["experiment"])
         out = write_report(tracker, name, tmp_path / name, command=f"rsir experiment {name} --smoke")
         text = (tmp_path / name / "report.md").read_text()
@@ -102,6 +102,36 @@ def test_report_tables_figures_and_mlflow(suites, tmp_path):
     assert "RSIR without fidelity K = 2" in main_text and "±" in main_text
     assert re.search(r"[+-]\d+\.\d% \[[+-]\d+\.\d%, [+-]\d+\.\d%\]", main_text)  # change with its CI
     assert "hstu (generator sasrec)" in (tmp_path / "backbones" / "report.md").read_text()
+    faithful = (tmp_path / "faithful" / "report.md").read_text()
+    for trainer in ("batch-weighted", "position-weighted", "release"):
+        assert f"| {trainer} |" in faithful
+    assert "synthetic share of gradient weight" in faithful and "RSIR without fidelity K = 2" in faithful
+
+
+def test_faithful_suite_compares_trainers_then_iterates_under_the_one_validation_prefers(suites):
+    from tasks.results import best_on_validation
+
+    ws, uri, runs = suites
+    rows = _rows(uri, runs["faithful"]["experiment"])
+    trainers = [r for r in rows if r["stage"] == "trainer"]
+    assert {(r["trainer"], r["seed"], r["k"]) for r in trainers} == {
+        (t, str(s), k) for t in ("batch-weighted", "position-weighted", "release") for s in (0, 1) for k in (0, 1)}
+    chosen = best_on_validation(trainers, "tiny", "trainer", k=0)
+    long = [r for r in rows if r["stage"] == "long"]
+    assert {r["trainer"] for r in long} == {chosen}
+    assert {(r["fidelity"], r["seed"], r["k"]) for r in long} == {
+        (f, str(s), k) for f in ("True", "False") for s in (0, 1) for k in (0, 1, 2)}
+    # Each trainer trains its own θ_0 (the loss weighting changes θ even on real data only) ...
+    zero = {r["trainer"]: r["train/loss"] for r in trainers if r["k"] == 0 and r["seed"] == "0"}
+    assert len(set(zero.values())) == 3
+    # ... and logs how much of its target positions and gradient weight are synthetic.
+    for r in trainers:
+        if r["k"] == 1:
+            assert 0 < r["train/synthetic_position_share"] < 1
+            if r["trainer"] != "batch-weighted":
+                assert r["train/synthetic_weight_share"] == pytest.approx(r["train/synthetic_position_share"])
+        else:
+            assert r["train/synthetic_position_share"] == 0 == r["train/synthetic_weight_share"]
 
 
 def test_report_of_an_empty_experiment_is_a_clear_error(suites, tmp_path):

@@ -51,6 +51,8 @@ def test_mlflow_lineage_and_registry(run):
     parent = client.get_run(summary["mlflow_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["prefect.flow_run_id"]
+    assert parent.data.params["synthetic_weight"] == "1.0" and parent.data.params["recipe"] == "default"
+    assert parent.data.params["weighting"] == "position"
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
                                   order_by=["attributes.start_time ASC"])
@@ -64,6 +66,10 @@ def test_mlflow_lineage_and_registry(run):
         assert "valid/ndcg_at_10" in child.data.metrics and "data/density" in child.data.metrics
         curve = client.get_metric_history(child.info.run_id, "train/loss")
         assert len(curve) == summary["iterations"][k]["epochs"]
+        # θ_0 trains on real data only; θ_1 and θ_2 on D_1, D_2 with synthetic sequences.
+        share = child.data.metrics["train/synthetic_position_share"]
+        assert (share == 0) if k == 0 else (0 < share < 1)
+        assert child.data.metrics["train/synthetic_weight_share"] == pytest.approx(share)  # λ = 1
         files = [f.path for f in client.list_artifacts(child.info.run_id, "checkpoint")]
         assert len(files) == 1 and files[0].endswith(".pt")
     plots = {f.path for f in client.list_artifacts(parent.info.run_id, "plots")}
