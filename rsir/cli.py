@@ -54,7 +54,7 @@ def _emit(obj: dict[str, Any], as_json: bool, render) -> None:
 # ------------------------------------------------------------------ data
 @data_app.command("fetch")
 def data_fetch(
-    name: Annotated[str, typer.Argument(help="built-in dataset: ml-100k or ml-100k-sparse")],
+    name: Annotated[str, typer.Argument(help="built-in dataset: ml-100k, ml-100k-sparse or ml-100k-last50")],
     force: Annotated[bool, typer.Option("--force", help="rebuild even if it exists")] = False,
     home: Home = None, as_json: Json = False,
 ) -> None:
@@ -91,6 +91,22 @@ def data_import(
     _emit(result, as_json, _render_ingest)
 
 
+@data_app.command("view")
+def data_view(
+    source: Annotated[str, typer.Argument(help="dataset to derive from (its version 0, real sequences)")],
+    name: Annotated[str, typer.Option("--name", help="name of the new dataset")],
+    last: Annotated[int, typer.Option("--last", help="keep each user's newest N interactions (N >= 3)")],
+    force: Annotated[bool, typer.Option("--force", help="replace an existing dataset")] = False,
+    home: Home = None, as_json: Json = False,
+) -> None:
+    """Derive a history-window view: a new dataset with each user's newest N interactions."""
+    from tasks.views import derive_view, last_view
+
+    view = last_view(last)  # validates N before the workspace is touched
+    result = derive_view(_workspace(home), source, name, view, replace=force)
+    _emit(result, as_json, _render_ingest)
+
+
 @data_app.command("list")
 def data_list(home: Home = None, as_json: Json = False) -> None:
     """List datasets in the workspace with their latest version."""
@@ -110,9 +126,17 @@ def _render_ingest(r: dict[str, Any]) -> None:
     print(f"dataset {r['dataset']} v{r['version']}{status}  digest {r['digest'][:12]}")
     print(f"  users {r.get('users', s.get('real_sequences'))}  items {r.get('items', s.get('num_items'))}  "
           f"interactions {s.get('interactions')}  mean length {s.get('mean_length')}  density {s.get('density', 0):.5f}")
+    if "derived_from" in r:
+        print(f"  view of {r['derived_from']}: {_describe_view(r['view'])}")
     if "dropped_short_users" in r:
         print(f"  dropped: {r['dropped_short_users']} users with fewer than 3 interactions, "
               f"{r.get('kcore_removed_interactions', 0)} interactions by the {r.get('kcore', 0)}-core filter")
+
+
+def _describe_view(view: dict[str, Any]) -> str:
+    if view.get("rule") == "last":
+        return f"each user's newest {view['n']} interactions"
+    return view.get("description", str(view))
 
 
 def _render_list(r: dict[str, Any]) -> None:

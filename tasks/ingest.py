@@ -1,4 +1,5 @@
-"""Data ingest: MovieLens-100K from the recbole wheel, users' own files, the sparse view.
+"""Data ingest: MovieLens-100K from the recbole wheel, users' own files; built-in views
+(ml-100k-sparse, ml-100k-last50) are derived in tasks.views.
 
 Preprocessing follows the literature: optional k-core filter, stable chronological order
 (ties keep file order), contiguous item ids from 1 (0 is padding), users with fewer than
@@ -32,9 +33,8 @@ FORMATS: tuple[str, ...] = ("csv", "parquet", "recbole", "amazon")
 ML100K_WHEEL = "recbole==1.2.1"
 ML100K_INTER_SHA256 = "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff"
 ML100K_MEMBER = "recbole/dataset_example/ml-100k/"
-SPARSE_STRIDE = 5
-SPARSE_MIN_ITEMS = 5
-BUILTIN = ("ml-100k", "ml-100k-sparse")
+# ml-100k and the built-in views of it (tasks.views.BUILTIN_VIEWS defines them).
+BUILTIN = ("ml-100k", "ml-100k-sparse", "ml-100k-last50")
 
 
 class ImportSpec(BaseModel):
@@ -293,7 +293,7 @@ def ml100k_item_table(item_file: Path, item_map: pl.DataFrame) -> pl.DataFrame:
 def fetch_ml100k(ws: Workspace, replace: bool = False) -> dict[str, Any]:
     store = dataset_store(ws)
     if store.versions("ml-100k") and not replace:
-        return {"dataset": "ml-100k", "status": "exists", **_existing(store, "ml-100k")}
+        return existing_result(store, "ml-100k")
     folder = download_ml100k(ws)
     spec = ImportSpec(path=folder / "ml-100k.inter", name="ml-100k", format="recbole")
     seqs, item_map, report = build_sequences(read_interactions(spec), 0, spec.min_seq_len, str(spec.path))
@@ -302,53 +302,20 @@ def fetch_ml100k(ws: Workspace, replace: bool = False) -> dict[str, Any]:
     return publish(store, "ml-100k", seqs, items, source, report, replace)
 
 
-def sparse_positions(length: int) -> list[int]:
-    """The sparse-view rule for one sequence (documented, deterministic): stride
-    s = min(5, max(1, n // 5)); keep positions i with (n - 1 - i) % s == 0, i.e. every s-th
-    interaction counted back from the newest one. That keeps the chronological order and
-    the last item, and at least 5 items of every user with 5 or more."""
-    stride = min(SPARSE_STRIDE, max(1, length // SPARSE_MIN_ITEMS))
-    return [i for i in range(length) if (length - 1 - i) % stride == 0]
-
-
-def fetch_ml100k_sparse(ws: Workspace, replace: bool = False) -> dict[str, Any]:
-    store = dataset_store(ws)
-    name = "ml-100k-sparse"
-    if store.versions(name) and not replace:
-        return {"dataset": name, "status": "exists", **_existing(store, name)}
-    if not store.versions("ml-100k"):
-        fetch_ml100k(ws)
-    base = store.load("ml-100k", 0).filter(pl.col("origin") == "real")
-    base_items = store.items("ml-100k", 0)
-    n = pl.col("items").list.len()
-    stride = pl.min_horizontal(pl.lit(SPARSE_STRIDE), pl.max_horizontal(pl.lit(1), n // SPARSE_MIN_ITEMS))
-    long = (base.with_columns(stride.alias("stride"), n.alias("n"))
-            .explode("items").with_columns(pl.int_range(pl.len()).over("seq_id").alias("pos"))
-            .filter((pl.col("n") - 1 - pl.col("pos")) % pl.col("stride") == 0))
-    # Re-run the standard preprocessing on the kept interactions (contiguous ids again).
-    raw_of = dict(zip(base_items["item_id"].to_list(), base_items["raw_id"].to_list()))
-    df = pl.DataFrame({
-        "user": long["user_id"],
-        "item": long["items"].replace_strict(raw_of, return_dtype=pl.String),
-        "ts": long["pos"].cast(pl.Float64),
-    })
-    seqs, item_map, report = build_sequences(df, 0, 3, name)
-    items = item_map.join(base_items.drop("item_id"), on="raw_id", how="left").sort("item_id")
-    source = {"derived_from": "ml-100k", "parent_digest": store.manifest("ml-100k", 0).digest,
-              "rule": sparse_positions.__doc__.split(": ", 1)[1].replace("\n", " ")}
-    return publish(store, name, seqs, items, source, report, replace)
-
-
-def _existing(store: DatasetStore, name: str) -> dict[str, Any]:
+def existing_result(store: DatasetStore, name: str) -> dict[str, Any]:
+    """What a fetch reports for a dataset that is already present."""
     m = store.manifest(name, 0)
-    return {"version": m.version, "digest": m.digest, **m.source.get("report", {}), "stats": m.stats}
+    return {"dataset": name, "status": "exists", "version": m.version, "digest": m.digest,
+            **m.source.get("report", {}), "stats": m.stats}
 
 
 def fetch_builtin(ws: Workspace, name: str, replace: bool = False) -> dict[str, Any]:
     if name == "ml-100k":
         return fetch_ml100k(ws, replace)
-    if name == "ml-100k-sparse":
-        return fetch_ml100k_sparse(ws, replace)
+    if name in BUILTIN:
+        from tasks.views import fetch_builtin_view  # late: tasks.views builds on this module
+
+        return fetch_builtin_view(ws, name, replace)
     raise RsirError(f"unknown built-in dataset {name!r}; available: {', '.join(BUILTIN)}")
 
 

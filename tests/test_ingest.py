@@ -5,7 +5,8 @@ from __future__ import annotations
 import polars as pl
 
 from tasks.ingest import (ML100K_INTER_SHA256, ImportSpec, build_sequences, dataset_store, import_dataset,
-                          read_interactions, sparse_positions)
+                          read_interactions)
+from tasks.views import sparse_positions
 from tests.conftest import write
 
 
