@@ -23,7 +23,8 @@ from models import backbone_names, build_model  # noqa: E402
 from rsir.config import TrainConfig  # noqa: E402
 from tasks.evaluate import rank_users  # noqa: E402
 from tasks.ingest import dataset_store, fetch_builtin  # noqa: E402
-from tasks.split import leave_one_out, training_windows, window_batches, window_tensors  # noqa: E402
+from tasks.split import TargetWeights, leave_one_out, training_windows  # noqa: E402
+from tasks.train import epoch_batches, plan_epoch  # noqa: E402
 from tasks.runtime import resolve_device, seed_everything  # noqa: E402
 
 
@@ -32,14 +33,15 @@ def bench_model(name: str, split, num_items: int, epochs: int, device: torch.dev
     seed_everything(0)
     model = build_model(cfg.model, num_items).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    windows = training_windows(split.train, cfg.model.max_len)
+    windows = training_windows(split.train, cfg.model.max_len, cfg.window_stride)
+    weights = TargetWeights.of(windows, split.train_synthetic, cfg.synthetic_weight)
     rng = np.random.default_rng(0)
     model.train()
     start = time.perf_counter()
     for _ in range(epochs):
-        for idx in window_batches(windows, cfg.batch_size, rng):
-            inputs, targets = window_tensors(split.train, windows, idx)
-            loss = model.loss(inputs.to(device), targets.to(device))
+        plan = plan_epoch(windows, weights, cfg, rng)
+        for inputs, targets, w in epoch_batches(split, windows, weights, plan):
+            loss = model.loss(inputs.to(device), targets.to(device), w.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

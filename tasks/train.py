@@ -93,7 +93,7 @@ def fit(model: torch.nn.Module, split: LeaveOneOut, cfg: TrainConfig, device: to
         on_epoch: Callable[[dict[str, float]], None] | None = None) -> tuple[int, int, list[dict[str, float]]]:
     """Train in place; leave the best weights (validation `cfg.early_stop`) loaded.
     Returns (epochs run, best epoch, per-epoch curve)."""
-    windows = training_windows(split.train, cfg.model.max_len, cfg.stride)
+    windows = training_windows(split.train, cfg.model.max_len, cfg.window_stride)
     if len(windows) == 0:
         raise RsirError(f"dataset {cfg.dataset!r} has no training sequence with 2 or more items")
     weights = TargetWeights.of(windows, split.train_synthetic, cfg.synthetic_weight)

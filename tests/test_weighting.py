@@ -149,6 +149,11 @@ def test_overlapping_windows_predict_every_target_once_with_long_context(seed, s
         assert all(context == min(t, max_len) for _, t, context in seen)  # one sample per prefix
 
 
+def test_default_stride_is_half_the_window():
+    assert TrainConfig().window_stride == 25 and TrainConfig(model={"max_len": 7}).window_stride == 3
+    assert TrainConfig(stride=50).window_stride == 50  # disjoint windows: the trainer before issue 10
+
+
 def test_stride_is_validated():
     with pytest.raises(ValueError, match="stride"):
         training_windows(ragged([[1, 2, 3]]), 4, 5)
