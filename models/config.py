@@ -17,7 +17,8 @@ class ModelConfig(BaseModel):
     heads: int = Field(1, ge=1)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     loss: Literal["ce", "sampled", "bce"] = "ce"
-    negatives: int = Field(256, ge=1, description="uniform negatives per position for loss=sampled")
+    negatives: int = Field(256, ge=1, description="loss=sampled: uniform negatives per sequence, shared by "
+                           "its positions")
     negatives_exclude_input: bool = Field(False, description="loss=sampled: never draw an item of the "
                                           "position's input sequence as a negative (the RSIR release)")
     positions: Literal["newest", "oldest"] = Field(

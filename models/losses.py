@@ -1,9 +1,9 @@
 """Next-item losses shared by all backbones.
 
-Every loss takes hidden states at the positions that have a target (P, d), the targets
-(P,) with ids in 1..N, and the item embedding matrix (N+1, d) whose row 0 is padding.
-Without `weights` a loss is the mean over the P positions; with `weights` (P,) it is the
-weighted sum Σ w_p ℓ_p (the trainer normalises the weights so that every target position of
+Each loss gives one value per target position (P of them) from the hidden states, the
+targets (ids in 1..N; 0 = no target) and the item embedding matrix (N+1, d) whose row 0 is
+padding. Without `weights` a backbone's loss is the mean over the P positions; with `weights` it
+is the weighted sum Σ w_p ℓ_p (the trainer normalises the weights so that every target position of
 an epoch weighs the same, synthetic ones times λ: see tasks/split.position_weights).
 """
 
@@ -39,38 +39,39 @@ def is_member(values: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
     return (ordered.gather(1, idx) == values) & (values != 0)
 
 
-def draw_negatives(targets: torch.Tensor, num_items: int, negatives: int,
-                   exclude: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uniform negatives (P, negatives) in 1..N and a (P, negatives) mask of the usable ones:
-    never the target, and never an item of `exclude` (P, S) when given (the release draws
-    negatives outside the input sequence). Hits are redrawn, so almost all are usable."""
-    P = targets.shape[0]
-    neg = torch.randint(1, num_items + 1, (P, negatives), device=targets.device)
-
-    def bad(ids: torch.Tensor) -> torch.Tensor:
-        hit = ids == targets[:, None]
-        return hit | is_member(ids, exclude) if exclude is not None else hit
-
+def draw_negatives(rows: int, num_items: int, negatives: int, exclude: torch.Tensor | None,
+                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniform negatives (rows, negatives) in 1..N, one set per sequence shared by its positions,
+    and a mask of the usable ones: never an item of `exclude` (rows, S) when given (the release
+    draws negatives outside the input sequence). Hits are redrawn, so almost all are usable."""
+    neg = torch.randint(1, num_items + 1, (rows, negatives), device=device)
+    if exclude is None:
+        return neg, torch.ones_like(neg, dtype=torch.bool)
     for _ in range(_REDRAWS):
-        miss = bad(neg)
-        if not bool(miss.any()):
+        hit = is_member(neg, exclude)
+        if not bool(hit.any()):
             break
-        neg = torch.where(miss, torch.randint_like(neg, 1, num_items + 1), neg)
-    return neg, ~bad(neg)
+        neg = torch.where(hit, torch.randint_like(neg, 1, num_items + 1), neg)
+    return neg, ~is_member(neg, exclude)
 
 
-def sampled_softmax_ce(
-    hidden: torch.Tensor, targets: torch.Tensor, item_emb: torch.Tensor, negatives: int,
-    temperature: float = 1.0, exclude: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """(P,) softmax cross-entropy over the target and `negatives` uniform items per position;
-    a negative equal to the target (or in `exclude`) is redrawn, and masked if it still is."""
-    neg, usable = draw_negatives(targets, item_emb.shape[0] - 1, negatives, exclude)
-    pos_logit = (hidden * item_emb[targets]).sum(-1, keepdim=True)
-    neg_logit = torch.einsum("pd,pnd->pn", hidden, item_emb[neg])
-    neg_logit = neg_logit.masked_fill(~usable, float("-inf"))
-    logits = torch.cat([pos_logit, neg_logit], dim=1) / temperature
-    return F.cross_entropy(logits, torch.zeros_like(targets), reduction="none")
+def sampled_softmax_ce(hidden: torch.Tensor, targets: torch.Tensor, item_emb: torch.Tensor, negatives: int,
+                       exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """(P,) softmax cross-entropy of each target position (targets != 0, row-major order) over its
+    target and the `negatives` uniform items drawn for its row; hidden (B, L, d), targets (B, L).
+
+    One draw per row keeps the cost at B·L·negatives logits (per-position draws gather a
+    (positions, negatives, d) tensor: ~0.8 GB per batch of 256 × 50 at d = 64). A negative equal
+    to a position's target is masked for that position, not counted as a false negative."""
+    neg, usable = draw_negatives(hidden.shape[0], item_emb.shape[0] - 1, negatives, exclude, hidden.device)
+    has_target = targets != 0
+    pos_logit = (hidden * item_emb[targets]).sum(-1)  # (B, L)
+    neg_logit = torch.einsum("bld,bkd->blk", hidden, item_emb[neg])  # (B, L, negatives)
+    masked = ~usable[:, None, :] | (neg[:, None, :] == targets[:, :, None])
+    neg_logit = neg_logit.masked_fill(masked, float("-inf"))
+    logits = torch.cat([pos_logit[has_target][:, None], neg_logit[has_target]], dim=1)
+    return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device),
+                           reduction="none")
 
 
 def bce_one_negative(hidden: torch.Tensor, targets: torch.Tensor, item_emb: torch.Tensor) -> torch.Tensor:
@@ -83,23 +84,6 @@ def bce_one_negative(hidden: torch.Tensor, targets: torch.Tensor, item_emb: torc
     pos_loss = F.binary_cross_entropy_with_logits(pos_logit, torch.ones_like(pos_logit), reduction="none")
     neg_loss = F.binary_cross_entropy_with_logits(neg_logit, torch.zeros_like(neg_logit), reduction="none")
     return pos_loss + keep * neg_loss
-
-
-def next_item_loss(
-    kind: str, hidden: torch.Tensor, targets: torch.Tensor, item_emb: torch.Tensor, negatives: int,
-    temperature: float = 1.0, weights: torch.Tensor | None = None, exclude: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The configured loss over P positions, reduced by `reduce_positions`. `exclude` (P, S):
-    items never drawn as negatives of that position (loss=sampled only)."""
-    if kind == "ce":
-        per_position = full_softmax_ce(hidden, targets, item_emb)
-    elif kind == "sampled":
-        per_position = sampled_softmax_ce(hidden, targets, item_emb, negatives, temperature, exclude)
-    elif kind == "bce":
-        per_position = bce_one_negative(hidden, targets, item_emb)
-    else:
-        raise ValueError(f"unknown loss {kind!r}")
-    return reduce_positions(per_position, weights)
 
 
 def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 1.0,
@@ -125,14 +109,20 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 1.0,
 
 def sequence_loss(config, hidden: torch.Tensor, seqs: torch.Tensor, targets: torch.Tensor,
                   item_emb: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """The next-item loss of a backbone over every position whose target is not padding.
+    """The next-item loss of a backbone (config.loss) over every position whose target is not
+    padding, reduced by `reduce_positions`.
 
     hidden (B, L, d) encoder states, already scaled as the scores are; seqs and targets (B, L);
     weights (B, L) per-position weights or None (mean over target positions); item_emb (N+1, d).
-    With config.negatives_exclude_input, a position's negatives avoid its row's input items."""
+    With config.negatives_exclude_input (loss=sampled), a row's negatives avoid its input items."""
     has_target = targets != 0
-    exclude = None
-    if config.loss == "sampled" and config.negatives_exclude_input:
-        exclude = seqs[has_target.nonzero()[:, 0]]  # (P, L): the input window of each position's row
-    return next_item_loss(config.loss, hidden[has_target], targets[has_target], item_emb, config.negatives,
-                          weights=None if weights is None else weights[has_target], exclude=exclude)
+    if config.loss == "ce":
+        per_position = full_softmax_ce(hidden[has_target], targets[has_target], item_emb)
+    elif config.loss == "sampled":
+        exclude = seqs if config.negatives_exclude_input else None
+        per_position = sampled_softmax_ce(hidden, targets, item_emb, config.negatives, exclude)
+    elif config.loss == "bce":
+        per_position = bce_one_negative(hidden[has_target], targets[has_target], item_emb)
+    else:
+        raise ValueError(f"unknown loss {config.loss!r}")
+    return reduce_positions(per_position, None if weights is None else weights[has_target])

@@ -14,7 +14,7 @@ import torch
 from models import build_model
 from models.config import ModelConfig
 from models.layers import position_ids
-from models.losses import draw_negatives, full_softmax_ce, is_member
+from models.losses import draw_negatives, full_softmax_ce, is_member, sampled_softmax_ce
 from rsir.config import RECIPES, RunConfig, TrainConfig, parse_config
 from rsir.errors import RsirError
 from tasks.split import (Ragged, TargetWeights, batch_scales, leave_one_out, synthetic_shares, training_windows,
@@ -187,18 +187,40 @@ def test_oldest_positions_make_a_prefix_keep_its_hidden_states_as_the_sequence_g
 
 
 # ------------------------------------------------------------------ negatives
-def test_negatives_avoid_the_target_and_the_input_sequence():
+def test_negatives_avoid_the_input_sequence():
     torch.manual_seed(0)
-    num_items, P = 30, 400
-    exclude = torch.randint(0, num_items + 1, (P, 12))  # 0 = padding, never excluded
-    targets = torch.randint(1, num_items + 1, (P,))
-    neg, usable = draw_negatives(targets, num_items, 64, exclude)
-    assert ((neg >= 1) & (neg <= num_items)).all()
-    bad = (neg == targets[:, None]) | is_member(neg, exclude)
-    assert torch.equal(usable, ~bad)
+    num_items, rows = 30, 400
+    exclude = torch.randint(0, num_items + 1, (rows, 12))  # 0 = padding, never excluded
+    neg, usable = draw_negatives(rows, num_items, 64, exclude)
+    assert neg.shape == (rows, 64) and ((neg >= 1) & (neg <= num_items)).all()
+    assert torch.equal(usable, ~is_member(neg, exclude))
     assert usable.float().mean() > 0.99  # redrawn, not merely masked
     members = torch.tensor([[0, 0, 3, 9]])
     assert is_member(torch.tensor([[0, 3, 4, 9]]), members).tolist() == [[False, True, False, True]]
+
+
+def test_sampled_softmax_matches_a_per_position_reference():
+    """Shared per-row negatives; each position's softmax is over its target and the row's usable
+    negatives other than its target."""
+    torch.manual_seed(3)
+    B, L, d, N, K = 4, 6, 8, 20, 7
+    hidden, emb = torch.randn(B, L, d), torch.randn(N + 1, d)
+    seqs = torch.randint(1, N + 1, (B, L))
+    targets = torch.roll(seqs, -1, 1)
+    targets[:, -1], targets[0, :3] = 5, 0
+    torch.manual_seed(11)
+    got = sampled_softmax_ce(hidden, targets, emb, K, exclude=seqs)
+    torch.manual_seed(11)
+    neg, usable = draw_negatives(B, N, K, seqs)
+    want = []
+    for b in range(B):
+        for t in range(L):
+            if targets[b, t] == 0:
+                continue
+            keep = [int(n) for n, u in zip(neg[b], usable[b]) if u and n != targets[b, t]]
+            logits = torch.stack([hidden[b, t] @ emb[targets[b, t]], *[hidden[b, t] @ emb[n] for n in keep]])
+            want.append(-torch.log_softmax(logits, 0)[0])
+    torch.testing.assert_close(got, torch.stack(want))
 
 
 def test_sampled_loss_with_excluded_inputs_trains():
