@@ -24,6 +24,7 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.config import ModelConfig
+from models.layers import POSITIONS_HELP, Positions
 from models.losses import info_nce
 from models.sasrec import SASRec
 
@@ -35,6 +36,7 @@ class CL4SRecOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     ffn_mult: int = Field(1, ge=1, description="FFN inner size = ffn_mult * hidden (as SASRec)")
+    positions: Positions = Field("oldest", description=POSITIONS_HELP + " (SASRec's default: the same encoder)")
     crop_ratio: float = Field(0.2, gt=0.0, le=1.0, description="share of items kept by crop (eta)")
     mask_ratio: float = Field(0.7, gt=0.0, le=1.0, description="share of items masked (gamma)")
     reorder_ratio: float = Field(0.2, gt=0.0, le=1.0, description="share of items in the shuffled span (beta)")

@@ -21,9 +21,6 @@ class ModelConfig(BaseModel):
                            "its positions")
     negatives_exclude_input: bool = Field(False, description="loss=sampled: never draw an item of the "
                                           "position's input sequence as a negative (the RSIR release)")
-    positions: Literal["newest", "oldest"] = Field(
-        "newest", description="absolute positions counted back from the newest item, or from the oldest "
-        "item of the input (RecBole, the RSIR release; stable while a sequence grows)")
     options: dict[str, Any] = Field(default_factory=dict, description="backbone-specific options")
 
     @field_validator("name")

@@ -13,7 +13,7 @@ Choices:
 - rab: per layer and head, a learned table indexed by the relative distance i - j in
   0..max_len-1 (zero-initialised); timestamps are not available, so no time bias.
 - inputs: item embedding x sqrt(d) + optional learned absolute positions (counted from the
-  newest or the oldest item, config.positions, as SASRec), embedding dropout.
+  newest or the oldest item, options.positions, as SASRec), embedding dropout.
 - output: final LayerNorm; with options.l2_norm the output and the item embeddings are also
   L2-normalised and scores are cosine / temperature (the sampled-softmax setup of the paper;
   works with every `loss`).
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.config import ModelConfig
-from models.layers import Dropout, position_ids
+from models.layers import POSITIONS_HELP, Dropout, Positions, position_ids
 from models.losses import sequence_loss
 
 
@@ -38,6 +38,8 @@ class HSTUOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     abs_pos: bool = Field(True, description="add learned absolute position embeddings to the input")
+    # newest: the setting HSTU was tuned with (issue 5); oldest is not validated for HSTU yet.
+    positions: Positions = Field("newest", description=POSITIONS_HELP + " (with abs_pos)")
     l2_norm: bool = Field(False, description="L2-normalise output and item embeddings (cosine scores)")
     temperature: float = Field(0.05, gt=0.0, description="score temperature, used only with l2_norm")
 
@@ -98,7 +100,7 @@ class HSTU(nn.Module):
         real = seqs != 0
         x = self.item_emb(seqs) * math.sqrt(self.config.hidden)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(position_ids(seqs, self.config.max_len, self.config.positions))
+            x = x + self.pos_emb(position_ids(seqs, self.config.max_len, self.config.options["positions"]))
         x = self.emb_drop(x) * real.unsqueeze(-1)
         causal = torch.ones(L, L, dtype=torch.bool, device=seqs.device).tril()
         keep = (causal & real[:, None, None, :]).to(x.dtype)  # (B, 1, L, L)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn as nn
 
@@ -24,6 +26,11 @@ class Dropout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+Positions = Literal["newest", "oldest"]
+POSITIONS_HELP = ("where absolute positions are counted from: the newest item, or the oldest item of the input "
+                  "(RecBole, the RSIR release; an item keeps its position while the sequence grows)")
 
 
 def position_ids(seqs: torch.Tensor, max_len: int, scheme: str) -> torch.Tensor:

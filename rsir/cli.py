@@ -183,8 +183,8 @@ def train(
 
     model_params = _drop_none(name=model, max_len=max_len, hidden=hidden, layers=layers, heads=heads,
                               dropout=dropout, loss=loss, negatives=negatives,
-                              negatives_exclude_input=negatives_exclude_input, positions=positions,
-                              options=_options(option))
+                              negatives_exclude_input=negatives_exclude_input,
+                              options={**(_options(option) or {}), **_drop_none(positions=positions)} or None)
     params = _drop_none(dataset=dataset, version=version, seed=seed, epochs=epochs, patience=patience, lr=lr,
                         batch_size=batch_size, device=device, threads=threads, model=model_params, recipe=recipe,
                         synthetic_weight=synthetic_weight, batching=batching, weighting=weighting, stride=stride,

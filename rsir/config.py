@@ -39,7 +39,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "release": {
         "batch_size": 256, "batching": "random", "early_stop": "ndcg@20", "patience": 20, "epochs": 1000,
         "model": {"loss": "sampled", "negatives": 256, "negatives_exclude_input": True, "heads": 2,
-                  "dropout": 0.5, "positions": "oldest", "options": {"ffn_mult": 4}},
+                  "dropout": 0.5, "options": {"ffn_mult": 4, "positions": "oldest"}},
     },
 }
 

@@ -60,9 +60,9 @@ def test_registry():
 
 def test_option_defaults():
     assert tiny("cl4srec").options == {
-        "ffn_mult": 1, "crop_ratio": 0.2, "mask_ratio": 0.7, "reorder_ratio": 0.2,
+        "ffn_mult": 1, "positions": "oldest", "crop_ratio": 0.2, "mask_ratio": 0.7, "reorder_ratio": 0.2,
         "cl_temperature": 1.0, "cl_weight": 0.1, "cl_similarity": "dot"}
-    assert tiny("hstu").options == {"abs_pos": True, "l2_norm": False, "temperature": 0.05}
+    assert tiny("hstu").options == {"abs_pos": True, "positions": "newest", "l2_norm": False, "temperature": 0.05}
     assert make("hstu", options={"abs_pos": False}).pos_emb is None
 
 

@@ -34,7 +34,7 @@ def rand_seqs(B: int, L: int, seed: int = 0) -> torch.Tensor:
 # --------------------------------------------------------------------------- registry/config
 def test_config_defaults_and_options_normalised():
     cfg = tiny()
-    assert cfg.options == {"ffn_mult": 1}
+    assert cfg.options == {"ffn_mult": 1, "positions": "oldest"}
     cfg = tiny(options={"ffn_mult": 3})
     model = build_model(cfg, N)
     assert model.blocks[0].ffn[0].out_features == 48

@@ -173,14 +173,14 @@ def test_oldest_positions_start_at_the_first_real_item_and_ignore_padding_width(
 @pytest.mark.parametrize("name", ["sasrec", "hstu"])
 def test_oldest_positions_make_a_prefix_keep_its_hidden_states_as_the_sequence_grows(name):
     torch.manual_seed(1)
-    cfg = ModelConfig(name=name, hidden=16, layers=2, max_len=12, dropout=0.0, positions="oldest")
+    cfg = ModelConfig(name=name, hidden=16, layers=2, max_len=12, dropout=0.0, options={"positions": "oldest"})
     model = build_model(cfg, 30).eval()
     full = torch.tensor([[3, 8, 1, 9, 4, 22, 5]])
     grown = model.encode(full)
     for n in range(1, 7):
         prefix = torch.cat([torch.zeros(1, 7 - n, dtype=torch.long), full[:, :n]], dim=1)  # left-padded
         torch.testing.assert_close(model.encode(prefix)[:, -1], grown[:, n - 1], atol=1e-5, rtol=1e-5)
-    newest = build_model(cfg.model_copy(update={"positions": "newest"}), 30).eval()
+    newest = build_model(ModelConfig(**{**cfg.model_dump(), "options": {**cfg.options, "positions": "newest"}}), 30).eval()
     newest.load_state_dict(model.state_dict())
     prefix = torch.cat([torch.zeros(1, 4, dtype=torch.long), full[:, :3]], dim=1)
     assert not torch.allclose(newest.encode(prefix)[:, -1], newest.encode(full)[:, 2], atol=1e-4)
@@ -240,11 +240,12 @@ def test_release_recipe_fills_only_what_is_not_given():
     assert (cfg.batch_size, cfg.batching, cfg.early_stop, cfg.patience, cfg.epochs) == (
         preset["batch_size"], "random", "ndcg@20", 20, 1000)
     m = cfg.model
-    assert (m.loss, m.negatives, m.negatives_exclude_input, m.heads, m.dropout, m.positions, m.options["ffn_mult"]) == (
+    assert (m.loss, m.negatives, m.negatives_exclude_input, m.heads, m.dropout, m.options["positions"], m.options["ffn_mult"]) == (
         "sampled", 256, True, 2, 0.5, "oldest", 4)
     mine = TrainConfig(recipe="release", patience=5, model={"dropout": 0.2, "options": {"ffn_mult": 2}})
     assert (mine.patience, mine.model.dropout, mine.model.options["ffn_mult"], mine.model.heads) == (5, 0.2, 2, 2)
-    assert "ffn_mult" not in TrainConfig(recipe="release", model={"name": "hstu"}).model.options
+    hstu = TrainConfig(recipe="release", model={"name": "hstu"}).model.options
+    assert "ffn_mult" not in hstu and hstu["positions"] == "oldest"
     run = RunConfig(recipe="release", K=1)
     assert run.train_config("d", 0, run.model) == TrainConfig(recipe="release", dataset="d", version=0,
                                                               progress=False)
