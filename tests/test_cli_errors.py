@@ -106,3 +106,99 @@ def test_help_everywhere(cli):
                 ["data", "list", "--help"], ["train", "--help"], ["evaluate", "--help"]):
         result = cli(*cmd)
         assert result.code == 0 and "Usage" in result.out, cmd
+
+
+# --------------------------------------------------------------------------- issue 12: names and paths
+def _import_ok(cli, tmp_path, name: str = "ok") -> None:
+    path = write(tmp_path / f"{name}.csv", HEADER + GOOD_ROWS)
+    assert cli("data", "import", path, "--name", name, "--format", "csv").code == 0
+
+
+def _assert_unchanged(result, ws, before, *needles):
+    """One line naming the fault, exit status 2, the workspace exactly as it was."""
+    assert result.code == 2, (result.out, result.err)
+    lines = [line for line in result.err.strip().splitlines() if line]
+    assert len(lines) == 1, result.err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert workspace_files(ws) == before
+    assert not (ws.staging.exists() and any(ws.staging.iterdir()))
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "--dataset", "../datasets/ok"],
+    ["versions", "--dataset", "../../x"],
+    ["versions", "--dataset", "ok/../ok"],
+    ["versions", "--dataset", "ok\n"],
+    ["evaluate", "--dataset", "..", "--checkpoint", "m.pt"],
+    ["generate", "--dataset", "...", "--checkpoint", "m.pt"],
+    ["data", "view", "../ok", "--name", "v", "--last", "3"],
+], ids=["train", "versions-up", "versions-dotdot-inside", "versions-newline", "evaluate", "generate", "view"])
+def test_dataset_names_are_checked_on_every_entry_point(args, cli, ws, tmp_path):
+    _import_ok(cli, tmp_path)
+    before = workspace_files(ws)
+    name = args[args.index("--dataset") + 1] if "--dataset" in args else args[2]
+    _assert_unchanged(cli(*args), ws, before, f"invalid dataset name {name!r}")
+
+
+def _point_entry_elsewhere(ws, name: str, target: str) -> None:
+    import json
+
+    path = ws.datasets / name / "manifests" / "v00000.json"
+    manifest = json.loads(path.read_text())
+    manifest["items"]["path"] = target
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("target", ["../other/items.parquet", "ABS"])
+def test_manifest_entries_must_stay_inside_the_dataset(target, cli, ws, tmp_path):
+    _import_ok(cli, tmp_path, "ok")
+    _import_ok(cli, tmp_path, "other")  # same content: checksums would match a stray read
+    if target == "ABS":
+        target = str(ws.datasets / "other" / "items.parquet")
+    _point_entry_elsewhere(ws, "ok", target)
+    before = workspace_files(ws)
+    for args in (["versions", "--dataset", "ok"], ["train", "--dataset", "ok", "--epochs", "1"]):
+        _assert_unchanged(cli(*args), ws, before, "dataset 'ok' v0", repr(target), "outside")
+
+
+# --------------------------------------------------------------------------- issue 12: disk errors
+def _no_space(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_while_staging_an_import(cli, ws, tmp_path, monkeypatch):
+    monkeypatch.setattr("storage.dataset.pq.write_table", _no_space)
+    path = write(tmp_path / "ok.csv", HEADER + GOOD_ROWS)
+    result = cli("data", "import", path, "--name", "ok", "--format", "csv")
+    _assert_clean_failure(result, ws, "dataset 'ok'", "staging", "No space left on device")
+
+
+def test_disk_full_while_committing_a_replacement(cli, ws, tmp_path, monkeypatch):
+    _import_ok(cli, tmp_path)
+    before = workspace_files(ws)
+    shown = cli("versions", "--dataset", "ok", "--json").json()
+    other = write(tmp_path / "other.csv", HEADER + GOOD_ROWS + "3,10,1\n3,11,2\n3,12,3\n")
+    with monkeypatch.context() as patch:
+        patch.setattr("storage.dataset.os.fsync", _no_space)
+        result = cli("data", "import", other, "--name", "ok", "--format", "csv", "--force")
+    _assert_unchanged(result, ws, before, "dataset 'ok'", "committing", "No space left on device")
+    assert cli("versions", "--dataset", "ok", "--json").json() == shown  # the previous version, intact
+
+
+# --------------------------------------------------------------------------- issue 12: data list
+def test_data_list_reports_a_corrupt_manifest_and_lists_the_rest(cli, ws, tmp_path):
+    _import_ok(cli, tmp_path, "ok")
+    broken = ws.datasets / "broken" / "manifests"
+    broken.mkdir(parents=True)
+    (broken / "v00000.json").write_text("{not json")
+    result = cli("data", "list")
+    assert result.code == 0, result.err
+    lines = result.out.strip().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("ok ")
+    assert lines[0].startswith("broken ") and "error:" in lines[0] and "v00000.json" in lines[0]
+    rows = cli("data", "list", "--json").json()["datasets"]
+    assert [r["dataset"] for r in rows] == ["broken", "ok"]
+    assert "v00000.json" in rows[0]["error"] and "error" not in rows[1] and rows[1]["version"] == 0
