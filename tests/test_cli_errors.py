@@ -202,3 +202,56 @@ def test_data_list_reports_a_corrupt_manifest_and_lists_the_rest(cli, ws, tmp_pa
     rows = cli("data", "list", "--json").json()["datasets"]
     assert [r["dataset"] for r in rows] == ["broken", "ok"]
     assert "v00000.json" in rows[0]["error"] and "error" not in rows[1] and rows[1]["version"] == 0
+
+
+# --------------------------------------------------------------------------- issue 12: import
+def _parquet(path, **columns):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def test_multi_character_separator(cli, ws, tmp_path):
+    path = write(tmp_path / "ok.csv", HEADER + GOOD_ROWS)
+    result = cli("data", "import", path, "--name", "s", "--format", "csv", "--sep", ";;")
+    _assert_clean_failure(result, ws, "'sep'", "one character", "';;'")
+
+
+def test_parquet_float_id_out_of_int64_range(cli, ws, tmp_path):
+    path = _parquet(tmp_path / "big.parquet", user_id=[1, 1, 1, 2, 2, 2], item_id=[10.0, 1e20, 12.0, 10.0, 11.0, 12.0],
+                    timestamp=[1, 2, 3, 1, 2, 3])
+    result = cli("data", "import", path, "--name", "p", "--format", "parquet")
+    _assert_clean_failure(result, ws, str(path), "'item_id'", "out of range", "row 2", "1e+20")
+
+
+@pytest.mark.parametrize("column", ["user_id", "timestamp"])
+def test_parquet_list_typed_column(column, cli, ws, tmp_path):
+    columns = dict(user_id=[1, 1, 1, 2, 2, 2], item_id=[10, 11, 12, 10, 11, 12], timestamp=[1, 2, 3, 1, 2, 3])
+    columns[column] = [[v] for v in columns[column]]
+    path = _parquet(tmp_path / "lists.parquet", **columns)
+    result = cli("data", "import", path, "--name", "p", "--format", "parquet")
+    _assert_clean_failure(result, ws, str(path), repr(column), "list")
+
+
+def test_duplicated_header_column(cli, ws, tmp_path):
+    path = write(tmp_path / "dup.csv", "user_id,item_id,timestamp,item_id\n" + "".join(
+        f"{row},{row.split(',')[1]}\n" for row in GOOD_ROWS.splitlines()))
+    result = cli("data", "import", path, "--name", "d", "--format", "csv")
+    _assert_clean_failure(result, ws, str(path), "'item_id'", "more than once")
+
+
+@pytest.mark.parametrize("args", [
+    ["data", "list"], ["data", "import", "x.csv", "--name", "x", "--format", "csv"], ["data", "fetch", "ml-100k"],
+    ["data", "view", "a", "--name", "b", "--last", "3"], ["train"], ["versions", "--dataset", "x"],
+    ["evaluate", "--checkpoint", "m.pt"], ["generate", "--dataset", "x", "--checkpoint", "m.pt"],
+], ids=lambda a: "-".join(a[:2]))
+def test_home_is_a_regular_file(args, cli, tmp_path):
+    home = write(tmp_path / "home", "not a directory")
+    for where in (home, home / "below"):
+        result = cli(*args, "--home", where)
+        assert result.code == 2, (result.out, result.err)
+        lines = result.err.strip().splitlines()
+        assert len(lines) == 1 and str(where) in lines[0] and "not a directory" in lines[0], result.err
+    assert home.read_text() == "not a directory"
