@@ -255,3 +255,45 @@ def test_home_is_a_regular_file(args, cli, tmp_path):
         lines = result.err.strip().splitlines()
         assert len(lines) == 1 and str(where) in lines[0] and "not a directory" in lines[0], result.err
     assert home.read_text() == "not a directory"
+
+
+# --------------------------------------------------------------------------- issue 12: checkpoints
+def _checkpoint(tmp_path, edit) -> str:
+    import torch
+
+    from models import build_model
+    from models.config import ModelConfig
+    from storage.checkpoints import save_checkpoint
+
+    cfg = ModelConfig(hidden=8, layers=1, heads=1, max_len=5)
+    path = save_checkpoint(tmp_path / "m.pt", build_model(cfg, 3), cfg, 3, {})
+    payload = torch.load(path, weights_only=True)
+    edit(payload)
+    torch.save(payload, path)
+    return str(path)
+
+
+CHECKPOINT_CASES = {
+    "no num_items": (lambda p: p.pop("num_items"), "lacks 'num_items'"),
+    "num_items not an int": (lambda p: p.update(num_items="3"), "'num_items'", "integer"),
+    "state not a dict": (lambda p: p.update(state_dict=[1, 2]), "'state_dict'", "list"),
+    "no model_config": (lambda p: p.pop("model_config"), "lacks 'model_config'"),
+}
+
+
+@pytest.mark.parametrize("command", ["evaluate", "generate"])
+@pytest.mark.parametrize("case", sorted(CHECKPOINT_CASES))
+def test_malformed_checkpoint(case, command, cli, ws, tmp_path):
+    edit, *needles = CHECKPOINT_CASES[case]
+    _import_ok(cli, tmp_path)
+    path = _checkpoint(tmp_path, edit)
+    before = workspace_files(ws)
+    _assert_unchanged(cli(command, "--checkpoint", path, "--dataset", "ok"), ws, before, path, *needles)
+
+
+def test_checkpoint_that_is_not_a_torch_file(cli, ws, tmp_path):
+    _import_ok(cli, tmp_path)
+    path = write(tmp_path / "ratings.pt", HEADER + GOOD_ROWS)
+    before = workspace_files(ws)
+    for command in ("evaluate", "generate"):
+        _assert_unchanged(cli(command, "--checkpoint", path, "--dataset", "ok"), ws, before, str(path), "cannot read")
