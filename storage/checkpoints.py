@@ -42,7 +42,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
-        raise RsirError(f"cannot read checkpoint {path}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+        # torch's own first line can be as cryptic as "pop from empty list": say what was expected.
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RsirError(f"cannot read checkpoint {path}: not a complete torch file ({reason})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise RsirError(f"{path} is not an rsir checkpoint (format {CHECKPOINT_FORMAT})")
     _check_fields(path, payload)

@@ -296,4 +296,5 @@ def test_checkpoint_that_is_not_a_torch_file(cli, ws, tmp_path):
     path = write(tmp_path / "ratings.pt", HEADER + GOOD_ROWS)
     before = workspace_files(ws)
     for command in ("evaluate", "generate"):
-        _assert_unchanged(cli(command, "--checkpoint", path, "--dataset", "ok"), ws, before, str(path), "cannot read")
+        _assert_unchanged(cli(command, "--checkpoint", path, "--dataset", "ok"), ws, before, str(path), "cannot read",
+                          "not a complete torch file")
