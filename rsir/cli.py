@@ -113,11 +113,17 @@ def data_list(home: Home = None, as_json: Json = False) -> None:
     from tasks.ingest import dataset_store
 
     store = dataset_store(_workspace(home))
-    rows = []
-    for name in store.names():
+    _emit({"datasets": [_list_row(store, name) for name in store.names()]}, as_json, _render_list)
+
+
+def _list_row(store, name: str) -> dict[str, Any]:
+    """One dataset's latest version; a dataset that cannot be read gets an "error" entry, so one
+    corrupt manifest does not hide the others."""
+    try:
         m = store.manifest(name)
-        rows.append({"dataset": name, "version": m.version, "digest": m.digest, **m.stats})
-    _emit({"datasets": rows}, as_json, _render_list)
+    except RsirError as exc:
+        return {"dataset": name, "error": str(exc)}
+    return {"dataset": name, "version": m.version, "digest": m.digest, **m.stats}
 
 
 def _render_ingest(r: dict[str, Any]) -> None:
@@ -143,6 +149,9 @@ def _render_list(r: dict[str, Any]) -> None:
     if not r["datasets"]:
         print("no datasets; try `rsir data fetch ml-100k`")
     for d in r["datasets"]:
+        if "error" in d:
+            print(f"{d['dataset']:<24} error: {d['error']}")
+            continue
         print(f"{d['dataset']:<24} v{d['version']:<3} sequences {d.get('sequences'):<7} "
               f"interactions {d.get('interactions'):<8} density {d.get('density', 0):.5f}")
 

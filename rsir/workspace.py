@@ -6,11 +6,24 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from rsir.errors import RsirError
+
 
 def resolve_home(home: str | os.PathLike | None = None) -> Path:
     """--home wins, then $RSIR_HOME, then ./workspace."""
     chosen = home or os.environ.get("RSIR_HOME") or "workspace"
     return Path(chosen).expanduser().resolve()
+
+
+def check_directory(root: Path) -> None:
+    """The workspace must be a directory or creatable as one: a regular file there (or above)
+    would otherwise fail deep inside the first write, or look like an empty workspace."""
+    for path in (root, *root.parents):
+        if path.exists():
+            if not path.is_dir():
+                below = "" if path == root else f" ({path} is a file)"
+                raise RsirError(f"workspace {root} is not a directory{below}; choose another --home or $RSIR_HOME")
+            return
 
 
 @dataclass(frozen=True)
@@ -19,7 +32,9 @@ class Workspace:
 
     @classmethod
     def at(cls, home: str | os.PathLike | None = None) -> "Workspace":
-        return cls(resolve_home(home))
+        root = resolve_home(home)
+        check_directory(root)
+        return cls(root)
 
     @property
     def datasets(self) -> Path:

@@ -42,10 +42,37 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
-        raise RsirError(f"cannot read checkpoint {path}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+        # torch's own first line can be as cryptic as "pop from empty list": say what was expected.
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RsirError(f"cannot read checkpoint {path}: not a complete torch file ({reason})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise RsirError(f"{path} is not an rsir checkpoint (format {CHECKPOINT_FORMAT})")
+    _check_fields(path, payload)
     return payload
+
+
+# What every reader relies on, checked once here so that a damaged or hand-made file fails with
+# one line naming the field instead of a KeyError or TypeError deep inside model building.
+_FIELDS: dict[str, tuple[type, str]] = {
+    "backbone": (str, "a backbone name"),
+    "model_config": (dict, "a dict"),
+    "num_items": (int, "a positive integer"),
+    "state_dict": (dict, "a dict of tensors"),
+}
+
+
+def _check_fields(path: Path, payload: dict[str, Any]) -> None:
+    for key, (kind, wanted) in _FIELDS.items():
+        if key not in payload:
+            raise RsirError(f"checkpoint {path} lacks {key!r} (an rsir checkpoint holds "
+                            f"{', '.join(map(repr, _FIELDS))})")
+        value = payload[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise RsirError(f"checkpoint {path}: {key!r} must be {wanted}, got a {type(value).__name__}")
+    if payload["num_items"] < 1:
+        raise RsirError(f"checkpoint {path}: 'num_items' must be a positive integer, got {payload['num_items']}")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload["state_dict"].items()):
+        raise RsirError(f"checkpoint {path}: 'state_dict' must map parameter names to tensors")
 
 
 def load_checkpoint(path: str | Path, num_items: int | None = None, backbone: str | None = None,

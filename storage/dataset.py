@@ -19,6 +19,8 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from fsspec.implementations.local import LocalFileSystem
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import ValidationError
 
 from rsir.errors import RsirError
 from storage.manifest import FileEntry, Manifest, PartitionEntry, chain_digest
@@ -41,13 +44,49 @@ SEQUENCE_SCHEMA = pa.schema([
 ])
 ROWS_PER_BUCKET = 250_000
 _MANIFEST_RE = re.compile(r"^v(\d{5})\.json$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def valid_name(name: str) -> bool:
+    # fullmatch: with re.match, "$" would also accept a trailing newline ("t\n").
+    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None
 
 
 def check_name(name: str) -> str:
-    if not _NAME_RE.match(name or ""):
-        raise RsirError(f"invalid dataset name {name!r}: use letters, digits, '.', '_' and '-'")
+    """A dataset name is one path component inside the datasets root: never '..', '/' or '.x'."""
+    if not valid_name(name):
+        raise RsirError(f"invalid dataset name {name!r}: use letters, digits, '.', '_' and '-', "
+                        f"starting with a letter or digit")
     return name
+
+
+def _inside(rel: str) -> bool:
+    """A manifest entry names a file below its dataset directory: relative, no '..', no drive
+    or URL (':'), no backslash (a Windows separator that would hide a '..')."""
+    if not rel or rel.startswith("/") or any(c in rel for c in ":\\"):
+        return False
+    return ".." not in rel.split("/")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _first_error(exc: ValidationError) -> str:
+    """The first problem of a manifest that does not parse, on one line."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    return f"{where}: {err['msg']}" if where else err["msg"]
+
+
+@contextmanager
+def _io(name: str, operation: str) -> Iterator[None]:
+    """Report a filesystem failure (disk full, permission denied) as one line naming the
+    dataset and the operation; callers undo what the operation left."""
+    try:
+        yield
+    except OSError as exc:
+        raise RsirError(f"dataset {name!r}: {operation} failed: {_one_line(exc)}") from None
 
 
 def table_digest(table: pa.Table) -> str:
@@ -73,7 +112,8 @@ class DatasetStore:
 
     # ---------------------------------------------------------------- paths
     def _path(self, name: str, *parts: str) -> str:
-        return "/".join([self._root_path, name, *parts])
+        # Every access to a dataset goes through here: a name like '../x' never leaves the root.
+        return "/".join([self._root_path, check_name(name), *parts])
 
     def _url(self, name: str, *parts: str) -> str | io.BytesIO:
         """A source polars accepts: the plain path locally, else the bytes read through fsspec
@@ -88,7 +128,7 @@ class DatasetStore:
         found = []
         for entry in self.fs.ls(self._root_path, detail=False):
             name = entry.rstrip("/").rsplit("/", 1)[-1]
-            if self.versions(name):
+            if valid_name(name) and self.versions(name):  # skips e.g. a replaced dataset set aside
                 found.append(name)
         return sorted(found)
 
@@ -115,13 +155,20 @@ class DatasetStore:
             raise RsirError(f"dataset {name!r} has no version {version} (versions: {versions})")
         path = self._path(name, "manifests", f"v{version:05d}.json")
         try:
-            return Manifest.model_validate_json(self.fs.cat_file(path))
-        except ValueError as exc:
-            raise RsirError(f"corrupt manifest {path}: {exc}") from exc
+            manifest = Manifest.model_validate_json(self.fs.cat_file(path))
+        except ValidationError as exc:
+            raise RsirError(f"dataset {name!r} v{version}: corrupt manifest {path}: {_first_error(exc)}") from None
+        except OSError as exc:
+            raise RsirError(f"dataset {name!r} v{version}: cannot read {path}: {_one_line(exc)}") from None
+        for entry in manifest.files:
+            if not _inside(entry.path):
+                raise RsirError(f"dataset {name!r} v{version}: manifest entry {entry.path!r} points outside "
+                                f"the dataset directory {self._path(name)}")
+        return manifest
 
     def verify(self, name: str, manifest: Manifest) -> None:
         """Check every file's checksum against the manifest; name the first corrupt one."""
-        for entry in [manifest.items, *manifest.partitions]:
+        for entry in manifest.files:
             path = self._path(name, entry.path)
             try:
                 data = self.fs.cat_file(path)
@@ -162,27 +209,23 @@ class DatasetStore:
     # ---------------------------------------------------------------- writing
     def create(self, name: str, sequences: pa.Table, items: pa.Table, source: dict[str, Any],
                stats: dict[str, Any] | None = None, replace: bool = False) -> Manifest:
-        """Publish version 0 of a new dataset (or replace an existing one with `replace`)."""
+        """Publish version 0 of a new dataset (or replace an existing one with `replace`).
+        If it cannot be written, the workspace is left as it was (a replaced dataset included)."""
         check_name(name)
         if self.versions(name) and not replace:
             raise RsirError(f"dataset {name!r} already exists in {self.root}; pass --force to replace it")
-        stage = self._new_stage()
-        try:
-            items_entry = self._stage_file(stage, "items.parquet", items)
-            parts, part_digests = self._stage_partition(stage, 0, sequences)
+        with self._staged(name, 0) as stage:
+            with _io(name, self._staging(0)):
+                items_entry = self._stage_file(stage, "items.parquet", items)
+                parts, part_digests = self._stage_partition(stage, 0, sequences)
             manifest = Manifest(
                 dataset=name, version=0, parent_version=None, num_items=items.num_rows,
                 items=items_entry, partitions=parts,
                 digest=chain_digest(table_digest(items), part_digests),
                 created_at=datetime.now(timezone.utc).isoformat(), source=source, stats=stats or {},
             )
-            if replace and self.fs.exists(self._path(name)):
-                self.fs.rm(self._path(name), recursive=True)
-            self._publish(stage, name)
-            self._commit(name, manifest)
+            self._install(stage, name, manifest)
             return manifest
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
 
     def append(self, name: str, parent: Manifest, sequences: pa.Table, generation: dict[str, Any],
                stats: dict[str, Any] | None = None) -> Manifest:
@@ -190,9 +233,9 @@ class DatasetStore:
         version = parent.version + 1
         if version in self.versions(name):
             raise RsirError(f"dataset {name!r} already has version {version}")
-        stage = self._new_stage()
-        try:
-            parts, part_digests = self._stage_partition(stage, version, sequences)
+        with self._staged(name, version) as stage:
+            with _io(name, self._staging(version)):
+                parts, part_digests = self._stage_partition(stage, version, sequences)
             manifest = Manifest(
                 dataset=name, version=version, parent_version=parent.version,
                 num_items=parent.num_items, items=parent.items,
@@ -202,14 +245,17 @@ class DatasetStore:
                 generation=generation, stats=stats or {},
             )
             # A crashed earlier attempt may have left an uncommitted partition: replace it.
-            stale = self._path(name, "sequences", f"iteration={version}")
-            if self.fs.exists(stale):
-                self.fs.rm(stale, recursive=True)
-            self._publish(stage, name)
-            self._commit(name, manifest)
+            partition = self._path(name, "sequences", f"iteration={version}")
+            with _io(name, f"removing the uncommitted partition {partition}"):
+                if self.fs.exists(partition):
+                    self.fs.rm(partition, recursive=True)
+            try:
+                self._publish(stage, name)
+                self._commit(name, manifest)
+            except RsirError:  # a reported disk failure: invisible without a manifest, but leave nothing
+                self._discard(partition)
+                raise
             return manifest
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
 
     def fork(self, source: str, name: str) -> Manifest:
         """Start dataset `name` whose version 0 holds exactly the content of `source` v0
@@ -225,27 +271,64 @@ class DatasetStore:
                                 f"than {source!r} v0 ({src.digest[:12]})")
             return existing
         self.verify(source, src)
-        stage = self._new_stage()
-        try:
-            for entry in [src.items, *src.partitions]:
-                target = stage / entry.path
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(self.fs.cat_file(self._path(source, entry.path)))
+        with self._staged(name, 0) as stage:
+            with _io(name, self._staging(0)):
+                for entry in src.files:
+                    target = stage / entry.path
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(self.fs.cat_file(self._path(source, entry.path)))
             manifest = src.model_copy(update={
                 "dataset": name, "version": 0, "parent_version": None,
                 "created_at": datetime.now(timezone.utc).isoformat(),
                 "source": {**src.source, "forked_from": {"dataset": source, "version": 0}},
             })
-            self._publish(stage, name)
-            self._commit(name, manifest)
+            self._install(stage, name, manifest)
             return manifest
+
+    def _staging(self, version: int) -> str:
+        return f"staging version {version} in {self.staging}"
+
+    @contextmanager
+    def _staged(self, name: str, version: int) -> Iterator[Path]:
+        """A fresh staging folder, removed afterwards whatever happens."""
+        with _io(name, self._staging(version)):
+            stage = self.staging / f"stage-{uuid.uuid4().hex}"
+            stage.mkdir(parents=True)
+        try:
+            yield stage
         finally:
             shutil.rmtree(stage, ignore_errors=True)
 
-    def _new_stage(self) -> Path:
-        stage = self.staging / f"stage-{uuid.uuid4().hex}"
-        stage.mkdir(parents=True)
-        return stage
+    def _install(self, stage: Path, name: str, manifest: Manifest) -> None:
+        """Publish and commit version 0 of `name`. Whatever is there (a dataset being replaced,
+        or the leftovers of a crashed attempt) is set aside first, restored if the new version
+        cannot be written, and removed once it is committed."""
+        target = self._path(name)
+        aside = None
+        if self.fs.exists(target):
+            # Not a valid dataset name, so names() never lists it.
+            aside = f"{self._root_path}/.replaced-{name}-{uuid.uuid4().hex}"
+            with _io(name, f"moving the previous files aside to {aside}"):
+                self.fs.mv(target, aside, recursive=True)
+        try:
+            self._publish(stage, name)
+            self._commit(name, manifest)
+        except RsirError:  # a reported disk failure: back to the state before
+            self._discard(target)
+            if aside is not None:
+                with _io(name, f"restoring the previous files from {aside}"):
+                    self.fs.mv(aside, target, recursive=True)
+            raise
+        if aside is not None:
+            self._discard(aside)
+
+    def _discard(self, path: str) -> None:
+        """Best-effort removal of files no manifest names (invisible either way)."""
+        try:
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+        except OSError:
+            pass
 
     def _stage_file(self, stage: Path, rel: str, table: pa.Table) -> FileEntry:
         target = stage / rel
@@ -271,27 +354,32 @@ class DatasetStore:
 
     def _publish(self, stage: Path, name: str) -> None:
         """Move staged files under the dataset root (not yet visible: no manifest names them)."""
-        for src in sorted(p for p in stage.rglob("*") if p.is_file()):
-            rel = src.relative_to(stage).as_posix()
-            dst = self._path(name, rel)
-            self.fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
-            if self.is_local:
-                shutil.move(src, dst)  # a rename on one filesystem, a copy across devices
-            else:
-                self.fs.put_file(str(src), dst)
+        with _io(name, f"copying staged files into {self._path(name)}"):
+            for src in sorted(p for p in stage.rglob("*") if p.is_file()):
+                rel = src.relative_to(stage).as_posix()
+                dst = self._path(name, rel)
+                self.fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
+                if self.is_local:
+                    shutil.move(src, dst)  # a rename on one filesystem, a copy across devices
+                else:
+                    self.fs.put_file(str(src), dst)
 
     def _commit(self, name: str, manifest: Manifest) -> None:
         """The atomic commit point of a version."""
         mdir = self._path(name, "manifests")
-        self.fs.makedirs(mdir, exist_ok=True)
         final = f"{mdir}/v{manifest.version:05d}.json"
         body = manifest.model_dump_json(indent=2).encode()
-        if self.is_local:
+        with _io(name, f"committing the manifest of version {manifest.version}"):
+            self.fs.makedirs(mdir, exist_ok=True)
+            if not self.is_local:
+                self.fs.pipe_file(final, body)
+                return
             tmp = Path(mdir) / f".v{manifest.version:05d}.json.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as fh:
-                fh.write(body)
-                fh.flush()
-                os.fsync(fh.fileno())
-            tmp.replace(final)
-        else:
-            self.fs.pipe_file(final, body)
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(body)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                tmp.replace(final)
+            finally:
+                tmp.unlink(missing_ok=True)  # gone after the rename; a failed write leaves no stray file

@@ -48,6 +48,10 @@ class Manifest(BaseModel):
     def num_sequences(self) -> int:
         return sum(p.rows for p in self.partitions)
 
+    @property
+    def files(self) -> list[FileEntry]:
+        """Every file of the version: the item table, then the partitions."""
+        return [self.items, *self.partitions]
 
 
 def chain_digest(parent_digest: str, partition_digests: list[str]) -> str:

@@ -1,4 +1,5 @@
-"""Full-ranking leave-one-out evaluation, batched over users (memory ~ batch x items).
+"""Full-ranking leave-one-out evaluation, batched over users (memory ~ batch x items, plus the
+batch's history items, never batch x longest history).
 
 Rank of the target = 1 + number of items with a strictly higher score. By default the
 items of the user's input history are removed from the ranking (the target itself is
@@ -25,11 +26,21 @@ def metric_names() -> list[str]:
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
     """scores (B, N+1) with column 0 = padding; targets (B,); history (B, H) item ids, 0 = pad."""
+    if history is None:
+        return ranks_excluding(scores, targets, None)
+    rows = torch.arange(history.shape[0], device=history.device)[:, None].expand_as(history)
+    return ranks_excluding(scores, targets, (rows.reshape(-1), history.reshape(-1)))
+
+
+def ranks_excluding(scores: torch.Tensor, targets: torch.Tensor,
+                    excluded: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """scores (B, N+1) with column 0 = padding; targets (B,); excluded: flat (row, item) pairs
+    removed from the ranking (the target's score is read first, so it always counts)."""
     scores = scores.clone()
     scores[:, 0] = float("-inf")
     target_score = scores.gather(1, targets[:, None])
-    if history is not None:
-        scores.scatter_(1, history, float("-inf"))
+    if excluded is not None:
+        scores[excluded] = float("-inf")
     higher = (scores > target_score).sum(dim=1)
     return higher + 1
 
@@ -60,9 +71,11 @@ def rank_users(model: torch.nn.Module, inputs: Ragged, targets: np.ndarray, max_
             rows = np.arange(lo, min(lo + batch_size, len(targets)))
             seqs = inputs.tails(rows, max_len).to(device)
             scores = model.score_last(seqs)
-            history = inputs.rows(rows).to(device) if exclude_history else None
+            # Flat (row, item) pairs, not a (batch, longest history) tensor: one user with 10^6
+            # interactions must not make every row of the batch 10^6 wide.
+            history = tuple(torch.from_numpy(a).to(device) for a in inputs.pairs(rows)) if exclude_history else None
             target = torch.from_numpy(targets[rows]).to(device)
-            ranks.append(target_ranks(scores, target, history).cpu().numpy())
+            ranks.append(ranks_excluding(scores, target, history).cpu().numpy())
     finally:
         model.train(was_training)
     return np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)

@@ -3,8 +3,9 @@
 Every rollout of a batch advances one item per step, so the whole batch is scored with one
 `score_last` call per step; the fidelity check, both pools and the greedy pick are tensor ops
 over all active rollouts at once. Rollouts leave the active set as they stop. Memory is
-bounded by the batch: scores (batch, N+1) plus item lists (batch, longest source + max_len),
-never by the number of rollouts.
+bounded by the batch: scores (batch, N+1) plus item lists (batch, distinct items of a source
+<= N, and max_len), never by the number of rollouts. (Extension mode also keeps each source's
+prefix in a (batch, longest prefix + m) buffer.)
 
 Randomness: the only random choice is the pool (local S with probability p, else all items).
 Its uniform is a counter-based hash of (seed, rollout id, step), so results do not depend on
@@ -33,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rsir.config import Device
 from rsir.errors import RsirError
 from tasks.runtime import resolve_device, timed
-from tasks.split import Ragged
+from tasks.split import Ragged, flat_index, gather_padded
 
 
 # Stop reasons of the main generator, stored as int8 codes into this table.
@@ -159,16 +160,21 @@ def local_draw(seed: int, ids: torch.Tensor, step: int, p: float) -> torch.Tenso
 
 
 def sorted_rows(rows: Ragged, index: np.ndarray, device: torch.device) -> torch.Tensor:
-    """(len(index), longest row) item ids of rows[index], each row sorted ascending, 0-padded
-    at the front (padding is never live)."""
-    return rows.rows(index).sort(dim=1).values.to(device)
+    """(len(index), W) distinct item ids of rows[index], each row ascending, 0-padded at the front
+    (padding is never live). W = the most distinct items of a row (<= N), not the longest row:
+    a repeated item adds nothing, since every use of an item marks all its copies."""
+    which, items = rows.pairs(index)
+    span = int(items.max(initial=0)) + 1
+    distinct = np.unique(which * span + items)  # sorted by (row, item), each pair once
+    counts = np.bincount(distinct // span, minlength=len(index))
+    return gather_padded(distinct % span, np.cumsum(counts) - counts, counts).to(device)
 
 
 def membership(rows: Ragged, index: np.ndarray, num_items: int, device: torch.device) -> torch.Tensor:
     """(len(index), N+1) bool: True where the item occurs in row index[b] of `rows`."""
-    padded = rows.rows(index).to(device)
+    which, items = (torch.from_numpy(a).to(device) for a in rows.pairs(index))
     mask = torch.zeros(len(index), num_items + 1, dtype=torch.bool, device=device)
-    mask.scatter_(1, padded, True)
+    mask[which, items] = True
     mask[:, 0] = False
     return mask
 
@@ -452,8 +458,7 @@ def _slices(values: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> Ragged:
     lengths = ends - starts
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    idx = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
-    return Ragged(values[idx].astype(np.int64), offsets)
+    return Ragged(values[flat_index(starts, lengths)].astype(np.int64), offsets)
 
 
 def _left_aligned(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray, width: int) -> np.ndarray:

@@ -9,6 +9,7 @@ Preprocessing follows the literature: optional k-core filter, stable chronologic
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from typing import Any, Literal
 import polars as pl
 import pyarrow as pa
 from prefect import task
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rsir.errors import RsirError
 from rsir.workspace import Workspace
@@ -48,10 +49,21 @@ class ImportSpec(BaseModel):
     user_col: str = "user_id"
     item_col: str = "item_id"
     time_col: str = "timestamp"
-    sep: str | None = Field(None, description="field separator; default ',' (csv, amazon) or tab (recbole)")
-    id_type: Literal["int", "str"] | None = Field(None, description="default 'str' for amazon, else 'int'")
+    sep: str | None = Field(None, description="field separator, one character; default ',' (csv, amazon) "
+                            "or tab (recbole)")
+    id_type: Literal["int", "str"] | None = Field(None, description="default 'str' for amazon, else 'int'. "
+                                                  "int: ids are integers, so '007' and '7' are one id; "
+                                                  "str: ids are kept as written, '007' and '7' differ")
     kcore: int | None = Field(None, ge=0, description="k-core filter; default 5 for amazon, 0 (off) otherwise")
     min_seq_len: int = Field(3, ge=3)
+
+    @field_validator("sep")
+    @classmethod
+    def _one_character(cls, sep: str | None) -> str | None:
+        # The CSV reader splits on one byte; anything else would fail inside it with a traceback.
+        if sep is not None and len(sep.encode()) != 1:
+            raise ValueError("must be one character (a single byte, e.g. ',' ';' or a tab)")
+        return sep
 
     @model_validator(mode="after")
     def _defaults(self) -> "ImportSpec":
@@ -101,6 +113,7 @@ def _read_table(spec: ImportSpec) -> pl.DataFrame:
             return pl.read_csv(path, has_header=False, separator=spec.sep, infer_schema=False,
                                new_columns=["user", "item", "rating", "timestamp"])
         table = pl.read_csv(path, separator=spec.sep, infer_schema=False, quote_char='"')
+        _check_unique_header(table.columns, path)
         if spec.format == "recbole":  # header fields are "name:type"
             table = table.rename({c: c.split(":", 1)[0] for c in table.columns})
         return table
@@ -111,6 +124,23 @@ def _read_table(spec: ImportSpec) -> pl.DataFrame:
         raise RsirError(f"cannot read {path} as {spec.format}: {first}") from None
 
 
+def _check_unique_header(columns: list[str], path: Path) -> None:
+    """polars renames a repeated header name to NAME_duplicated_K and reads on: which of the
+    columns was meant would be a guess, so refuse the file."""
+    for col in columns:
+        found = re.fullmatch(r"(.*)_duplicated_\d+", col)
+        if found and found.group(1) in columns:
+            raise RsirError(f"{path}: column {found.group(1)!r} appears more than once in the header")
+
+
+def _check_scalar(series: pl.Series, where: str, what: str) -> None:
+    """Ids and timestamps are single values: a list, struct or binary column is refused by name
+    (a cast would fail inside polars with a traceback)."""
+    if series.dtype.is_nested() or series.dtype in (pl.Binary, pl.Object):
+        raise RsirError(f"{where} has type {series.dtype}; {what} must be single numbers or strings, not a "
+                        f"{type(series.dtype).__name__.lower()}")
+
+
 def _first_bad(series: pl.Series, bad: pl.Series) -> str:
     idx = int(bad.arg_true()[0])
     return f"row {idx + 1} (value {series[idx]!r})"
@@ -118,6 +148,7 @@ def _first_bad(series: pl.Series, bad: pl.Series) -> str:
 
 def _parse_ids(series: pl.Series, spec: ImportSpec, col: str) -> pl.Series:
     where = f"{spec.path}: column {col!r}"
+    _check_scalar(series, where, "ids")
     if spec.id_type == "str":
         text = series.cast(pl.String).str.strip_chars()
         bad = text.is_null() | (text == "")
@@ -126,13 +157,15 @@ def _parse_ids(series: pl.Series, spec: ImportSpec, col: str) -> pl.Series:
         return text
     if series.null_count():
         raise RsirError(f"{where} has a null id at {_first_bad(series, series.is_null())}")
-    if series.dtype.is_integer():
-        ids = series.cast(pl.Int64)
-    elif series.dtype.is_float():
-        bad = series.is_nan() | (series != series.round(0))
-        if bad.any():
-            raise RsirError(f"{where} has a non-integer id at {_first_bad(series, bad)}")
-        ids = series.cast(pl.Int64)
+    if series.dtype.is_integer() or series.dtype.is_float():
+        if series.dtype.is_float():
+            bad = series.is_nan() | (series != series.round(0))
+            if bad.any():
+                raise RsirError(f"{where} has a non-integer id at {_first_bad(series, bad)}")
+        ids = series.cast(pl.Int64, strict=False)  # null where it does not fit (1e20, a large uint64)
+        if ids.null_count():
+            raise RsirError(f"{where} has an id out of range (ids are 64-bit integers) at "
+                            f"{_first_bad(series, ids.is_null())} (use --id-type str for such ids)")
     else:
         ids = series.cast(pl.String).str.strip_chars().cast(pl.Int64, strict=False)
         if ids.null_count():
@@ -146,6 +179,7 @@ def _parse_ids(series: pl.Series, spec: ImportSpec, col: str) -> pl.Series:
 def _parse_timestamps(series: pl.Series, spec: ImportSpec) -> pl.Series:
     """Numbers are taken as they are (any monotone unit); strings as numbers or ISO datetimes."""
     where = f"{spec.path}: column {spec.time_col!r}"
+    _check_scalar(series, where, "timestamps")
     if series.null_count():
         raise RsirError(f"{where} has a null timestamp at {_first_bad(series, series.is_null())}")
     if series.dtype.is_numeric():

@@ -45,6 +45,19 @@ class Ragged:
         starts = self.offsets[rows]
         return gather_padded(self.values, starts, self.offsets[rows + 1] - starts)
 
+    def pairs(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(b, value) for every value of row rows[b], flat and without padding: memory is the
+        rows' total length, whatever the longest row."""
+        starts = self.offsets[rows]
+        lengths = self.offsets[rows + 1] - starts
+        return np.repeat(np.arange(len(rows)), lengths), self.values[flat_index(starts, lengths)]
+
+
+def flat_index(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Indices of the slices [starts[b], starts[b] + lengths[b]), concatenated (vectorized)."""
+    first = np.cumsum(lengths) - lengths
+    return np.repeat(starts - first, lengths) + np.arange(int(lengths.sum()))
+
 
 def gather_padded(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray, shift: int = 0) -> torch.Tensor:
     """values[starts[b] + shift : starts[b] + lengths[b] + shift], left-padded with 0 to max(lengths)."""

@@ -146,3 +146,24 @@ def test_mismatched_state_dict(saved, tmp_path):
     with pytest.raises(RsirError) as err:
         load_checkpoint(bad)
     assert str(bad) in str(err.value)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda p: p.pop("num_items"), "lacks 'num_items'"),
+    (lambda p: p.pop("backbone"), "lacks 'backbone'"),
+    (lambda p: p.update(num_items=True), "'num_items' must be a positive integer"),
+    (lambda p: p.update(num_items=0), "'num_items' must be a positive integer"),
+    (lambda p: p.update(model_config="sasrec"), "'model_config' must be a dict"),
+    (lambda p: p.update(state_dict=[1, 2]), "'state_dict' must be a dict of tensors, got a list"),
+    (lambda p: p.update(state_dict={"w": [1.0]}), "'state_dict' must map parameter names to tensors"),
+])
+def test_incomplete_checkpoint_names_the_field(saved, tmp_path, edit, needle):
+    path, _ = saved
+    payload = torch.load(path, weights_only=True)
+    edit(payload)
+    bad = tmp_path / "incomplete.pt"
+    torch.save(payload, bad)
+    for read in (read_checkpoint, load_checkpoint):
+        with pytest.raises(RsirError) as err:
+            read(bad)
+        assert str(bad) in str(err.value) and needle in str(err.value) and "\n" not in str(err.value)

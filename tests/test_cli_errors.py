@@ -106,3 +106,195 @@ def test_help_everywhere(cli):
                 ["data", "list", "--help"], ["train", "--help"], ["evaluate", "--help"]):
         result = cli(*cmd)
         assert result.code == 0 and "Usage" in result.out, cmd
+
+
+# --------------------------------------------------------------------------- issue 12: names and paths
+def _import_ok(cli, tmp_path, name: str = "ok") -> None:
+    path = write(tmp_path / f"{name}.csv", HEADER + GOOD_ROWS)
+    assert cli("data", "import", path, "--name", name, "--format", "csv").code == 0
+
+
+def _assert_unchanged(result, ws, before, *needles):
+    """One line naming the fault, exit status 2, the workspace exactly as it was."""
+    assert result.code == 2, (result.out, result.err)
+    lines = [line for line in result.err.strip().splitlines() if line]
+    assert len(lines) == 1, result.err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert workspace_files(ws) == before
+    assert not (ws.staging.exists() and any(ws.staging.iterdir()))
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "--dataset", "../datasets/ok"],
+    ["versions", "--dataset", "../../x"],
+    ["versions", "--dataset", "ok/../ok"],
+    ["versions", "--dataset", "ok\n"],
+    ["evaluate", "--dataset", "..", "--checkpoint", "m.pt"],
+    ["generate", "--dataset", "...", "--checkpoint", "m.pt"],
+    ["data", "view", "../ok", "--name", "v", "--last", "3"],
+], ids=["train", "versions-up", "versions-dotdot-inside", "versions-newline", "evaluate", "generate", "view"])
+def test_dataset_names_are_checked_on_every_entry_point(args, cli, ws, tmp_path):
+    _import_ok(cli, tmp_path)
+    before = workspace_files(ws)
+    name = args[args.index("--dataset") + 1] if "--dataset" in args else args[2]
+    _assert_unchanged(cli(*args), ws, before, f"invalid dataset name {name!r}")
+
+
+def _point_entry_elsewhere(ws, name: str, target: str) -> None:
+    import json
+
+    path = ws.datasets / name / "manifests" / "v00000.json"
+    manifest = json.loads(path.read_text())
+    manifest["items"]["path"] = target
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("target", ["../other/items.parquet", "ABS"])
+def test_manifest_entries_must_stay_inside_the_dataset(target, cli, ws, tmp_path):
+    _import_ok(cli, tmp_path, "ok")
+    _import_ok(cli, tmp_path, "other")  # same content: checksums would match a stray read
+    if target == "ABS":
+        target = str(ws.datasets / "other" / "items.parquet")
+    _point_entry_elsewhere(ws, "ok", target)
+    before = workspace_files(ws)
+    for args in (["versions", "--dataset", "ok"], ["train", "--dataset", "ok", "--epochs", "1"]):
+        _assert_unchanged(cli(*args), ws, before, "dataset 'ok' v0", repr(target), "outside")
+
+
+# --------------------------------------------------------------------------- issue 12: disk errors
+def _no_space(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_while_staging_an_import(cli, ws, tmp_path, monkeypatch):
+    monkeypatch.setattr("storage.dataset.pq.write_table", _no_space)
+    path = write(tmp_path / "ok.csv", HEADER + GOOD_ROWS)
+    result = cli("data", "import", path, "--name", "ok", "--format", "csv")
+    _assert_clean_failure(result, ws, "dataset 'ok'", "staging", "No space left on device")
+
+
+def test_disk_full_while_committing_a_replacement(cli, ws, tmp_path, monkeypatch):
+    _import_ok(cli, tmp_path)
+    before = workspace_files(ws)
+    shown = cli("versions", "--dataset", "ok", "--json").json()
+    other = write(tmp_path / "other.csv", HEADER + GOOD_ROWS + "3,10,1\n3,11,2\n3,12,3\n")
+    with monkeypatch.context() as patch:
+        patch.setattr("storage.dataset.os.fsync", _no_space)
+        result = cli("data", "import", other, "--name", "ok", "--format", "csv", "--force")
+    _assert_unchanged(result, ws, before, "dataset 'ok'", "committing", "No space left on device")
+    assert cli("versions", "--dataset", "ok", "--json").json() == shown  # the previous version, intact
+
+
+# --------------------------------------------------------------------------- issue 12: data list
+def test_data_list_reports_a_corrupt_manifest_and_lists_the_rest(cli, ws, tmp_path):
+    _import_ok(cli, tmp_path, "ok")
+    broken = ws.datasets / "broken" / "manifests"
+    broken.mkdir(parents=True)
+    (broken / "v00000.json").write_text("{not json")
+    result = cli("data", "list")
+    assert result.code == 0, result.err
+    lines = result.out.strip().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("ok ")
+    assert lines[0].startswith("broken ") and "error:" in lines[0] and "v00000.json" in lines[0]
+    rows = cli("data", "list", "--json").json()["datasets"]
+    assert [r["dataset"] for r in rows] == ["broken", "ok"]
+    assert "v00000.json" in rows[0]["error"] and "error" not in rows[1] and rows[1]["version"] == 0
+
+
+# --------------------------------------------------------------------------- issue 12: import
+def _parquet(path, **columns):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def test_multi_character_separator(cli, ws, tmp_path):
+    path = write(tmp_path / "ok.csv", HEADER + GOOD_ROWS)
+    result = cli("data", "import", path, "--name", "s", "--format", "csv", "--sep", ";;")
+    _assert_clean_failure(result, ws, "'sep'", "one character", "';;'")
+
+
+def test_parquet_float_id_out_of_int64_range(cli, ws, tmp_path):
+    path = _parquet(tmp_path / "big.parquet", user_id=[1, 1, 1, 2, 2, 2], item_id=[10.0, 1e20, 12.0, 10.0, 11.0, 12.0],
+                    timestamp=[1, 2, 3, 1, 2, 3])
+    result = cli("data", "import", path, "--name", "p", "--format", "parquet")
+    _assert_clean_failure(result, ws, str(path), "'item_id'", "out of range", "row 2", "1e+20")
+
+
+@pytest.mark.parametrize("column", ["user_id", "timestamp"])
+def test_parquet_list_typed_column(column, cli, ws, tmp_path):
+    columns = dict(user_id=[1, 1, 1, 2, 2, 2], item_id=[10, 11, 12, 10, 11, 12], timestamp=[1, 2, 3, 1, 2, 3])
+    columns[column] = [[v] for v in columns[column]]
+    path = _parquet(tmp_path / "lists.parquet", **columns)
+    result = cli("data", "import", path, "--name", "p", "--format", "parquet")
+    _assert_clean_failure(result, ws, str(path), repr(column), "list")
+
+
+def test_duplicated_header_column(cli, ws, tmp_path):
+    path = write(tmp_path / "dup.csv", "user_id,item_id,timestamp,item_id\n" + "".join(
+        f"{row},{row.split(',')[1]}\n" for row in GOOD_ROWS.splitlines()))
+    result = cli("data", "import", path, "--name", "d", "--format", "csv")
+    _assert_clean_failure(result, ws, str(path), "'item_id'", "more than once")
+
+
+@pytest.mark.parametrize("args", [
+    ["data", "list"], ["data", "import", "x.csv", "--name", "x", "--format", "csv"], ["data", "fetch", "ml-100k"],
+    ["data", "view", "a", "--name", "b", "--last", "3"], ["train"], ["versions", "--dataset", "x"],
+    ["evaluate", "--checkpoint", "m.pt"], ["generate", "--dataset", "x", "--checkpoint", "m.pt"],
+], ids=lambda a: "-".join(a[:2]))
+def test_home_is_a_regular_file(args, cli, tmp_path):
+    home = write(tmp_path / "home", "not a directory")
+    for where in (home, home / "below"):
+        result = cli(*args, "--home", where)
+        assert result.code == 2, (result.out, result.err)
+        lines = result.err.strip().splitlines()
+        assert len(lines) == 1 and str(where) in lines[0] and "not a directory" in lines[0], result.err
+    assert home.read_text() == "not a directory"
+
+
+# --------------------------------------------------------------------------- issue 12: checkpoints
+def _checkpoint(tmp_path, edit) -> str:
+    import torch
+
+    from models import build_model
+    from models.config import ModelConfig
+    from storage.checkpoints import save_checkpoint
+
+    cfg = ModelConfig(hidden=8, layers=1, heads=1, max_len=5)
+    path = save_checkpoint(tmp_path / "m.pt", build_model(cfg, 3), cfg, 3, {})
+    payload = torch.load(path, weights_only=True)
+    edit(payload)
+    torch.save(payload, path)
+    return str(path)
+
+
+CHECKPOINT_CASES = {
+    "no num_items": (lambda p: p.pop("num_items"), "lacks 'num_items'"),
+    "num_items not an int": (lambda p: p.update(num_items="3"), "'num_items'", "integer"),
+    "state not a dict": (lambda p: p.update(state_dict=[1, 2]), "'state_dict'", "list"),
+    "no model_config": (lambda p: p.pop("model_config"), "lacks 'model_config'"),
+}
+
+
+@pytest.mark.parametrize("command", ["evaluate", "generate"])
+@pytest.mark.parametrize("case", sorted(CHECKPOINT_CASES))
+def test_malformed_checkpoint(case, command, cli, ws, tmp_path):
+    edit, *needles = CHECKPOINT_CASES[case]
+    _import_ok(cli, tmp_path)
+    path = _checkpoint(tmp_path, edit)
+    before = workspace_files(ws)
+    _assert_unchanged(cli(command, "--checkpoint", path, "--dataset", "ok"), ws, before, path, *needles)
+
+
+def test_checkpoint_that_is_not_a_torch_file(cli, ws, tmp_path):
+    _import_ok(cli, tmp_path)
+    path = write(tmp_path / "ratings.pt", HEADER + GOOD_ROWS)
+    before = workspace_files(ws)
+    for command in ("evaluate", "generate"):
+        _assert_unchanged(cli(command, "--checkpoint", path, "--dataset", "ok"), ws, before, str(path), "cannot read",
+                          "not a complete torch file")

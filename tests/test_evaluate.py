@@ -228,3 +228,28 @@ def test_evaluate_split_uses_the_right_inputs():
             assert got == pytest.approx(want)
     with pytest.raises(ValueError, match="which"):
         evaluate_split(model, split, "train", max_len=4)
+
+
+def test_rank_users_memory_does_not_grow_with_the_longest_history(monkeypatch):
+    """One user with 200,000 interactions among short ones: history exclusion works on the flat
+    ragged values, so no (batch, longest history) tensor is built, and the ranks are unchanged."""
+    import tasks.split
+
+    rng = np.random.default_rng(5)
+    table = rng.integers(0, 4, size=(TABLE_ROWS, NUM_ITEMS + 1)).astype(np.float32)
+    rows, targets = make_users(rng, 40)
+    rows[17] = [int(x) for x in rng.integers(1, NUM_ITEMS + 1, size=200_000)]
+    inputs, max_len = ragged(rows), 6
+    real_gather = tasks.split.gather_padded
+
+    def bounded(values, starts, lengths, shift=0):
+        assert int(lengths.max(initial=0)) <= max_len, "a padded tensor wider than max_len"
+        return real_gather(values, starts, lengths, shift)
+
+    monkeypatch.setattr(tasks.split, "gather_padded", bounded)
+    model = StubModel(table)
+    for exclude in (True, False):
+        want = ref_rank_users(table, rows, targets, max_len, exclude)
+        for bs in (7, 64):
+            got = rank_users(model, inputs, targets, max_len, batch_size=bs, exclude_history=exclude)
+            assert got.tolist() == want, (exclude, bs)

@@ -309,3 +309,33 @@ def test_max_len_stop_code():
     r = generate_rollouts(model, ragged([list(range(1, 16))]), GenerationParams(m=1, tau=None, p=1.0, max_len=4))
     assert r.stop_reason.tolist() == [MAX_LEN] and r.items.lengths.tolist() == [4]
     assert r.trace.lengths.tolist() == [3]
+
+
+def test_long_sources_do_not_widen_the_item_lists(monkeypatch):
+    """A source of 3,000 interactions among short ones: the per-source item lists hold each
+    distinct item once (width <= N), not one column per interaction; rollouts are unchanged."""
+    import tasks.generate
+    import tasks.split
+    from tasks.generate import membership, sorted_rows
+
+    model, num_items = model_named("ties")
+    seqs = random_sources(num_items, 6, seed=21)
+    seqs[2] = np.random.default_rng(21).integers(1, num_items + 1, size=3_000).tolist()
+    real_gather = tasks.split.gather_padded
+
+    def bounded(values, starts, lengths, shift=0):
+        assert int(lengths.max(initial=0)) <= num_items, "a tensor as wide as the longest source"
+        return real_gather(values, starts, lengths, shift)
+
+    monkeypatch.setattr(tasks.split, "gather_padded", bounded)
+    monkeypatch.setattr(tasks.generate, "gather_padded", bounded)
+    sources, index = ragged(seqs), np.array([2, 0, 5, 2])
+    own = sorted_rows(sources, index, torch.device("cpu"))
+    assert own.shape[1] <= num_items
+    for b, i in enumerate(index):
+        distinct = sorted(set(seqs[i]))
+        assert own[b].tolist() == [0] * (own.shape[1] - len(distinct)) + distinct
+    mask = membership(sources, index, num_items, torch.device("cpu"))
+    assert [set(np.flatnonzero(r).tolist()) for r in mask.numpy()] == [set(seqs[i]) for i in index]
+    params = GenerationParams(m=2, tau=3, p=0.5, seed=4, batch_size=5)
+    assert_same_as_oracle(model, seqs, generate_rollouts(model, sources, params), 2, 3, 0.5, MAX_LEN_MODEL, 4)

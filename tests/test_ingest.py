@@ -39,6 +39,23 @@ def test_datetime_string_timestamps_are_parsed(ws, tmp_path):
     assert first == ["6", "7", "5"]
 
 
+def test_leading_zeros_id_rule(ws, tmp_path):
+    """--id-type int: ids are integers, so '007' and '7' are one user (and '01' and '1' one item),
+    stored under the canonical '7'; --id-type str: they are different ids, kept as written."""
+    csv = write(tmp_path / "z.csv", "user_id,item_id,timestamp\n007,01,1\n007,2,2\n007,3,3\n"
+                "7,1,4\n7,4,5\n7,5,6\n8,1,1\n8,2,2\n8,3,3\n")
+    as_int = import_dataset(ws, ImportSpec(path=csv, name="zi", format="csv"))
+    assert (as_int["users"], as_int["items"], as_int["interactions"]) == (2, 5, 9)
+    seqs, items = _seqs(ws, "zi"), dataset_store(ws).items("zi")
+    raw = dict(zip(items["item_id"].to_list(), items["raw_id"].to_list()))
+    assert seqs["user_id"].to_list() == ["7", "8"]
+    assert [raw[i] for i in seqs["items"][0]] == ["1", "2", "3", "1", "4", "5"]  # one history, in time order
+    as_str = import_dataset(ws, ImportSpec(path=csv, name="zs", format="csv", id_type="str"))
+    assert (as_str["users"], as_str["items"], as_str["interactions"]) == (3, 6, 9)
+    assert sorted(_seqs(ws, "zs")["user_id"].to_list()) == ["007", "7", "8"]
+    assert sorted(dataset_store(ws).items("zs")["raw_id"].to_list()) == ["01", "1", "2", "3", "4", "5"]
+
+
 def test_kcore_filter_is_iterative(tmp_path):
     # item 99 is seen by one user only; with k=2 it goes, which then takes user 3 below 2.
     rows = [(1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (3, 99)]

@@ -363,3 +363,157 @@ def test_fork_copies_version_zero_with_the_same_digest(tmp_path):
                     "parent_seq_id": [0]})
     store.append("base--run", fork, new, generation={"key": "g"})
     assert store.versions("base") == [0] and store.versions("base--run") == [0, 1]
+
+
+# --------------------------------------------------------------------------- issue 12: names, paths, disk errors
+@pytest.mark.parametrize("bad", ["t\n", "..", "...", "../datasets/t", "t/../t", "/abs", ".hidden"])
+def test_invalid_names_are_refused_by_every_reader(tmp_path, bad):
+    store = store_at(tmp_path)
+    store.create("t", BASE, ITEMS, source={})
+    readers = [store.versions, store.manifest, store.load, store.scan, store.items,
+               lambda n: store.fork("t", n), lambda n: store.fork(n, "copy")]
+    for read in readers:
+        with pytest.raises(RsirError, match="invalid dataset name"):
+            read(bad)
+    assert store.names() == ["t"]
+
+
+def test_check_name_matches_the_whole_name():
+    from storage.dataset import check_name
+
+    assert check_name("ml-100k.v2_a") == "ml-100k.v2_a"
+    with pytest.raises(RsirError) as err:
+        check_name("t\n")
+    assert "'t\\n'" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_names_skip_folders_that_are_not_dataset_names(tmp_path):
+    store = store_at(tmp_path)
+    store.create(NAME, BASE, ITEMS, source={})
+    (tmp_path / "datasets" / ".trash" / "manifests").mkdir(parents=True)
+    (tmp_path / "datasets" / ".trash" / "manifests" / "v00000.json").write_text("{}")
+    assert store.names() == [NAME]
+
+
+def _edit_manifest(tmp_path: Path, name: str, edit) -> None:
+    import json
+
+    path = tmp_path / "datasets" / name / "manifests" / "v00000.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("entry", ["items", "partition"])
+@pytest.mark.parametrize("target", ["../other/items.parquet", "/etc/passwd", "sequences/../../other/items.parquet",
+                                    "C:\\data\\items.parquet", ""])
+def test_manifest_entries_outside_the_dataset_are_rejected(tmp_path, entry, target):
+    store = store_at(tmp_path)
+    store.create(NAME, BASE, ITEMS, source={})
+    store.create("other", BASE, ITEMS, source={})
+
+    def edit(m):
+        (m["items"] if entry == "items" else m["partitions"][0])["path"] = target
+
+    _edit_manifest(tmp_path, NAME, edit)
+    for read in (store.manifest, store.load, store.items):
+        with pytest.raises(RsirError) as err:
+            read(NAME)
+        assert f"dataset {NAME!r} v0" in str(err.value) and repr(target) in str(err.value)
+    assert rows_of(store.load("other")) == expected(BASE, 0)
+
+
+def test_corrupt_manifest_error_is_one_line(tmp_path):
+    store = store_at(tmp_path)
+    store.create(NAME, BASE, ITEMS, source={})
+    _edit_manifest(tmp_path, NAME, lambda m: m.update(num_items="many"))
+    with pytest.raises(RsirError) as err:
+        store.manifest(NAME)
+    assert "v00000.json" in str(err.value) and "num_items" in str(err.value) and "\n" not in str(err.value)
+
+
+def _no_space(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _staged_moves_fail(monkeypatch) -> None:
+    """Disk full when a staged file is moved into the dataset root (other moves still work)."""
+    import shutil
+
+    real_move = shutil.move
+
+    def move(src, dst, *args, **kwargs):
+        if "stage-" in str(src):
+            _no_space()
+        return real_move(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr("storage.dataset.shutil.move", move)
+
+
+FAILURES = {
+    "staging": lambda mp: mp.setattr("storage.dataset.pq.write_table", _no_space),
+    "copying": _staged_moves_fail,
+    "committing": lambda mp: mp.setattr("storage.dataset.os.fsync", _no_space),
+}
+
+
+def _assert_disk_error(err, operation: str) -> None:
+    message = str(err.value)
+    assert f"dataset {NAME!r}" in message and operation in message and "No space left on device" in message
+    assert "\n" not in message
+
+
+def _staging_is_empty(tmp_path: Path) -> bool:
+    staging = tmp_path / "staging"
+    return not staging.exists() or list(staging.iterdir()) == []
+
+
+def test_disk_full_while_staging_leaves_nothing(tmp_path, monkeypatch):
+    store = store_at(tmp_path)
+    FAILURES["staging"](monkeypatch)
+    with pytest.raises(RsirError) as err:
+        store.create(NAME, BASE, ITEMS, source={})
+    _assert_disk_error(err, "staging")
+    assert store.names() == [] and not (tmp_path / "datasets").exists() and _staging_is_empty(tmp_path)
+
+
+@pytest.mark.parametrize("operation", ["staging", "copying", "committing"])
+def test_disk_full_while_appending_keeps_the_previous_version(tmp_path, monkeypatch, operation):
+    store = store_at(tmp_path)
+    m0 = store.create(NAME, BASE, ITEMS, source={})
+    before = all_files(tmp_path / "datasets")
+    with monkeypatch.context() as patch, pytest.raises(RsirError) as err:
+        FAILURES[operation](patch)
+        store.append(NAME, m0, NEW, generation={})
+    _assert_disk_error(err, operation)
+    assert all_files(tmp_path / "datasets") == before and _staging_is_empty(tmp_path)
+    assert store.versions(NAME) == [0] and rows_of(store.load(NAME)) == expected(BASE, 0)
+    assert store.append(NAME, m0, NEW, generation={}).version == 1  # a retry works
+
+
+@pytest.mark.parametrize("operation", ["staging", "copying", "committing"])
+def test_disk_full_while_replacing_keeps_the_previous_dataset(tmp_path, monkeypatch, operation):
+    store = store_at(tmp_path)
+    m0 = store.create(NAME, BASE, ITEMS, source={})
+    store.append(NAME, m0, NEW, generation={})
+    before = all_files(tmp_path / "datasets")
+    with monkeypatch.context() as patch, pytest.raises(RsirError) as err:
+        FAILURES[operation](patch)
+        store.create(NAME, NEW, ITEMS, source={}, replace=True)
+    _assert_disk_error(err, operation)
+    assert all_files(tmp_path / "datasets") == before and _staging_is_empty(tmp_path)
+    assert store.names() == [NAME] and store.versions(NAME) == [0, 1] and store.manifest(NAME, 0) == m0
+    assert rows_of(store.load(NAME)) == sorted(expected(BASE, 0) + expected(NEW, 1))
+
+
+def test_disk_full_while_forking_leaves_nothing(tmp_path, monkeypatch):
+    store = store_at(tmp_path)
+    store.create("base", BASE, ITEMS, source={})
+    before = all_files(tmp_path / "datasets")
+    FAILURES["committing"](monkeypatch)
+    with pytest.raises(RsirError) as err:
+        store.fork("base", NAME)
+    _assert_disk_error(err, "committing")
+    assert all_files(tmp_path / "datasets") == before and store.names() == ["base"] and _staging_is_empty(tmp_path)
