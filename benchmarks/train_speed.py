@@ -28,8 +28,8 @@ from tasks.train import epoch_batches, plan_epoch  # noqa: E402
 from tasks.runtime import resolve_device, seed_everything  # noqa: E402
 
 
-def bench_model(name: str, split, num_items: int, epochs: int, device: torch.device) -> dict:
-    cfg = TrainConfig(dataset="ml-100k", model={"name": name}, progress=False)
+def bench_model(name: str, split, num_items: int, epochs: int, device: torch.device, stride: int | None = None) -> dict:
+    cfg = TrainConfig(dataset="ml-100k", model={"name": name}, progress=False, stride=stride)
     seed_everything(0)
     model = build_model(cfg.model, num_items).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -54,6 +54,7 @@ def bench_model(name: str, split, num_items: int, epochs: int, device: torch.dev
     eval_s = time.perf_counter() - start
     return {
         "model": name,
+        "stride": cfg.window_stride,
         "seconds_per_epoch": train_s / epochs,
         "sequences_per_s": len(windows) * epochs / train_s,
         "positions_per_s": windows.positions * epochs / train_s,
@@ -67,6 +68,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--strides", type=int, nargs="+", default=[None],
+                        help="training-window strides to compare (default: the trainer's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,7 +79,7 @@ def main() -> None:
     store = dataset_store(ws)
     manifest = store.manifest("ml-100k")
     split = leave_one_out(store.load("ml-100k"), manifest.num_items)
-    rows = [bench_model(m, split, manifest.num_items, args.epochs, device) for m in args.models]
+    rows = [bench_model(m, split, manifest.num_items, args.epochs, device, s) for m in args.models for s in args.strides]
     print_table(f"training / evaluation throughput on ml-100k, device {device}, "
                 f"{torch.get_num_threads()} threads", rows)
     print_json_last({"benchmark": "train_speed", "device": str(device), "threads": torch.get_num_threads(),
