@@ -30,7 +30,9 @@ def print_table(title: str, rows: list[dict[str, Any]]) -> None:
 
 
 def _fmt(v: Any) -> str:
-    return f"{v:,.1f}" if isinstance(v, float) else str(v)
+    if not isinstance(v, float):
+        return str(v)
+    return f"{v:,.1f}" if abs(v) >= 1 else f"{v:.3f}"  # shares and fractions keep their digits
 
 
 def print_json_last(obj: dict[str, Any]) -> None:
