@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import bench_workspace, print_json_last, print_table  # noqa: E402
 from tasks.ingest import dataset_store  # noqa: E402
-from tasks.split import (BATCHINGS, TargetWeights, batch_scales, leave_one_out, synthetic_shares,  # noqa: E402
-                         training_windows)
+from tasks.split import (BATCHINGS, TargetWeights, batch_scales, leave_one_out,  # noqa: E402
+                         synthetic_position_share, synthetic_weight_share, training_windows)
 
 # (label, batching, weighting, stride, batch size)
 TRAINERS = [
@@ -40,7 +40,8 @@ def shares(split, batching: str, weighting: str, stride: int, batch_size: int, m
     got = []
     for epoch in range(epochs):
         batches = BATCHINGS[batching](windows, batch_size, np.random.default_rng(epoch))
-        position, weight = synthetic_shares(windows, weights, batches, batch_scales(windows, weights, batches, weighting))
+        position = synthetic_position_share(windows, weights)
+        weight = synthetic_weight_share(windows, weights, batches, batch_scales(windows, weights, batches, weighting))
         mostly = np.mean([weights.synthetic[b].mean() > 0.5 for b in batches])
         got.append((position, weight, mostly))
     position, weight, mostly = np.mean(got, axis=0)

@@ -181,8 +181,7 @@ def _log_iteration(tracker: Tracker, parent: str, cfg: RunConfig, dataset: str, 
     tracker.log_params(child, {"iteration": k, "dataset_version": k, "dataset_digest": manifest.digest,
                                "student": cfg.model.name, "generator": cfg.generator_model.name})
     for point in result["student"]["curve"]:
-        tracker.log_metrics(child, {f"train/{key}": v for key, v in point.items()
-                                    if key != "epoch" and not key.startswith("synthetic_")},
+        tracker.log_metrics(child, {f"train/{key}": v for key, v in point.items() if key != "epoch"},
                             step=int(point["epoch"]))
     tracker.log_metrics(child, {**{f"valid/{key}": v for key, v in result["valid"].items()},
                                 **{f"test/{key}": v for key, v in result["test"].items()},

@@ -4,7 +4,7 @@ Each loss gives one value per target position (P of them) from the hidden states
 targets (ids in 1..N; 0 = no target) and the item embedding matrix (N+1, d) whose row 0 is
 padding. Without `weights` a backbone's loss is the mean over the P positions; with `weights` it
 is the weighted sum Σ w_p ℓ_p (the trainer normalises the weights so that every target position of
-an epoch weighs the same, synthetic ones times λ: see tasks/split.position_weights).
+an epoch weighs the same, synthetic ones times λ: see tasks/split.batch_scales).
 """
 
 from __future__ import annotations
@@ -31,12 +31,14 @@ def full_softmax_ce(hidden: torch.Tensor, targets: torch.Tensor, item_emb: torch
     return F.cross_entropy(logits, targets, reduction="none")
 
 
-def is_member(values: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
+def is_member(values: torch.Tensor, sets: torch.Tensor, ordered: bool = False) -> torch.Tensor:
     """values (P, K) ids, sets (P, S) ids (0 = padding, never a member) -> (P, K) bool: is
-    values[p, k] one of sets[p]? Sorted search: O(P K log S), no (P, N) mask."""
-    ordered = sets.sort(dim=1).values
-    idx = torch.searchsorted(ordered, values).clamp(max=sets.shape[1] - 1)
-    return (ordered.gather(1, idx) == values) & (values != 0)
+    values[p, k] one of sets[p]? Sorted search: O(P K log S), no (P, N) mask. `ordered`: each row
+    of `sets` is already ascending."""
+    if not ordered:
+        sets = sets.sort(dim=1).values
+    idx = torch.searchsorted(sets, values).clamp(max=sets.shape[1] - 1)
+    return (sets.gather(1, idx) == values) & (values != 0)
 
 
 def draw_negatives(rows: int, num_items: int, negatives: int, exclude: torch.Tensor | None,
@@ -47,12 +49,14 @@ def draw_negatives(rows: int, num_items: int, negatives: int, exclude: torch.Ten
     neg = torch.randint(1, num_items + 1, (rows, negatives), device=device)
     if exclude is None:
         return neg, torch.ones_like(neg, dtype=torch.bool)
+    exclude = exclude.sort(dim=1).values  # once, not per redraw
+    hit = is_member(neg, exclude, ordered=True)
     for _ in range(_REDRAWS):
-        hit = is_member(neg, exclude)
         if not bool(hit.any()):
             break
         neg = torch.where(hit, torch.randint_like(neg, 1, num_items + 1), neg)
-    return neg, ~is_member(neg, exclude)
+        hit = is_member(neg, exclude, ordered=True)
+    return neg, ~hit
 
 
 def sampled_softmax_ce(hidden: torch.Tensor, targets: torch.Tensor, item_emb: torch.Tensor, negatives: int,

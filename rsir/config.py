@@ -26,6 +26,8 @@ Device = Annotated[str, AfterValidator(_check_device)]
 
 Metric = Literal["ndcg@5", "ndcg@10", "ndcg@20", "recall@5", "recall@10", "recall@20", "mrr@20"]
 Recipe = Literal["default", "release"]
+Batching = Literal["length", "random"]
+Weighting = Literal["position", "batch"]
 
 # Named presets of the training settings. A preset fills only what the caller left unset, so
 # `--recipe release --patience 5` is the release recipe with patience 5.
@@ -86,10 +88,10 @@ class TrainingSettings(BaseModel):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(128, ge=1)
-    batching: Literal["length", "random"] = Field(
+    batching: Batching = Field(
         "length", description="length: windows of similar length batched together (less padding); "
         "random: plain random batches (the release)")
-    weighting: Literal["position", "batch"] = Field(
+    weighting: Weighting = Field(
         "position", description="position: every target position of an epoch weighs the same, whatever "
         "batch it falls in (the paper's objective); batch: each batch's mean (the trainer before issue 10)")
     synthetic_weight: float = Field(1.0, ge=0.0, description="λ: weight of a synthetic target position "
@@ -107,6 +109,10 @@ class TrainingSettings(BaseModel):
     @classmethod
     def names(cls) -> set[str]:
         return set(TrainingSettings.model_fields)
+
+    def check_stride(self, model: ModelConfig) -> None:
+        if self.stride is not None and self.stride > model.max_len:
+            raise ValueError(f"stride={self.stride} exceeds the {model.name} model's max_len={model.max_len}")
 
 
 class TrainConfig(TrainingSettings):
@@ -130,8 +136,7 @@ class TrainConfig(TrainingSettings):
 
     @model_validator(mode="after")
     def _stride(self) -> "TrainConfig":
-        if self.stride is not None and self.stride > self.model.max_len:
-            raise ValueError(f"stride={self.stride} exceeds the {self.model.name} model's max_len={self.model.max_len}")
+        self.check_stride(self.model)
         return self
 
 
@@ -184,8 +189,7 @@ class RunConfig(TrainingSettings):
     @model_validator(mode="after")
     def _generation_tau(self) -> "RunConfig":
         for model in (self.model, self.generator_model):
-            if self.stride is not None and self.stride > model.max_len:
-                raise ValueError(f"stride={self.stride} exceeds the {model.name} model's max_len={model.max_len}")
+            self.check_stride(model)
         if self.generation_tau is not None:
             if not self.fidelity:
                 raise ValueError("generation_tau needs fidelity control on")

@@ -24,16 +24,8 @@ def metric_names() -> list[str]:
     return [f"ndcg@{k}" for k in KS] + [f"recall@{k}" for k in KS] + [f"mrr@{MRR_K}"]
 
 
-def target_ranks(scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
-    """scores (B, N+1) with column 0 = padding; targets (B,); history (B, H) item ids, 0 = pad."""
-    if history is None:
-        return ranks_excluding(scores, targets, None)
-    rows = torch.arange(history.shape[0], device=history.device)[:, None].expand_as(history)
-    return ranks_excluding(scores, targets, (rows.reshape(-1), history.reshape(-1)))
-
-
-def ranks_excluding(scores: torch.Tensor, targets: torch.Tensor,
-                    excluded: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor,
+                 excluded: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     """scores (B, N+1) with column 0 = padding; targets (B,); excluded: flat (row, item) pairs
     removed from the ranking (the target's score is read first, so it always counts)."""
     scores = scores.clone()
@@ -75,7 +67,7 @@ def rank_users(model: torch.nn.Module, inputs: Ragged, targets: np.ndarray, max_
             # interactions must not make every row of the batch 10^6 wide.
             history = tuple(torch.from_numpy(a).to(device) for a in inputs.pairs(rows)) if exclude_history else None
             target = torch.from_numpy(targets[rows]).to(device)
-            ranks.append(ranks_excluding(scores, target, history).cpu().numpy())
+            ranks.append(target_ranks(scores, target, history).cpu().numpy())
     finally:
         model.train(was_training)
     return np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)

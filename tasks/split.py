@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import polars as pl
 import torch
 
+from rsir.config import Weighting
 from rsir.errors import RsirError
 
 
@@ -39,11 +39,6 @@ class Ragged:
         ends = self.offsets[rows + 1]
         starts = np.maximum(self.offsets[rows], ends - width)
         return gather_padded(self.values, starts, ends - starts)
-
-    def rows(self, rows: np.ndarray) -> torch.Tensor:
-        """Left-padded tensor of whole rows (width = longest row)."""
-        starts = self.offsets[rows]
-        return gather_padded(self.values, starts, self.offsets[rows + 1] - starts)
 
     def pairs(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(b, value) for every value of row rows[b], flat and without padding: memory is the
@@ -198,9 +193,6 @@ def window_tensors(train: Ragged, windows: Windows, idx: np.ndarray) -> tuple[to
 
 
 # ------------------------------------------------------------------ how much each target weighs
-Weighting = Literal["position", "batch"]
-
-
 @dataclass(frozen=True)
 class TargetWeights:
     """Per-window weight of each of its targets: `synthetic_weight` (λ) for windows of synthetic
@@ -228,17 +220,29 @@ def batch_scales(windows: Windows, weights: TargetWeights, batches: list[np.ndar
     if weighting == "position":
         return np.full(len(batches), len(batches) / mass.sum())
     if weighting == "batch":
-        return np.array([1.0 / mass[idx].sum() for idx in batches])
+        return 1.0 / _batch_sums(mass, batches)
     raise ValueError(f"unknown weighting {weighting!r}")
 
 
-def synthetic_shares(windows: Windows, weights: TargetWeights, batches: list[np.ndarray],
-                     scales: np.ndarray) -> tuple[float, float]:
-    """(share of the epoch's target positions that are synthetic, share of the epoch's gradient
-    weight they carry), the second under the given batches and scales."""
+def _batch_sums(values: np.ndarray, batches: list[np.ndarray]) -> np.ndarray:
+    """Σ values[idx] for every batch idx (one reduceat over the concatenated batches)."""
+    if not batches:
+        return np.zeros(0)
+    sizes = np.array([len(b) for b in batches])
+    return np.add.reduceat(values[np.concatenate(batches)], np.cumsum(sizes) - sizes)
+
+
+def synthetic_position_share(windows: Windows, weights: TargetWeights) -> float:
+    """Share of the epoch's target positions that are synthetic."""
     targets = windows.targets
-    position_share = float(targets[weights.synthetic].sum() / max(targets.sum(), 1))
-    mass = weights.per_window * targets
-    total = sum(scale * mass[idx].sum() for idx, scale in zip(batches, scales))
-    synthetic = sum(scale * mass[idx][weights.synthetic[idx]].sum() for idx, scale in zip(batches, scales))
-    return position_share, float(synthetic / total) if total else 0.0
+    return float(targets[weights.synthetic].sum() / max(targets.sum(), 1))
+
+
+def synthetic_weight_share(windows: Windows, weights: TargetWeights, batches: list[np.ndarray],
+                           scales: np.ndarray) -> float:
+    """Share of the epoch's gradient weight that synthetic targets carry under these batches and
+    scales (= the position share under weighting=position with λ = 1)."""
+    mass = weights.per_window * windows.targets
+    total = (scales * _batch_sums(mass, batches)).sum()
+    synthetic = (scales * _batch_sums(np.where(weights.synthetic, mass, 0.0), batches)).sum()
+    return float(synthetic / total) if total else 0.0

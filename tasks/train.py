@@ -30,7 +30,7 @@ from tasks.evaluate import evaluate_split
 from tasks.ingest import dataset_store
 from tasks.runtime import resolve_device, seed_everything, timed
 from tasks.split import (BATCHINGS, LeaveOneOut, TargetWeights, Windows, batch_scales, leave_one_out,
-                         synthetic_shares, training_windows, window_tensors)
+                         synthetic_position_share, synthetic_weight_share, training_windows, window_tensors)
 
 @dataclass
 class TrainResult:
@@ -89,10 +89,18 @@ def epoch_batches(split: LeaveOneOut, windows: Windows, weights: TargetWeights, 
         yield inputs, targets, per_window.expand_as(targets) * (targets != 0)
 
 
+@dataclass(frozen=True)
+class Fit:
+    epochs: int
+    best_epoch: int
+    curve: list[dict[str, float]]
+    synthetic_position_share: float  # of the target positions (the same every epoch)
+    synthetic_weight_share: float  # of the gradient weight, mean over epochs (batchings vary)
+
+
 def fit(model: torch.nn.Module, split: LeaveOneOut, cfg: TrainConfig, device: torch.device,
-        on_epoch: Callable[[dict[str, float]], None] | None = None) -> tuple[int, int, list[dict[str, float]]]:
-    """Train in place; leave the best weights (validation `cfg.early_stop`) loaded.
-    Returns (epochs run, best epoch, per-epoch curve)."""
+        on_epoch: Callable[[dict[str, float]], None] | None = None) -> Fit:
+    """Train in place; leave the best weights (validation `cfg.early_stop`) loaded."""
     windows = training_windows(split.train, cfg.model.max_len, cfg.window_stride)
     if len(windows) == 0:
         raise RsirError(f"dataset {cfg.dataset!r} has no training sequence with 2 or more items")
@@ -101,6 +109,7 @@ def fit(model: torch.nn.Module, split: LeaveOneOut, cfg: TrainConfig, device: to
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     best_score, best_epoch, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
     curve: list[dict[str, float]] = []
+    weight_shares: list[float] = []
     epoch = 0
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
@@ -118,11 +127,10 @@ def fit(model: torch.nn.Module, split: LeaveOneOut, cfg: TrainConfig, device: to
         train_seconds = time.perf_counter() - t0
         valid = evaluate_split(model, split, "valid", cfg.model.max_len, cfg.eval_batch_size, cfg.exclude_history,
                                device)
-        position_share, weight_share = synthetic_shares(windows, weights, plan.batches, plan.scales)
+        weight_shares.append(synthetic_weight_share(windows, weights, plan.batches, plan.scales))
         point = {"epoch": epoch, "loss": total_loss / len(plan.batches), f"valid_{cfg.early_stop}": valid[cfg.early_stop],
                  "valid_ndcg@10": valid["ndcg@10"], "valid_recall@10": valid["recall@10"],
-                 "seconds": time.perf_counter() - t0, "train_seconds": train_seconds,
-                 "synthetic_position_share": position_share, "synthetic_weight_share": weight_share}
+                 "seconds": time.perf_counter() - t0, "train_seconds": train_seconds}
         curve.append(point)
         if on_epoch:
             on_epoch(point)
@@ -132,7 +140,7 @@ def fit(model: torch.nn.Module, split: LeaveOneOut, cfg: TrainConfig, device: to
         elif epoch - best_epoch >= cfg.patience:
             break
     model.load_state_dict(best_state)
-    return epoch, best_epoch, curve
+    return Fit(epoch, best_epoch, curve, synthetic_position_share(windows, weights), float(np.mean(weight_shares)))
 
 
 def content_key(cfg: TrainConfig, digest: str) -> str:
@@ -173,7 +181,7 @@ def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Path | None = None,
     split = leave_one_out(store.load(cfg.dataset, manifest.version), manifest.num_items)
     seed_everything(cfg.seed)
     model = build_model(cfg.model, manifest.num_items).to(device)
-    epochs, best_epoch, curve = fit(model, split, cfg, device, on_epoch)
+    fitted = fit(model, split, cfg, device, on_epoch)
     valid: dict[str, float] = {}
     test: dict[str, float] = {}
     if evaluate:
@@ -181,12 +189,12 @@ def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Path | None = None,
         valid = evaluate_split(model, split, "valid", *args)
         test = evaluate_split(model, split, "test", *args)
     result = TrainResult(
-        valid=valid, test=test, epochs=epochs, best_epoch=best_epoch,
-        seconds_per_epoch=sum(p["seconds"] for p in curve) / max(len(curve), 1),
+        valid=valid, test=test, epochs=fitted.epochs, best_epoch=fitted.best_epoch,
+        seconds_per_epoch=sum(p["seconds"] for p in fitted.curve) / max(len(fitted.curve), 1),
         seconds_total=time.perf_counter() - started, checkpoint=str(path), dataset=cfg.dataset,
-        version=manifest.version, digest=manifest.digest, device=str(device), curve=curve,
-        synthetic_position_share=curve[0]["synthetic_position_share"],
-        synthetic_weight_share=float(np.mean([p["synthetic_weight_share"] for p in curve])),
+        version=manifest.version, digest=manifest.digest, device=str(device), curve=fitted.curve,
+        synthetic_position_share=fitted.synthetic_position_share,
+        synthetic_weight_share=fitted.synthetic_weight_share,
     )
     meta = {"dataset": cfg.dataset, "version": manifest.version, "digest": manifest.digest,
             "seed": cfg.seed, "result": result.to_dict()}

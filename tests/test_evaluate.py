@@ -59,6 +59,11 @@ def ragged(rows: list[list[int]]) -> Ragged:
 
 
 # --------------------------------------------------------------------------- target_ranks
+def pairs(history: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-user histories -> the flat (row, item) pairs target_ranks removes (as rank_users)."""
+    return tuple(torch.from_numpy(a) for a in ragged(history).pairs(np.arange(len(history))))
+
+
 def test_target_ranks_hand_made():
     # items 1..5; column 0 (padding) has the highest score but must never count.
     scores = torch.tensor([[9.0, 0.5, 3.0, 2.0, 2.0, 1.0]])
@@ -66,11 +71,10 @@ def test_target_ranks_hand_made():
     assert target_ranks(scores, torch.tensor([3]), None).tolist() == [2]  # tie with item 4 does not count
     assert target_ranks(scores, torch.tensor([1]), None).tolist() == [5]
     # history {2, 5}: both removed; only items 3 and 4 remain above target 1.
-    hist = torch.tensor([[0, 2, 5]])
-    assert target_ranks(scores, torch.tensor([1]), hist).tolist() == [3]
+    assert target_ranks(scores, torch.tensor([1]), pairs([[2, 5]])).tolist() == [3]
     # the target in the history is still ranked
-    assert target_ranks(scores, torch.tensor([2]), torch.tensor([[2, 2]])).tolist() == [1]
-    assert target_ranks(scores, torch.tensor([4]), torch.tensor([[4, 2]])).tolist() == [1]
+    assert target_ranks(scores, torch.tensor([2]), pairs([[2, 2]])).tolist() == [1]
+    assert target_ranks(scores, torch.tensor([4]), pairs([[4, 2]])).tolist() == [1]
     # the input is not modified
     assert scores[0, 0].item() == 9.0 and scores[0, 2].item() == 3.0
 
@@ -81,7 +85,7 @@ def test_target_ranks_matches_reference(seed, exclude):
     rng = np.random.default_rng(seed)
     scores, targets, histories = random_case(rng, users=40, num_items=15)
     got = target_ranks(torch.from_numpy(scores), torch.from_numpy(targets),
-                       left_pad(histories) if exclude else None)
+                       pairs(histories) if exclude else None)
     want = [ref_rank(scores[u].tolist(), int(targets[u]), histories[u], exclude) for u in range(40)]
     assert got.tolist() == want
     assert min(want) >= 1

@@ -38,7 +38,8 @@ def test_ragged_matches_lists(seed):
     for i, row in enumerate(rows):
         assert r.values[r.offsets[i]:r.offsets[i + 1]].tolist() == row
     sel = rng.permutation(len(rows))[:9]
-    assert r.rows(sel).tolist() == ref_left_pad([rows[i] for i in sel])
+    which, values = r.pairs(sel)
+    assert list(zip(which.tolist(), values.tolist())) == [(b, v) for b, i in enumerate(sel) for v in rows[i]]
     for width in (1, 4, 40):
         tails = [rows[i][-width:] if rows[i] else [] for i in sel]
         got = r.tails(sel, width)
@@ -52,7 +53,7 @@ def test_ragged_empty():
     assert len(r) == 0 and r.values.shape == (0,)
     r = ragged([[], []])
     assert r.lengths.tolist() == [0, 0]
-    assert r.rows(np.arange(2)).tolist() == [[0], [0]]
+    assert [a.tolist() for a in r.pairs(np.arange(2))] == [[], []]
 
 
 # --------------------------------------------------------------------------- gather_padded

@@ -17,7 +17,8 @@ from models.layers import position_ids
 from models.losses import draw_negatives, full_softmax_ce, is_member, sampled_softmax_ce
 from rsir.config import RECIPES, RunConfig, TrainConfig, parse_config
 from rsir.errors import RsirError
-from tasks.split import (Ragged, TargetWeights, batch_scales, leave_one_out, synthetic_shares, training_windows,
+from tasks.split import (Ragged, TargetWeights, batch_scales, leave_one_out, synthetic_position_share,
+                         synthetic_weight_share, training_windows,
                          window_tensors)
 from tasks.train import content_key, epoch_batches, plan_epoch
 
@@ -90,16 +91,21 @@ def test_batch_weighting_overweights_short_synthetic_sequences_and_position_weig
     weights = TargetWeights.of(windows, split.train_synthetic, 1.0)
     cfg = TrainConfig(batch_size=16, batching="length", model={"max_len": 20})
     batches = plan_epoch(windows, weights, cfg, np.random.default_rng(0)).batches
-    position_share, _ = synthetic_shares(windows, weights, batches, batch_scales(windows, weights, batches, "position"))
-    _, faithful = synthetic_shares(windows, weights, batches, batch_scales(windows, weights, batches, "position"))
-    _, old = synthetic_shares(windows, weights, batches, batch_scales(windows, weights, batches, "batch"))
+    position_share = synthetic_position_share(windows, weights)
+    faithful = synthetic_weight_share(windows, weights, batches, batch_scales(windows, weights, batches, "position"))
+    old = synthetic_weight_share(windows, weights, batches, batch_scales(windows, weights, batches, "batch"))
     items, _ = every_target(split, 1.0)
     assert position_share == pytest.approx(split.train_synthetic[windows.rows].dot(windows.targets) / len(items))
     assert faithful == pytest.approx(position_share)
     assert old > position_share + 0.1  # short synthetic rows fill their own batches
+    scales = batch_scales(windows, weights, batches, "batch")  # against plain per-batch sums
+    mass = windows.targets.astype(float)
+    assert old == pytest.approx(sum(s * mass[b][weights.synthetic[b]].sum() for b, s in zip(batches, scales))
+                                / sum(s * mass[b].sum() for b, s in zip(batches, scales)))
+    assert scales == pytest.approx([1 / mass[b].sum() for b in batches])
     lam = 0.25
     w = TargetWeights.of(windows, split.train_synthetic, lam)
-    _, weighted = synthetic_shares(windows, w, batches, batch_scales(windows, w, batches, "position"))
+    weighted = synthetic_weight_share(windows, w, batches, batch_scales(windows, w, batches, "position"))
     assert weighted == pytest.approx(lam * position_share / (lam * position_share + 1 - position_share))
 
 
@@ -250,6 +256,15 @@ def test_release_recipe_fills_only_what_is_not_given():
     assert run.train_config("d", 0, run.model) == TrainConfig(recipe="release", dataset="d", version=0,
                                                               progress=False)
     assert TrainConfig().weighting == "position" and TrainConfig().synthetic_weight == 1.0
+
+
+def test_early_stop_metrics_are_the_metrics_evaluation_computes():
+    from typing import get_args
+
+    from rsir.config import Metric
+    from tasks.evaluate import metric_names
+
+    assert set(get_args(Metric)) == set(metric_names())
 
 
 def test_synthetic_weight_and_trainer_settings_key_checkpoints_and_lineage():
