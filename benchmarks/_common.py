@@ -7,7 +7,7 @@ import os
 import resource
 from typing import Any
 
-from rsir.workspace import Workspace
+from core.workspace import Workspace
 
 
 def bench_workspace() -> Workspace:

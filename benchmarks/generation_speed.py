@@ -32,12 +32,13 @@ import torch  # noqa: E402
 import oracle  # noqa: E402
 from models import build_model  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
-from rsir.config import TrainConfig  # noqa: E402
-from rsir.workspace import Workspace  # noqa: E402
-from storage.checkpoints import load_checkpoint  # noqa: E402
+from tasks.config import TrainConfig  # noqa: E402
+from core.workspace import Workspace  # noqa: E402
+from tasks.checkpoints import load_checkpoint  # noqa: E402
 from tasks.filter import filter_rollouts  # noqa: E402
 from tasks.generate import STOP_REASONS, GenerationParams, generate_rollouts, stop_reason_counts  # noqa: E402
-from tasks.ingest import dataset_store, fetch_builtin  # noqa: E402
+from tasks.ingest import fetch_builtin  # noqa: E402
+from storage.dataset import dataset_store
 from tasks.split import Ragged, leave_one_out  # noqa: E402
 from tasks.train import train_model  # noqa: E402
 

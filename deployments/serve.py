@@ -11,8 +11,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from rsir.errors import RsirError
-from rsir.workspace import Workspace
+from core.errors import RsirError
+from core.workspace import Workspace
+from storage.tracking import MLFLOW_ENVIRONMENT
 
 REPO = Path(__file__).resolve().parent.parent
 POOL = "rsir-process"
@@ -24,6 +25,7 @@ def prefect_bin() -> str:
 
 def serve_env(ws: Workspace, host: str, port: int) -> dict[str, str]:
     return {
+        **MLFLOW_ENVIRONMENT,
         **os.environ,
         "PREFECT_API_URL": f"http://{host}:{port}/api",
         "PREFECT_HOME": str(ws.root / "prefect"),

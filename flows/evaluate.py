@@ -6,15 +6,15 @@ from typing import Any
 
 from prefect import flow
 
-from rsir.workspace import resolve_home
+from core.workspace import resolve_home
 from tasks.evaluate import evaluate_task
 
 
 @flow(name="rsir-evaluate", log_prints=True)
 def evaluate(checkpoint: str, dataset: str = "ml-100k", version: int | None = None, device: str = "auto",
              home: str | None = None) -> dict[str, Any]:
-    from tasks.ingest import dataset_store
-    from rsir.workspace import Workspace
+    from storage.dataset import dataset_store
+    from core.workspace import Workspace
 
     ws = Workspace.at(home)
     version = dataset_store(ws).manifest(dataset, version).version

@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flows.rsir import build_run_config, rsir
 from models import get_backbone
-from rsir.config import Device, parse_config
-from rsir.workspace import Workspace
+from core.config import Device, parse_config
+from core.workspace import Workspace
 from storage.tracking import Tracker, default_tracking_uri
 from tasks.results import best_on_validation, collect_runs, finished_lineages
 
@@ -220,8 +220,8 @@ def run_suite(cfg: ExperimentConfig) -> dict[str, Any]:
     started = time.perf_counter()
     ws = Workspace.at(cfg.home)
     uri = cfg.tracking_uri or default_tracking_uri(ws.mlflow_db)
-    tracker = Tracker(uri, cfg.experiment_name, ws.root / "mlartifacts")
-    tracker.client.set_experiment_tag(tracker.experiment_id, "rsir.suite", cfg.suite)
+    tracker = Tracker.open(uri, cfg.experiment_name, ws.root / "mlartifacts")
+    tracker.tag_experiment("rsir.suite", cfg.suite)
     ran, skipped = [], []
     for stage in SUITES[cfg.suite]:
         arms = stage(cfg, collect_runs(tracker))

@@ -3,8 +3,9 @@
     for k in 0..K-1:  train θ_k on D_k → evaluate θ_k → generate → filter → expand → D_{k+1}
     finally:          train and evaluate θ_K on D_K
 
-Wiring only: every step is a task from tasks/ that takes and returns small references
-(dataset name + version, checkpoint paths, metric dicts). A run works on its own fork of the
+Wiring only: every step is a task from tasks/ that takes small references and returns a typed
+one (TrainResult with its checkpoint path, Evaluation, Generation, Filtered, VersionRef) beside
+the seconds its step took (`Timed`). A run works on its own fork of the
 dataset, named by the lineage key of its parameters, so re-running the same parameters after a
 crash finds the committed versions and checkpoints and continues from there.
 """
@@ -12,50 +13,68 @@ crash finds the committed versions and checkpoints and continues from there.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.context import get_run_context
 
-from rsir.config import RunConfig, parse_config
-from rsir.workspace import Workspace
+from core.config import parse_config
+from tasks.config import RunConfig
+from core.workspace import Workspace
+from storage.manifest import VersionRef
 from storage.tracking import Tracker, default_tracking_uri
-from tasks.evaluate import evaluate_task
+from tasks.evaluate import Evaluation, evaluate_task
 from tasks.expand import expand_task
-from tasks.filter import filter_task
-from tasks.generate import GenerationParams, generate_task
-from tasks.ingest import dataset_store, fetch_builtin_task
+from tasks.filter import Filtered, filter_task
+from tasks.generate import Generation, GenerationParams, generate_task
+from tasks.ingest import fetch_builtin_task
+from storage.dataset import dataset_store
 from tasks.plots import plot_run_task
-from tasks.train import train_task
+from tasks.runtime import torch_threads
+from tasks.train import TrainResult, train_task
 
+
+
+@dataclass(frozen=True)
+class Iteration:
+    """What one iteration produced: θ_k and its evaluation; unless it was the last, the
+    generation, the filter's counts and D_{k+1}. `times` holds each task's seconds."""
+
+    k: int
+    student: TrainResult
+    evaluation: Evaluation
+    times: dict[str, float]
+    generator: TrainResult | None = None
+    generation: Generation | None = None
+    filtered: Filtered | None = None
+    next: VersionRef | None = None
 
 
 @flow(name="rsir-iteration", flow_run_name="iteration-{k}", log_prints=True)
-def iteration(cfg: RunConfig, home: str, dataset: str, k: int, last: bool) -> dict[str, Any]:
+def iteration(cfg: RunConfig, home: str, dataset: str, k: int, last: bool) -> Iteration:
     """Train and evaluate θ_k on D_k; unless this is the last iteration, produce D_{k+1}."""
     student = train_task(cfg.train_config(dataset, k, cfg.model), home, role="student")
-    metrics = evaluate_task(home, student["checkpoint"], dataset, k, cfg.device)
-    times = {"train": student["task_seconds"], "evaluate": metrics["task_seconds"]}
-    out: dict[str, Any] = {"k": k, "student": student, "valid": metrics["valid"], "test": metrics["test"],
-                           "ranks_path": metrics["ranks_path"], "times": times}
+    evaluation = evaluate_task(home, student.value.checkpoint, dataset, k, cfg.device)
+    times = {"train": student.seconds, "evaluate": evaluation.seconds}
     if last:
-        return out
+        return Iteration(k, student.value, evaluation.value, times)
     generator = student
     if cfg.generator is not None and cfg.generator != cfg.model:  # weak-to-strong
         generator = train_task(cfg.train_config(dataset, k, cfg.generator), home, role="generator")
-        times["train_generator"] = generator["task_seconds"]
+        times["train_generator"] = generator.seconds
     params = GenerationParams(m=cfg.m, tau=cfg.generation_threshold, p=cfg.p, min_len=cfg.min_len,
                               seed=cfg.seed + k, batch_size=cfg.gen_batch_size, device=cfg.device,
                               max_sources=cfg.max_sources)
-    generated = generate_task(home, dataset, k, generator["checkpoint"], params)
-    accepted = filter_task(home, dataset, k, generated["path"], cfg.tau if cfg.fidelity else None, cfg.min_len,
+    generated = generate_task(home, dataset, k, generator.value.checkpoint, params)
+    accepted = filter_task(home, dataset, k, generated.value.path, cfg.tau if cfg.fidelity else None, cfg.min_len,
                            cfg.fidelity)
-    expanded = expand_task(home, accepted["path"], k + 1,
-                           generator={"backbone": cfg.generator_model.name, "checkpoint": generator["checkpoint"]})
-    times.update(generate=generated["task_seconds"], filter=accepted["task_seconds"], expand=expanded["task_seconds"])
-    out.update(generator=generator, generation=generated, filter=accepted["counts"], next=expanded)
-    return out
+    expanded = expand_task(home, accepted.value.path, k + 1,
+                           generator={"backbone": cfg.generator_model.name, "checkpoint": generator.value.checkpoint})
+    times.update(generate=generated.seconds, filter=accepted.seconds, expand=expanded.seconds)
+    return Iteration(k, student.value, evaluation.value, times, generator.value, generated.value, accepted.value,
+                     expanded.value)
 
 
 @flow(name="rsir", flow_run_name="rsir-{dataset}-{model}-K{K}", log_prints=True)
@@ -91,7 +110,7 @@ def rsir(
 ) -> dict[str, Any]:
     """RSIR over K iterations with fidelity control; returns the per-iteration table.
 
-    Training settings left None come from the recipe (`default` or `release`, rsir/config.py);
+    Training settings left None come from the recipe (`default` or `release`, tasks/config.py);
     `training_params` sets any other training setting (batching, weighting, early_stop, stride,
     weight_decay)."""
     cfg = build_run_config(locals())
@@ -116,7 +135,7 @@ def run_rsir(cfg: RunConfig) -> dict[str, Any]:
     logger = get_run_logger()
     ws = Workspace.at(cfg.home)
     home = str(ws.root)
-    tracker = Tracker(cfg.tracking_uri or default_tracking_uri(ws.mlflow_db), cfg.experiment, ws.root / "mlartifacts")
+    tracker = Tracker.open(cfg.tracking_uri or default_tracking_uri(ws.mlflow_db), cfg.experiment, ws.root / "mlartifacts")
     fetch_builtin_task(cfg.dataset, home)
     lineage = cfg.lineage_key()
     run_dataset = f"{cfg.dataset}--{lineage[:10]}"
@@ -124,15 +143,18 @@ def run_rsir(cfg: RunConfig) -> dict[str, Any]:
     parent = _parent_run(tracker, cfg, lineage, run_dataset)
     progress = create_progress_artifact(0.0, key="rsir-progress", description=f"RSIR on {cfg.dataset}")
     rows, champion = [], None
-    for k in range(cfg.K + 1):
-        result = iteration(cfg, home, run_dataset, k, last=k == cfg.K)
-        child = _log_iteration(tracker, parent, cfg, run_dataset, result)
-        rows.append(_table_row(ws, run_dataset, result))
-        logger.info("iteration %d: valid ndcg@10 %.4f, test ndcg@10 %.4f", k, result["valid"]["ndcg@10"],
-                    result["test"]["ndcg@10"])
-        if champion is None or result["valid"]["ndcg@10"] > champion[1]:
-            champion = (child, result["valid"]["ndcg@10"], k)
-        update_progress_artifact(progress, 100.0 * (k + 1) / (cfg.K + 1))
+    # One CPU thread setting for every task of the run (training, evaluation, generation).
+    with torch_threads(cfg.threads):
+        for k in range(cfg.K + 1):
+            result = iteration(cfg, home, run_dataset, k, last=k == cfg.K)
+            child = _log_iteration(tracker, parent, cfg, run_dataset, result)
+            rows.append(_table_row(ws, run_dataset, result))
+            valid = result.evaluation.valid["ndcg@10"]
+            logger.info("iteration %d: valid ndcg@10 %.4f, test ndcg@10 %.4f", k, valid,
+                        result.evaluation.test["ndcg@10"])
+            if champion is None or valid > champion[1]:
+                champion = (child, valid, k)
+            update_progress_artifact(progress, 100.0 * (k + 1) / (cfg.K + 1))
     model_name = f"rsir-{cfg.dataset}-{cfg.model.name}"
     version = tracker.register_champion(model_name, champion[0], "checkpoint")
     wall = time.perf_counter() - started
@@ -159,8 +181,7 @@ def _parent_run(tracker: Tracker, cfg: RunConfig, lineage: str, run_dataset: str
     tags = {"rsir.lineage": lineage[:16], "rsir.K": str(cfg.K),
             **{f"rsir.label.{key}": str(value) for key, value in cfg.labels.items()}}
     # A run of the same lineage left RUNNING was killed: say so, the new run resumes its work.
-    for stale in tracker.client.search_runs([tracker.experiment_id],
-                                            f"tags.`rsir.lineage` = '{lineage[:16]}' and attributes.status = 'RUNNING'"):
+    for stale in tracker.search_runs(f"tags.`rsir.lineage` = '{lineage[:16]}' and attributes.status = 'RUNNING'"):
         tracker.end_run(stale.info.run_id, "KILLED")
     ctx = get_run_context()
     flow_run = getattr(ctx, "flow_run", None)
@@ -172,36 +193,36 @@ def _parent_run(tracker: Tracker, cfg: RunConfig, lineage: str, run_dataset: str
     return run_id
 
 
-def _log_iteration(tracker: Tracker, parent: str, cfg: RunConfig, dataset: str, result: dict[str, Any]) -> str:
+def _log_iteration(tracker: Tracker, parent: str, cfg: RunConfig, dataset: str, result: Iteration) -> str:
     """One child run per iteration: curves, metrics, statistics, θ_k, and D_k → θ_k → D_{k+1}."""
-    k = result["k"]
+    k, student, evaluation = result.k, result.student, result.evaluation
     store = dataset_store(Workspace.at(cfg.home))
     manifest = store.manifest(dataset, k)
     child = tracker.start_run(f"iteration-{k}", {"rsir.iteration": str(k), "rsir.dataset": dataset}, parent=parent)
     tracker.log_params(child, {"iteration": k, "dataset_version": k, "dataset_digest": manifest.digest,
                                "student": cfg.model.name, "generator": cfg.generator_model.name})
-    for point in result["student"]["curve"]:
+    for point in student.curve:
         tracker.log_metrics(child, {f"train/{key}": v for key, v in point.items() if key != "epoch"},
                             step=int(point["epoch"]))
-    tracker.log_metrics(child, {**{f"valid/{key}": v for key, v in result["valid"].items()},
-                                **{f"test/{key}": v for key, v in result["test"].items()},
+    tracker.log_metrics(child, {**{f"valid/{key}": v for key, v in evaluation.valid.items()},
+                                **{f"test/{key}": v for key, v in evaluation.test.items()},
                                 **{f"data/{key}": v for key, v in manifest.stats.items()
                                    if isinstance(v, (int, float))},
-                                **{f"time/{key}": v for key, v in result["times"].items()},
-                                "train/epochs": result["student"]["epochs"],
-                                "train/best_epoch": result["student"]["best_epoch"],
-                                "train/synthetic_position_share": result["student"]["synthetic_position_share"],
-                                "train/synthetic_weight_share": result["student"]["synthetic_weight_share"]})
+                                **{f"time/{key}": v for key, v in result.times.items()},
+                                "train/epochs": student.epochs,
+                                "train/best_epoch": student.best_epoch,
+                                "train/synthetic_position_share": student.synthetic_position_share,
+                                "train/synthetic_weight_share": student.synthetic_weight_share})
     uri = store.root + "/" + dataset
     tracker.log_dataset(child, dataset, k, manifest.digest, uri, "training", _profile(manifest.stats))
-    tracker.log_artifact(child, result["student"]["checkpoint"], "checkpoint")
-    tracker.log_artifact(child, result["ranks_path"], "ranks")  # per-user ranks: paired tests across runs
-    if "next" in result:
-        nxt = result["next"]
-        tracker.log_metrics(child, {f"generation/{key}": v for key, v in result["filter"].items()})
-        tracker.log_dataset(child, dataset, nxt["version"], nxt["digest"], uri, "output", _profile(nxt["stats"]))
-        if result["generator"]["checkpoint"] != result["student"]["checkpoint"]:  # weak-to-strong
-            tracker.log_artifact(child, result["generator"]["checkpoint"], "generator_checkpoint")
+    tracker.log_artifact(child, student.checkpoint, "checkpoint")
+    tracker.log_artifact(child, evaluation.ranks_path, "ranks")  # per-user ranks: paired tests across runs
+    if result.next is not None:
+        nxt = result.next
+        tracker.log_metrics(child, {f"generation/{key}": v for key, v in result.filtered.counts.items()})
+        tracker.log_dataset(child, dataset, nxt.version, nxt.digest, uri, "output", _profile(nxt.stats or {}))
+        if result.generator.checkpoint != student.checkpoint:  # weak-to-strong
+            tracker.log_artifact(child, result.generator.checkpoint, "generator_checkpoint")
     tracker.end_run(child)
     return child
 
@@ -210,11 +231,11 @@ def _profile(stats: dict[str, Any]) -> dict[str, Any]:
     return {k: stats[k] for k in ("sequences", "synthetic_sequences", "interactions", "density") if k in stats}
 
 
-def _table_row(ws: Workspace, dataset: str, result: dict[str, Any]) -> dict[str, Any]:
-    stats = dataset_store(ws).manifest(dataset, result["k"]).stats
+def _table_row(ws: Workspace, dataset: str, result: Iteration) -> dict[str, Any]:
+    stats = dataset_store(ws).manifest(dataset, result.k).stats
     return {
-        "iteration": result["k"],
-        "version": result["k"],
+        "iteration": result.k,
+        "version": result.k,
         "sequences": stats["sequences"],
         "synthetic_sequences": stats["synthetic_sequences"],
         "interactions": stats["interactions"],
@@ -222,14 +243,14 @@ def _table_row(ws: Workspace, dataset: str, result: dict[str, Any]) -> dict[str,
         "item_entropy": stats["item_entropy"],
         "acceptance_rate": stats.get("acceptance_rate"),
         "mean_new_length": stats.get("mean_new_length"),
-        "valid": result["valid"],
-        "test": result["test"],
-        "epochs": result["student"]["epochs"],
-        "checkpoint": result["student"]["checkpoint"],
-        "train_seconds": result["student"]["seconds_total"],
-        "reused": result["student"]["reused"],
+        "valid": result.evaluation.valid,
+        "test": result.evaluation.test,
+        "epochs": result.student.epochs,
+        "checkpoint": result.student.checkpoint,
+        "train_seconds": result.student.seconds_total,
+        "reused": result.student.reused,
         "stats": stats,
-        "times": result["times"],
+        "times": result.times,
     }
 
 

@@ -3,21 +3,23 @@ and then prints exactly one JSON object on stdout (progress and logs go to stder
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from rsir.errors import RsirError
+from core.errors import RsirError
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Fetch, import and inspect datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 Home = Annotated[Optional[Path], typer.Option("--home", help="workspace directory (default $RSIR_HOME or ./workspace)")]
-# Training settings shared by `train` and `run`; None = the recipe's value (rsir/config.py).
+# Training settings shared by `train` and `run`; None = the recipe's value (tasks/config.py).
 Recipe = Annotated[str, typer.Option(help="training preset: default or release (the authors' RSIR release)")]
 SyntheticWeight = Annotated[Optional[float], typer.Option(
     help="λ: weight of a synthetic target position relative to a real one (default 1)")]
@@ -29,7 +31,7 @@ Json = Annotated[bool, typer.Option("--json", help="print one JSON object on std
 
 
 def _workspace(home: Path | None):
-    from rsir.workspace import Workspace
+    from core.workspace import Workspace
 
     return Workspace.at(home)
 
@@ -37,14 +39,15 @@ def _workspace(home: Path | None):
 def _local_prefect(ws):
     """Without PREFECT_API_URL, Prefect runs a temporary local server: keep its state in the
     workspace (unless PREFECT_HOME is set). Call before importing a flow."""
-    import os
-
     os.environ.setdefault("PREFECT_HOME", str(ws.root / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     return ws
 
 
-def _emit(obj: dict[str, Any], as_json: bool, render) -> None:
+def _emit(obj: Any, as_json: bool, render) -> None:
+    """Print a result (a dict or a typed result) as one JSON object or rendered for people."""
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
     if as_json:
         print(json.dumps(obj, default=str))
     else:
@@ -80,7 +83,7 @@ def data_import(
     home: Home = None, as_json: Json = False,
 ) -> None:
     """Import your own interactions (user, item, timestamp) as a new dataset."""
-    from rsir.config import parse_config
+    from core.config import parse_config
     from tasks.ingest import FORMATS, ImportSpec, import_dataset
 
     if fmt not in FORMATS:
@@ -110,7 +113,7 @@ def data_view(
 @data_app.command("list")
 def data_list(home: Home = None, as_json: Json = False) -> None:
     """List datasets in the workspace with their latest version."""
-    from tasks.ingest import dataset_store
+    from storage.dataset import dataset_store
 
     store = dataset_store(_workspace(home))
     _emit({"datasets": [_list_row(store, name) for name in store.names()]}, as_json, _render_list)
@@ -188,7 +191,8 @@ def train(
     home: Home = None, as_json: Json = False,
 ) -> None:
     """Train a backbone from scratch on a dataset version and evaluate it (leave-one-out, full ranking)."""
-    from rsir.config import TrainConfig, parse_config
+    from core.config import parse_config
+    from tasks.config import TrainConfig
 
     model_params = _drop_none(name=model, max_len=max_len, hidden=hidden, layers=layers, heads=heads,
                               dropout=dropout, loss=loss, negatives=negatives,
@@ -246,11 +250,11 @@ def generate(
     home: Home = None, as_json: Json = False,
 ) -> None:
     """Generate with fidelity control, filter and expand: publish the dataset's next version."""
-    from rsir.config import parse_config
+    from core.config import parse_config
     from tasks.expand import expand_step
     from tasks.filter import filter_step
     from tasks.generate import GenerationParams, generate_step
-    from tasks.ingest import dataset_store
+    from storage.dataset import dataset_store
 
     params = parse_config(GenerationParams, dict(m=m, tau=tau if fidelity else None, p=p, min_len=min_len,
                                                  max_len=max_len, seed=seed, batch_size=batch_size, device=device))
@@ -260,8 +264,8 @@ def generate(
         raise RsirError(f"dataset {dataset!r}: version {parent.version} is not the latest; expand the latest "
                         f"(versions are a chain) or fork the dataset")
     generated = generate_step(str(ws.root), dataset, parent.version, str(checkpoint), params, mode, holdout_h)
-    accepted = filter_step(str(ws.root), dataset, parent.version, generated["path"], params.tau, min_len, fidelity)
-    result = expand_step(str(ws.root), accepted["path"])
+    accepted = filter_step(str(ws.root), dataset, parent.version, generated.path, params.tau, min_len, fidelity)
+    result = expand_step(str(ws.root), accepted.path)
     _emit(result, as_json, _render_version)
 
 
@@ -271,7 +275,7 @@ def versions(
     home: Home = None, as_json: Json = False,
 ) -> None:
     """List a dataset's versions with their statistics."""
-    from tasks.ingest import dataset_store
+    from storage.dataset import dataset_store
 
     store = dataset_store(_workspace(home))
     rows = []
@@ -394,14 +398,14 @@ def report_cmd(
 ) -> None:
     """Write report.md and PNG figures from a suite's MLflow runs, and log them to MLflow."""
     from flows.experiments import ExperimentConfig
-    from rsir.config import parse_config
+    from core.config import parse_config
     from storage.tracking import Tracker, default_tracking_uri
     from tasks.report import write_report
 
     ws = _workspace(home)
     cfg = parse_config(ExperimentConfig, _drop_none(suite=suite, smoke=smoke, experiment=experiment))
     uri = tracking_uri or default_tracking_uri(ws.mlflow_db)
-    tracker = Tracker(uri, cfg.experiment_name, ws.root / "mlartifacts")
+    tracker = Tracker.open(uri, cfg.experiment_name, ws.root / "mlartifacts")
     folder = out or ws.root / "reports" / cfg.experiment_name
     if notes is not None and not notes.is_file():
         raise RsirError(f"notes file not found: {notes}")
@@ -481,6 +485,9 @@ def _render_eval(r: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and exit status 2."""
+    from storage.tracking import mlflow_environment_defaults
+
+    mlflow_environment_defaults(os.environ)
     try:
         app(args=argv)
     except RsirError as exc:

@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rsir.errors import RsirError
+from core.errors import RsirError
 
 _META_KEY = b"rsir"
 

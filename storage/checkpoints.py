@@ -1,4 +1,7 @@
-"""Checkpoint files: state dict + model config + item count, loadable with weights_only=True."""
+"""Checkpoint files: state dict + model config + item count, loadable with weights_only=True.
+
+Files and fields only: turning a payload into a model is tasks/checkpoints.py's job (storage
+knows no torch modules, only tensors)."""
 
 from __future__ import annotations
 
@@ -8,25 +11,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
-
-from models import build_model
-from models.config import ModelConfig
-from rsir.errors import RsirError
+from core.errors import RsirError
 
 CHECKPOINT_FORMAT = 1
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, config: ModelConfig, num_items: int,
-                    meta: dict[str, Any]) -> Path:
-    """Write atomically (temp file + rename) so a crash never leaves a truncated checkpoint."""
+def write_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], model_config: dict[str, Any],
+                     num_items: int, meta: dict[str, Any]) -> Path:
+    """Write atomically (temp file + rename) so a crash never leaves a truncated checkpoint.
+    `model_config` is the backbone's config as JSON data, its name under "name"."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
-        "backbone": config.name,
-        "model_config": config.model_dump(mode="json"),
+        "backbone": model_config["name"],
+        "model_config": model_config,
         "num_items": num_items,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
         "meta": meta,
     }
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
@@ -75,23 +75,11 @@ def _check_fields(path: Path, payload: dict[str, Any]) -> None:
         raise RsirError(f"checkpoint {path}: 'state_dict' must map parameter names to tensors")
 
 
-def load_checkpoint(path: str | Path, num_items: int | None = None, backbone: str | None = None,
-                    device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model; refuse a checkpoint for another item count or another backbone."""
-    payload = read_checkpoint(path)
+def check_compatible(path: str | Path, payload: dict[str, Any], num_items: int | None = None,
+                     backbone: str | None = None) -> None:
+    """Refuse a checkpoint for another item count or another backbone."""
     if backbone is not None and payload["backbone"] != backbone:
         raise RsirError(f"checkpoint {path} holds a {payload['backbone']!r} model, not {backbone!r}")
     if num_items is not None and payload["num_items"] != num_items:
         raise RsirError(f"checkpoint {path} was trained on {payload['num_items']} items, "
                         f"but the dataset has {num_items}")
-    try:
-        config = ModelConfig.model_validate(payload["model_config"])
-    except (ValidationError, ValueError) as exc:
-        raise RsirError(f"checkpoint {path} has an invalid model config: {exc}") from None
-    model = build_model(config, payload["num_items"])
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as exc:
-        raise RsirError(f"checkpoint {path} does not match backbone {config.name!r}: "
-                        f"{str(exc).splitlines()[0]}") from None
-    return model.to(device), payload

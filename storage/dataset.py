@@ -32,7 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
-from rsir.errors import RsirError
+from core.errors import RsirError
+from core.workspace import Workspace
 from storage.manifest import FileEntry, Manifest, PartitionEntry, chain_digest
 
 SEQUENCE_SCHEMA = pa.schema([
@@ -383,3 +384,8 @@ class DatasetStore:
                 tmp.replace(final)
             finally:
                 tmp.unlink(missing_ok=True)  # gone after the rename; a failed write leaves no stray file
+
+
+def dataset_store(ws: Workspace) -> DatasetStore:
+    """The store of a workspace's datasets."""
+    return DatasetStore(ws.datasets, ws.staging)

@@ -7,6 +7,7 @@ exactly when its manifest file exists; data files that no manifest names are inv
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,6 +29,18 @@ class PartitionEntry(FileEntry):
     bucket: int
 
 
+@dataclass(frozen=True)
+class VersionRef:
+    """What tasks pass around for a dataset version: its name, number and content digest, and
+    the statistics its manifest records (no data)."""
+
+    dataset: str
+    version: int
+    digest: str
+    parent_version: int | None = None
+    stats: dict[str, Any] | None = None
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -47,6 +60,9 @@ class Manifest(BaseModel):
     @property
     def num_sequences(self) -> int:
         return sum(p.rows for p in self.partitions)
+
+    def ref(self) -> VersionRef:
+        return VersionRef(self.dataset, self.version, self.digest, self.parent_version, self.stats)
 
     @property
     def files(self) -> list[FileEntry]:

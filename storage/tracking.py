@@ -9,11 +9,10 @@ dataset inputs only; `log_outputs` is for models), each with the manifest digest
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from rsir.errors import RsirError
+from core.errors import RsirError
 
 
 def default_tracking_uri(db: Path) -> str:
@@ -21,45 +20,83 @@ def default_tracking_uri(db: Path) -> str:
     return f"sqlite:///{db.resolve()}"
 
 
+# Fail fast instead of MLflow's minutes of HTTP retries against an unreachable server. MLflow reads
+# these from the environment at request time: the front doors (CLI, `rsir serve`) set them once.
+MLFLOW_ENVIRONMENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+                      "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+
+
+def mlflow_environment_defaults(environ: dict[str, str]) -> None:
+    """Fill `environ` (os.environ, or a child process's environment) with MLFLOW_ENVIRONMENT
+    where the caller has not set a value."""
+    for key, value in MLFLOW_ENVIRONMENT.items():
+        environ.setdefault(key, value)
+
+
 class Tracker:
-    def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path | None = None):
-        # Fail fast instead of MLflow's minutes of HTTP retries against an unreachable server.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    """One MLflow experiment behind explicit run ids; the only module that talks to MLflow's
+    client. `Tracker.open` connects (and creates the experiment); the constructor only stores."""
+
+    def __init__(self, client: Any, uri: str, experiment_name: str, experiment_id: str):
+        self._client = client
+        self.uri = uri
+        self.experiment_name = experiment_name
+        self.experiment_id = experiment_id
+
+    @classmethod
+    def open(cls, tracking_uri: str, experiment: str, artifact_root: Path | None = None) -> "Tracker":
         from mlflow import MlflowClient
 
-        self.uri = tracking_uri
-        self.experiment_name = experiment
         if tracking_uri.startswith("sqlite:///"):
             Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri)
+        client = MlflowClient(tracking_uri)
         try:
-            found = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+            found = client.get_experiment_by_name(experiment)
+            experiment_id = found.experiment_id if found else client.create_experiment(
                 experiment, artifact_location=artifact_root.resolve().as_uri() if artifact_root else None)
         except Exception as exc:  # MLflow raises many types for a bad URI or a dead server
             raise RsirError(f"MLflow tracking URI {tracking_uri!r} is unreachable or invalid: "
                             f"{str(exc).splitlines()[0][:200]}") from None
+        return cls(client, tracking_uri, experiment, experiment_id)
+
+    # ------------------------------------------------------------ queries
+    def search_runs(self, filter_string: str = "") -> list[Any]:
+        """Every run of the experiment matching an MLflow filter string (all pages)."""
+        runs, token = [], None
+        while True:
+            page = self._client.search_runs([self.experiment_id], filter_string, max_results=1000, page_token=token)
+            runs += list(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def tag_experiment(self, key: str, value: str) -> None:
+        self._client.set_experiment_tag(self.experiment_id, key, value)
+
+    def artifact_files(self, run_id: str, folder: str) -> list[str]:
+        return [f.path for f in self._client.list_artifacts(run_id, folder)]
+
+    def download_artifact(self, run_id: str, path: str, folder: str) -> Path:
+        return Path(self._client.download_artifacts(run_id, path, folder))
 
     # ------------------------------------------------------------ runs
     def start_run(self, name: str, tags: dict[str, str] | None = None, parent: str | None = None) -> str:
         tags = dict(tags or {})
         if parent:
             tags["mlflow.parentRunId"] = parent
-        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        return self._client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+        self._client.set_terminated(run_id, status=status)
 
     # ------------------------------------------------------------ logging
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        existing = self.client.get_run(run_id).data.params
+        existing = self._client.get_run(run_id).data.params
         fresh = [Param(k, str(v)[:6000]) for k, v in _flatten(params).items() if k not in existing]
         for lo in range(0, len(fresh), 100):
-            self.client.log_batch(run_id, params=fresh[lo:lo + 100])
+            self._client.log_batch(run_id, params=fresh[lo:lo + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
@@ -69,13 +106,13 @@ class Tracker:
         batch = [Metric(_clean(k), float(v), now, step) for k, v in _flatten(metrics).items()
                  if isinstance(v, (int, float)) and v is not None]
         for lo in range(0, len(batch), 500):
-            self.client.log_batch(run_id, metrics=batch[lo:lo + 500])
+            self._client.log_batch(run_id, metrics=batch[lo:lo + 500])
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(run_id, str(path), artifact_path)
+        self._client.log_artifact(run_id, str(path), artifact_path)
 
     def log_dict(self, run_id: str, obj: dict[str, Any], file_name: str) -> None:
-        self.client.log_dict(run_id, obj, file_name)
+        self._client.log_dict(run_id, obj, file_name)
 
     def log_dataset(self, run_id: str, name: str, version: int, digest: str, uri: str, context: str,
                     profile: dict[str, Any]) -> None:
@@ -84,10 +121,10 @@ class Tracker:
         dataset = Dataset(name=f"{name}@v{version}", digest=digest[:36], source_type="rsir-store",
                           source=json.dumps({"uri": uri, "version": version, "digest": digest}),
                           schema="", profile=json.dumps(profile, default=float))
-        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
+        self._client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
 
     def artifact_uri(self, run_id: str, artifact_path: str) -> str:
-        return f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+        return f"{self._client.get_run(run_id).info.artifact_uri}/{artifact_path}"
 
     def register_champion(self, model_name: str, run_id: str, artifact_path: str, alias: str = "champion") -> int:
         """Register the checkpoint artifact of `run_id` as a new version of `model_name` and
@@ -95,13 +132,13 @@ class Tracker:
         from mlflow.exceptions import MlflowException
 
         try:
-            self.client.create_registered_model(model_name)
+            self._client.create_registered_model(model_name)
         except MlflowException as exc:
             if "already exists" not in str(exc).lower():
                 raise
-        version = self.client.create_model_version(model_name, source=self.artifact_uri(run_id, artifact_path),
+        version = self._client.create_model_version(model_name, source=self.artifact_uri(run_id, artifact_path),
                                                     run_id=run_id)
-        self.client.set_registered_model_alias(model_name, alias, version.version)
+        self._client.set_registered_model_alias(model_name, alias, version.version)
         return int(version.version)
 
 

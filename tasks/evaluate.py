@@ -8,13 +8,20 @@ never removed, even when the user consumed it before).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from prefect import task
 
-from tasks.split import LeaveOneOut, Ragged
+from core.workspace import Workspace
+from storage.artifacts import write_table
+from tasks.checkpoints import load_checkpoint
+from storage.dataset import dataset_store
+from tasks.runtime import Timed, resolve_device, timed
+from tasks.split import LeaveOneOut, Ragged, leave_one_out
 
 KS = (5, 10, 20)
 MRR_K = 20
@@ -92,17 +99,26 @@ def evaluate_split(model: torch.nn.Module, split: LeaveOneOut, which: str, max_l
     return metrics_from_ranks(split_ranks(model, split, which, max_len, batch_size, exclude_history, device))
 
 
-def evaluate_checkpoint(ws, checkpoint, dataset: str, version: int | None = None,
+@dataclass(frozen=True)
+class Evaluation:
+    """Validation and test metrics of one checkpoint on one dataset version's real users."""
+
+    model: str
+    checkpoint: str
+    dataset: str
+    version: int
+    digest: str
+    valid: dict[str, float]  # metric name (metric_names()) -> value
+    test: dict[str, float]
+    ranks_path: str | None = None  # per-user target ranks (Parquet), for paired comparisons
+
+
+def evaluate_checkpoint(ws: Workspace, checkpoint: str | Path, dataset: str, version: int | None = None,
                         exclude_history: bool = True, device: str = "auto",
-                        batch_size: int = 512, ranks_path: str | None = None) -> dict:
+                        batch_size: int = 512, ranks_path: str | None = None) -> Evaluation:
     """Evaluate a stored checkpoint on a dataset version; refuses a mismatched item count.
     With `ranks_path`, also write every real user's validation and test target rank there
     (Parquet), the input of paired comparisons between models."""
-    from storage.checkpoints import load_checkpoint
-    from tasks.ingest import dataset_store
-    from tasks.split import leave_one_out
-    from tasks.runtime import resolve_device
-
     store = dataset_store(ws)
     manifest = store.manifest(dataset, version)
     dev = resolve_device(device)
@@ -110,32 +126,24 @@ def evaluate_checkpoint(ws, checkpoint, dataset: str, version: int | None = None
     split = leave_one_out(store.load(dataset, manifest.version), manifest.num_items)
     args = (model.config.max_len, batch_size, exclude_history, dev)
     ranks = {which: split_ranks(model, split, which, *args) for which in ("valid", "test")}
-    out = {"model": payload["backbone"], "checkpoint": str(checkpoint), "dataset": dataset,
-           "version": manifest.version, "digest": manifest.digest,
-           **{which: metrics_from_ranks(r) for which, r in ranks.items()}}
     if ranks_path is not None:
         write_ranks(ranks_path, ranks)
-        out["ranks_path"] = str(ranks_path)
-    return out
+    return Evaluation(payload["backbone"], str(checkpoint), dataset, manifest.version, manifest.digest,
+                      metrics_from_ranks(ranks["valid"]), metrics_from_ranks(ranks["test"]),
+                      None if ranks_path is None else str(ranks_path))
 
 
 def write_ranks(path: str, ranks: dict[str, np.ndarray]) -> None:
-    import pyarrow as pa
-
-    from storage.artifacts import write_table
-
     table = pa.table({"user_index": pa.array(np.arange(len(ranks["test"]), dtype=np.int64)),
                       **{f"{which}_rank": pa.array(r.astype(np.int64)) for which, r in ranks.items()}})
     write_table(Path(path), table, {"columns": "target rank per real user, users in seq_id order"})
 
 
 @task(name="evaluate", task_run_name="evaluate-v{version}")
-def evaluate_task(home: str, checkpoint: str, dataset: str, version: int, device: str = "auto") -> dict:
+def evaluate_task(home: str, checkpoint: str, dataset: str, version: int, device: str = "auto"
+                  ) -> Timed[Evaluation]:
     """Prefect wrapper: validation and test metrics of a checkpoint on D_version's real users,
     and the per-user ranks file next to the version's other run artifacts."""
-    from rsir.workspace import Workspace
-    from tasks.runtime import timed
-
     ws = Workspace.at(home)
     ranks_path = ws.runs / dataset / f"v{version}" / f"ranks-{Path(checkpoint).stem}.parquet"
     return timed(evaluate_checkpoint, ws, checkpoint, dataset, version, device=device, ranks_path=str(ranks_path))

@@ -15,10 +15,13 @@ import polars as pl
 import pyarrow as pa
 from prefect import task
 
-from rsir.errors import RsirError
+from core.errors import RsirError
+from core.workspace import Workspace
+from storage.artifacts import read_table
 from storage.dataset import SEQUENCE_SCHEMA, DatasetStore
-from storage.manifest import Manifest
-from tasks.runtime import timed
+from storage.manifest import Manifest, VersionRef
+from storage.dataset import dataset_store
+from tasks.runtime import Timed, timed
 from tasks.split import Ragged
 from tasks.statistics import version_statistics
 
@@ -57,12 +60,8 @@ def expand_dataset(store: DatasetStore, dataset: str, parent_version: int, items
     return store.append(dataset, parent, new, generation=generation, stats=stats)
 
 
-def expand_step(home: str, accepted_path: str, generator: dict[str, Any] | None = None) -> dict[str, Any]:
+def expand_step(home: str, accepted_path: str, generator: dict[str, Any] | None = None) -> VersionRef:
     """Publish D_{k+1} from a filtered generation of D_k; idempotent for the same inputs."""
-    from rsir.workspace import Workspace
-    from storage.artifacts import read_table
-    from tasks.ingest import dataset_store
-
     table, meta = read_table(accepted_path)
     gen = meta["generation"]
     frame = pl.from_arrow(table)
@@ -86,12 +85,11 @@ def expand_step(home: str, accepted_path: str, generator: dict[str, Any] | None 
     store = dataset_store(Workspace.at(home))
     manifest = expand_dataset(store, gen["dataset"], gen["version"], Ragged.from_series(frame["items"]),
                               frame["parent_seq_id"].to_numpy(), generation, generation_stats)
-    return {"dataset": manifest.dataset, "version": manifest.version, "digest": manifest.digest,
-            "parent_version": manifest.parent_version, "stats": manifest.stats}
+    return manifest.ref()
 
 
 @task(name="expand", task_run_name="expand-to-v{version}")
 def expand_task(home: str, accepted_path: str, version: int, generator: dict[str, Any] | None = None
-                ) -> dict[str, Any]:
+                ) -> Timed[VersionRef]:
     """`version` (the one to be produced) only names the task run in the Prefect UI."""
     return timed(expand_step, home, accepted_path, generator)

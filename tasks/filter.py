@@ -13,12 +13,14 @@ import polars as pl
 import pyarrow as pa
 from prefect import task
 
-from rsir.errors import RsirError
+from core.errors import RsirError
+from core.workspace import Workspace
 from storage.artifacts import read_table, write_table
 from tasks.generate import (EXTEND_REASONS, STOP_REASONS, Extensions, GenerationParams, Rollouts, generation_key,
                             ragged_to_arrow)
-from tasks.runtime import timed
-from tasks.split import Ragged
+from storage.dataset import dataset_store
+from tasks.runtime import Timed, timed
+from tasks.split import Ragged, leave_one_out
 
 
 @dataclass(frozen=True)
@@ -163,15 +165,22 @@ def _codes(names: pl.Series, table: tuple[str, ...]) -> np.ndarray:
     return names.replace_strict({n: i for i, n in enumerate(table)}, return_dtype=pl.Int8).to_numpy()
 
 
+@dataclass(frozen=True)
+class Filtered:
+    """The accepted sequences' file (its metadata also holds the generation and filter
+    parameters, which expansion records in the new version's manifest) and the counts."""
+
+    path: str
+    dataset: str
+    version: int
+    counts: dict[str, float]  # generated = too_short + duplicate_of_existing + duplicate_in_batch + accepted
+
+
 def filter_step(home: str, dataset: str, version: int, rollouts_path: str, tau: int | None, min_len: int,
-                fidelity: bool) -> dict[str, Any]:
+                fidelity: bool) -> Filtered:
     """Filter a stored generation for `dataset` v`version` (which must hold the data the generation
     was made from: generations are shared between datasets of equal content) and write the
     accepted sequences with their parent seq ids under it. Returns the file reference and counts."""
-    from rsir.workspace import Workspace
-    from tasks.ingest import dataset_store
-    from tasks.split import leave_one_out
-
     generated, meta, parent_ids = load_generation(rollouts_path)
     ws = Workspace.at(home)
     store = dataset_store(ws)
@@ -197,10 +206,10 @@ def filter_step(home: str, dataset: str, version: int, rollouts_path: str, tau: 
     out_meta = {"generation": {**meta, "dataset": dataset, "version": version}, "filter": filter_params,
                 "counts": counts}
     write_table(path, table, out_meta)
-    return {"path": str(path), "dataset": dataset, "version": version, **out_meta}
+    return Filtered(str(path), dataset, version, counts)
 
 
 @task(name="filter", task_run_name="filter-tau{tau}")
 def filter_task(home: str, dataset: str, version: int, rollouts_path: str, tau: int | None, min_len: int,
-                fidelity: bool) -> dict[str, Any]:
+                fidelity: bool) -> Timed[Filtered]:
     return timed(filter_step, home, dataset, version, rollouts_path, tau, min_len, fidelity)

@@ -21,7 +21,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,15 @@ import torch
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from rsir.config import Device
-from rsir.errors import RsirError
-from tasks.runtime import resolve_device, timed
-from tasks.split import Ragged, flat_index, gather_padded
+from core.config import Device
+from core.errors import RsirError
+from core.workspace import Workspace
+from storage.artifacts import read_table, write_table
+from storage.checkpoints import read_checkpoint
+from tasks.checkpoints import load_checkpoint
+from storage.dataset import dataset_store
+from tasks.runtime import Timed, resolve_device, timed
+from tasks.split import Ragged, flat_index, gather_padded, leave_one_out
 
 
 # Stop reasons of the main generator, stored as int8 codes into this table.
@@ -486,17 +491,41 @@ def generation_key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Generation:
+    """A stored generation: the file and what it was made from (its Parquet metadata is this
+    record without `path` and `reused`)."""
+
+    path: str
+    key: str  # content key: data digest, weights, parameters, mode
+    dataset: str
+    version: int
+    digest: str
+    checkpoint: str
+    checkpoint_sha256: str
+    mode: str
+    holdout_h: int
+    params: dict[str, Any]
+    rollouts: int
+    sources: int
+    seconds: float
+    stop_reasons: dict[str, int]
+    reused: bool = False
+
+    def file_meta(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in ("path", "reused")}
+
+    @classmethod
+    def from_file(cls, path: str | Path, meta: dict[str, Any], **update: Any) -> "Generation":
+        known = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in meta.items() if k in known}, "path": str(path), **update})
+
+
 def generate_step(home: str, dataset: str, version: int, checkpoint: str, params: GenerationParams,
-                  mode: str = "rollout", holdout_h: int = 1) -> dict[str, Any]:
+                  mode: str = "rollout", holdout_h: int = 1) -> Generation:
     """Generate from every training sequence of D_version with the model in `checkpoint`;
     write the rollouts (with traces and stop reasons) to a file keyed by the inputs and
     return its reference. An existing file for the same inputs is reused (resume)."""
-    from rsir.workspace import Workspace
-    from storage.artifacts import write_table
-    from storage.checkpoints import load_checkpoint, read_checkpoint
-    from tasks.ingest import dataset_store
-    from tasks.split import leave_one_out
-
     if mode not in ("rollout", "extend"):
         raise RsirError(f"invalid parameter 'mode': {mode!r} (rollout or extend)")
     ws = Workspace.at(home)
@@ -511,10 +540,8 @@ def generate_step(home: str, dataset: str, version: int, checkpoint: str, params
     # the arms of a sensitivity sweep, share one generation.
     path = ws.runs / "generations" / f"rollouts-{key[:16]}.parquet"
     if path.is_file():
-        from storage.artifacts import read_table
-
         _, meta = read_table(path)  # made for whichever dataset of this content came first
-        return {**meta, "dataset": dataset, "version": version, "path": str(path), "reused": True}
+        return Generation.from_file(path, meta, dataset=dataset, version=version, reused=True)
     model, _ = load_checkpoint(checkpoint, num_items=manifest.num_items, device=device)
     params = resolve_params(params.model_copy(update={"device": str(device)}), model)
     split = leave_one_out(store.load(dataset, manifest.version), manifest.num_items)
@@ -542,16 +569,14 @@ def generate_step(home: str, dataset: str, version: int, checkpoint: str, params
     if mode == "extend":
         table = table.append_column("prefix_len", pa.array(out.prefix_len, pa.int64()))
     names, counts = np.unique(reasons.astype(str), return_counts=True)
-    meta = {"key": key, "dataset": dataset, "version": version, "digest": manifest.digest,
-            "checkpoint": str(checkpoint), "checkpoint_sha256": payload_sha, "mode": mode, "holdout_h": holdout_h,
-            "params": params.model_dump(mode="json"), "rollouts": len(table), "sources": len(rows),
-            "seconds": seconds,
-            "stop_reasons": {str(n): int(c) for n, c in zip(names, counts)}}
-    write_table(path, table, meta)
-    return {**meta, "path": str(path), "reused": False}
+    generation = Generation(str(path), key, dataset, version, manifest.digest, str(checkpoint), payload_sha, mode,
+                            holdout_h, params.model_dump(mode="json"), len(table), len(rows), seconds,
+                            {str(n): int(c) for n, c in zip(names, counts)})
+    write_table(path, table, generation.file_meta())
+    return generation
 
 
 @task(name="generate", task_run_name="generate-{dataset}-v{version}")
 def generate_task(home: str, dataset: str, version: int, checkpoint: str, params: GenerationParams,
-                  mode: str = "rollout", holdout_h: int = 1) -> dict[str, Any]:
+                  mode: str = "rollout", holdout_h: int = 1) -> Timed[Generation]:
     return timed(generate_step, home, dataset, version, checkpoint, params, mode, holdout_h)

@@ -23,9 +23,10 @@ import pyarrow as pa
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from rsir.errors import RsirError
-from rsir.workspace import Workspace
-from storage.dataset import DatasetStore, check_name
+from core.errors import RsirError
+from core.workspace import Workspace
+from storage.dataset import DatasetStore, check_name, dataset_store
+from storage.manifest import VersionRef
 from tasks.statistics import version_statistics
 
 Format = Literal["csv", "parquet", "recbole", "amazon"]
@@ -276,10 +277,6 @@ def import_dataset(ws: Workspace, spec: ImportSpec, replace: bool = False) -> di
     return publish(store, spec.name, seqs, item_map, source, report, replace)
 
 
-def dataset_store(ws: Workspace) -> DatasetStore:
-    return DatasetStore(ws.datasets, ws.staging)
-
-
 # ------------------------------------------------------------------ MovieLens-100K
 def download_ml100k(ws: Workspace) -> Path:
     """Extract ml-100k.inter/.item from the recbole wheel (downloaded, never installed)."""
@@ -354,10 +351,10 @@ def fetch_builtin(ws: Workspace, name: str, replace: bool = False) -> dict[str, 
 
 
 @task(name="fetch-dataset", task_run_name="fetch-{name}", retries=2, retry_delay_seconds=5)
-def fetch_builtin_task(name: str, home: str) -> dict[str, Any]:
+def fetch_builtin_task(name: str, home: str) -> VersionRef:
     """Prefect wrapper: make sure a built-in dataset exists (no-op for datasets that are present
-    or not built in)."""
+    or not built in); returns its latest version."""
     ws = Workspace.at(home)
-    if name not in BUILTIN:
-        return {"dataset": name, "version": dataset_store(ws).manifest(name).version}
-    return fetch_builtin(ws, name)
+    if name in BUILTIN:
+        fetch_builtin(ws, name)
+    return dataset_store(ws).manifest(name).ref()

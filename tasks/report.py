@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from rsir.errors import RsirError
+from core.errors import RsirError
 from storage.tracking import Tracker
 from tasks.results import best_on_validation, collect_runs, paired_bootstrap, per_user_metric, user_ranks
 
@@ -397,7 +397,7 @@ def _short_version(version: str) -> str:
 
 def _header(tracker: Tracker, suite: str, rows: list[dict[str, Any]], command: str | None) -> str:
     arms = {r["parent_run_id"]: r.get("arm_wall_seconds") or 0.0 for r in rows}
-    suite_runs = tracker.client.search_runs([tracker.experiment_id], "tags.`rsir.suite_run` = '1'")
+    suite_runs = tracker.search_runs("tags.`rsir.suite_run` = '1'")
     walls = [f"{r.data.metrics.get('wall_seconds', 0) / 60:.1f} min ({int(r.data.metrics.get('arms_run', 0))} arms run, "
              f"code {_short_version(r.data.tags.get('rsir.code_version', 'not recorded'))})"
              for r in sorted(suite_runs, key=lambda r: r.info.start_time)]

@@ -5,7 +5,6 @@ bootstrap over users of the relative change between two models."""
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,13 +17,7 @@ LABEL = "rsir.label."
 
 def _finished(tracker: Tracker, filter_string: str = "") -> list[Any]:
     query = "attributes.status = 'FINISHED'" + (f" and {filter_string}" if filter_string else "")
-    runs, token = [], None
-    while True:
-        page = tracker.client.search_runs([tracker.experiment_id], query, max_results=1000, page_token=token)
-        runs += list(page)
-        token = page.token
-        if not token:
-            return runs
+    return tracker.search_runs(query)
 
 
 def finished_lineages(tracker: Tracker) -> set[tuple[str, int]]:
@@ -84,12 +77,11 @@ def _is_number(text: str) -> bool:
 
 def user_ranks(tracker: Tracker, run_id: str, split: str = "test") -> np.ndarray:
     """Per-user target ranks an iteration logged under `ranks/` (users in seq_id order)."""
-    files = [f.path for f in tracker.client.list_artifacts(run_id, "ranks")]
+    files = tracker.artifact_files(run_id, "ranks")
     if len(files) != 1:
         raise ValueError(f"MLflow run {run_id} has {len(files)} files under ranks/, expected 1")
     with tempfile.TemporaryDirectory() as tmp:
-        local = tracker.client.download_artifacts(run_id, files[0], tmp)
-        return pq.read_table(Path(local)).column(f"{split}_rank").to_numpy()
+        return pq.read_table(tracker.download_artifact(run_id, files[0], tmp)).column(f"{split}_rank").to_numpy()
 
 
 def per_user_metric(ranks: np.ndarray, metric: str) -> np.ndarray:

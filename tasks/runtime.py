@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any, Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Generic, ParamSpec, TypeVar
 
 import numpy as np
 import torch
 
-from rsir.errors import RsirError
+from core.errors import RsirError
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -22,15 +25,39 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run a block on `threads` CPU threads (None: leave torch's setting), restored afterwards
+    so that one training's setting never leaks into the rest of the process."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def timed(fn: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Run a step and add its own duration as `task_seconds` (the flow's overhead is measured
-    against the sum of these)."""
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Timed(Generic[T]):
+    """A task's result and the seconds its step took (the flow's orchestration overhead is
+    measured against the sum of these), kept beside the result rather than inside it."""
+
+    value: T
+    seconds: float
+
+
+def timed(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Timed[T]:
     started = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return {**out, "task_seconds": time.perf_counter() - started}
+    value = fn(*args, **kwargs)
+    return Timed(value, time.perf_counter() - started)

@@ -8,8 +8,8 @@ import numpy as np
 import polars as pl
 import torch
 
-from rsir.config import Weighting
-from rsir.errors import RsirError
+from tasks.config import Weighting
+from core.errors import RsirError
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,14 @@ from prefect import task
 from tqdm import tqdm
 
 from models import build_model
-from rsir.config import TrainConfig, TrainingSettings
-from rsir.errors import RsirError
-from rsir.workspace import Workspace
-from storage.checkpoints import read_checkpoint, save_checkpoint
+from tasks.config import TrainConfig, TrainingSettings
+from core.errors import RsirError
+from core.workspace import Workspace
+from storage.checkpoints import read_checkpoint
+from tasks.checkpoints import save_checkpoint
 from tasks.evaluate import evaluate_split
-from tasks.ingest import dataset_store
-from tasks.runtime import resolve_device, seed_everything, timed
+from storage.dataset import dataset_store
+from tasks.runtime import Timed, resolve_device, seed_everything, timed, torch_threads
 from tasks.split import (BATCHINGS, LeaveOneOut, TargetWeights, Windows, batch_scales, leave_one_out,
                          synthetic_position_share, synthetic_weight_share, training_windows, window_tensors)
 
@@ -175,19 +176,18 @@ def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Path | None = None,
             return TrainResult(**{**found, "checkpoint": str(path), "dataset": cfg.dataset,
                                   "version": manifest.version, "reused": True})
     device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     started = time.perf_counter()
     split = leave_one_out(store.load(cfg.dataset, manifest.version), manifest.num_items)
     seed_everything(cfg.seed)
     model = build_model(cfg.model, manifest.num_items).to(device)
-    fitted = fit(model, split, cfg, device, on_epoch)
     valid: dict[str, float] = {}
     test: dict[str, float] = {}
-    if evaluate:
-        args = (cfg.model.max_len, cfg.eval_batch_size, cfg.exclude_history, device)
-        valid = evaluate_split(model, split, "valid", *args)
-        test = evaluate_split(model, split, "test", *args)
+    with torch_threads(cfg.threads):
+        fitted = fit(model, split, cfg, device, on_epoch)
+        if evaluate:
+            args = (cfg.model.max_len, cfg.eval_batch_size, cfg.exclude_history, device)
+            valid = evaluate_split(model, split, "valid", *args)
+            test = evaluate_split(model, split, "test", *args)
     result = TrainResult(
         valid=valid, test=test, epochs=fitted.epochs, best_epoch=fitted.best_epoch,
         seconds_per_epoch=sum(p["seconds"] for p in fitted.curve) / max(len(fitted.curve), 1),
@@ -225,7 +225,7 @@ def _copy_atomically(source: Path, target: Path) -> None:
 
 
 @task(name="train", task_run_name="train-{role}-{config.model.name}-v{config.version}")
-def train_task(config: TrainConfig, home: str, role: str = "student") -> dict[str, Any]:
+def train_task(config: TrainConfig, home: str, role: str = "student") -> Timed[TrainResult]:
     """Prefect wrapper: takes and returns small things (config, workspace path, curve + checkpoint
     path); reuses a finished checkpoint of the same inputs; evaluation is its own task."""
-    return timed(lambda: train_model(config, Workspace.at(home), evaluate=False, reuse=True).to_dict())
+    return timed(train_model, config, Workspace.at(home), evaluate=False, reuse=True)

@@ -16,11 +16,12 @@ from typing import Any, Callable
 
 import polars as pl
 
-from rsir.errors import RsirError
-from rsir.workspace import Workspace
+from core.errors import RsirError
+from core.workspace import Workspace
 from storage.dataset import DatasetStore, check_name
 from storage.manifest import Manifest
-from tasks.ingest import build_sequences, dataset_store, existing_result, fetch_builtin, publish
+from tasks.ingest import build_sequences, existing_result, fetch_builtin, publish
+from storage.dataset import dataset_store
 
 MIN_VIEW_ITEMS = 3  # leave-one-out needs a training, a validation and a test item
 SPARSE_STRIDE = 5

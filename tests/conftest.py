@@ -9,7 +9,17 @@ from pathlib import Path
 import pytest
 
 from rsir.cli import main
-from rsir.workspace import Workspace
+from core.workspace import Workspace
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _mlflow_fails_fast():
+    """What the CLI's entry point sets for every process: no minutes of HTTP retries."""
+    import os
+
+    from storage.tracking import mlflow_environment_defaults
+
+    mlflow_environment_defaults(os.environ)
 
 
 @pytest.fixture(autouse=True)
@@ -93,7 +103,7 @@ def tiny_csv(ml100k_ws, tmp_path_factory) -> Path:
     """Real interactions, small: the first users of ml-100k-sparse as a CSV (user, item, position)."""
     import polars as pl
 
-    from tasks.ingest import dataset_store
+    from storage.dataset import dataset_store
 
     seqs = dataset_store(ml100k_ws).load("ml-100k-sparse").sort("seq_id").head(TINY_USERS)
     rows = (seqs.select("user_id", "items").explode("items")

@@ -18,8 +18,8 @@ from models.config import ModelConfig
 from models.hstu import HSTU
 from models.losses import info_nce
 from models.sasrec import SASRec
-from rsir.errors import RsirError
-from storage.checkpoints import load_checkpoint, save_checkpoint
+from core.errors import RsirError
+from tasks.checkpoints import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,8 +7,9 @@ import torch
 
 from models import build_model
 from models.config import ModelConfig
-from rsir.errors import RsirError
-from storage.checkpoints import CHECKPOINT_FORMAT, load_checkpoint, read_checkpoint, save_checkpoint
+from core.errors import RsirError
+from storage.checkpoints import CHECKPOINT_FORMAT, read_checkpoint
+from tasks.checkpoints import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

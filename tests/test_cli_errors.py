@@ -263,7 +263,7 @@ def _checkpoint(tmp_path, edit) -> str:
 
     from models import build_model
     from models.config import ModelConfig
-    from storage.checkpoints import save_checkpoint
+    from tasks.checkpoints import save_checkpoint
 
     cfg = ModelConfig(hidden=8, layers=1, heads=1, max_len=5)
     path = save_checkpoint(tmp_path / "m.pt", build_model(cfg, 3), cfg, 3, {})

@@ -9,7 +9,7 @@ import re
 import pytest
 from mlflow import MlflowClient
 
-from rsir.errors import RsirError
+from core.errors import RsirError
 from storage.tracking import Tracker
 from tasks.results import collect_runs
 from tests.conftest import make_tiny_home
@@ -31,7 +31,7 @@ def suites(prefect_api, tiny_csv, tmp_path_factory):
 
 
 def _rows(uri: str, experiment: str) -> list[dict]:
-    return collect_runs(Tracker(uri, experiment))
+    return collect_runs(Tracker.open(uri, experiment))
 
 
 def test_main_suite_runs_every_arm_and_reports_from_mlflow(suites):
@@ -87,7 +87,7 @@ def test_report_tables_figures_and_mlflow(suites, tmp_path):
 
     ws, uri, runs = suites
     for name in ("main", "sensitivity", "backbones", "faithful"):
-        tracker = Tracker(uri, runs[name]["experiment"])
+        tracker = Tracker.open(uri, runs[name]["experiment"])
         out = write_report(tracker, name, tmp_path / name, command=f"rsir experiment {name} --smoke")
         text = (tmp_path / name / "report.md").read_text()
         assert f"rsir experiment {name} --smoke" in text
@@ -139,7 +139,7 @@ def test_report_of_an_empty_experiment_is_a_clear_error(suites, tmp_path):
 
     _, uri, _ = suites
     with pytest.raises(RsirError, match="no finished arm of suite 'main'"):
-        write_report(Tracker(uri, "nothing-here"), "main", tmp_path)
+        write_report(Tracker.open(uri, "nothing-here"), "main", tmp_path)
 
 
 def test_bad_suite_parameters_fail_before_compute(prefect_api, tmp_path):

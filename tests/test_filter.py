@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rsir.errors import RsirError
+from core.errors import RsirError
 from tasks.filter import filter_extensions, filter_rollouts
 from tasks.generate import (ACCEPTED, EXHAUSTED, FIDELITY, MAX_LEN, REJECTED, Extensions, GenerationParams,
                             Rollouts, extend_sequences, generate_rollouts)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from mlflow import MlflowClient
 
-from rsir.errors import RsirError
-from tasks.ingest import dataset_store
+from core.errors import RsirError
+from storage.dataset import dataset_store
 from tests.conftest import TINY_FLOW, make_tiny_home
 
 pytestmark = pytest.mark.prefect

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 import oracle
 from models import build_model
 from models.config import ModelConfig
-from rsir.errors import RsirError
+from core.errors import RsirError
 from tasks.generate import (EXTEND_REASONS, MAX_LEN, NO_REAL_ITEM, STOP_REASONS, GenerationParams,
                             extend_sequences, generate_rollouts, pool_uniform, stop_reason_counts)
 from tasks.split import Ragged

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import polars as pl
 
-from tasks.ingest import (ML100K_INTER_SHA256, ImportSpec, build_sequences, dataset_store, import_dataset,
-                          read_interactions)
+from storage.dataset import dataset_store
+from tasks.ingest import ML100K_INTER_SHA256, ImportSpec, build_sequences, import_dataset, read_interactions
 from tasks.views import sparse_positions
 from tests.conftest import write
 
@@ -117,7 +117,7 @@ def test_sparse_view_rule(ml100k_ws):
 
 
 def test_fetch_is_reproducible(ml100k_ws, tmp_path):
-    from rsir.workspace import Workspace
+    from core.workspace import Workspace
     from tasks.ingest import fetch_builtin
 
     other = Workspace.at(tmp_path / "again")

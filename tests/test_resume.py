@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.ingest import dataset_store
+from storage.dataset import dataset_store
 from tests.conftest import TINY_FLOW, make_tiny_home
 
 pytestmark = pytest.mark.prefect

@@ -7,13 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rsir.config import RunConfig, TrainConfig
-from rsir.errors import RsirError
+from tasks.config import RunConfig, TrainConfig
+from core.errors import RsirError
 from storage.artifacts import read_table
 from tasks.expand import expand_step
 from tasks.filter import filter_step
 from tasks.generate import GenerationParams, generate_step, sample_sources
-from tasks.ingest import dataset_store
+from storage.dataset import dataset_store
 from tasks.train import train_model
 from tests.conftest import TINY_FLOW, make_tiny_home
 
@@ -52,14 +52,14 @@ def test_generation_is_shared_across_forks_and_checked_against_the_data(home):
     params = GenerationParams(tau=10, seed=0, device="cpu")
     first = generate_step(str(home.root), "fork-a", 0, ckpt, params)
     again = generate_step(str(home.root), "fork-b", 0, ckpt, params)
-    assert again["reused"] and again["path"] == first["path"]
-    accepted = filter_step(str(home.root), "fork-b", 0, first["path"], 10, 3, True)
-    assert accepted["dataset"] == "fork-b" and "/fork-b/" in accepted["path"]
-    assert accepted["generation"]["dataset"] == "fork-b"
+    assert again.reused and again.path == first.path and again.dataset == "fork-b"
+    accepted = filter_step(str(home.root), "fork-b", 0, first.path, 10, 3, True)
+    assert accepted.dataset == "fork-b" and "/fork-b/" in accepted.path
+    assert read_table(accepted.path)[1]["generation"]["dataset"] == "fork-b"
     # Other data (fork-b v1 = v0 plus the accepted sequences) is refused, naming both digests.
-    assert expand_step(str(home.root), accepted["path"])["version"] == 1
+    assert expand_step(str(home.root), accepted.path).version == 1
     with pytest.raises(RsirError, match="was made from data .* not from 'fork-b' v1"):
-        filter_step(str(home.root), "fork-b", 1, first["path"], 10, 3, True)
+        filter_step(str(home.root), "fork-b", 1, first.path, 10, 3, True)
 
 
 def test_source_budget_is_a_seeded_sample(home):
@@ -71,7 +71,7 @@ def test_source_budget_is_a_seeded_sample(home):
     ckpt = train_model(_cfg("fork-a"), home, reuse=True).checkpoint
     out = generate_step(str(home.root), "fork-a", 0, ckpt, GenerationParams(tau=10, seed=3, max_sources=12,
                                                                              device="cpu"))
-    table, meta = read_table(out["path"])
+    table, meta = read_table(out.path)
     sources = np.unique(table.column("source_index").to_numpy())
     assert meta["sources"] == 12 and np.array_equal(sources, sample_sources(150, 12, 3))
     seq_ids = dataset_store(home).load("fork-a", 0).sort("seq_id")["seq_id"].to_numpy()

@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 import torch
 
-from rsir.errors import RsirError
+from core.errors import RsirError
 from tasks.split import Ragged, gather_padded, leave_one_out, training_windows, window_batches, window_tensors
 
 

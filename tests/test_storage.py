@@ -10,7 +10,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from rsir.errors import RsirError
+from core.errors import RsirError
 from storage.dataset import SEQUENCE_SCHEMA, DatasetStore, table_digest
 
 NAME = "toy"

@@ -8,8 +8,9 @@ import shutil
 import polars as pl
 import pytest
 
-from rsir.workspace import Workspace
-from tasks.ingest import BUILTIN, dataset_store, fetch_builtin
+from core.workspace import Workspace
+from tasks.ingest import BUILTIN, fetch_builtin
+from storage.dataset import dataset_store
 from tasks.views import BUILTIN_VIEWS, derive_view, kept_interactions, last_n, last_view, sparse, sparse_positions
 from tests.conftest import make_tiny_home, workspace_files
 

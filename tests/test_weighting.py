@@ -4,7 +4,6 @@ drawn outside the input sequence; the release recipe as a preset."""
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import polars as pl
@@ -15,8 +14,9 @@ from models import build_model
 from models.config import ModelConfig
 from models.layers import position_ids
 from models.losses import draw_negatives, full_softmax_ce, is_member, sampled_softmax_ce
-from rsir.config import RECIPES, RunConfig, TrainConfig, parse_config
-from rsir.errors import RsirError
+from core.config import parse_config
+from tasks.config import RECIPES, RunConfig, TrainConfig
+from core.errors import RsirError
 from tasks.split import (Ragged, TargetWeights, batch_scales, leave_one_out, synthetic_position_share,
                          synthetic_weight_share, training_windows,
                          window_tensors)
@@ -261,7 +261,7 @@ def test_release_recipe_fills_only_what_is_not_given():
 def test_early_stop_metrics_are_the_metrics_evaluation_computes():
     from typing import get_args
 
-    from rsir.config import Metric
+    from core.config import Metric
     from tasks.evaluate import metric_names
 
     assert set(get_args(Metric)) == set(metric_names())

@@ -1,30 +1,18 @@
-"""The typed configuration that travels from the CLI / deployment parameters down to the tasks."""
+"""The typed configuration of trainings and RSIR runs: declared once here, it travels from the
+CLI and the flow's (deployment's) parameters down to the tasks."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from core.config import Device, Metric
+from models import get_backbone
 from models.config import ModelConfig
-from rsir.errors import RsirError
 
-_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
-
-
-def _check_device(value: str) -> str:
-    if not _DEVICE_RE.match(value):
-        raise ValueError("device must be auto, cpu, cuda, cuda:N or mps")
-    return value
-
-
-Device = Annotated[str, AfterValidator(_check_device)]
-
-
-Metric = Literal["ndcg@5", "ndcg@10", "ndcg@20", "recall@5", "recall@10", "recall@20", "mrr@20"]
 Recipe = Literal["default", "release"]
 Batching = Literal["length", "random"]
 Weighting = Literal["position", "batch"]
@@ -61,8 +49,6 @@ def apply_recipe(data: Any, model_keys: tuple[str, ...]) -> Any:
 
 
 def _recipe_model(preset: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    from models import get_backbone  # late import: the registry imports the backbones
-
     name = given.get("name", ModelConfig.model_fields["name"].default)
     try:
         known = get_backbone(name).options.model_fields
@@ -138,24 +124,6 @@ class TrainConfig(TrainingSettings):
     def _stride(self) -> "TrainConfig":
         self.check_stride(self.model)
         return self
-
-
-def parse_config(cls: type[BaseModel], data: dict) -> BaseModel:
-    """Validate `data` as `cls`; turn the first validation error into a one-line RsirError
-    that names the parameter and the offending value."""
-    try:
-        return cls.model_validate(data)
-    except ValidationError as exc:
-        raise RsirError(describe_validation_error(exc)) from None
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "config"
-    msg = err["msg"].removeprefix("Value error, ")
-    value = err.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    return f"invalid parameter {where!r}: {msg}{shown}"
 
 
 class RunConfig(TrainingSettings):

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from rsir.errors import RsirError
+from core.errors import RsirError
 
 
 def resolve_home(home: str | os.PathLike | None = None) -> Path:

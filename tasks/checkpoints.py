@@ -1,0 +1,38 @@
+"""Models in and out of checkpoint files: the one place that joins storage (files, tensors) and
+models (torch modules)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from models import build_model
+from models.config import ModelConfig
+from core.errors import RsirError
+from storage.checkpoints import check_compatible, read_checkpoint, write_checkpoint
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, config: ModelConfig, num_items: int,
+                    meta: dict[str, Any]) -> Path:
+    return write_checkpoint(path, model.state_dict(), config.model_dump(mode="json"), num_items, meta)
+
+
+def load_checkpoint(path: str | Path, num_items: int | None = None, backbone: str | None = None,
+                    device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the model; refuse a checkpoint for another item count or another backbone."""
+    payload = read_checkpoint(path)
+    check_compatible(path, payload, num_items, backbone)
+    try:
+        config = ModelConfig.model_validate(payload["model_config"])
+    except (ValidationError, ValueError) as exc:
+        raise RsirError(f"checkpoint {path} has an invalid model config: {exc}") from None
+    model = build_model(config, payload["num_items"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise RsirError(f"checkpoint {path} does not match backbone {config.name!r}: "
+                        f"{str(exc).splitlines()[0]}") from None
+    return model.to(device), payload
