@@ -4,12 +4,16 @@ flows/experiments.py); a parameter is declared once, in the config of the layer 
 
 from __future__ import annotations
 
+import inspect
 import re
-from typing import Annotated, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ValidationError
 
 from core.errors import RsirError
+
+T = TypeVar("T")
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
@@ -42,3 +46,26 @@ def describe_validation_error(exc: ValidationError) -> str:
     value = err.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     return f"invalid parameter {where!r}: {msg}{shown}"
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One flat parameter of an entry point (a flow, a CLI command), derived from a typed config."""
+
+    name: str
+    annotation: Any
+    default: Any
+    help: str
+
+
+def with_parameters(fn: Callable[..., T], parameters: list[Parameter]) -> Callable[..., T]:
+    """Give `fn(**params)` the keyword-only signature `parameters` declare, with their help in an
+    "Args:" section of its docstring: what Prefect reads for a flow's parameter schema (and the
+    UI's descriptions) and Typer for a command's options."""
+    fn.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=p.default, annotation=p.annotation)
+         for p in parameters], return_annotation=inspect.signature(fn).return_annotation)
+    fn.__annotations__ = {p.name: p.annotation for p in parameters} | {"return": fn.__annotations__.get("return")}
+    args = "".join(f"    {p.name}: {p.help}\n" for p in parameters if p.help)
+    fn.__doc__ = inspect.cleandoc(fn.__doc__ or "") + (f"\n\nArgs:\n{args}" if args else "")
+    return fn

@@ -23,11 +23,12 @@ from typing import Any, Callable, Literal
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from flows.rsir import build_run_config, rsir
+from flows.rsir import rsir
 from models import get_backbone
 from core.config import Device, parse_config
 from core.workspace import Workspace
 from storage.tracking import Tracker, default_tracking_uri
+from tasks.config import RunConfig
 from tasks.results import best_on_validation, collect_runs, finished_lineages
 
 SuiteName = Literal["main", "sensitivity", "backbones", "faithful"]
@@ -38,9 +39,9 @@ SUITE_DATASETS: dict[str, list[str]] = {"main": ["ml-100k-sparse", "ml-100k"], "
 # short synthetic sequences in batches of their own weigh several times a real position), the
 # position-faithful loss, and that loss under the authors' release recipe.
 TRAINERS: dict[str, dict[str, Any]] = {
-    "batch-weighted": {"training_params": {"weighting": "batch"}},
-    "position-weighted": {"training_params": {"weighting": "position"}},
-    "release": {"recipe": "release", "training_params": {"weighting": "position"}},
+    "batch-weighted": {"weighting": "batch"},
+    "position-weighted": {"weighting": "position"},
+    "release": {"recipe": "release", "weighting": "position"},
 }
 # Chosen on ml-100k-sparse validation NDCG@10 (issue 5): InfoNCE between cosine similarities at
 # temperature 0.5 and dropout 0.5; the dot-product / temperature-1 default let the contrastive
@@ -231,7 +232,7 @@ def run_suite(cfg: ExperimentConfig) -> dict[str, Any]:
         for arm in arms:
             params = {**arm.params, "device": cfg.device, "threads": cfg.threads, "home": str(ws.root),
                       "tracking_uri": uri, "experiment": cfg.experiment_name, "labels": arm.labels}
-            planned.append((arm, params, build_run_config({**_flow_defaults(), **params})))
+            planned.append((arm, params, RunConfig.from_parameters(params)))
         for arm, params, run_cfg in planned:
             if (run_cfg.lineage_key()[:16], run_cfg.K) in done:
                 skipped.append(arm.id)
@@ -263,10 +264,3 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit + ("+dirty" if dirty else "")
-
-
-def _flow_defaults() -> dict[str, Any]:
-    """The `rsir` flow's own defaults, so an arm's lineage key matches the one the flow computes."""
-    import inspect
-
-    return {name: p.default for name, p in inspect.signature(rsir.fn).parameters.items()}

@@ -20,8 +20,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.context import get_run_context
 
-from core.config import parse_config
-from tasks.config import RunConfig
+from core.config import with_parameters
+from tasks.config import RunConfig, run_parameters
 from core.workspace import Workspace
 from storage.manifest import VersionRef
 from storage.tracking import Tracker, default_tracking_uri
@@ -77,57 +77,17 @@ def iteration(cfg: RunConfig, home: str, dataset: str, k: int, last: bool) -> It
                      expanded.value)
 
 
-@flow(name="rsir", flow_run_name="rsir-{dataset}-{model}-K{K}", log_prints=True)
-def rsir(
-    dataset: str = "ml-100k",
-    model: str = "sasrec",
-    K: int = 3,
-    tau: int = 10,
-    p: float = 0.5,
-    m: int = 5,
-    min_len: int = 3,
-    fidelity: bool = True,
-    generation_tau: int | None = None,
-    max_sources: int | None = None,
-    generator: str | None = None,
-    model_params: dict[str, Any] | None = None,
-    generator_params: dict[str, Any] | None = None,
-    recipe: str = "default",
-    synthetic_weight: float = 1.0,
-    epochs: int | None = None,
-    patience: int | None = None,
-    lr: float | None = None,
-    batch_size: int | None = None,
-    training_params: dict[str, Any] | None = None,
-    seed: int = 0,
-    device: str = "auto",
-    threads: int | None = None,
-    home: str | None = None,
-    tracking_uri: str | None = None,
-    experiment: str = "rsir",
-    labels: dict[str, str] | None = None,
-    progress: bool = False,
-) -> dict[str, Any]:
+def _rsir(**params: Any) -> dict[str, Any]:
     """RSIR over K iterations with fidelity control; returns the per-iteration table.
 
-    Training settings left None come from the recipe (`default` or `release`, tasks/config.py);
-    `training_params` sets any other training setting (batching, weighting, early_stop, stride,
-    weight_decay)."""
-    cfg = build_run_config(locals())
-    return run_rsir(cfg)
+    The parameters are RunConfig's (tasks/config.py), flat: the backbones as a name plus a dict
+    of settings; a training setting left None comes from the recipe (`default` or `release`)."""
+    return run_rsir(RunConfig.from_parameters(params))
 
 
-def build_run_config(params: dict[str, Any]) -> RunConfig:
-    """Flat flow parameters (what `prefect deployment run --param` sets) -> one typed config.
-    A bad value fails the flow run at its start with a message naming the parameter."""
-    params = {**(params.get("training_params") or {}),
-              **{k: v for k, v in params.items() if v is not None and k != "training_params"}}
-    params["labels"] = params.get("labels") or {}
-    model = {"name": params.pop("model", "sasrec"), **(params.pop("model_params", None) or {})}
-    gen_name, gen_params = params.pop("generator", None), params.pop("generator_params", None)
-    if gen_name or gen_params:
-        params["generator"] = {"name": gen_name or model["name"], **(gen_params or {})}
-    return parse_config(RunConfig, {**params, "model": model})
+# The flow's signature (what Prefect shows, validates and deploys) is derived from RunConfig.
+rsir = flow(name="rsir", flow_run_name="rsir-{dataset}-{model}-K{K}", log_prints=True)(
+    with_parameters(_rsir, run_parameters()))
 
 
 def run_rsir(cfg: RunConfig) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Backbone registry: a new backbone is one module here plus one entry in REGISTRY."""
+"""Backbone registry: a new backbone is one module here (a `SequentialRecommender`, see
+models/base.py for the declared interface) plus one line in `_registry`."""
 
 from __future__ import annotations
 
@@ -7,12 +8,17 @@ from typing import Callable
 
 from pydantic import BaseModel
 
+from models.base import SequenceModel, SequentialRecommender
+from models.config import ModelConfig
+
+__all__ = ["Backbone", "SequenceModel", "SequentialRecommender", "backbone_names", "build_model", "get_backbone"]
+
 
 @dataclass(frozen=True)
 class Backbone:
     name: str
     options: type[BaseModel]
-    build: Callable  # (ModelConfig, num_items) -> nn.Module
+    build: Callable[[ModelConfig, int], SequentialRecommender]
 
 
 def _registry() -> dict[str, Backbone]:
@@ -36,7 +42,7 @@ def get_backbone(name: str) -> Backbone:
     return registry[name]
 
 
-def build_model(config, num_items: int):
+def build_model(config: ModelConfig, num_items: int) -> SequentialRecommender:
     """Instantiate the backbone named by `config` (a ModelConfig) for items 1..num_items."""
     if num_items < 1:
         raise ValueError(f"num_items must be >= 1, got {num_items}")

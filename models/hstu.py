@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.config import ModelConfig
 from models.layers import POSITIONS_HELP, Dropout, Positions, position_ids
-from models.losses import sequence_loss
+from models.base import SequentialRecommender
 
 
 class HSTUOptions(BaseModel):
@@ -71,16 +71,13 @@ class HSTULayer(nn.Module):
         return x + self.out(self.drop(u * self.ln_attn(y)))
 
 
-class HSTU(nn.Module):
+class HSTU(SequentialRecommender):
     def __init__(self, config: ModelConfig, num_items: int):
-        super().__init__()
-        self.config = config
-        self.num_items = num_items
+        super().__init__(config, num_items)
         opts = config.options
         self.l2_norm = bool(opts["l2_norm"])
         self.temperature = float(opts["temperature"]) if self.l2_norm else 1.0
         d = config.hidden
-        self.item_emb = nn.Embedding(num_items + 1, d, padding_idx=0)
         self.pos_emb = nn.Embedding(config.max_len, d) if opts["abs_pos"] else None
         self.emb_drop = Dropout(config.dropout)
         self.layers = nn.ModuleList(
@@ -94,9 +91,8 @@ class HSTU(nn.Module):
 
     def encode(self, seqs: torch.Tensor) -> torch.Tensor:
         """(B, L) left-padded item ids -> (B, L, d) hidden states (unit norm with l2_norm)."""
+        self.check_length(seqs)
         L = seqs.shape[1]
-        if L > self.config.max_len:
-            raise ValueError(f"sequence length {L} exceeds max_len={self.config.max_len}")
         real = seqs != 0
         x = self.item_emb(seqs) * math.sqrt(self.config.hidden)
         if self.pos_emb is not None:
@@ -113,20 +109,3 @@ class HSTU(nn.Module):
         """(N+1, d) item vectors used for scoring (L2-normalised with l2_norm)."""
         w = self.item_emb.weight
         return F.normalize(w, dim=-1) if self.l2_norm else w
-
-    def item_scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Scores of every item (column 0, padding, is -inf) for hidden states (..., d)."""
-        scores = (hidden / self.temperature) @ self.output_embeddings().T
-        scores[..., 0] = float("-inf")
-        return scores
-
-    def score_last(self, seqs: torch.Tensor) -> torch.Tensor:
-        """(B, L) -> (B, N+1) next-item scores after the newest item of each sequence."""
-        return self.item_scores(self.encode(seqs)[:, -1])
-
-    def loss(self, seqs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Next-item loss over positions whose target is not padding (0), mean or weighted sum
-        (see models.losses); logits are the same as item_scores (temperature folded into the
-        hidden states)."""
-        hidden = self.encode(seqs) / self.temperature
-        return sequence_loss(self.config, hidden, seqs, targets, self.output_embeddings(), weights)

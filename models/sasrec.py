@@ -15,9 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.base import SequentialRecommender
 from models.config import ModelConfig
 from models.layers import POSITIONS_HELP, Dropout, Positions, position_ids
-from models.losses import sequence_loss
 
 
 class SASRecOptions(BaseModel):
@@ -76,13 +76,10 @@ class Block(nn.Module):
         return x + self.drop(self.ffn(self.ln2(x)))
 
 
-class SASRec(nn.Module):
+class SASRec(SequentialRecommender):
     def __init__(self, config: ModelConfig, num_items: int):
-        super().__init__()
-        self.config = config
-        self.num_items = num_items
+        super().__init__(config, num_items)
         d = config.hidden
-        self.item_emb = nn.Embedding(num_items + 1, d, padding_idx=0)
         self.pos_emb = nn.Embedding(config.max_len, d)
         self.emb_drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(
@@ -102,9 +99,7 @@ class SASRec(nn.Module):
 
     def encode(self, seqs: torch.Tensor) -> torch.Tensor:
         """(B, L) left-padded item ids -> (B, L, d) hidden states; padded rows stay finite."""
-        L = seqs.shape[1]
-        if L > self.config.max_len:
-            raise ValueError(f"sequence length {L} exceeds max_len={self.config.max_len}")
+        self.check_length(seqs)
         real = (seqs != 0).unsqueeze(-1)
         pos = position_ids(seqs, self.config.max_len, self.config.options["positions"])
         x = self.item_emb(seqs) * math.sqrt(self.config.hidden) + self.pos_emb(pos)
@@ -113,18 +108,3 @@ class SASRec(nn.Module):
         for block in self.blocks:
             x = block(x, mask) * real
         return self.ln_f(x)
-
-    def item_scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Scores of every item (column 0, padding, is -inf) for hidden states (..., d)."""
-        scores = hidden @ self.item_emb.weight.T
-        scores[..., 0] = float("-inf")
-        return scores
-
-    def score_last(self, seqs: torch.Tensor) -> torch.Tensor:
-        """(B, L) -> (B, N+1) next-item scores after the newest item of each sequence."""
-        return self.item_scores(self.encode(seqs)[:, -1])
-
-    def loss(self, seqs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Next-item loss over positions whose target is not padding (0): their mean, or with
-        weights (B, L) the weighted sum (see models.losses)."""
-        return sequence_loss(self.config, self.encode(seqs), seqs, targets, self.item_emb.weight, weights)

@@ -8,10 +8,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from types import UnionType
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import typer
 
+from core.config import Parameter, with_parameters
 from core.errors import RsirError
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -313,46 +315,79 @@ def _opt(value: Any) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-@app.command("run")
-def run(
-    dataset: Annotated[str, typer.Option(help="dataset name (built-ins are fetched when missing)")] = "ml-100k",
-    model: Annotated[str, typer.Option(help="student backbone")] = "sasrec",
-    K: Annotated[int, typer.Option("-K", "--K", help="self-improving iterations")] = 3,
-    tau: Annotated[int, typer.Option(help="fidelity rank threshold")] = 10,
-    p: Annotated[float, typer.Option(help="probability of the local pool")] = 0.5,
-    m: Annotated[int, typer.Option(help="rollouts per source sequence")] = 5,
-    min_len: Annotated[int, typer.Option(help="shortest synthetic sequence kept")] = 3,
-    fidelity: Annotated[bool, typer.Option("--fidelity/--no-fidelity", help="fidelity control")] = True,
-    generator: Annotated[Optional[str], typer.Option(help="generator backbone (default: the student)")] = None,
-    option: Annotated[Optional[list[str]], typer.Option("--option", help="student option KEY=VALUE (repeatable)")] = None,
-    recipe: Recipe = "default", synthetic_weight: SyntheticWeight = None, batching: Batching = None,
-    weighting: Weighting = None, stride: Stride = None, early_stop: EarlyStop = None,
-    epochs: Annotated[Optional[int], typer.Option(help="maximum epochs per training (default: the recipe's)")] = None,
-    patience: Annotated[Optional[int], typer.Option(help="early-stopping patience (default: the recipe's)")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="training batch size (default: the recipe's)")] = None,
-    seed: Annotated[int, typer.Option(help="random seed")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads")] = None,
-    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: SQLite in the workspace)")] = None,
-    experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "rsir",
-    home: Home = None, as_json: Json = False,
-) -> None:
+# `rsir run`'s options are the flow's parameters (tasks/config.py run_parameters), derived here
+# once: a dict parameter is given as repeatable KEY=VALUE pairs (dotted keys nest), a bool as
+# --name/--no-name, a literal as its name. The CLI sets the workspace and progress bars itself.
+_RUN_SET_BY_CLI = {"home", "progress"}
+
+
+def _run_options() -> list[Parameter]:
+    from tasks.config import run_parameters
+
+    return [_as_option(p) for p in run_parameters() if p.name not in _RUN_SET_BY_CLI] + [
+        Parameter("option", Annotated[Optional[list[str]], typer.Option(
+            "--option", help="student backbone option KEY=VALUE (repeatable): model-params options.KEY=VALUE")],
+            None, ""),
+        Parameter("home", Home, None, ""), Parameter("as_json", Json, False, "")]
+
+
+def _as_option(p: Parameter) -> Parameter:
+    base = _without_none(p.annotation)
+    flag = "--" + p.name.replace("_", "-")
+    decls = ("-K", "--K") if p.name == "K" else (flag,)
+    if base is bool:
+        return Parameter(p.name, Annotated[bool, typer.Option(f"{flag}/--no-{flag[2:]}", help=p.help)], p.default, "")
+    if get_origin(base) is dict:
+        help_ = f"{p.help}; KEY=VALUE, repeatable, dotted keys nest"
+        return Parameter(p.name, Annotated[Optional[list[str]], typer.Option(*decls, help=help_)], None, "")
+    if get_origin(base) is Literal:
+        help_ = f"{p.help} ({' | '.join(map(str, get_args(base)))})"
+        return Parameter(p.name, Annotated[Optional[str] if p.default is None else str,
+                                           typer.Option(*decls, help=help_)], p.default, "")
+    kind = Optional[base] if p.default is None else base
+    return Parameter(p.name, Annotated[kind, typer.Option(*decls, help=p.help)], p.default, "")
+
+
+def _without_none(annotation: Any) -> Any:
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    return args[0] if get_origin(annotation) in (Union, UnionType) and len(args) == 1 else annotation
+
+
+def _nested_pairs(pairs: list[str] | None, flag: str) -> dict[str, Any] | None:
+    """['hidden=32', 'options.positions=newest'] -> {'hidden': 32, 'options': {'positions': 'newest'}}."""
+    flat = _options(pairs, flag)
+    if flat is None:
+        return None
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        *outer, last = key.split(".")
+        node = out
+        for part in outer:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RsirError(f"{flag}: {key!r} nests under a key that already has a value")
+        node[last] = value
+    return out
+
+
+def run(**params: Any) -> None:
     """Run the RSIR flow locally (no Prefect server needed) and print the per-iteration table."""
+    home, as_json, option = params.pop("home"), params.pop("as_json"), params.pop("option")
     ws = _local_prefect(_workspace(home))
     from flows.rsir import format_table, rsir
 
-    hidden = _options(option)
-    summary = rsir(dataset=dataset, model=model, K=K, tau=tau, p=p, m=m, min_len=min_len, fidelity=fidelity,
-                   generator=generator, model_params={"options": hidden} if hidden else None, recipe=recipe,
-                   synthetic_weight=1.0 if synthetic_weight is None else synthetic_weight, epochs=epochs,
-                   patience=patience, lr=lr, batch_size=batch_size,
-                   training_params=_drop_none(batching=batching, weighting=weighting, stride=stride,
-                                              early_stop=early_stop) or None,
-                   seed=seed, device=device, threads=threads,
-                   home=str(ws.root), tracking_uri=tracking_uri, experiment=experiment,
-                   progress=sys.stderr.isatty())
+    for name, value in list(params.items()):
+        if isinstance(value, list):
+            params[name] = _nested_pairs(value, "--" + name.replace("_", "-"))
+    if option:
+        model_params = params.get("model_params") or {}
+        params["model_params"] = {**model_params, "options": {**model_params.get("options", {}),
+                                                              **_options(option, "--option")}}
+    summary = rsir(**params, home=str(ws.root), progress=sys.stderr.isatty())
     _emit(summary, as_json, lambda r: print(format_table(r)))
+
+
+app.command("run")(with_parameters(run, _run_options()))
 
 
 @app.command("experiment")
@@ -444,14 +479,14 @@ def serve(
     run_serve(str(_workspace(home).root), host=host, port=port, ready_file=ready_file)
 
 
-def _options(pairs: list[str] | None) -> dict[str, Any] | None:
+def _options(pairs: list[str] | None, flag: str = "--option") -> dict[str, Any] | None:
     if not pairs:
         return None
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise RsirError(f"--option expects KEY=VALUE, got {pair!r}")
+            raise RsirError(f"{flag} expects KEY=VALUE, got {pair!r}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:

@@ -4,8 +4,6 @@ atomically, with their parameters in the file's key-value metadata. Tasks pass t
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +11,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.errors import RsirError
+from storage.files import atomic_path
 
 _META_KEY = b"rsir"
 
 
 def write_table(path: Path, table: pa.Table, meta: dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = table.replace_schema_metadata({_META_KEY: json.dumps(meta, default=str).encode()})
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
     return path
 
 

@@ -5,13 +5,12 @@ knows no torch modules, only tensors)."""
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from core.errors import RsirError
+from storage.files import atomic_path
 
 CHECKPOINT_FORMAT = 1
 
@@ -20,7 +19,6 @@ def write_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], model_conf
                      num_items: int, meta: dict[str, Any]) -> Path:
     """Write atomically (temp file + rename) so a crash never leaves a truncated checkpoint.
     `model_config` is the backbone's config as JSON data, its name under "name"."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "backbone": model_config["name"],
@@ -29,9 +27,8 @@ def write_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], model_conf
         "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
         "meta": meta,
     }
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

@@ -34,6 +34,7 @@ from pydantic import ValidationError
 
 from core.errors import RsirError
 from core.workspace import Workspace
+from storage.files import atomic_path
 from storage.manifest import FileEntry, Manifest, PartitionEntry, chain_digest
 
 SEQUENCE_SCHEMA = pa.schema([
@@ -375,15 +376,10 @@ class DatasetStore:
             if not self.is_local:
                 self.fs.pipe_file(final, body)
                 return
-            tmp = Path(mdir) / f".v{manifest.version:05d}.json.{uuid.uuid4().hex}.tmp"
-            try:
-                with open(tmp, "wb") as fh:
-                    fh.write(body)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                tmp.replace(final)
-            finally:
-                tmp.unlink(missing_ok=True)  # gone after the rename; a failed write leaves no stray file
+            with atomic_path(Path(final)) as tmp, open(tmp, "wb") as fh:
+                fh.write(body)
+                fh.flush()
+                os.fsync(fh.fileno())  # durable before the rename makes the version visible
 
 
 def dataset_store(ws: Workspace) -> DatasetStore:

@@ -3,14 +3,12 @@ CLI and the flow's (deployment's) parameters down to the tasks."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.config import Device, Metric
-from models import get_backbone
+from core.config import Device, Metric, Parameter, parse_config
+from core.hashing import json_digest
 from models.config import ModelConfig
 
 Recipe = Literal["default", "release"]
@@ -49,6 +47,8 @@ def apply_recipe(data: Any, model_keys: tuple[str, ...]) -> Any:
 
 
 def _recipe_model(preset: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    from models import get_backbone  # late: the registry imports torch, which `rsir --help` need not
+
     name = given.get("name", ModelConfig.model_fields["name"].default)
     try:
         known = get_backbone(name).options.model_fields
@@ -71,9 +71,9 @@ class TrainingSettings(BaseModel):
     epochs: int = Field(200, ge=1, description="maximum epochs")
     patience: int = Field(10, ge=1, description="epochs without a gain of the early-stopping metric before stopping")
     early_stop: Metric = Field("ndcg@10", description="validation metric of early stopping and model selection")
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
+    batch_size: int = Field(128, ge=1, description="training batch size (windows)")
     batching: Batching = Field(
         "length", description="length: windows of similar length batched together (less padding); "
         "random: plain random batches (the release)")
@@ -129,30 +129,30 @@ class TrainConfig(TrainingSettings):
 class RunConfig(TrainingSettings):
     """Everything an RSIR run depends on; built from the flow's (deployment's) parameters."""
 
-    dataset: str = "ml-100k"
+    dataset: str = Field("ml-100k", description="dataset name (built-ins are fetched when missing)")
     K: int = Field(3, ge=0, le=100, description="self-improving iterations")
     model: ModelConfig = Field(default_factory=ModelConfig, description="the student: trained and evaluated")
     generator: ModelConfig | None = Field(None, description="generator backbone (weak-to-strong); default: the student")
     tau: int = Field(10, ge=1, description="fidelity rank threshold")
     p: float = Field(0.5, ge=0.0, le=1.0, description="probability of the local pool")
     m: int = Field(5, ge=1, description="rollouts per source sequence")
-    min_len: int = Field(3, ge=2)
-    fidelity: bool = True
+    min_len: int = Field(3, ge=2, description="shortest synthetic sequence kept")
+    fidelity: bool = Field(True, description="fidelity control (off: the paper's ablation)")
     generation_tau: int | None = Field(None, ge=1, description="generate at this looser threshold and filter at "
                                        "tau (equivalent, by the fidelity trace): lets runs that differ only "
                                        "in tau share one generation")
     max_sources: int | None = Field(None, ge=1, description="generate from at most this many training "
                                     "sequences per iteration (seeded sample); None = all, as the paper")
-    gen_batch_size: int = Field(1024, ge=1)
-    seed: int = 0
-    device: Device = "auto"
-    threads: int | None = Field(None, ge=1)
+    gen_batch_size: int = Field(1024, ge=1, description="rollouts scored together")
+    seed: int = Field(0, description="random seed of training and generation (iteration k uses seed + k)")
+    device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
     home: str | None = Field(None, description="workspace directory (default $RSIR_HOME or ./workspace)")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite in the workspace)")
-    experiment: str = "rsir"
+    experiment: str = Field("rsir", description="MLflow experiment")
     labels: dict[str, str] = Field(default_factory=dict, description="MLflow tags rsir.label.<key> on the "
                                    "parent run (experiment suites use them to find their arms)")
-    progress: bool = False
+    progress: bool = Field(False, description="progress bars on stderr")
 
     @model_validator(mode="after")
     def _generation_tau(self) -> "RunConfig":
@@ -186,4 +186,47 @@ class RunConfig(TrainingSettings):
             "dataset", "model", "generator", "tau", "p", "m", "min_len", "fidelity", "generation_tau",
             "max_sources", "seed", *(TrainingSettings.names() - {"recipe"})})
         keep["generator"] = self.generator_model.model_dump(mode="json")
-        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+        return json_digest(keep)
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, Any]) -> "RunConfig":
+        """Flat run parameters (run_parameters(): the flow's, the deployment's, `rsir run`'s) ->
+        one typed config; None means the default (a training setting's: the recipe's). A bad
+        value fails with a one-line message naming the parameter."""
+        given = {k: v for k, v in params.items() if v is not None}
+        model = {"name": given.pop("model", "sasrec"), **given.pop("model_params", {})}
+        gen_name, gen_params = given.pop("generator", None), given.pop("generator_params", None)
+        if gen_name or gen_params:
+            given["generator"] = {"name": gen_name or model["name"], **(gen_params or {})}
+        return parse_config(cls, {**given, "model": model})
+
+
+# The backbones travel flat as a name plus a dict of ModelConfig settings (hidden, loss, options...).
+_BACKBONE_PARAMETERS = [
+    Parameter("model", str, "sasrec", "student backbone (trained and evaluated)"),
+    Parameter("model_params", Optional[dict[str, Any]], None, "student settings: ModelConfig fields, "
+              "backbone options under 'options'"),
+    Parameter("generator", Optional[str], None, "generator backbone (weak-to-strong); default: the student"),
+    Parameter("generator_params", Optional[dict[str, Any]], None, "generator settings, as model_params"),
+]
+
+
+def run_parameters() -> list[Parameter]:
+    """The flat parameters of an RSIR run, derived from RunConfig: every field but the two
+    backbones, which come first as a name and a dict. Training settings default to None, the
+    recipe's value; so do fields with a computed default."""
+    recipe_decides = TrainingSettings.names() - {"recipe"}
+    fields = dict(RunConfig.model_fields)
+    order = ["dataset", *_BACKBONE_PARAMETERS, *(n for n in fields if n not in ("dataset", "model", "generator"))]
+    out = []
+    for item in order:
+        if isinstance(item, Parameter):
+            out.append(item)
+            continue
+        name, field = item, fields[item]
+        unset = name in recipe_decides or field.default_factory is not None
+        default = None if unset else field.default
+        annotation = Optional[field.annotation] if default is None else field.annotation
+        out.append(Parameter(name, annotation, default, (field.description or "") + (
+            " (default: the recipe's)" if name in recipe_decides else "")))
+    return out

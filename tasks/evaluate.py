@@ -44,17 +44,25 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor,
     return higher + 1
 
 
-def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
+def per_user_metric(ranks: np.ndarray, metric: str) -> np.ndarray:
+    """ndcg@k, recall@k or mrr@k of each user from the rank of their target (rank 1 = top)."""
+    name, k = metric.split("@")
     ranks = np.asarray(ranks, dtype=np.float64)
-    out: dict[str, float] = {}
+    hit = ranks <= int(k)
+    if name == "ndcg":
+        return np.where(hit, 1.0 / np.log2(ranks + 1.0), 0.0)
+    if name == "recall":
+        return hit.astype(np.float64)
+    if name == "mrr":
+        return np.where(hit, 1.0 / ranks, 0.0)
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
+    """Every metric of metric_names(): the mean over users (NaN without users)."""
     if len(ranks) == 0:
         return {name: float("nan") for name in metric_names()}
-    for k in KS:
-        out[f"ndcg@{k}"] = float(np.where(ranks <= k, 1.0 / np.log2(ranks + 1), 0.0).mean())
-    for k in KS:
-        out[f"recall@{k}"] = float((ranks <= k).mean())
-    out[f"mrr@{MRR_K}"] = float(np.where(ranks <= MRR_K, 1.0 / ranks, 0.0).mean())
-    return out
+    return {name: float(per_user_metric(ranks, name).mean()) for name in metric_names()}
 
 
 @torch.no_grad()

@@ -28,12 +28,10 @@ from tasks.statistics import version_statistics
 
 def synthetic_table(items: Ragged, parent_seq_ids: np.ndarray, first_seq_id: int) -> pa.Table:
     n = len(items)
-    values = pa.array(items.values.astype(np.int32), type=pa.int32())
-    lists = pa.ListArray.from_arrays(pa.array(items.offsets.astype(np.int32)), values)
     return pa.table({
         "seq_id": pa.array(np.arange(first_seq_id, first_seq_id + n, dtype=np.int64)),
         "user_id": pa.nulls(n, pa.string()),
-        "items": lists,
+        "items": items.to_arrow(),
         "origin": pa.array(["synthetic"] * n, pa.string()),
         "parent_seq_id": pa.array(parent_seq_ids.astype(np.int64)),
     }, schema=SEQUENCE_SCHEMA)

@@ -16,8 +16,7 @@ from prefect import task
 from core.errors import RsirError
 from core.workspace import Workspace
 from storage.artifacts import read_table, write_table
-from tasks.generate import (EXTEND_REASONS, STOP_REASONS, Extensions, GenerationParams, Rollouts, generation_key,
-                            ragged_to_arrow)
+from tasks.generate import (EXTEND_REASONS, STOP_REASONS, Extensions, GenerationParams, Rollouts, generation_key)
 from storage.dataset import dataset_store
 from tasks.runtime import Timed, timed
 from tasks.split import Ragged, leave_one_out
@@ -123,9 +122,7 @@ def select(seqs: Ragged, mask: np.ndarray) -> Ragged:
 
 def as_list_series(seqs: Ragged) -> pl.Series:
     """Ragged -> polars list[i64] series without copying row by row."""
-    array = pa.LargeListArray.from_arrays(pa.array(seqs.offsets.astype(np.int64)),
-                                          pa.array(seqs.values.astype(np.int64)))
-    return pl.Series("items", array)
+    return pl.Series("items", seqs.to_arrow(large=True))
 
 
 def duplicates(seqs: Ragged, existing: Ragged | None) -> tuple[np.ndarray, np.ndarray]:
@@ -201,7 +198,7 @@ def filter_step(home: str, dataset: str, version: int, rollouts_path: str, tau: 
     path = ws.runs / dataset / f"v{version}" / f"{name}.parquet"
     table = pa.table({"parent_seq_id": pa.array(parents, pa.int64()),
                       "rollout_id": pa.array(accepted.rollout_id, pa.int64()),
-                      "items": ragged_to_arrow(accepted.items)})
+                      "items": accepted.items.to_arrow()})
     counts = {**accepted.counts, "mean_accepted_length": float(accepted.items.lengths.mean()) if len(accepted) else 0.0}
     out_meta = {"generation": {**meta, "dataset": dataset, "version": version}, "filter": filter_params,
                 "counts": counts}

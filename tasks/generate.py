@@ -17,7 +17,6 @@ Pure computation: no file IO; the caller moves the model to `params.device` befo
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.config import Device
 from core.errors import RsirError
+from core.hashing import json_digest
 from core.workspace import Workspace
+from models import SequenceModel
 from storage.artifacts import read_table, write_table
 from storage.checkpoints import read_checkpoint
 from tasks.checkpoints import load_checkpoint
@@ -74,7 +75,7 @@ class GenerationParams(BaseModel):
         return self
 
 
-def resolve_params(params: GenerationParams, model: torch.nn.Module) -> GenerationParams:
+def resolve_params(params: GenerationParams, model: SequenceModel) -> GenerationParams:
     """Fill max_len from the model and check it against the model (before any compute)."""
     model_max = int(model.config.max_len)
     max_len = model_max if params.max_len is None else params.max_len
@@ -184,15 +185,8 @@ def membership(rows: Ragged, index: np.ndarray, num_items: int, device: torch.de
     return mask
 
 
-def _score(model: torch.nn.Module, seqs: torch.Tensor) -> torch.Tensor:
+def _score(model: SequenceModel, seqs: torch.Tensor) -> torch.Tensor:
     return model.score_last(seqs).float()
-
-
-def _num_items(model: torch.nn.Module, device: torch.device) -> int:
-    n = getattr(model, "num_items", None)
-    if n is None:  # any backbone: the score width says it
-        n = _score(model, torch.ones(1, 1, dtype=torch.int64, device=device)).shape[1] - 1
-    return int(n)
 
 
 def _check_sources(sources: Ragged, num_items: int, min_items: int = 1) -> None:
@@ -225,7 +219,7 @@ def _compact(keep: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
 
 
 @contextmanager
-def _frozen(model: torch.nn.Module) -> Iterator[None]:
+def _frozen(model: SequenceModel) -> Iterator[None]:
     """Eval mode (no dropout) and no autograd for the duration; restores the training flag."""
     was_training = model.training
     model.eval()
@@ -255,21 +249,18 @@ class Rollouts:
     def __len__(self) -> int:
         return len(self.rollout_id)
 
-    def stop_reason_names(self) -> np.ndarray:
-        return np.asarray(STOP_REASONS)[self.stop_reason]
-
 
 def stop_reason_counts(rollouts: Rollouts) -> dict[str, int]:
     counts = np.bincount(rollouts.stop_reason, minlength=len(STOP_REASONS))
     return {name: int(c) for name, c in zip(STOP_REASONS, counts)}
 
 
-def generate_rollouts(model: torch.nn.Module, sources: Ragged, params: GenerationParams) -> Rollouts:
-    """Run params.m rollouts from every source sequence (see docs/rsir-method.md, section 3)."""
+def generate_rollouts(model: SequenceModel, sources: Ragged, params: GenerationParams) -> Rollouts:
+    """Run params.m rollouts from every source sequence (see ../shared/docs/rsir-method.md, section 3)."""
     params = resolve_params(params, model)
     device = resolve_device(params.device)
     with _frozen(model):
-        num_items = _num_items(model, device)
+        num_items = int(model.num_items)
         _check_sources(sources, num_items)
         total = len(sources) * params.m
         values, lengths, trace_values, trace_lengths, reasons = [], [], [], [], []
@@ -287,7 +278,7 @@ def generate_rollouts(model: torch.nn.Module, sources: Ragged, params: Generatio
     )
 
 
-def _rollout_batch(model: torch.nn.Module, sources: Ragged, ids: np.ndarray, params: GenerationParams,
+def _rollout_batch(model: SequenceModel, sources: Ragged, ids: np.ndarray, params: GenerationParams,
                    num_items: int, device: torch.device):
     B, L = len(ids), params.max_len
     src = ids // params.m
@@ -359,11 +350,8 @@ class Extensions:
     def accepted(self) -> np.ndarray:
         return self.stop_reason == ACCEPTED
 
-    def stop_reason_names(self) -> np.ndarray:
-        return np.asarray(EXTEND_REASONS)[self.stop_reason]
 
-
-def extend_sequences(model: torch.nn.Module, sources: Ragged, params: GenerationParams,
+def extend_sequences(model: SequenceModel, sources: Ragged, params: GenerationParams,
                      holdout_h: int) -> Extensions:
     """Hold out the last h items of each source (training parts only: the caller's job), extend
     the prefix greedily by up to m items (same pool rule; local pool = the source's items) and
@@ -375,7 +363,7 @@ def extend_sequences(model: torch.nn.Module, sources: Ragged, params: Generation
     device = resolve_device(params.device)
     eligible = np.flatnonzero(sources.lengths > holdout_h).astype(np.int64)
     with _frozen(model):
-        num_items = _num_items(model, device)
+        num_items = int(model.num_items)
         _check_sources(sources, num_items, min_items=0)
         values, lengths, trace_values, trace_lengths, reasons = [], [], [], [], []
         for lo in range(0, len(eligible), params.batch_size):
@@ -399,7 +387,7 @@ def _window(buf: torch.Tensor, lengths: torch.Tensor, max_len: int) -> torch.Ten
     return torch.where(idx >= 0, buf.gather(1, idx.clamp(min=0)), 0)
 
 
-def _extend_batch(model: torch.nn.Module, sources: Ragged, rows: np.ndarray, params: GenerationParams,
+def _extend_batch(model: SequenceModel, sources: Ragged, rows: np.ndarray, params: GenerationParams,
                   h: int, num_items: int, device: torch.device):
     B, m = len(rows), params.m
     starts, ends = sources.offsets[rows], sources.offsets[rows + 1]
@@ -474,11 +462,6 @@ def _left_aligned(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray, w
 
 
 # ------------------------------------------------------------------ the pipeline step (IO)
-def ragged_to_arrow(rows: Ragged) -> pa.Array:
-    values = pa.array(rows.values.astype(np.int32), type=pa.int32())
-    return pa.ListArray.from_arrays(pa.array(rows.offsets.astype(np.int32)), values)
-
-
 def sample_sources(n: int, max_sources: int | None, seed: int) -> np.ndarray:
     """Sorted rows of the sources to generate from: all n, or a seeded uniform sample."""
     if max_sources is None or max_sources >= n:
@@ -488,7 +471,7 @@ def sample_sources(n: int, max_sources: int | None, seed: int) -> np.ndarray:
 
 
 def generation_key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return json_digest(list(parts))
 
 
 @dataclass(frozen=True)
@@ -562,8 +545,8 @@ def generate_step(home: str, dataset: str, version: int, checkpoint: str, params
         "rollout_id": pa.array(rollout_id, pa.int64()),
         "source_index": pa.array(source_rows, pa.int64()),
         "parent_seq_id": pa.array(split.train_seq_ids[source_rows], pa.int64()),
-        "items": ragged_to_arrow(out.items),
-        "trace": ragged_to_arrow(out.trace),
+        "items": out.items.to_arrow(),
+        "trace": out.trace.to_arrow(),
         "stop_reason": pa.array(reasons.astype(str)),
     })
     if mode == "extend":

@@ -84,18 +84,6 @@ def user_ranks(tracker: Tracker, run_id: str, split: str = "test") -> np.ndarray
         return pq.read_table(tracker.download_artifact(run_id, files[0], tmp)).column(f"{split}_rank").to_numpy()
 
 
-def per_user_metric(ranks: np.ndarray, metric: str) -> np.ndarray:
-    """ndcg@k or recall@k of each user from the rank of their target."""
-    name, k = metric.split("@")
-    ranks = np.asarray(ranks, dtype=np.float64)
-    hit = ranks <= int(k)
-    if name == "ndcg":
-        return np.where(hit, 1.0 / np.log2(ranks + 1.0), 0.0)
-    if name == "recall":
-        return hit.astype(np.float64)
-    raise ValueError(f"unknown metric {metric!r}")
-
-
 def paired_bootstrap(arm: np.ndarray, base: np.ndarray, resamples: int = 2000, seed: int = 0
                      ) -> dict[str, float]:
     """Relative change mean(arm)/mean(base) - 1 over users, with a 95% percentile bootstrap

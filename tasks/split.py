@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import torch
 
 from tasks.config import Weighting
@@ -33,6 +34,15 @@ class Ragged:
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+    def to_arrow(self, large: bool = False) -> pa.Array:
+        """One list per row, without a per-row copy: list<int32> (the dataset schema's items), or
+        with `large` large_list<int64> (what polars reads back from its own list columns)."""
+        if large:
+            return pa.LargeListArray.from_arrays(pa.array(self.offsets.astype(np.int64)),
+                                                 pa.array(self.values.astype(np.int64)))
+        return pa.ListArray.from_arrays(pa.array(self.offsets.astype(np.int32)),
+                                        pa.array(self.values.astype(np.int32), type=pa.int32()))
 
     def tails(self, rows: np.ndarray, width: int) -> torch.Tensor:
         """Left-padded (len(rows), <=width) tensor of the newest `width` items of each row."""

@@ -6,10 +6,6 @@ Every target position of an epoch weighs the same in the objective (a synthetic 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +21,9 @@ from models import build_model
 from tasks.config import TrainConfig, TrainingSettings
 from core.errors import RsirError
 from core.workspace import Workspace
+from core.hashing import json_digest
 from storage.checkpoints import read_checkpoint
+from storage.files import atomic_copy
 from tasks.checkpoints import save_checkpoint
 from tasks.evaluate import evaluate_split
 from storage.dataset import dataset_store
@@ -61,8 +59,7 @@ _NOT_LEARNED = {"progress", "threads", "device", "eval_batch_size", "recipe"}
 
 
 def config_hash(cfg: TrainConfig) -> str:
-    keep = cfg.model_dump(mode="json", exclude=_NOT_LEARNED)
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:10]
+    return json_digest(cfg.model_dump(mode="json", exclude=_NOT_LEARNED))[:10]
 
 
 @dataclass(frozen=True)
@@ -147,7 +144,7 @@ def fit(model: torch.nn.Module, split: LeaveOneOut, cfg: TrainConfig, device: to
 def content_key(cfg: TrainConfig, digest: str) -> str:
     """What a training depends on: the data (digest, not the dataset's name) and the config."""
     keep = cfg.model_dump(mode="json", exclude=_NOT_LEARNED | {"dataset", "version"})
-    return hashlib.sha256(json.dumps([digest, keep], sort_keys=True).encode()).hexdigest()[:20]
+    return json_digest([digest, keep])[:20]
 
 
 def shared_checkpoint_path(ws: Workspace, key: str) -> Path:
@@ -199,7 +196,7 @@ def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Path | None = None,
     meta = {"dataset": cfg.dataset, "version": manifest.version, "digest": manifest.digest,
             "seed": cfg.seed, "result": result.to_dict()}
     save_checkpoint(path, model, cfg.model, manifest.num_items, meta)
-    _copy_atomically(path, shared)
+    atomic_copy(path, shared)
     return result
 
 
@@ -212,16 +209,9 @@ def _reusable(path: Path, shared: Path, digest: str) -> dict[str, Any] | None:
             stored = read_checkpoint(candidate)["meta"].get("result")
             if stored and stored.get("digest") == digest:
                 if candidate != path:
-                    _copy_atomically(candidate, path)
+                    atomic_copy(candidate, path)
                 return stored
     return None
-
-
-def _copy_atomically(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
 
 
 @task(name="train", task_run_name="train-{role}-{config.model.name}-v{config.version}")

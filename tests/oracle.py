@@ -1,5 +1,5 @@
 """Deliberately simple reference for tasks.generate: one rollout at a time, plain Python loops,
-written from the description in docs/rsir-method.md (section 3). Slow on purpose; only the
+written from the description in ../shared/docs/rsir-method.md (section 3). Slow on purpose; only the
 model call (on a single unpadded (1, L) sequence) and the pool draw (`pool_uniform`) are shared
 with the vectorized code."""
 

@@ -5,18 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.evaluate import metrics_from_ranks
+from tasks.evaluate import metric_names, metrics_from_ranks, per_user_metric
 from tasks.report import verdict
-from tasks.results import paired_bootstrap, per_user_metric
+from tasks.results import paired_bootstrap
 
 
 def test_per_user_metrics_average_to_the_reported_metrics():
     ranks = np.random.default_rng(0).integers(1, 60, size=500)
     reported = metrics_from_ranks(ranks)
-    for metric in ("ndcg@10", "ndcg@20", "recall@10", "recall@20"):
+    for metric in metric_names():
         assert per_user_metric(ranks, metric).mean() == pytest.approx(reported[metric])
+    # By hand: ranks 1, 3, 30 -> ndcg@10 = (1 + 1/log2(4) + 0) / 3, mrr@20 = (1 + 1/3 + 0) / 3.
+    by_hand = metrics_from_ranks(np.array([1, 3, 30]))
+    assert by_hand["ndcg@10"] == pytest.approx((1 + 0.5) / 3) and by_hand["mrr@20"] == pytest.approx((4 / 3) / 3)
     with pytest.raises(ValueError, match="unknown metric"):
-        per_user_metric(ranks, "mrr@10")
+        per_user_metric(ranks, "map@10")
 
 
 def test_paired_bootstrap_interval():

@@ -1,0 +1,13 @@
+"""One content hash for every key the project derives from parameters (checkpoint, generation
+and lineage keys): SHA-256 of canonical JSON (sorted keys; non-JSON values by their str)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+
+def json_digest(obj: Any) -> str:
+    """64 hex digits; callers that shorten it say so where they cut."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
