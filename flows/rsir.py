@@ -92,46 +92,68 @@ rsir = flow(name="rsir", flow_run_name="rsir-{dataset}-{model}-K{K}", log_prints
 
 def run_rsir(cfg: RunConfig) -> dict[str, Any]:
     started = time.perf_counter()
-    logger = get_run_logger()
     ws = Workspace.at(cfg.home)
-    home = str(ws.root)
     tracker = Tracker.open(cfg.tracking_uri or default_tracking_uri(ws.mlflow_db), cfg.experiment, ws.root / "mlartifacts")
-    fetch_builtin_task(cfg.dataset, home)
+    fetch_builtin_task(cfg.dataset, str(ws.root))
     lineage = cfg.lineage_key()
+    # The run's own fork of the dataset, named by its parameters: a re-run resumes in it.
     run_dataset = f"{cfg.dataset}--{lineage[:10]}"
     dataset_store(ws).fork(cfg.dataset, run_dataset)
     parent = _parent_run(tracker, cfg, lineage, run_dataset)
+    rows, champion = _iterate(cfg, ws, tracker, parent, run_dataset)
+    return _finish(cfg, ws, tracker, parent, run_dataset, rows, champion, time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The iteration with the best validation NDCG@10 (its MLflow child run holds θ_k)."""
+
+    run_id: str
+    valid_ndcg: float
+    k: int
+
+
+def _iterate(cfg: RunConfig, ws: Workspace, tracker: Tracker, parent: str, run_dataset: str
+             ) -> tuple[list[dict[str, Any]], Champion]:
+    """Iterations 0..K, each logged as it ends; the table rows and the champion."""
+    logger = get_run_logger()
     progress = create_progress_artifact(0.0, key="rsir-progress", description=f"RSIR on {cfg.dataset}")
-    rows, champion = [], None
+    rows: list[dict[str, Any]] = []
+    champion: Champion | None = None
     # One CPU thread setting for every task of the run (training, evaluation, generation).
     with torch_threads(cfg.threads):
         for k in range(cfg.K + 1):
-            result = iteration(cfg, home, run_dataset, k, last=k == cfg.K)
+            result = iteration(cfg, str(ws.root), run_dataset, k, last=k == cfg.K)
             child = _log_iteration(tracker, parent, cfg, run_dataset, result)
             rows.append(_table_row(ws, run_dataset, result))
             valid = result.evaluation.valid["ndcg@10"]
             logger.info("iteration %d: valid ndcg@10 %.4f, test ndcg@10 %.4f", k, valid,
                         result.evaluation.test["ndcg@10"])
-            if champion is None or valid > champion[1]:
-                champion = (child, valid, k)
+            if champion is None or valid > champion.valid_ndcg:
+                champion = Champion(child, valid, k)
             update_progress_artifact(progress, 100.0 * (k + 1) / (cfg.K + 1))
+    assert champion is not None  # K >= 0: at least iteration 0 ran
+    return rows, champion
+
+
+def _finish(cfg: RunConfig, ws: Workspace, tracker: Tracker, parent: str, run_dataset: str,
+            rows: list[dict[str, Any]], champion: Champion, wall: float) -> dict[str, Any]:
+    """Register the champion, log the summary and plots, close the parent run."""
     model_name = f"rsir-{cfg.dataset}-{cfg.model.name}"
-    version = tracker.register_champion(model_name, champion[0], "checkpoint")
-    wall = time.perf_counter() - started
+    version = tracker.register_champion(model_name, champion.run_id, "checkpoint")
     step_seconds = sum(sum(r["times"].values()) for r in rows)
     summary = {"dataset": cfg.dataset, "run_dataset": run_dataset, "model": cfg.model.name,
                "generator": cfg.generator_model.name, "K": cfg.K, "iterations": rows,
-               "champion": {"iteration": champion[2], "registered_model": model_name, "version": version,
+               "champion": {"iteration": champion.k, "registered_model": model_name, "version": version,
                             "alias": "champion"},
                "mlflow_run_id": parent, "tracking_uri": tracker.uri,
                "wall_seconds": wall, "step_seconds": step_seconds,
                "overhead_fraction": max(wall - step_seconds, 0.0) / wall if wall else 0.0}
-    plots = plot_run_task(rows, str(ws.runs / run_dataset / "plots"))
-    for path in plots:
+    for path in plot_run_task(rows, str(ws.runs / run_dataset / "plots")):
         tracker.log_artifact(parent, path, "plots")
     tracker.log_dict(parent, summary, "summary.json")
     tracker.log_metrics(parent, {"overhead_fraction": summary["overhead_fraction"], "wall_seconds": wall,
-                                 "best_valid_ndcg@10": champion[1]})
+                                 "best_valid_ndcg@10": champion.valid_ndcg})
     tracker.end_run(parent)
     create_table_artifact(_flat_rows(rows), key="rsir-iterations", description="RSIR per-iteration results")
     return summary

@@ -372,10 +372,10 @@ def _nested_pairs(pairs: list[str] | None, flag: str) -> dict[str, Any] | None:
 
 def run(**params: Any) -> None:
     """Run the RSIR flow locally (no Prefect server needed) and print the per-iteration table."""
-    home, as_json, option = params.pop("home"), params.pop("as_json"), params.pop("option")
-    ws = _local_prefect(_workspace(home))
-    from flows.rsir import format_table, rsir
+    from tasks.config import RunConfig
 
+    home, as_json, option = params.pop("home"), params.pop("as_json"), params.pop("option")
+    ws = _workspace(home)
     for name, value in list(params.items()):
         if isinstance(value, list):
             params[name] = _nested_pairs(value, "--" + name.replace("_", "-"))
@@ -383,7 +383,13 @@ def run(**params: Any) -> None:
         model_params = params.get("model_params") or {}
         params["model_params"] = {**model_params, "options": {**model_params.get("options", {}),
                                                               **_options(option, "--option")}}
-    summary = rsir(**params, home=str(ws.root), progress=sys.stderr.isatty())
+    params.update(home=str(ws.root), progress=sys.stderr.isatty())
+    RunConfig.from_parameters(params)  # a bad value: one line, before Prefect is even imported
+    ws.root.mkdir(parents=True, exist_ok=True)
+    _local_prefect(ws)
+    from flows.rsir import format_table, rsir
+
+    summary = rsir(**params)
     _emit(summary, as_json, lambda r: print(format_table(r)))
 
 

@@ -532,31 +532,37 @@ def generate_step(home: str, dataset: str, version: int, checkpoint: str, params
     sources = _slices(split.train.values, split.train.offsets[rows], split.train.offsets[rows + 1])
     started = time.perf_counter()
     if mode == "rollout":
-        out = generate_rollouts(model, sources, params)
-        reasons = np.asarray(STOP_REASONS)[out.stop_reason]
+        out: Rollouts | Extensions = generate_rollouts(model, sources, params)
         rollout_id = out.rollout_id
     else:
         out = extend_sequences(model, sources, params, holdout_h)
-        reasons = np.asarray(EXTEND_REASONS)[out.stop_reason]
         rollout_id = rows[out.source_index]  # extension ids are source rows of D_k
     seconds = time.perf_counter() - started
-    source_rows = rows[out.source_index]
-    table = pa.table({
-        "rollout_id": pa.array(rollout_id, pa.int64()),
-        "source_index": pa.array(source_rows, pa.int64()),
-        "parent_seq_id": pa.array(split.train_seq_ids[source_rows], pa.int64()),
-        "items": out.items.to_arrow(),
-        "trace": out.trace.to_arrow(),
-        "stop_reason": pa.array(reasons.astype(str)),
-    })
-    if mode == "extend":
-        table = table.append_column("prefix_len", pa.array(out.prefix_len, pa.int64()))
+    reasons = np.asarray(STOP_REASONS if mode == "rollout" else EXTEND_REASONS)[out.stop_reason]
+    table = generation_table(out, rollout_id, rows[out.source_index], split.train_seq_ids, reasons)
     names, counts = np.unique(reasons.astype(str), return_counts=True)
     generation = Generation(str(path), key, dataset, version, manifest.digest, str(checkpoint), payload_sha, mode,
                             holdout_h, params.model_dump(mode="json"), len(table), len(rows), seconds,
                             {str(n): int(c) for n, c in zip(names, counts)})
     write_table(path, table, generation.file_meta())
     return generation
+
+
+def generation_table(out: Rollouts | Extensions, rollout_id: np.ndarray, source_rows: np.ndarray,
+                     seq_ids: np.ndarray, reasons: np.ndarray) -> pa.Table:
+    """One row per rollout (or extension): ids, its source row of D_k and that row's seq_id,
+    items, fidelity trace, stop reason (and, for extensions, the prefix length)."""
+    table = pa.table({
+        "rollout_id": pa.array(rollout_id, pa.int64()),
+        "source_index": pa.array(source_rows, pa.int64()),
+        "parent_seq_id": pa.array(seq_ids[source_rows], pa.int64()),
+        "items": out.items.to_arrow(),
+        "trace": out.trace.to_arrow(),
+        "stop_reason": pa.array(reasons.astype(str)),
+    })
+    if isinstance(out, Extensions):
+        table = table.append_column("prefix_len", pa.array(out.prefix_len, pa.int64()))
+    return table
 
 
 @task(name="generate", task_run_name="generate-{dataset}-v{version}")

@@ -128,56 +128,67 @@ def main_report(tracker: Tracker, rows: list[dict[str, Any]], folder: Path) -> t
             (f"{label} K = {k}", select(rows, dataset=ds, arm=arm, k=k))
             for arm, label in (("fidelity", "RSIR with fidelity"), ("no-fidelity", "RSIR without fidelity"))
             for k in ks if k > 0]
-        parts.append(f"## {ds}\n")
-        parts.append(f"Seeds: {sorted({int(r['seed']) for r in base})}. Test split; relative change of the "
-                     "seed-averaged metric against the baseline with a 95% paired bootstrap interval over users.\n")
-        body = []
-        for name, group in entries:
-            deltas = [change(paired.compare(group, base, m)) if group is not base else "" for m in ("ndcg@10", "recall@10")]
-            body.append([name, *[mean_std(group, f"test/{m}") for m in METRICS], *deltas])
-        parts.append(table(["", *[f"test {m}" for m in METRICS], "Δ ndcg@10", "Δ recall@10"], body) + "\n")
-        parts.append("Validation split (the early-stopping split):\n")
-        parts.append(table(["", *[f"valid {m}" for m in METRICS], "Δ valid ndcg@10"],
-                           [[name, *[mean_std(g, f"valid/{m}") for m in METRICS],
-                             change(paired.compare(g, base, "ndcg@10", "valid")) if g is not base else ""]
-                            for name, g in entries]) + "\n")
-        parts.append("Data and cost per iteration (mean ± std over seeds):\n")
-        parts.append(table(["", "sequences", "interactions", "density", "item entropy", "item Gini",
-                            "acceptance rate", "mean synthetic length", "ApEn synthetic (real)", "train s", "epochs"],
-                           [[name, mean_std(g, "data/sequences", 0), mean_std(g, "data/interactions", 0),
-                             mean_std(g, "data/density", 4), mean_std(g, "data/item_entropy", 3),
-                             mean_std(g, "data/item_gini", 3), mean_std(g, "data/acceptance_rate", 3),
-                             mean_std(g, "data/mean_new_length", 1),
-                             f"{mean_std(g, 'data/apen_synthetic', 3)} ({mean_std(g, 'data/apen_real', 3)})",
-                             mean_std(g, "time/train", 0), mean_std(g, "train/epochs", 0)] for name, g in entries])
-                     + "\n\nItem entropy and Gini are of the item-popularity distribution of D_k (all sequences); "
-                     "ApEn(1, 0) is over item-popularity deciles (tasks/statistics.py).\n")
-        k1 = paired.compare(select(rows, dataset=ds, arm="fidelity", k=1), base, "recall@10")
-        kmax = max(ks)
-        fid_last = select(rows, dataset=ds, arm="fidelity", k=kmax)
-        last = paired.compare(fid_last, base, "ndcg@10")
-        last_vs_1 = paired.compare(fid_last, select(rows, dataset=ds, arm="fidelity", k=1), "ndcg@10")
-        no_fid_last = select(rows, dataset=ds, arm="no-fidelity", k=kmax)
-        collapse = paired.compare(no_fid_last, base, "ndcg@10")
-        fidelity_helps = paired.compare(fid_last, no_fid_last, "ndcg@10")
-        d0, d_last = values(base, "data/density").mean(), values(fid_last, "data/density").mean()
-        claims += [
-            [f"{ds}: interaction density grows with the iterations (+342% by the 3rd in the paper); ours with "
-             f"fidelity at K = {kmax}", pct(d_last / d0 - 1) if d0 > 0 and np.isfinite(d_last) else "–",
-             "**held**" if d_last > d0 else "**not held**"],
-            [f"{ds}: one iteration with fidelity raises Recall@10 (SASRec, Table 1: +3.4% to +6.6%)",
-             change(k1), verdict(k1)],
-            [f"{ds}: iterating with fidelity keeps improving (Sport NDCG@10: +8.1% after the 1st, +10.0% after the "
-             f"3rd); ours after K = {kmax} vs K = 0, and vs K = 1", f"{change(last)}; vs K = 1: {change(last_vs_1)}",
-             verdict(last)],
-            [f"{ds}: without fidelity the model loses accuracy by the 3rd iteration (Sport NDCG@10 −56%, a "
-             f"collapse); ours at K = {kmax}", change(collapse), verdict(collapse, -1)],
-            [f"{ds}: fidelity control is what prevents it (Sport at the 3rd iteration: 0.0298 with, 0.0119 without); "
-             f"ours: with vs without fidelity at K = {kmax}", change(fidelity_helps), verdict(fidelity_helps)],
-        ]
+        parts += [f"## {ds}\n", *_arm_tables(paired, base, entries)]
+        claims += _claims(paired, rows, ds, base, max(ks))
     parts.append("## The paper's claims against our measurements\n")
     parts.append(table(["claim (paper's figure)", "ours: relative change [95% CI]", "verdict"], claims) + "\n")
     return parts, main_figures(rows, datasets, ks, folder)
+
+
+def _arm_tables(paired: Paired, base: list[dict[str, Any]], entries: list[tuple[str, list[dict[str, Any]]]]
+                ) -> list[str]:
+    """Test and validation metrics of each arm against the baseline, then data and cost."""
+    parts = [f"Seeds: {sorted({int(r['seed']) for r in base})}. Test split; relative change of the "
+             "seed-averaged metric against the baseline with a 95% paired bootstrap interval over users.\n"]
+    body = []
+    for name, group in entries:
+        deltas = [change(paired.compare(group, base, m)) if group is not base else "" for m in ("ndcg@10", "recall@10")]
+        body.append([name, *[mean_std(group, f"test/{m}") for m in METRICS], *deltas])
+    parts.append(table(["", *[f"test {m}" for m in METRICS], "Δ ndcg@10", "Δ recall@10"], body) + "\n")
+    parts.append("Validation split (the early-stopping split):\n")
+    parts.append(table(["", *[f"valid {m}" for m in METRICS], "Δ valid ndcg@10"],
+                       [[name, *[mean_std(g, f"valid/{m}") for m in METRICS],
+                         change(paired.compare(g, base, "ndcg@10", "valid")) if g is not base else ""]
+                        for name, g in entries]) + "\n")
+    parts.append("Data and cost per iteration (mean ± std over seeds):\n")
+    parts.append(table(["", "sequences", "interactions", "density", "item entropy", "item Gini",
+                        "acceptance rate", "mean synthetic length", "ApEn synthetic (real)", "train s", "epochs"],
+                       [[name, mean_std(g, "data/sequences", 0), mean_std(g, "data/interactions", 0),
+                         mean_std(g, "data/density", 4), mean_std(g, "data/item_entropy", 3),
+                         mean_std(g, "data/item_gini", 3), mean_std(g, "data/acceptance_rate", 3),
+                         mean_std(g, "data/mean_new_length", 1),
+                         f"{mean_std(g, 'data/apen_synthetic', 3)} ({mean_std(g, 'data/apen_real', 3)})",
+                         mean_std(g, "time/train", 0), mean_std(g, "train/epochs", 0)] for name, g in entries])
+                 + "\n\nItem entropy and Gini are of the item-popularity distribution of D_k (all sequences); "
+                 "ApEn(1, 0) is over item-popularity deciles (tasks/statistics.py).\n")
+    return parts
+
+
+def _claims(paired: Paired, rows: list[dict[str, Any]], ds: str, base: list[dict[str, Any]], kmax: int
+            ) -> list[list[str]]:
+    """The paper's claims on one dataset, each against our measurement and its verdict."""
+    k1 = paired.compare(select(rows, dataset=ds, arm="fidelity", k=1), base, "recall@10")
+    fid_last = select(rows, dataset=ds, arm="fidelity", k=kmax)
+    last = paired.compare(fid_last, base, "ndcg@10")
+    last_vs_1 = paired.compare(fid_last, select(rows, dataset=ds, arm="fidelity", k=1), "ndcg@10")
+    no_fid_last = select(rows, dataset=ds, arm="no-fidelity", k=kmax)
+    collapse = paired.compare(no_fid_last, base, "ndcg@10")
+    fidelity_helps = paired.compare(fid_last, no_fid_last, "ndcg@10")
+    d0, d_last = values(base, "data/density").mean(), values(fid_last, "data/density").mean()
+    return [
+        [f"{ds}: interaction density grows with the iterations (+342% by the 3rd in the paper); ours with "
+         f"fidelity at K = {kmax}", pct(d_last / d0 - 1) if d0 > 0 and np.isfinite(d_last) else "–",
+         "**held**" if d_last > d0 else "**not held**"],
+        [f"{ds}: one iteration with fidelity raises Recall@10 (SASRec, Table 1: +3.4% to +6.6%)",
+         change(k1), verdict(k1)],
+        [f"{ds}: iterating with fidelity keeps improving (Sport NDCG@10: +8.1% after the 1st, +10.0% after the "
+         f"3rd); ours after K = {kmax} vs K = 0, and vs K = 1", f"{change(last)}; vs K = 1: {change(last_vs_1)}",
+         verdict(last)],
+        [f"{ds}: without fidelity the model loses accuracy by the 3rd iteration (Sport NDCG@10 −56%, a "
+         f"collapse); ours at K = {kmax}", change(collapse), verdict(collapse, -1)],
+        [f"{ds}: fidelity control is what prevents it (Sport at the 3rd iteration: 0.0298 with, 0.0119 without); "
+         f"ours: with vs without fidelity at K = {kmax}", change(fidelity_helps), verdict(fidelity_helps)],
+    ]
 
 
 def main_figures(rows: list[dict[str, Any]], datasets: list[str], ks: list[int], folder: Path) -> list[Path]:

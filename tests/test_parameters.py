@@ -1,0 +1,73 @@
+"""Run parameters are declared once (tasks/config.py RunConfig): the `rsir` flow's signature,
+its Prefect parameter schema and `rsir run`'s options derive from it."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from core.errors import RsirError
+from flows.rsir import rsir
+from rsir.cli import _nested_pairs
+from tasks.config import RunConfig, TrainingSettings, run_parameters
+
+BACKBONES = {"model", "model_params", "generator", "generator_params"}
+
+
+def test_the_flow_takes_every_run_config_field_flat():
+    names = [p.name for p in run_parameters()]
+    assert len(names) == len(set(names))
+    assert set(names) == (set(RunConfig.model_fields) - {"model", "generator"}) | BACKBONES
+    assert list(inspect.signature(rsir.fn).parameters) == names
+
+
+def test_prefect_schema_has_each_parameter_with_its_description_and_default():
+    schema = rsir.parameters.model_dump()["properties"]
+    assert set(schema) == {p.name for p in run_parameters()}
+    for name, field in RunConfig.model_fields.items():
+        if name in ("model", "generator"):
+            continue
+        assert field.description and field.description in schema[name]["description"], name
+    assert schema["tau"]["default"] == RunConfig.model_fields["tau"].default == 10
+    # Training settings are left to the recipe: None unless given.
+    for name in TrainingSettings.names() - {"recipe"}:
+        assert schema[name]["default"] is None, name
+
+
+def test_prefect_validates_and_coerces_flow_parameters():
+    assert rsir.validate_parameters({"K": "2", "tau": "5"})["K"] == 2
+    with pytest.raises(Exception, match="bogus"):
+        rsir.validate_parameters({"bogus": 1})
+
+
+def test_flat_parameters_become_one_typed_config():
+    cfg = RunConfig.from_parameters({"K": 1, "weighting": "batch", "model_params": {"hidden": 32},
+                                     "generator": "hstu", "epochs": None})
+    assert (cfg.K, cfg.weighting, cfg.model.hidden, cfg.generator.name) == (1, "batch", 32, "hstu")
+    assert cfg.epochs == TrainingSettings.model_fields["epochs"].default
+    release = RunConfig.from_parameters({"recipe": "release", "patience": 5})
+    assert (release.patience, release.batch_size, release.model.loss) == (5, 256, "sampled")
+    with pytest.raises(RsirError, match="invalid parameter 'tau'"):
+        RunConfig.from_parameters({"tau": 0})
+
+
+def test_cli_key_value_pairs_nest_and_parse_values():
+    assert _nested_pairs(["hidden=32", "options.positions=newest", "dropout=0.5"], "--model-params") == {
+        "hidden": 32, "options": {"positions": "newest"}, "dropout": 0.5}
+    assert _nested_pairs(None, "--x") is None
+    with pytest.raises(RsirError, match="--model-params expects KEY=VALUE, got 'hidden'"):
+        _nested_pairs(["hidden"], "--model-params")
+
+
+def test_rsir_run_offers_every_flow_parameter(cli):
+    out = cli("run", "--help").out
+    for p in run_parameters():
+        if p.name not in ("home", "progress"):  # the CLI sets these itself
+            flag = "-K" if p.name == "K" else "--" + p.name.replace("_", "-")
+            assert flag in out, flag
+
+
+def test_rsir_run_rejects_a_bad_value_in_one_line(cli):
+    res = cli("run", "--dataset", "ml-100k-sparse", "--model-params", "options.positions=sideways")
+    assert res.code == 2 and "positions" in res.err and len(res.err.strip().splitlines()) == 1
