@@ -49,8 +49,13 @@ def collect_runs(tracker: Tracker) -> list[dict[str, Any]]:
             metrics = {k.replace("_at_", "@"): v for k, v in child.data.metrics.items()}
             rows.append({**labels, "k": int(child.data.tags.get("rsir.iteration", -1)), "run_id": child.info.run_id,
                          "parent_run_id": parent.info.run_id,
-                         "arm_wall_seconds": parent.data.metrics.get("wall_seconds"), **metrics})
+                         "arm_wall_seconds": parent.data.metrics.get("wall_seconds"),
+                         "max_epochs": _number(parent.data.params.get("epochs")), **metrics})
     return sorted(rows, key=lambda r: (r["dataset"], r["arm"], int(r["seed"]), r["k"]))
+
+
+def _number(text: str | None) -> float | None:
+    return float(text) if text is not None and _is_number(text) else None
 
 
 def best_on_validation(rows: list[dict[str, Any]], dataset: str, sweep: str, k: int = 1) -> str:
