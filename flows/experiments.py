@@ -18,7 +18,7 @@ seed at the largest τ and re-filters at every smaller one (equivalent by the fi
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -59,7 +59,7 @@ class ExperimentConfig(BaseModel):
 
     suite: SuiteName
     datasets: list[str] | None = Field(None, description="override the suite's datasets")
-    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    seeds: list[Annotated[int, Field(ge=0)]] = Field([0, 1, 2], min_length=1)
     K: int = Field(3, ge=1, description="iterations of the main suite's RSIR arms")
     taus: list[int] = Field([1, 3, 5, 10, 20, 50, 100], min_length=1)
     ps: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)

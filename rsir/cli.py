@@ -40,9 +40,11 @@ def _workspace(home: Path | None):
 
 def _local_prefect(ws):
     """Without PREFECT_API_URL, Prefect runs a temporary local server: keep its state in the
-    workspace (unless PREFECT_HOME is set). Call before importing a flow."""
+    workspace (unless PREFECT_HOME is set). Call before importing a flow. The folder must exist:
+    in a new workspace Prefect's server would otherwise fail to create its database."""
     os.environ.setdefault("PREFECT_HOME", str(ws.root / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     return ws
 
 
@@ -385,7 +387,6 @@ def run(**params: Any) -> None:
                                                               **_options(option, "--option")}}
     params.update(home=str(ws.root), progress=sys.stderr.isatty())
     RunConfig.from_parameters(params)  # a bad value: one line, before Prefect is even imported
-    ws.root.mkdir(parents=True, exist_ok=True)
     _local_prefect(ws)
     from flows.rsir import format_table, rsir
 
@@ -415,12 +416,18 @@ def experiment_cmd(
 ) -> None:
     """Run an experiment suite (skipping finished arms) and print what ran."""
     ws = _local_prefect(_workspace(home))
+    from core.config import parse_config
+    from flows.experiments import ExperimentConfig
     from flows.experiments import experiment as run_experiment
 
+    options = _backbone_options(backbone_option)
+    # A bad value: one line before the flow (and a Prefect server) starts.
+    parse_config(ExperimentConfig, _drop_none(suite=suite, datasets=dataset or None, seeds=seed or None, epochs=epochs,
+                                              patience=patience, max_sources=max_sources, backbone_options=options,
+                                              device=device, threads=threads))
     summary = run_experiment(suite=suite, smoke=smoke, datasets=dataset or None, seeds=seed or None, epochs=epochs,
-                             patience=patience, max_sources=max_sources,
-                             backbone_options=_backbone_options(backbone_option), device=device, threads=threads,
-                             home=str(ws.root), tracking_uri=tracking_uri, experiment_name=experiment)
+                             patience=patience, max_sources=max_sources, backbone_options=options, device=device,
+                             threads=threads, home=str(ws.root), tracking_uri=tracking_uri, experiment_name=experiment)
     _emit(summary, as_json, lambda r: print(
         f"suite {r['suite']}: {len(r['ran'])} arms run, {len(r['skipped'])} already finished, "
         f"{r['wall_seconds']:.0f} s; MLflow experiment {r['experiment']!r} ({r['tracking_uri']})"))

@@ -108,7 +108,7 @@ class TrainConfig(TrainingSettings):
     version: int | None = Field(None, ge=0, description="dataset version; latest when omitted")
     model: ModelConfig = Field(default_factory=ModelConfig)
     eval_batch_size: int = Field(512, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="random seed (numpy's generators take non-negative seeds)")
     device: Device = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads; torch's default when omitted")
     exclude_history: bool = True
@@ -144,7 +144,7 @@ class RunConfig(TrainingSettings):
     max_sources: int | None = Field(None, ge=1, description="generate from at most this many training "
                                     "sequences per iteration (seeded sample); None = all, as the paper")
     gen_batch_size: int = Field(1024, ge=1, description="rollouts scored together")
-    seed: int = Field(0, description="random seed of training and generation (iteration k uses seed + k)")
+    seed: int = Field(0, ge=0, description="random seed of training and generation (iteration k uses seed + k)")
     device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
     home: str | None = Field(None, description="workspace directory (default $RSIR_HOME or ./workspace)")

@@ -4,6 +4,7 @@ its Prefect parameter schema and `rsir run`'s options derive from it."""
 from __future__ import annotations
 
 import inspect
+import os
 
 import pytest
 
@@ -71,3 +72,28 @@ def test_rsir_run_offers_every_flow_parameter(cli):
 def test_rsir_run_rejects_a_bad_value_in_one_line(cli):
     res = cli("run", "--dataset", "ml-100k-sparse", "--model-params", "options.positions=sideways")
     assert res.code == 2 and "positions" in res.err and len(res.err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, where", [(("run", "--seed", "-1"), "'seed'"),
+                                         (("train", "--seed", "-1"), "'seed'"),
+                                         (("experiment", "faithful", "--seed", "-1"), "'seeds.0'")])
+def test_a_negative_seed_is_one_line_before_any_compute(cli, args, where, tmp_path, monkeypatch):
+    # numpy's generators refuse negative seeds: it used to fail inside the first training.
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))  # the CLI sets it only when unset
+    res = cli(*args)
+    assert res.code == 2 and where in res.err and len(res.err.strip().splitlines()) == 1
+
+
+def test_a_new_workspace_gets_its_prefect_home_before_prefect_starts(tmp_path, monkeypatch):
+    # Prefect's temporary server cannot create its database in a folder that does not exist:
+    # `rsir experiment` in a new workspace failed with a long traceback.
+    from core.workspace import Workspace
+    from rsir.cli import _local_prefect
+
+    monkeypatch.setenv("PREFECT_HOME", "recorded, so that teardown restores the session's value")
+    monkeypatch.delenv("PREFECT_HOME")
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    ws = Workspace.at(tmp_path / "new")
+    _local_prefect(ws)
+    assert (tmp_path / "new" / "prefect").is_dir()
+    assert os.environ["PREFECT_HOME"] == str(tmp_path / "new" / "prefect")
