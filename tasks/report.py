@@ -148,14 +148,17 @@ def _trainer_row(paired: Paired, stage1: list[dict[str, Any]], ds: str, trainer:
 
 
 def _epochs(group: list[dict[str, Any]]) -> str:
-    """Mean epochs, and how many trainings ran to the epoch cap (early stopping never fired)."""
-    pairs = [(r["train/epochs"], r.get("max_epochs")) for r in group if r.get("train/epochs") is not None]
-    if not pairs:
+    """Mean epochs and best epoch, and how many trainings the epoch cap cut before early stopping
+    fired (they ran to the cap with their best epoch less than `patience` epochs back)."""
+    rows = [r for r in group if r.get("train/epochs") is not None and r.get("train/best_epoch") is not None]
+    if not rows:
         return "–"
-    mean = f"{np.mean([e for e, _ in pairs]):.0f}"
-    if any(c is None for _, c in pairs):
-        return mean
-    return f"{mean} ({sum(e >= c for e, c in pairs)}/{len(pairs)})"
+    out = f"{np.mean([r['train/epochs'] for r in rows]):.0f} (best {np.mean([r['train/best_epoch'] for r in rows]):.0f}"
+    if any(r.get("max_epochs") is None or r.get("patience") is None for r in rows):
+        return out + ")"
+    cut = sum(r["train/epochs"] >= r["max_epochs"] and r["train/epochs"] - r["train/best_epoch"] < r["patience"]
+              for r in rows)
+    return out + f"; cut {cut}/{len(rows)})"
 
 
 def _arm_tables(paired: Paired, base: list[dict[str, Any]], entries: list[tuple[str, list[dict[str, Any]]]]
@@ -381,7 +384,7 @@ def faithful_report(tracker: Tracker, rows: list[dict[str, Any]], folder: Path) 
         parts.append(table(["trainer", "θ_0 valid ndcg@10", "θ_0 test ndcg@10", "θ_1 test ndcg@10",
                             "Δ test ndcg@10 θ_1 vs θ_0", "Δ test recall@10", f"Δ test ndcg@10 vs θ_0 of `{chosen}`",
                             "synthetic share of positions (θ_1)", "synthetic share of gradient weight (θ_1)",
-                            "θ_0 train s", "θ_1 train s", "epochs θ_0 / θ_1 (at the cap)"], body) + "\n")
+                            "θ_0 train s", "θ_1 train s", "epochs θ_0 / θ_1 (mean best epoch; trainings cut by the epoch cap)"], body) + "\n")
         parts.append(f"`{chosen}` has the best mean validation NDCG@10 of θ_0 on {ds}; the column "
                      f"\"vs θ_0 of `{chosen}`\" asks whether RSIR beats the strongest baseline, not only "
                      "its own trainer's.\n")

@@ -106,10 +106,10 @@ def test_report_tables_figures_and_mlflow(suites, tmp_path):
     for trainer in ("batch-weighted", "position-weighted", "release"):
         assert f"| {trainer} |" in faithful
     assert "synthetic share of gradient weight" in faithful and "RSIR without fidelity K = 2" in faithful
-    # Each θ_1 is also compared with the θ_0 that validation prefers, and trainings that ran to the
-    # epoch cap are counted (smoke: 2 seeds, at most 2 epochs).
+    # Each θ_1 is also compared with the θ_0 that validation prefers, and the trainings that the
+    # epoch cap cut before early stopping fired are counted (smoke: 2 seeds, at most 2 epochs).
     assert "Δ test ndcg@10 vs θ_0 of `" in faithful
-    assert re.search(r"\| \d+ \([0-2]/2\) / \d+ \([0-2]/2\) \|", faithful)
+    assert re.search(r"\| \d+ \(best \d+; cut [0-2]/2\) / \d+ \(best \d+; cut [0-2]/2\) \|", faithful)
 
 
 def test_faithful_suite_compares_trainers_then_iterates_under_the_one_validation_prefers(suites):
