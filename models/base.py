@@ -58,9 +58,13 @@ class SequentialRecommender(nn.Module):
         """(N+1, d) item vectors used for scoring."""
         return self.item_emb.weight
 
+    def scaled(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states divided by the temperature (no extra op in the hot path at 1)."""
+        return hidden if self.temperature == 1.0 else hidden / self.temperature
+
     def item_scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scores of every item (column 0, padding, is -inf) for hidden states (..., d)."""
-        scores = (hidden / self.temperature) @ self.output_embeddings().T
+        scores = self.scaled(hidden) @ self.output_embeddings().T
         scores[..., 0] = float("-inf")
         return scores
 
@@ -71,5 +75,5 @@ class SequentialRecommender(nn.Module):
     def loss(self, seqs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Next-item loss over positions whose target is not padding (0): their mean, or with
         weights (B, L) the weighted sum (see models.losses); logits as item_scores."""
-        hidden = self.encode(seqs) / self.temperature
-        return sequence_loss(self.config, hidden, seqs, targets, self.output_embeddings(), weights)
+        return sequence_loss(self.config, self.scaled(self.encode(seqs)), seqs, targets, self.output_embeddings(),
+                             weights)

@@ -420,14 +420,12 @@ def experiment_cmd(
     from flows.experiments import ExperimentConfig
     from flows.experiments import experiment as run_experiment
 
-    options = _backbone_options(backbone_option)
-    # A bad value: one line before the flow (and a Prefect server) starts.
-    parse_config(ExperimentConfig, _drop_none(suite=suite, datasets=dataset or None, seeds=seed or None, epochs=epochs,
-                                              patience=patience, max_sources=max_sources, backbone_options=options,
-                                              device=device, threads=threads))
-    summary = run_experiment(suite=suite, smoke=smoke, datasets=dataset or None, seeds=seed or None, epochs=epochs,
-                             patience=patience, max_sources=max_sources, backbone_options=options, device=device,
-                             threads=threads, home=str(ws.root), tracking_uri=tracking_uri, experiment_name=experiment)
+    given = _drop_none(suite=suite, datasets=dataset or None, seeds=seed or None, epochs=epochs, patience=patience,
+                       max_sources=max_sources, backbone_options=_backbone_options(backbone_option), device=device,
+                       threads=threads)
+    parse_config(ExperimentConfig, given)  # a bad value: one line before the flow (and a Prefect server) starts
+    summary = run_experiment(**given, smoke=smoke, home=str(ws.root), tracking_uri=tracking_uri,
+                             experiment_name=experiment)
     _emit(summary, as_json, lambda r: print(
         f"suite {r['suite']}: {len(r['ran'])} arms run, {len(r['skipped'])} already finished, "
         f"{r['wall_seconds']:.0f} s; MLflow experiment {r['experiment']!r} ({r['tracking_uri']})"))

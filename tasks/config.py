@@ -11,6 +11,7 @@ from core.config import Device, Metric, Parameter, parse_config
 from core.hashing import json_digest
 from models.config import ModelConfig
 
+_DEFAULT_BACKBONE: str = ModelConfig.model_fields["name"].default
 Recipe = Literal["default", "release"]
 Batching = Literal["length", "random"]
 Weighting = Literal["position", "batch"]
@@ -49,7 +50,7 @@ def apply_recipe(data: Any, model_keys: tuple[str, ...]) -> Any:
 def _recipe_model(preset: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     from models import get_backbone  # late: the registry imports torch, which `rsir --help` need not
 
-    name = given.get("name", ModelConfig.model_fields["name"].default)
+    name = given.get("name", _DEFAULT_BACKBONE)
     try:
         known = get_backbone(name).options.model_fields
     except ValueError:
@@ -194,7 +195,7 @@ class RunConfig(TrainingSettings):
         one typed config; None means the default (a training setting's: the recipe's). A bad
         value fails with a one-line message naming the parameter."""
         given = {k: v for k, v in params.items() if v is not None}
-        model = {"name": given.pop("model", "sasrec"), **given.pop("model_params", {})}
+        model = {"name": given.pop("model", _DEFAULT_BACKBONE), **given.pop("model_params", {})}
         gen_name, gen_params = given.pop("generator", None), given.pop("generator_params", None)
         if gen_name or gen_params:
             given["generator"] = {"name": gen_name or model["name"], **(gen_params or {})}
@@ -203,7 +204,7 @@ class RunConfig(TrainingSettings):
 
 # The backbones travel flat as a name plus a dict of ModelConfig settings (hidden, loss, options...).
 _BACKBONE_PARAMETERS = [
-    Parameter("model", str, "sasrec", "student backbone (trained and evaluated)"),
+    Parameter("model", str, _DEFAULT_BACKBONE, "student backbone (trained and evaluated)"),
     Parameter("model_params", Optional[dict[str, Any]], None, "student settings: ModelConfig fields, "
               "backbone options under 'options'"),
     Parameter("generator", Optional[str], None, "generator backbone (weak-to-strong); default: the student"),

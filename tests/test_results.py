@@ -48,3 +48,16 @@ def test_paired_bootstrap_interval():
 def test_verdict_needs_the_interval_and_every_seed(ci, seeds, direction, expected):
     c = {"relative_change": float(np.mean(ci)), "ci_low": ci[0], "ci_high": ci[1], "per_seed": seeds}
     assert expected in verdict(c, direction)
+
+
+def test_epoch_column_counts_only_trainings_the_cap_cut():
+    from tasks.report import _epochs
+
+    def row(epochs, best, cap=30, patience=10):
+        return {"train/epochs": epochs, "train/best_epoch": best, "max_epochs": cap, "patience": patience}
+
+    # Cut: ran to the cap, best epoch within patience. Not cut: early stopping fired exactly at
+    # the cap (best 20, patience 10), or well before it.
+    assert _epochs([row(30, 28), row(30, 20), row(15, 5)]) == "25 (best 18; cut 1/3)"
+    assert _epochs([{**row(30, 28), "max_epochs": None}]) == "30 (best 28)"  # arms logged without a cap
+    assert _epochs([]) == "–"
