@@ -2,20 +2,22 @@
 
 Layout of a dataset root::
 
-    <root>/<name>/items.parquet
-    <root>/<name>/sequences/iteration=<j>/bucket=<b>/part-<digest>.parquet
-    <root>/<name>/manifests/v00000.json, v00001.json, ...
+    <root>/<name>/items-<sha256>-<token>.parquet
+    <root>/<name>/sequences/iteration=<j>/bucket=<b>/part-<sha256>-<token>.parquet
+    <root>/<name>/manifests/v00000.json, v00001.json, ...           (lineage 0)
+    <root>/<name>/manifests/lineage-00001/v00000.json, ...           (after one --force)
 
-Writes are staged in a local folder outside every dataset root, copied into place, and become
-visible only when the manifest is committed (atomic rename locally, a single put on object
-stores). A crash therefore leaves either the previous version or the complete new one.
+Writes are staged in a local folder outside every dataset root, copied into place under names
+unique to the writer (the file's SHA-256 and the writer's token), made durable, and become
+visible only when the manifest is committed. The commit is put-if-absent: an exclusive hard link
+locally, a conditional PutObject (If-None-Match: *) on S3. A crash therefore leaves either the
+previous version or the complete new one, and of two writers of one version exactly one commits.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
 import shutil
 import uuid
@@ -34,7 +36,7 @@ from pydantic import ValidationError
 
 from core.errors import RsirError
 from core.workspace import Workspace
-from storage.files import atomic_path
+from storage.files import exclusive_create, fsync_path
 from storage.manifest import FileEntry, Manifest, PartitionEntry, chain_digest
 
 SEQUENCE_SCHEMA = pa.schema([
@@ -45,7 +47,8 @@ SEQUENCE_SCHEMA = pa.schema([
     pa.field("parent_seq_id", pa.int64()),  # source sequence of a synthetic one
 ])
 ROWS_PER_BUCKET = 250_000
-_MANIFEST_RE = re.compile(r"^v(\d{5})\.json$")
+_MANIFEST_RE = re.compile(r"v(\d{5})\.json")
+_LINEAGE_RE = re.compile(r"lineage-(\d{5})")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -87,6 +90,8 @@ def _io(name: str, operation: str) -> Iterator[None]:
     dataset and the operation; callers undo what the operation left."""
     try:
         yield
+    except FileExistsError:  # a put-if-absent commit that another writer won: the caller decides
+        raise
     except OSError as exc:
         raise RsirError(f"dataset {name!r}: {operation} failed: {_one_line(exc)}") from None
 
@@ -108,7 +113,9 @@ class DatasetStore:
 
     def __init__(self, root: str | Path, staging: str | Path):
         self.root = str(root).rstrip("/")
-        self.fs, self._root_path = fsspec.core.url_to_fs(self.root)
+        # No listings cache: other processes commit versions meanwhile, and a cached listing of
+        # an object store would hide them (and make a just-committed manifest "not found").
+        self.fs, self._root_path = fsspec.core.url_to_fs(self.root, use_listings_cache=False)
         self.staging = Path(staging)
         self.is_local = isinstance(self.fs, LocalFileSystem)
 
@@ -134,13 +141,32 @@ class DatasetStore:
                 found.append(name)
         return sorted(found)
 
-    def versions(self, name: str) -> list[int]:
+    def lineage(self, name: str) -> int | None:
+        """The dataset's current lineage: 0 for its first import, one more per replacement
+        (`--force`); the highest one whose version 0 is committed. None: no such dataset."""
         mdir = self._path(name, "manifests")
         if not self.fs.exists(mdir):
-            return []
-        out = []
+            return None
+        found = []
         for entry in self.fs.ls(mdir, detail=False):
-            m = _MANIFEST_RE.match(entry.rsplit("/", 1)[-1])
+            base = entry.rstrip("/").rsplit("/", 1)[-1]
+            m = _LINEAGE_RE.fullmatch(base)
+            if base == "v00000.json":
+                found.append(0)
+            elif m and self.fs.exists(f"{entry.rstrip('/')}/v00000.json"):
+                found.append(int(m.group(1)))
+        return max(found) if found else None
+
+    def versions(self, name: str) -> list[int]:
+        lineage = self.lineage(name)
+        if lineage is None:
+            return []
+        return self._listed_versions(self._path(name, _manifest_dir(lineage)))
+
+    def _listed_versions(self, folder: str) -> list[int]:
+        out = []
+        for entry in self.fs.ls(folder, detail=False):
+            m = _MANIFEST_RE.fullmatch(entry.rsplit("/", 1)[-1])
             if m:
                 out.append(int(m.group(1)))
         return sorted(out)
@@ -155,7 +181,11 @@ class DatasetStore:
             version = versions[-1]
         if version not in versions:
             raise RsirError(f"dataset {name!r} has no version {version} (versions: {versions})")
-        path = self._path(name, "manifests", f"v{version:05d}.json")
+        return self.manifest_at(name, self.lineage(name) or 0, version)
+
+    def manifest_at(self, name: str, lineage: int, version: int) -> Manifest:
+        """The manifest of one version of one lineage, checked to name files inside the dataset."""
+        path = self._path(name, _manifest_dir(lineage), f"v{version:05d}.json")
         try:
             manifest = Manifest.model_validate_json(self.fs.cat_file(path))
         except ValidationError as exc:
@@ -211,57 +241,54 @@ class DatasetStore:
     # ---------------------------------------------------------------- writing
     def create(self, name: str, sequences: pa.Table, items: pa.Table, source: dict[str, Any],
                stats: dict[str, Any] | None = None, replace: bool = False) -> Manifest:
-        """Publish version 0 of a new dataset (or replace an existing one with `replace`).
-        If it cannot be written, the workspace is left as it was (a replaced dataset included)."""
+        """Publish version 0 of a new dataset, or with `replace` of a new lineage of an existing
+        one: readers see the old lineage until the new version 0 is committed, then only the new
+        one. If it cannot be written, the workspace is left as it was."""
         check_name(name)
-        if self.versions(name) and not replace:
+        current = self.lineage(name)
+        if current is not None and not replace:
             raise RsirError(f"dataset {name!r} already exists in {self.root}; pass --force to replace it")
+        lineage = 0 if current is None else current + 1
         with self._staged(name, 0) as stage:
             with _io(name, self._staging(0)):
-                items_entry = self._stage_file(stage, "items.parquet", items)
-                parts, part_digests = self._stage_partition(stage, 0, sequences)
+                items_entry = stage.file("items", items)
+                parts, part_digests = stage.partition(0, sequences)
             manifest = Manifest(
-                dataset=name, version=0, parent_version=None, num_items=items.num_rows,
+                dataset=name, version=0, parent_version=None, lineage=lineage, num_items=items.num_rows,
                 items=items_entry, partitions=parts,
                 digest=chain_digest(table_digest(items), part_digests),
                 created_at=datetime.now(timezone.utc).isoformat(), source=source, stats=stats or {},
             )
-            self._install(stage, name, manifest)
-            return manifest
+            committed = self._write(stage, name, manifest)
+        if current is not None:
+            self._drop_lineages(name, below=committed.lineage)
+        return committed
 
     def append(self, name: str, parent: Manifest, sequences: pa.Table, generation: dict[str, Any],
                stats: dict[str, Any] | None = None) -> Manifest:
         """Publish version parent+1 = parent ∪ one new partition (iteration parent+1)."""
         version = parent.version + 1
+        self._check_current(name, parent.lineage, version)
         if version in self.versions(name):
             raise RsirError(f"dataset {name!r} already has version {version}")
         with self._staged(name, version) as stage:
             with _io(name, self._staging(version)):
-                parts, part_digests = self._stage_partition(stage, version, sequences)
+                parts, part_digests = stage.partition(version, sequences)
             manifest = Manifest(
-                dataset=name, version=version, parent_version=parent.version,
+                dataset=name, version=version, parent_version=parent.version, lineage=parent.lineage,
                 num_items=parent.num_items, items=parent.items,
                 partitions=[*parent.partitions, *parts],
                 digest=chain_digest(parent.digest, part_digests),
                 created_at=datetime.now(timezone.utc).isoformat(), source=parent.source,
                 generation=generation, stats=stats or {},
             )
-            # A crashed earlier attempt may have left an uncommitted partition: replace it.
-            partition = self._path(name, "sequences", f"iteration={version}")
-            with _io(name, f"removing the uncommitted partition {partition}"):
-                if self.fs.exists(partition):
-                    self.fs.rm(partition, recursive=True)
-            try:
-                self._publish(stage, name)
-                self._commit(name, manifest)
-            except RsirError:  # a reported disk failure: invisible without a manifest, but leave nothing
-                self._discard(partition)
-                raise
-            return manifest
+            committed = self._write(stage, name, manifest)
+        self._check_current(name, parent.lineage, version)
+        return committed
 
     def fork(self, source: str, name: str) -> Manifest:
         """Start dataset `name` whose version 0 holds exactly the content of `source` v0
-        (same files, same digest). A run works on its own fork, so runs with different
+        (same bytes, same digest). A run works on its own fork, so runs with different
         parameters never write into each other's lineage. Idempotent: an existing fork of the
         same content is returned."""
         check_name(name)
@@ -275,111 +302,158 @@ class DatasetStore:
         self.verify(source, src)
         with self._staged(name, 0) as stage:
             with _io(name, self._staging(0)):
-                for entry in src.files:
-                    target = stage / entry.path
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(self.fs.cat_file(self._path(source, entry.path)))
+                items = stage.copy("items", self.fs.cat_file(self._path(source, src.items.path)), src.items)
+                parts = [PartitionEntry(**stage.copy(_partition_dir(p.iteration, p.bucket) + "/part",
+                                                     self.fs.cat_file(self._path(source, p.path)), p).model_dump(),
+                                        iteration=p.iteration, bucket=p.bucket) for p in src.partitions]
             manifest = src.model_copy(update={
-                "dataset": name, "version": 0, "parent_version": None,
-                "created_at": datetime.now(timezone.utc).isoformat(),
+                "dataset": name, "version": 0, "parent_version": None, "lineage": 0, "items": items,
+                "partitions": parts, "created_at": datetime.now(timezone.utc).isoformat(),
                 "source": {**src.source, "forked_from": {"dataset": source, "version": 0}},
             })
-            self._install(stage, name, manifest)
-            return manifest
+            return self._write(stage, name, manifest)
 
     def _staging(self, version: int) -> str:
         return f"staging version {version} in {self.staging}"
 
     @contextmanager
-    def _staged(self, name: str, version: int) -> Iterator[Path]:
+    def _staged(self, name: str, version: int) -> Iterator["_Stage"]:
         """A fresh staging folder, removed afterwards whatever happens."""
         with _io(name, self._staging(version)):
-            stage = self.staging / f"stage-{uuid.uuid4().hex}"
-            stage.mkdir(parents=True)
+            token = uuid.uuid4().hex[:12]
+            folder = self.staging / f"stage-{token}"
+            folder.mkdir(parents=True)
         try:
-            yield stage
+            yield _Stage(folder, token)
         finally:
-            shutil.rmtree(stage, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
 
-    def _install(self, stage: Path, name: str, manifest: Manifest) -> None:
-        """Publish and commit version 0 of `name`. Whatever is there (a dataset being replaced,
-        or the leftovers of a crashed attempt) is set aside first, restored if the new version
-        cannot be written, and removed once it is committed."""
-        target = self._path(name)
-        aside = None
-        if self.fs.exists(target):
-            # Not a valid dataset name, so names() never lists it.
-            aside = f"{self._root_path}/.replaced-{name}-{uuid.uuid4().hex}"
-            with _io(name, f"moving the previous files aside to {aside}"):
-                self.fs.mv(target, aside, recursive=True)
+    def _write(self, stage: "_Stage", name: str, manifest: Manifest) -> Manifest:
+        """Publish the staged files and commit the manifest, put-if-absent. Of concurrent writers
+        of one version exactly one commits; another whose content is identical (same digest) gets
+        that commit back, one with other content a one-line error. A writer that does not commit
+        removes the files it published (their names carry its token: no one else's)."""
+        published: list[str] = []
         try:
-            self._publish(stage, name)
+            self._publish(stage.folder, name, published)
             self._commit(name, manifest)
-        except RsirError:  # a reported disk failure: back to the state before
-            self._discard(target)
-            if aside is not None:
-                with _io(name, f"restoring the previous files from {aside}"):
-                    self.fs.mv(aside, target, recursive=True)
+            return manifest
+        except FileExistsError:
+            self._discard(published)
+            winner = self.manifest_at(name, manifest.lineage, manifest.version)
+            if winner.digest == manifest.digest:
+                return winner
+            raise RsirError(f"dataset {name!r} version {manifest.version} was committed concurrently by another "
+                            f"writer with other content (digest {winner.digest[:12]}, this write "
+                            f"{manifest.digest[:12]}); this write was discarded") from None
+        except (RsirError, OSError):  # a reported disk failure or a crash: invisible, and nothing left
+            self._discard(published)
             raise
-        if aside is not None:
-            self._discard(aside)
 
-    def _discard(self, path: str) -> None:
-        """Best-effort removal of files no manifest names (invisible either way)."""
-        try:
-            if self.fs.exists(path):
-                self.fs.rm(path, recursive=True)
-        except OSError:
-            pass
+    def _check_current(self, name: str, lineage: int, version: int) -> None:
+        if self.lineage(name) != lineage:
+            raise RsirError(f"dataset {name!r} was replaced (--force) while version {version} of its previous "
+                            f"content was being written; that version is not part of the new dataset")
 
-    def _stage_file(self, stage: Path, rel: str, table: pa.Table) -> FileEntry:
-        target = stage / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, target, compression="zstd")
-        data = target.read_bytes()
-        return FileEntry(path=rel, rows=table.num_rows, bytes=len(data), sha256=_sha256(data))
+    def _drop_lineages(self, name: str, below: int) -> None:
+        """Best-effort removal of replaced lineages: their manifests first (so they are no longer
+        versions), then the files they name (unique to them: every file name carries a writer's
+        token). Leftovers are invisible and never read."""
+        for lineage in range(below):
+            folder = self._path(name, _manifest_dir(lineage))
+            for version in self._listed_versions(folder):
+                try:
+                    old = self.manifest_at(name, lineage, version)
+                except RsirError:
+                    old = None
+                self._discard([f"{folder}/v{version:05d}.json"])
+                if old is not None:
+                    self._discard([self._path(name, f.path) for f in old.files])
 
-    def _stage_partition(self, stage: Path, iteration: int, sequences: pa.Table
-                         ) -> tuple[list[PartitionEntry], list[str]]:
-        sequences = sequences.select(SEQUENCE_SCHEMA.names).cast(SEQUENCE_SCHEMA)
-        n_buckets = max(1, -(-sequences.num_rows // ROWS_PER_BUCKET))
-        seq_ids = sequences.column("seq_id").to_numpy()
-        entries, digests = [], []
-        for b in range(n_buckets):
-            part = sequences.filter(pa.array(seq_ids % n_buckets == b)) if n_buckets > 1 else sequences
-            digest = table_digest(part)
-            rel = f"sequences/iteration={iteration}/bucket={b}/part-{digest[:16]}.parquet"
-            entry = self._stage_file(stage, rel, part)
-            entries.append(PartitionEntry(**entry.model_dump(), iteration=iteration, bucket=b))
-            digests.append(digest)
-        return entries, digests
+    def _discard(self, paths: list[str]) -> None:
+        """Best-effort removal of files no committed manifest names (invisible either way)."""
+        for path in paths:
+            try:
+                self.fs.rm_file(path)
+            except OSError:
+                pass
 
-    def _publish(self, stage: Path, name: str) -> None:
+    def _publish(self, stage: Path, name: str, published: list[str]) -> None:
         """Move staged files under the dataset root (not yet visible: no manifest names them)."""
         with _io(name, f"copying staged files into {self._path(name)}"):
             for src in sorted(p for p in stage.rglob("*") if p.is_file()):
-                rel = src.relative_to(stage).as_posix()
-                dst = self._path(name, rel)
+                dst = self._path(name, src.relative_to(stage).as_posix())
                 self.fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
+                published.append(dst)
                 if self.is_local:
                     shutil.move(src, dst)  # a rename on one filesystem, a copy across devices
                 else:
                     self.fs.put_file(str(src), dst)
 
     def _commit(self, name: str, manifest: Manifest) -> None:
-        """The atomic commit point of a version."""
-        mdir = self._path(name, "manifests")
-        final = f"{mdir}/v{manifest.version:05d}.json"
+        """The atomic commit point of a version: the manifest is created only if absent
+        (FileExistsError otherwise). Data files are durable before it."""
+        final = self._path(name, _manifest_dir(manifest.lineage), f"v{manifest.version:05d}.json")
         body = manifest.model_dump_json(indent=2).encode()
         with _io(name, f"committing the manifest of version {manifest.version}"):
-            self.fs.makedirs(mdir, exist_ok=True)
-            if not self.is_local:
-                self.fs.pipe_file(final, body)
+            self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+            if not self.is_local:  # S3: a conditional PutObject (If-None-Match: *); memory: exclusive
+                with self.fs.open(final, "xb") as fh:
+                    fh.write(body)
                 return
-            with atomic_path(Path(final)) as tmp, open(tmp, "wb") as fh:
-                fh.write(body)
-                fh.flush()
-                os.fsync(fh.fileno())  # durable before the rename makes the version visible
+            for entry in _new_files(manifest):
+                fsync_path(Path(self._path(name, entry.path)))
+            exclusive_create(Path(final), body)
+
+
+class _Stage:
+    """A writer's staging folder. Every file it stages is named by the SHA-256 of its bytes and
+    the writer's token, so two writers never publish to the same path."""
+
+    def __init__(self, folder: Path, token: str):
+        self.folder, self.token = folder, token
+
+    def file(self, stem: str, table: pa.Table) -> FileEntry:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        return self.copy(stem, sink.getvalue().to_pybytes(), rows=table.num_rows)
+
+    def copy(self, stem: str, data: bytes, like: FileEntry | None = None, rows: int | None = None) -> FileEntry:
+        digest = _sha256(data)
+        if like is not None and like.sha256 != digest:
+            raise RsirError(f"{like.path}: checksum mismatch while copying (file is corrupt or was modified)")
+        rel = f"{stem}-{digest[:16]}-{self.token}.parquet"
+        target = self.folder / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        return FileEntry(path=rel, rows=like.rows if like is not None else rows, bytes=len(data), sha256=digest)
+
+    def partition(self, iteration: int, sequences: pa.Table) -> tuple[list[PartitionEntry], list[str]]:
+        sequences = sequences.select(SEQUENCE_SCHEMA.names).cast(SEQUENCE_SCHEMA)
+        n_buckets = max(1, -(-sequences.num_rows // ROWS_PER_BUCKET))
+        seq_ids = sequences.column("seq_id").to_numpy()
+        entries, digests = [], []
+        for b in range(n_buckets):
+            part = sequences.filter(pa.array(seq_ids % n_buckets == b)) if n_buckets > 1 else sequences
+            entry = self.file(_partition_dir(iteration, b) + "/part", part)
+            entries.append(PartitionEntry(**entry.model_dump(), iteration=iteration, bucket=b))
+            digests.append(table_digest(part))
+        return entries, digests
+
+
+def _partition_dir(iteration: int, bucket: int) -> str:
+    return f"sequences/iteration={iteration}/bucket={bucket}"
+
+
+def _manifest_dir(lineage: int) -> str:
+    """Lineage 0 (the first import) keeps the original layout; a replacement gets its own folder."""
+    return "manifests" if lineage == 0 else f"manifests/lineage-{lineage:05d}"
+
+
+def _new_files(manifest: Manifest) -> list[FileEntry]:
+    """The files a version adds to its parent's."""
+    return manifest.files if manifest.parent_version is None else \
+        [p for p in manifest.partitions if p.iteration == manifest.version]
 
 
 def dataset_store(ws: Workspace) -> DatasetStore:

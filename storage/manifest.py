@@ -48,6 +48,7 @@ class Manifest(BaseModel):
     dataset: str
     version: int
     parent_version: int | None
+    lineage: int = Field(0, ge=0, description="0 for the first import, one more per replacement (--force)")
     num_items: int
     items: FileEntry
     partitions: list[PartitionEntry]

@@ -182,7 +182,7 @@ def test_disk_full_while_committing_a_replacement(cli, ws, tmp_path, monkeypatch
     shown = cli("versions", "--dataset", "ok", "--json").json()
     other = write(tmp_path / "other.csv", HEADER + GOOD_ROWS + "3,10,1\n3,11,2\n3,12,3\n")
     with monkeypatch.context() as patch:
-        patch.setattr("storage.dataset.os.fsync", _no_space)
+        patch.setattr("storage.files.os.fsync", _no_space)
         result = cli("data", "import", other, "--name", "ok", "--format", "csv", "--force")
     _assert_unchanged(result, ws, before, "dataset 'ok'", "committing", "No space left on device")
     assert cli("versions", "--dataset", "ok", "--json").json() == shown  # the previous version, intact
