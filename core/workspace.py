@@ -1,17 +1,33 @@
-"""The workspace: the one directory that holds all state (datasets, checkpoints, MLflow)."""
+"""The workspace: where all state lives (datasets, checkpoints, run artifacts, MLflow).
+
+A home is a local directory or any fsspec URL (``s3://bucket/prefix``). Shared state (datasets,
+checkpoints, run artifacts, MLflow artifacts) lives under the home; what must be a local file
+(staging before a commit, downloads, Prefect's state, the default MLflow SQLite database) lives
+in `root`: the home itself when it is local, else a local companion directory under
+``$RSIR_CACHE`` (default ``~/.cache/rsir``) named by the home's URL."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import RsirError
 
+_URL_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
 
-def resolve_home(home: str | os.PathLike | None = None) -> Path:
-    """--home wins, then $RSIR_HOME, then ./workspace."""
+
+def is_url(location: str | os.PathLike) -> bool:
+    return isinstance(location, str) and _URL_RE.match(location) is not None
+
+
+def resolve_home(home: str | os.PathLike | None = None) -> Path | str:
+    """--home wins, then $RSIR_HOME, then ./workspace. A URL stays a URL (without a trailing /)."""
     chosen = home or os.environ.get("RSIR_HOME") or "workspace"
+    if is_url(chosen):
+        return str(chosen).rstrip("/")
     return Path(chosen).expanduser().resolve()
 
 
@@ -26,33 +42,60 @@ def check_directory(root: Path) -> None:
             return
 
 
+def companion(url: str) -> Path:
+    """The local directory of a remote home: the same on every call for the same URL."""
+    cache = Path(os.environ.get("RSIR_CACHE") or Path.home() / ".cache" / "rsir").expanduser().resolve()
+    scheme = url.split("://", 1)[0]
+    return cache / f"{scheme}-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+
+
 @dataclass(frozen=True)
 class Workspace:
-    root: Path
+    root: Path  # local: the home, or a remote home's local companion
+    remote: str | None = None  # the home's URL when it is not a local directory
 
     @classmethod
     def at(cls, home: str | os.PathLike | None = None) -> "Workspace":
-        root = resolve_home(home)
-        check_directory(root)
-        return cls(root)
+        resolved = resolve_home(home)
+        if isinstance(resolved, str):
+            root = companion(resolved)
+            check_directory(root)
+            return cls(root, resolved)
+        check_directory(resolved)
+        return cls(resolved)
 
     @property
-    def datasets(self) -> Path:
-        return self.root / "datasets"
+    def home(self) -> str:
+        """What names this workspace to another process (tasks, workers): path or URL."""
+        return self.remote or str(self.root)
+
+    def shared(self, *parts: str) -> Path | str:
+        """A location under the home: a Path for a local home, else a URL."""
+        if self.remote is None:
+            return self.root.joinpath(*parts)
+        return "/".join([self.remote, *parts])
+
+    @property
+    def datasets(self) -> Path | str:
+        return self.shared("datasets")
+
+    @property
+    def checkpoints(self) -> Path | str:
+        return self.shared("checkpoints")
+
+    @property
+    def runs(self) -> Path | str:
+        """Intermediate artifacts of generation runs (rollouts, accepted sequences, ranks)."""
+        return self.shared("runs")
+
+    @property
+    def mlartifacts(self) -> Path | str:
+        return self.shared("mlartifacts")
 
     @property
     def staging(self) -> Path:
-        # Outside every dataset root: a leftover staging folder never shows up in a scan.
+        # Local, and outside every dataset root: a leftover staging folder never shows up in a scan.
         return self.root / "staging"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def runs(self) -> Path:
-        """Intermediate artifacts of generation runs (rollouts, accepted sequences)."""
-        return self.root / "runs"
 
     @property
     def downloads(self) -> Path:

@@ -33,7 +33,7 @@ def serve_env(ws: Workspace, host: str, port: int) -> dict[str, str]:
         "PREFECT_SERVER_API_PORT": str(port),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(ws.root / "prefect" / "results"),
-        "RSIR_HOME": str(ws.root),
+        "RSIR_HOME": ws.home,
         "RSIR_REPO": str(REPO),  # prefect.yaml's pull step changes into it
     }
 

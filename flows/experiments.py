@@ -221,7 +221,7 @@ def run_suite(cfg: ExperimentConfig) -> dict[str, Any]:
     started = time.perf_counter()
     ws = Workspace.at(cfg.home)
     uri = cfg.tracking_uri or default_tracking_uri(ws.mlflow_db)
-    tracker = Tracker.open(uri, cfg.experiment_name, ws.root / "mlartifacts")
+    tracker = Tracker.open(uri, cfg.experiment_name, ws.mlartifacts)
     tracker.tag_experiment("rsir.suite", cfg.suite)
     ran, skipped = [], []
     for stage in SUITES[cfg.suite]:
@@ -230,7 +230,7 @@ def run_suite(cfg: ExperimentConfig) -> dict[str, Any]:
         # Validate every arm's configuration before the first one computes anything.
         planned = []
         for arm in arms:
-            params = {**arm.params, "device": cfg.device, "threads": cfg.threads, "home": str(ws.root),
+            params = {**arm.params, "device": cfg.device, "threads": cfg.threads, "home": ws.home,
                       "tracking_uri": uri, "experiment": cfg.experiment_name, "labels": arm.labels}
             planned.append((arm, params, RunConfig.from_parameters(params)))
         for arm, params, run_cfg in planned:

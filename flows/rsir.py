@@ -93,8 +93,8 @@ rsir = flow(name="rsir", flow_run_name="rsir-{dataset}-{model}-K{K}", log_prints
 def run_rsir(cfg: RunConfig) -> dict[str, Any]:
     started = time.perf_counter()
     ws = Workspace.at(cfg.home)
-    tracker = Tracker.open(cfg.tracking_uri or default_tracking_uri(ws.mlflow_db), cfg.experiment, ws.root / "mlartifacts")
-    fetch_builtin_task(cfg.dataset, str(ws.root))
+    tracker = Tracker.open(cfg.tracking_uri or default_tracking_uri(ws.mlflow_db), cfg.experiment, ws.mlartifacts)
+    fetch_builtin_task(cfg.dataset, ws.home)
     lineage = cfg.lineage_key()
     # The run's own fork of the dataset, named by its parameters: a re-run resumes in it.
     run_dataset = f"{cfg.dataset}--{lineage[:10]}"
@@ -123,7 +123,7 @@ def _iterate(cfg: RunConfig, ws: Workspace, tracker: Tracker, parent: str, run_d
     # One CPU thread setting for every task of the run (training, evaluation, generation).
     with torch_threads(cfg.threads):
         for k in range(cfg.K + 1):
-            result = iteration(cfg, str(ws.root), run_dataset, k, last=k == cfg.K)
+            result = iteration(cfg, ws.home, run_dataset, k, last=k == cfg.K)
             child = _log_iteration(tracker, parent, cfg, run_dataset, result)
             rows.append(_table_row(ws, run_dataset, result))
             valid = result.evaluation.valid["ndcg@10"]
@@ -149,7 +149,7 @@ def _finish(cfg: RunConfig, ws: Workspace, tracker: Tracker, parent: str, run_da
                "mlflow_run_id": parent, "tracking_uri": tracker.uri,
                "wall_seconds": wall, "step_seconds": step_seconds,
                "overhead_fraction": max(wall - step_seconds, 0.0) / wall if wall else 0.0}
-    for path in plot_run_task(rows, str(ws.runs / run_dataset / "plots")):
+    for path in plot_run_task(rows, str(ws.root / "runs" / run_dataset / "plots")):
         tracker.log_artifact(parent, path, "plots")
     tracker.log_dict(parent, summary, "summary.json")
     tracker.log_metrics(parent, {"overhead_fraction": summary["overhead_fraction"], "wall_seconds": wall,

@@ -20,7 +20,7 @@ app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=F
 data_app = typer.Typer(help="Fetch, import and inspect datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-Home = Annotated[Optional[Path], typer.Option("--home", help="workspace directory (default $RSIR_HOME or ./workspace)")]
+Home = Annotated[Optional[str], typer.Option("--home", help="workspace: a directory or an fsspec URL such as s3://bucket/prefix (default $RSIR_HOME or ./workspace)")]
 # Training settings shared by `train` and `run`; None = the recipe's value (tasks/config.py).
 Recipe = Annotated[str, typer.Option(help="training preset: default or release (the authors' RSIR release)")]
 SyntheticWeight = Annotated[Optional[float], typer.Option(
@@ -32,10 +32,16 @@ EarlyStop = Annotated[Optional[str], typer.Option(help="validation metric of ear
 Json = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
 
 
-def _workspace(home: Path | None):
+def _workspace(home: str | None):
     from core.workspace import Workspace
 
     return Workspace.at(home)
+
+
+def _location(value: str | None):
+    from storage.files import location
+
+    return None if value is None else location(value)
 
 
 def _local_prefect(ws):
@@ -190,7 +196,7 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads")] = None,
     include_history: Annotated[bool, typer.Option("--include-history", help="rank the user's own history items too")] = False,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="where to write the checkpoint")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option(help="where to write the checkpoint (a path or a URL)")] = None,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="progress bars on stderr")] = None,
     home: Home = None, as_json: Json = False,
 ) -> None:
@@ -211,7 +217,7 @@ def train(
     cfg = parse_config(TrainConfig, params)
     from tasks.train import train_model
 
-    result = train_model(cfg, _workspace(home), checkpoint=checkpoint).to_dict()
+    result = train_model(cfg, _workspace(home), checkpoint=_location(checkpoint)).to_dict()
     result.pop("curve")
     result["model"] = cfg.model.name
     result["seed"] = cfg.seed
@@ -220,7 +226,7 @@ def train(
 
 @app.command("evaluate")
 def evaluate(
-    checkpoint: Annotated[Path, typer.Option(help="checkpoint file written by `rsir train`")],
+    checkpoint: Annotated[str, typer.Option(help="checkpoint written by `rsir train` (a path or a URL)")],
     dataset: Annotated[str, typer.Option(help="dataset name")] = "ml-100k",
     version: Annotated[Optional[int], typer.Option(help="dataset version (default: latest)")] = None,
     include_history: Annotated[bool, typer.Option("--include-history", help="rank the user's own history items too")] = False,
@@ -238,7 +244,7 @@ def evaluate(
 @app.command("generate")
 def generate(
     dataset: Annotated[str, typer.Option(help="dataset to expand")],
-    checkpoint: Annotated[Path, typer.Option(help="generator checkpoint (trained on this dataset's items)")],
+    checkpoint: Annotated[str, typer.Option(help="generator checkpoint (trained on this dataset's items; a path or a URL)")],
     version: Annotated[Optional[int], typer.Option(help="version to expand (default: latest)")] = None,
     tau: Annotated[int, typer.Option(help="fidelity rank threshold")] = 10,
     p: Annotated[float, typer.Option(help="probability of the local pool (the user's own items)")] = 0.5,
@@ -267,9 +273,9 @@ def generate(
     if parent.version != dataset_store(ws).versions(dataset)[-1]:
         raise RsirError(f"dataset {dataset!r}: version {parent.version} is not the latest; expand the latest "
                         f"(versions are a chain) or fork the dataset")
-    generated = generate_step(str(ws.root), dataset, parent.version, str(checkpoint), params, mode, holdout_h)
-    accepted = filter_step(str(ws.root), dataset, parent.version, generated.path, params.tau, min_len, fidelity)
-    result = expand_step(str(ws.root), accepted.path)
+    generated = generate_step(ws.home, dataset, parent.version, str(checkpoint), params, mode, holdout_h)
+    accepted = filter_step(ws.home, dataset, parent.version, generated.path, params.tau, min_len, fidelity)
+    result = expand_step(ws.home, accepted.path)
     _emit(result, as_json, _render_version)
 
 
@@ -385,7 +391,7 @@ def run(**params: Any) -> None:
         model_params = params.get("model_params") or {}
         params["model_params"] = {**model_params, "options": {**model_params.get("options", {}),
                                                               **_options(option, "--option")}}
-    params.update(home=str(ws.root), progress=sys.stderr.isatty())
+    params.update(home=ws.home, progress=sys.stderr.isatty())
     RunConfig.from_parameters(params)  # a bad value: one line, before Prefect is even imported
     _local_prefect(ws)
     from flows.rsir import format_table, rsir
@@ -424,7 +430,7 @@ def experiment_cmd(
                        max_sources=max_sources, backbone_options=_backbone_options(backbone_option), device=device,
                        threads=threads)
     parse_config(ExperimentConfig, given)  # a bad value: one line before the flow (and a Prefect server) starts
-    summary = run_experiment(**given, smoke=smoke, home=str(ws.root), tracking_uri=tracking_uri,
+    summary = run_experiment(**given, smoke=smoke, home=ws.home, tracking_uri=tracking_uri,
                              experiment_name=experiment)
     _emit(summary, as_json, lambda r: print(
         f"suite {r['suite']}: {len(r['ran'])} arms run, {len(r['skipped'])} already finished, "
@@ -451,7 +457,7 @@ def report_cmd(
     ws = _workspace(home)
     cfg = parse_config(ExperimentConfig, _drop_none(suite=suite, smoke=smoke, experiment=experiment))
     uri = tracking_uri or default_tracking_uri(ws.mlflow_db)
-    tracker = Tracker.open(uri, cfg.experiment_name, ws.root / "mlartifacts")
+    tracker = Tracker.open(uri, cfg.experiment_name, ws.mlartifacts)
     folder = out or ws.root / "reports" / cfg.experiment_name
     if notes is not None and not notes.is_file():
         raise RsirError(f"notes file not found: {notes}")
@@ -487,7 +493,7 @@ def serve(
     """Start a local Prefect server, the work pool, the deployments and a worker (Ctrl-C stops all)."""
     from deployments.serve import serve as run_serve
 
-    run_serve(str(_workspace(home).root), host=host, port=port, ready_file=ready_file)
+    run_serve(_workspace(home).home, host=host, port=port, ready_file=ready_file)
 
 
 def _options(pairs: list[str] | None, flag: str = "--option") -> dict[str, Any] | None:

@@ -11,24 +11,31 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.errors import RsirError
-from storage.files import atomic_path
+from storage.files import Location, atomic_path, exists, location, open_read, write_bytes
 
 _META_KEY = b"rsir"
 
 
-def write_table(path: Path, table: pa.Table, meta: dict[str, Any]) -> Path:
+def write_table(path: Location, table: pa.Table, meta: dict[str, Any]) -> Location:
+    """Write atomically at a local path or a URL."""
     table = table.replace_schema_metadata({_META_KEY: json.dumps(meta, default=str).encode()})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+    if isinstance(path, Path):
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp, compression="zstd")
+        return path
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    write_bytes(path, sink.getvalue().to_pybytes())
     return path
 
 
 def read_table(path: str | Path) -> tuple[pa.Table, dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
+    path = location(path)
+    if not exists(path):
         raise RsirError(f"artifact not found: {path}")
     try:
-        table = pq.read_table(path)
+        with open_read(path) as fh:
+            table = pq.read_table(fh)
     except (pa.ArrowInvalid, OSError) as exc:
         raise RsirError(f"corrupt artifact {path}: {str(exc).splitlines()[0]}") from None
     meta = json.loads((table.schema.metadata or {}).get(_META_KEY, b"{}"))

@@ -5,19 +5,20 @@ knows no torch modules, only tensors)."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import torch
 from core.errors import RsirError
-from storage.files import atomic_path
+from storage.files import Location, exists, location, read_bytes, write_bytes
 
 CHECKPOINT_FORMAT = 1
 
 
-def write_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], model_config: dict[str, Any],
-                     num_items: int, meta: dict[str, Any]) -> Path:
-    """Write atomically (temp file + rename) so a crash never leaves a truncated checkpoint.
+def write_checkpoint(path: Location, state_dict: dict[str, torch.Tensor], model_config: dict[str, Any],
+                     num_items: int, meta: dict[str, Any]) -> Location:
+    """Write atomically (temp file + rename, or one PUT) so a crash never leaves a truncated checkpoint.
     `model_config` is the backbone's config as JSON data, its name under "name"."""
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -27,17 +28,18 @@ def write_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], model_conf
         "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
         "meta": meta,
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_bytes(path, buffer.getvalue())
     return path
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
+    path = location(path)
+    if not exists(path):
         raise RsirError(f"checkpoint not found: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
         # torch's own first line can be as cryptic as "pop from empty list": say what was expected.
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -58,7 +60,7 @@ _FIELDS: dict[str, tuple[type, str]] = {
 }
 
 
-def _check_fields(path: Path, payload: dict[str, Any]) -> None:
+def _check_fields(path: Location, payload: dict[str, Any]) -> None:
     for key, (kind, wanted) in _FIELDS.items():
         if key not in payload:
             raise RsirError(f"checkpoint {path} lacks {key!r} (an rsir checkpoint holds "
@@ -72,7 +74,7 @@ def _check_fields(path: Path, payload: dict[str, Any]) -> None:
         raise RsirError(f"checkpoint {path}: 'state_dict' must map parameter names to tensors")
 
 
-def check_compatible(path: str | Path, payload: dict[str, Any], num_items: int | None = None,
+def check_compatible(path: Location, payload: dict[str, Any], num_items: int | None = None,
                      backbone: str | None = None) -> None:
     """Refuse a checkpoint for another item count or another backbone."""
     if backbone is not None and payload["backbone"] != backbone:

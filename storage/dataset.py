@@ -124,11 +124,22 @@ class DatasetStore:
         # Every access to a dataset goes through here: a name like '../x' never leaves the root.
         return "/".join([self._root_path, check_name(name), *parts])
 
-    def _url(self, name: str, *parts: str) -> str | io.BytesIO:
-        """A source polars accepts: the plain path locally, else the bytes read through fsspec
-        (polars cannot open fsspec-only protocols such as memory:// by URL)."""
-        path = self._path(name, *parts)
-        return path if self.is_local else io.BytesIO(self.fs.cat_file(path))
+    def _frame(self, name: str, rel: str) -> pl.LazyFrame:
+        """One Parquet file of a dataset: scanned lazily locally; through fsspec elsewhere, read
+        with ranged requests (polars cannot open fsspec-only protocols such as memory://)."""
+        path = self._path(name, rel)
+        if self.is_local:
+            return pl.scan_parquet(path)
+        with self.fs.open(path, "rb") as fh:
+            return pl.from_arrow(pq.read_table(fh)).lazy()
+
+    def _file_sha256(self, path: str) -> str:
+        """Streamed in 1 MiB blocks: never a whole file in memory."""
+        digest = hashlib.sha256()
+        with self.fs.open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
 
     # ---------------------------------------------------------------- reading
     def names(self) -> list[str]:
@@ -203,10 +214,10 @@ class DatasetStore:
         for entry in manifest.files:
             path = self._path(name, entry.path)
             try:
-                data = self.fs.cat_file(path)
+                actual = self._file_sha256(path)
             except FileNotFoundError:
                 raise RsirError(f"dataset {name!r} v{manifest.version}: file missing: {path}") from None
-            if _sha256(data) != entry.sha256:
+            if actual != entry.sha256:
                 raise RsirError(f"dataset {name!r} v{manifest.version}: checksum mismatch in {path} "
                                 f"(file is corrupt or was modified)")
 
@@ -225,7 +236,7 @@ class DatasetStore:
             empty = pl.from_arrow(SEQUENCE_SCHEMA.empty_table())
             return empty.lazy().with_columns(pl.lit(0, dtype=pl.Int32).alias("iteration"))
         frames = [
-            pl.scan_parquet(self._url(name, p.path))
+            self._frame(name, p.path)
             .with_columns(pl.lit(p.iteration, dtype=pl.Int32).alias("iteration"))
             for p in parts
         ]
@@ -236,7 +247,7 @@ class DatasetStore:
 
     def items(self, name: str, version: int | None = None) -> pl.DataFrame:
         manifest = self.manifest(name, version)
-        return pl.read_parquet(self._url(name, manifest.items.path))
+        return self._frame(name, manifest.items.path).collect()
 
     # ---------------------------------------------------------------- writing
     def create(self, name: str, sequences: pa.Table, items: pa.Table, source: dict[str, Any],

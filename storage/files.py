@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from core.workspace import is_url
+
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
@@ -62,3 +64,64 @@ def atomic_temp(path: Path) -> Iterator[Path]:
         yield tmp
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- locations: a Path or a URL
+Location = Path | str
+
+
+def location(value: str | os.PathLike) -> Location:
+    """A URL (s3://…, memory://…) stays a string; anything else is a local Path."""
+    return value if is_url(value) else Path(value)
+
+
+def join(base: Location, *parts: str) -> Location:
+    return "/".join([str(base).rstrip("/"), *parts]) if isinstance(base, str) else base.joinpath(*parts)
+
+
+def _remote(url: str):
+    import fsspec
+
+    # No listings cache: other processes write meanwhile (see storage/dataset.py).
+    return fsspec.core.url_to_fs(url, use_listings_cache=False)
+
+
+def exists(loc: Location) -> bool:
+    if isinstance(loc, Path):
+        return loc.is_file()
+    fs, path = _remote(loc)
+    return fs.isfile(path)
+
+
+def read_bytes(loc: Location) -> bytes:
+    """The file's bytes; FileNotFoundError when there is none."""
+    if isinstance(loc, Path):
+        return loc.read_bytes()
+    fs, path = _remote(loc)
+    return fs.cat_file(path)
+
+
+def open_read(loc: Location):
+    """A binary, seekable file object that reads on demand (ranged GETs on object stores)."""
+    if isinstance(loc, Path):
+        return open(loc, "rb")
+    fs, path = _remote(loc)
+    return fs.open(path, "rb")
+
+
+def write_bytes(loc: Location, data: bytes) -> None:
+    """Readers see the old file or the complete new one: a rename locally, one PUT on S3."""
+    if isinstance(loc, Path):
+        with atomic_path(loc) as tmp:
+            tmp.write_bytes(data)
+        return
+    fs, path = _remote(loc)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(path, data)
+
+
+def copy_file(source: Location, target: Location) -> None:
+    if isinstance(source, Path) and isinstance(target, Path):
+        atomic_copy(source, target)
+    else:
+        write_bytes(target, read_bytes(source))

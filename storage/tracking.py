@@ -9,10 +9,12 @@ dataset inputs only; `log_outputs` is for models), each with the manifest digest
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from core.errors import RsirError
+from storage.files import location, read_bytes
 
 
 def default_tracking_uri(db: Path) -> str:
@@ -44,7 +46,7 @@ class Tracker:
         self.experiment_id = experiment_id
 
     @classmethod
-    def open(cls, tracking_uri: str, experiment: str, artifact_root: Path | None = None) -> "Tracker":
+    def open(cls, tracking_uri: str, experiment: str, artifact_root: Path | str | None = None) -> "Tracker":
         from mlflow import MlflowClient
 
         if tracking_uri.startswith("sqlite:///"):
@@ -53,7 +55,7 @@ class Tracker:
         try:
             found = client.get_experiment_by_name(experiment)
             experiment_id = found.experiment_id if found else client.create_experiment(
-                experiment, artifact_location=artifact_root.resolve().as_uri() if artifact_root else None)
+                experiment, artifact_location=_artifact_location(artifact_root))
         except Exception as exc:  # MLflow raises many types for a bad URI or a dead server
             raise RsirError(f"MLflow tracking URI {tracking_uri!r} is unreachable or invalid: "
                             f"{str(exc).splitlines()[0][:200]}") from None
@@ -109,7 +111,15 @@ class Tracker:
             self._client.log_batch(run_id, metrics=batch[lo:lo + 500])
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-        self._client.log_artifact(run_id, str(path), artifact_path)
+        """Log a local file, or a copy of a remote one (MLflow uploads local files only)."""
+        source = location(str(path))
+        if isinstance(source, Path):
+            self._client.log_artifact(run_id, str(source), artifact_path)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / source.rsplit("/", 1)[-1]
+            local.write_bytes(read_bytes(source))
+            self._client.log_artifact(run_id, str(local), artifact_path)
 
     def log_dict(self, run_id: str, obj: dict[str, Any], file_name: str) -> None:
         self._client.log_dict(run_id, obj, file_name)
@@ -156,3 +166,11 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def _artifact_location(root: Path | str | None) -> str | None:
+    """MLflow's artifact location for a new experiment: a file URI, or the home's URL as is
+    (s3://… is uploaded with boto3, which reads the standard AWS environment)."""
+    if root is None:
+        return None
+    return root if isinstance(root, str) else root.resolve().as_uri()

@@ -13,10 +13,11 @@ from models import build_model
 from models.config import ModelConfig
 from core.errors import RsirError
 from storage.checkpoints import check_compatible, read_checkpoint, write_checkpoint
+from storage.files import Location
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, config: ModelConfig, num_items: int,
-                    meta: dict[str, Any]) -> Path:
+def save_checkpoint(path: Location, model: torch.nn.Module, config: ModelConfig, num_items: int,
+                    meta: dict[str, Any]) -> Location:
     return write_checkpoint(path, model.state_dict(), config.model_dump(mode="json"), num_items, meta)
 
 

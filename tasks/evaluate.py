@@ -18,6 +18,7 @@ from prefect import task
 
 from core.workspace import Workspace
 from storage.artifacts import write_table
+from storage.files import join, location
 from tasks.checkpoints import load_checkpoint
 from storage.dataset import dataset_store
 from tasks.runtime import Timed, resolve_device, timed
@@ -144,7 +145,7 @@ def evaluate_checkpoint(ws: Workspace, checkpoint: str | Path, dataset: str, ver
 def write_ranks(path: str, ranks: dict[str, np.ndarray]) -> None:
     table = pa.table({"user_index": pa.array(np.arange(len(ranks["test"]), dtype=np.int64)),
                       **{f"{which}_rank": pa.array(r.astype(np.int64)) for which, r in ranks.items()}})
-    write_table(Path(path), table, {"columns": "target rank per real user, users in seq_id order"})
+    write_table(location(path), table, {"columns": "target rank per real user, users in seq_id order"})
 
 
 @task(name="evaluate", task_run_name="evaluate-v{version}")
@@ -153,5 +154,5 @@ def evaluate_task(home: str, checkpoint: str, dataset: str, version: int, device
     """Prefect wrapper: validation and test metrics of a checkpoint on D_version's real users,
     and the per-user ranks file next to the version's other run artifacts."""
     ws = Workspace.at(home)
-    ranks_path = ws.runs / dataset / f"v{version}" / f"ranks-{Path(checkpoint).stem}.parquet"
+    ranks_path = join(ws.runs, dataset, f"v{version}", f"ranks-{Path(checkpoint).stem}.parquet")
     return timed(evaluate_checkpoint, ws, checkpoint, dataset, version, device=device, ranks_path=str(ranks_path))

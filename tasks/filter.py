@@ -16,6 +16,7 @@ from prefect import task
 from core.errors import RsirError
 from core.workspace import Workspace
 from storage.artifacts import read_table, write_table
+from storage.files import join
 from tasks.generate import (EXTEND_REASONS, STOP_REASONS, Extensions, GenerationParams, Rollouts, generation_key)
 from storage.dataset import dataset_store
 from tasks.runtime import Timed, timed
@@ -195,7 +196,7 @@ def filter_step(home: str, dataset: str, version: int, rollouts_path: str, tau: 
     parents = parent_ids[np.searchsorted(ids, accepted.rollout_id)]
     filter_params = {"tau": tau, "min_len": min_len, "fidelity": fidelity}
     name = Path(rollouts_path).stem.replace("rollouts-", "accepted-") + f"-{generation_key(filter_params)[:8]}"
-    path = ws.runs / dataset / f"v{version}" / f"{name}.parquet"
+    path = join(ws.runs, dataset, f"v{version}", f"{name}.parquet")
     table = pa.table({"parent_seq_id": pa.array(parents, pa.int64()),
                       "rollout_id": pa.array(accepted.rollout_id, pa.int64()),
                       "items": accepted.items.to_arrow()})

@@ -36,6 +36,7 @@ from core.hashing import json_digest
 from core.workspace import Workspace
 from models import SequenceModel
 from storage.artifacts import read_table, write_table
+from storage.files import exists, join, location, read_bytes
 from storage.checkpoints import read_checkpoint
 from tasks.checkpoints import load_checkpoint
 from storage.dataset import dataset_store
@@ -516,13 +517,13 @@ def generate_step(home: str, dataset: str, version: int, checkpoint: str, params
     manifest = store.manifest(dataset, version)
     device = resolve_device(params.device)
     read_checkpoint(checkpoint)  # clear error for a missing or foreign file before anything else
-    payload_sha = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
+    payload_sha = hashlib.sha256(read_bytes(location(checkpoint))).hexdigest()
     key = generation_key(manifest.digest, payload_sha, params.model_dump(exclude={"device", "batch_size"}),
                          mode, holdout_h)
     # Content-addressed (data digest, weights, parameters): runs that share D_k and θ_k, such as
     # the arms of a sensitivity sweep, share one generation.
-    path = ws.runs / "generations" / f"rollouts-{key[:16]}.parquet"
-    if path.is_file():
+    path = join(ws.runs, "generations", f"rollouts-{key[:16]}.parquet")
+    if exists(path):
         _, meta = read_table(path)  # made for whichever dataset of this content came first
         return Generation.from_file(path, meta, dataset=dataset, version=version, reused=True)
     model, _ = load_checkpoint(checkpoint, num_items=manifest.num_items, device=device)

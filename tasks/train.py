@@ -9,7 +9,6 @@ import copy
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -23,7 +22,7 @@ from core.errors import RsirError
 from core.workspace import Workspace
 from core.hashing import json_digest
 from storage.checkpoints import read_checkpoint
-from storage.files import atomic_copy
+from storage.files import Location, copy_file, exists, join
 from tasks.checkpoints import save_checkpoint
 from tasks.evaluate import evaluate_split
 from storage.dataset import dataset_store
@@ -147,16 +146,16 @@ def content_key(cfg: TrainConfig, digest: str) -> str:
     return json_digest([digest, keep])[:20]
 
 
-def shared_checkpoint_path(ws: Workspace, key: str) -> Path:
-    return ws.checkpoints / "by-content" / f"{key}.pt"
+def shared_checkpoint_path(ws: Workspace, key: str) -> Location:
+    return join(ws.checkpoints, "by-content", f"{key}.pt")
 
 
-def checkpoint_path(cfg: TrainConfig, ws: Workspace, version: int) -> Path:
+def checkpoint_path(cfg: TrainConfig, ws: Workspace, version: int) -> Location:
     """Deterministic for (dataset, version, config): lets a resumed flow find a finished training."""
-    return ws.checkpoints / cfg.dataset / f"{cfg.model.name}-v{version}-seed{cfg.seed}-{config_hash(cfg)}.pt"
+    return join(ws.checkpoints, cfg.dataset, f"{cfg.model.name}-v{version}-seed{cfg.seed}-{config_hash(cfg)}.pt")
 
 
-def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Path | None = None,
+def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Location | None = None,
                 on_epoch: Callable[[dict[str, float]], None] | None = None,
                 evaluate: bool = True, reuse: bool = False) -> TrainResult:
     """Load D_k, train from scratch, evaluate the best epoch on validation and test, save it.
@@ -196,20 +195,20 @@ def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Path | None = None,
     meta = {"dataset": cfg.dataset, "version": manifest.version, "digest": manifest.digest,
             "seed": cfg.seed, "result": result.to_dict()}
     save_checkpoint(path, model, cfg.model, manifest.num_items, meta)
-    atomic_copy(path, shared)
+    copy_file(path, shared)
     return result
 
 
-def _reusable(path: Path, shared: Path, digest: str) -> dict[str, Any] | None:
+def _reusable(path: Location, shared: Location, digest: str) -> dict[str, Any] | None:
     """The stored result of a finished training of the same data and config: at `path` (this
     run's own, crash-resume) or in the content-addressed store (another run trained the same
     θ, e.g. the common θ_0 of every arm of an experiment), copied to `path` first."""
     for candidate in (path, shared):
-        if candidate.is_file():
+        if exists(candidate):
             stored = read_checkpoint(candidate)["meta"].get("result")
             if stored and stored.get("digest") == digest:
                 if candidate != path:
-                    atomic_copy(candidate, path)
+                    copy_file(candidate, path)
                 return stored
     return None
 

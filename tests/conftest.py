@@ -179,3 +179,29 @@ def s3_bucket(s3_server):
     name = f"rsir-{uuid.uuid4().hex[:12]}"
     s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
     return f"s3://{name}"
+
+
+def kill_after_first_expansion(ws: Workspace, tracking: str, params: dict, prefect_api: str, name: str) -> None:
+    """Run the `rsir` flow on `ws` in another process and SIGKILL it mid-run: as soon as D_1 of
+    dataset `name` is committed (iteration 1 is then under way)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from storage.dataset import dataset_store
+
+    script = (f"from flows.rsir import rsir; import json; "
+              f"rsir(home={ws.home!r}, tracking_uri={tracking!r}, **json.loads({json.dumps(json.dumps(params))}))")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent,
+                            env={**os.environ, "PREFECT_API_URL": prefect_api},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = dataset_store(ws)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and 1 not in store.versions(name) and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the flow ended before it could be killed mid-run"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert store.versions(name) in ([0, 1], [0, 1, 2])

@@ -3,21 +3,13 @@ same parameters, and get the same dataset digests and metrics as an uninterrupte
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from storage.dataset import dataset_store
-from tests.conftest import TINY_FLOW, make_tiny_home
+from tests.conftest import TINY_FLOW, kill_after_first_expansion, make_tiny_home
 
 pytestmark = pytest.mark.prefect
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _digests(ws, name):
@@ -35,19 +27,7 @@ def test_killed_run_resumes_to_the_same_result(prefect_api, tiny_csv, tmp_path):
     ws = make_tiny_home(tmp_path / "crash", tiny_csv)
     tracking = f"sqlite:///{ws.root / 'mlflow.db'}"
     name = reference["run_dataset"]  # same parameters -> same lineage name
-    script = (f"from flows.rsir import rsir; import json; "
-              f"rsir(home={str(ws.root)!r}, tracking_uri={tracking!r}, **json.loads({json.dumps(json.dumps(params))}))")
-    env = {**os.environ, "PREFECT_API_URL": prefect_api}
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    store = dataset_store(ws)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and 1 not in store.versions(name) and proc.poll() is None:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the flow ended before it could be killed mid-run"
-    proc.send_signal(signal.SIGKILL)  # mid-run: D_1 is committed, iteration 1 is under way
-    proc.wait()
-    assert store.versions(name) in ([0, 1], [0, 1, 2])
+    kill_after_first_expansion(ws, tracking, params, prefect_api, name)
     theta0 = [p for p in (ws.checkpoints / name).glob("*-v0-*.pt")]
     assert len(theta0) == 1
     theta0_mtime = theta0[0].stat().st_mtime_ns
