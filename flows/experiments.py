@@ -27,7 +27,7 @@ from flows.rsir import rsir
 from models import get_backbone
 from core.config import Device, parse_config
 from core.workspace import Workspace
-from storage.tracking import Tracker, default_tracking_uri
+from storage.tracking import Tracker, default_tracking_uri, redact_uri
 from tasks.config import RunConfig
 from tasks.results import best_on_validation, collect_runs, finished_lineages
 
@@ -246,7 +246,7 @@ def run_suite(cfg: ExperimentConfig) -> dict[str, Any]:
     tracker.log_params(suite_run, cfg.model_dump(mode="json", exclude={"home", "tracking_uri"}))
     tracker.log_metrics(suite_run, {"wall_seconds": wall, "arms_run": len(ran), "arms_skipped": len(skipped)})
     tracker.end_run(suite_run)
-    return {"suite": cfg.suite, "experiment": cfg.experiment_name, "tracking_uri": uri, "ran": ran,
+    return {"suite": cfg.suite, "experiment": cfg.experiment_name, "tracking_uri": redact_uri(uri), "ran": ran,
             "skipped": skipped, "wall_seconds": wall}
 
 

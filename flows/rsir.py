@@ -24,7 +24,7 @@ from core.config import with_parameters
 from tasks.config import RunConfig, run_parameters
 from core.workspace import Workspace
 from storage.manifest import VersionRef
-from storage.tracking import Tracker, default_tracking_uri
+from storage.tracking import Tracker, default_tracking_uri, redact_uri
 from tasks.evaluate import Evaluation, evaluate_task
 from tasks.expand import expand_task
 from tasks.filter import Filtered, filter_task
@@ -146,7 +146,7 @@ def _finish(cfg: RunConfig, ws: Workspace, tracker: Tracker, parent: str, run_da
                "generator": cfg.generator_model.name, "K": cfg.K, "iterations": rows,
                "champion": {"iteration": champion.k, "registered_model": model_name, "version": version,
                             "alias": "champion"},
-               "mlflow_run_id": parent, "tracking_uri": tracker.uri,
+               "mlflow_run_id": parent, "tracking_uri": redact_uri(tracker.uri),
                "wall_seconds": wall, "step_seconds": step_seconds,
                "overhead_fraction": max(wall - step_seconds, 0.0) / wall if wall else 0.0}
     for path in plot_run_task(rows, str(ws.root / "runs" / run_dataset / "plots")):

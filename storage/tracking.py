@@ -9,6 +9,7 @@ dataset inputs only; `log_outputs` is for models), each with the manifest digest
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,9 @@ class Tracker:
             experiment_id = found.experiment_id if found else client.create_experiment(
                 experiment, artifact_location=_artifact_location(artifact_root))
         except Exception as exc:  # MLflow raises many types for a bad URI or a dead server
-            raise RsirError(f"MLflow tracking URI {tracking_uri!r} is unreachable or invalid: "
-                            f"{str(exc).splitlines()[0][:200]}") from None
+            reason = redact_uri(str(exc).splitlines()[0])[:200]  # MLflow's message repeats the URI
+            raise RsirError(f"MLflow tracking URI {redact_uri(tracking_uri)!r} is unreachable or invalid: "
+                            f"{reason}") from None
         return cls(client, tracking_uri, experiment, experiment_id)
 
     # ------------------------------------------------------------ queries
@@ -174,3 +176,11 @@ def _artifact_location(root: Path | str | None) -> str | None:
     if root is None:
         return None
     return root if isinstance(root, str) else root.resolve().as_uri()
+
+
+def redact_uri(uri: str) -> str:
+    """The URI with its password (``user:password@``) replaced by ``***``: safe to print and log."""
+    return _PASSWORD_RE.sub(r"\1:***@", uri)
+
+
+_PASSWORD_RE = re.compile(r"(?<=://)([^/@:]*):[^/@]*@")

@@ -390,27 +390,33 @@ def _window(buf: torch.Tensor, lengths: torch.Tensor, max_len: int) -> torch.Ten
 
 def _extend_batch(model: SequenceModel, sources: Ragged, rows: np.ndarray, params: GenerationParams,
                   h: int, num_items: int, device: torch.device):
+    """Memory is bounded by B × (max_len + m) and B × (N + 1), whatever the longest prefix: the
+    model sees only the newest max_len items, and "already in the sequence" is the prefix's
+    distinct items (at most N) plus the generated ones; the prefix joins the output on the host."""
     B, m = len(rows), params.m
     starts, ends = sources.offsets[rows], sources.offsets[rows + 1]
     prefix_len = ends - starts - h
-    width = int(prefix_len.max()) + m
-    out = torch.from_numpy(_left_aligned(sources.values, starts, prefix_len, width)).to(device)
-    out_len = torch.from_numpy(prefix_len).to(device).clone()
+    keep = np.minimum(prefix_len, params.max_len)
+    seq = torch.from_numpy(_left_aligned(sources.values, ends - h - keep, keep, int(keep.max()) + m)).to(device)
+    seq_len = torch.from_numpy(keep).to(device).clone()
+    gen = torch.zeros(B, m, dtype=torch.int64, device=device)
+    gen_len = torch.zeros(B, dtype=torch.int64, device=device)
     trace = torch.zeros(B, m, dtype=torch.int64, device=device)
     trace_len = torch.zeros(B, dtype=torch.int64, device=device)
     reason = torch.full((B,), REJECTED, dtype=torch.int8, device=device)
     # Active state: own = the source's items (sorted; the local pool = its live ones), held =
     # the held-out items (the acceptance check); live flags: not in the sequence yet.
     batch = np.arange(B)
-    in_prefix = membership(_slices(sources.values, starts, ends - h), batch, num_items, device)
+    prefixes = _slices(sources.values, starts, ends - h)
+    in_prefix = membership(prefixes, batch, num_items, device)
     own = sorted_rows(sources, rows, device)
     own_live = (own != 0) & ~in_prefix.gather(1, own)
     held = sorted_rows(_slices(sources.values, ends - h, ends), batch, device)
     held_live = (held != 0) & ~in_prefix.gather(1, held)
     del in_prefix
+    used = sorted_rows(prefixes, batch, device)  # distinct prefix items: the global pool excludes them
     pos = torch.arange(B, device=device)
     rid = torch.from_numpy(rows).to(device)
-    seq, seq_len = out.clone(), out_len.clone()
     for j in range(m + 1):  # j = items generated so far
         scores = _score(model, _window(seq, seq_len, params.max_len))
         if j >= 1:  # acceptance check after each generated item
@@ -423,28 +429,38 @@ def _extend_batch(model: SequenceModel, sources: Ragged, rows: np.ndarray, param
             reason[pos[~has_held]] = EXT_EXHAUSTED
             go = ~ok & has_held
             if not bool(go.all()):
-                pos, rid, seq, seq_len, own, own_live, held, held_live, scores = _compact(
-                    go, pos, rid, seq, seq_len, own, own_live, held, held_live, scores)
+                pos, rid, seq, seq_len, own, own_live, held, held_live, used, scores = _compact(
+                    go, pos, rid, seq, seq_len, own, own_live, held, held_live, used, scores)
         if j == m or len(pos) == 0:
             break  # whatever is still active stays REJECTED
         _, local_item, has_local = best_listed(scores, own, own_live)
-        global_item, has_global = best_unused(scores, seq)  # seq's zero padding: item 0, harmless
+        global_item, has_global = best_unused(scores, torch.cat([used, gen[pos, :j]], dim=1))
         local = local_draw(params.seed, rid, j, params.p)
         item = torch.where(local, local_item, global_item)
         has = torch.where(local, has_local, has_global)
         if not bool(has.all()):
             reason[pos[~has]] = EXT_NO_CANDIDATE
-            pos, rid, seq, seq_len, own, own_live, held, held_live, item = _compact(
-                has, pos, rid, seq, seq_len, own, own_live, held, held_live, item)
+            pos, rid, seq, seq_len, own, own_live, held, held_live, used, item = _compact(
+                has, pos, rid, seq, seq_len, own, own_live, held, held_live, used, item)
             if len(pos) == 0:
                 break
         own_live &= own != item[:, None]
         held_live &= held != item[:, None]
         seq[torch.arange(len(pos), device=device), seq_len] = item
         seq_len += 1
-        out[pos, out_len[pos]] = item
-        out_len[pos] += 1
-    return _flatten(out, out_len), _flatten(trace, trace_len), reason.cpu().numpy()
+        gen[pos, gen_len[pos]] = item
+        gen_len[pos] += 1
+    return _joined(prefixes, *_flatten(gen, gen_len)), _flatten(trace, trace_len), reason.cpu().numpy()
+
+
+def _joined(first: Ragged, values: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row b = first[b] followed by the b-th row of (values, lengths): flat values and lengths."""
+    total = first.lengths + lengths
+    out = np.empty(int(total.sum()), dtype=np.int64)
+    starts = np.cumsum(total) - total
+    out[flat_index(starts, first.lengths)] = first.values
+    out[flat_index(starts + first.lengths, lengths)] = values
+    return out, total.astype(np.int64)
 
 
 def _slices(values: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> Ragged:

@@ -33,6 +33,7 @@ Format = Literal["csv", "parquet", "recbole", "amazon"]
 FORMATS: tuple[str, ...] = ("csv", "parquet", "recbole", "amazon")
 
 ML100K_WHEEL = "recbole==1.2.1"
+PIP_DOWNLOAD_TIMEOUT_S = 300
 ML100K_INTER_SHA256 = "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff"
 ML100K_MEMBER = "recbole/dataset_example/ml-100k/"
 # ml-100k and the built-in views of it (tasks.views.BUILTIN_VIEWS defines them).
@@ -286,9 +287,15 @@ def download_ml100k(ws: Workspace) -> Path:
         return target
     ws.downloads.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ws.downloads) as tmp:
+        # A wheel only (an sdist would run its build code), and bounded waits: a registry that
+        # does not answer fails in minutes with one line, not never.
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "-q", ML100K_WHEEL, "-d", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+               "--only-binary=:all:", "--timeout", "30", "--retries", "2", "-q", ML100K_WHEEL, "-d", tmp]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_DOWNLOAD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise RsirError(f"could not download {ML100K_WHEEL}: no answer from the package index within "
+                            f"{PIP_DOWNLOAD_TIMEOUT_S} s") from None
         wheels = list(Path(tmp).glob("recbole-*.whl"))
         if done.returncode != 0 or not wheels:
             raise RsirError(f"could not download {ML100K_WHEEL}: {done.stderr.strip()[-300:]}")

@@ -264,6 +264,34 @@ def test_extension_windows_long_prefixes():
     assert_extensions_match_oracle(model, seqs, ext, 2, 3, 3, 0.5, 6, 0)
 
 
+def test_extension_memory_does_not_grow_with_the_longest_prefix(monkeypatch):
+    """A 3,000-interaction source among short ones: extension's buffers are at most
+    max_len + m (the model's window) or N (distinct items) wide, and the result matches the
+    oracle, which sees the whole prefix."""
+    import tasks.generate
+    import tasks.split
+
+    model, num_items = model_named("sasrec")
+    seqs = random_sources(num_items, 5, seed=8, max_len=12)
+    seqs[1] = np.random.default_rng(8).integers(1, num_items + 1, size=3_000).tolist()
+    params = GenerationParams(m=3, tau=3, p=0.5, max_len=6, batch_size=3, seed=8)
+    real_aligned, real_gather = tasks.generate._left_aligned, tasks.split.gather_padded
+
+    def aligned(values, starts, lengths, width):
+        assert width <= params.max_len + params.m, f"a buffer {width} wide"
+        return real_aligned(values, starts, lengths, width)
+
+    def gathered(values, starts, lengths, shift=0):
+        assert int(lengths.max(initial=0)) <= num_items, "a tensor as wide as the longest prefix"
+        return real_gather(values, starts, lengths, shift)
+
+    monkeypatch.setattr(tasks.generate, "_left_aligned", aligned)
+    monkeypatch.setattr(tasks.generate, "gather_padded", gathered)
+    ext = extend_sequences(model, ragged(seqs), params, 2)
+    assert 1 in ext.source_index.tolist()
+    assert_extensions_match_oracle(model, seqs, ext, 2, 3, 3, 0.5, 6, 8)
+
+
 def test_extension_only_uses_given_sources():
     """Items never seen in the sources (e.g. validation/test items) stay out of the local pool."""
     model, num_items = model_named("sasrec")

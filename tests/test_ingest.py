@@ -133,3 +133,27 @@ def test_sparse_positions_doc_rule():
     assert sparse_positions(25) == [4, 9, 14, 19, 24]
     assert sparse_positions(20) == [3, 7, 11, 15, 19]  # stride 4 keeps 5 items
     assert sparse_positions(3) == [0, 1, 2]
+
+
+def test_movielens_download_takes_a_wheel_only_and_gives_up_in_bounded_time(tmp_path, monkeypatch):
+    import subprocess
+
+    import pytest
+
+    from core.errors import RsirError
+    from core.workspace import Workspace
+    from tasks import ingest
+
+    seen = {}
+
+    def silent_index(cmd, **kwargs):
+        seen.update(cmd=cmd, timeout=kwargs.get("timeout"))
+        raise subprocess.TimeoutExpired(cmd, kwargs.get("timeout"))
+
+    monkeypatch.setattr(ingest.subprocess, "run", silent_index)
+    with pytest.raises(RsirError) as err:
+        ingest.download_ml100k(Workspace.at(tmp_path / "ws"))
+    assert "--only-binary=:all:" in seen["cmd"] and "--timeout" in seen["cmd"]
+    assert seen["timeout"] == ingest.PIP_DOWNLOAD_TIMEOUT_S
+    assert str(err.value) == (f"could not download recbole==1.2.1: no answer from the package index within "
+                              f"{ingest.PIP_DOWNLOAD_TIMEOUT_S} s")

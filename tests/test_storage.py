@@ -519,3 +519,24 @@ def test_disk_full_while_forking_leaves_nothing(tmp_path, monkeypatch):
         store.fork("base", NAME)
     _assert_disk_error(err, "committing")
     assert all_files(tmp_path / "datasets") == before and store.names() == ["base"] and _staging_is_empty(tmp_path)
+
+
+# --------------------------------------------------------------------------- tracking URIs
+@pytest.mark.parametrize("uri,shown", [
+    ("postgresql://rsir:s3cret@db.example:5432/mlflow", "postgresql://rsir:***@db.example:5432/mlflow"),
+    ("https://user:p%40ss@mlflow.example/", "https://user:***@mlflow.example/"),
+    ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+])
+def test_tracking_uris_are_shown_without_passwords(uri, shown):
+    from storage.tracking import redact_uri
+
+    assert redact_uri(uri) == shown
+
+
+def test_an_unreachable_tracking_uri_error_hides_the_password():
+    from storage.tracking import Tracker
+
+    with pytest.raises(RsirError) as err:
+        Tracker.open("http://rsir:s3cret@127.0.0.1:1", "x")
+    assert "s3cret" not in str(err.value) and "rsir:***@127.0.0.1:1" in str(err.value)
