@@ -180,7 +180,11 @@ class DatasetStore:
 
     def _listed_versions(self, folder: str) -> list[int]:
         out = []
-        for entry in self.fs.ls(folder, detail=False):
+        try:
+            entries = self.fs.ls(folder, detail=False)
+        except FileNotFoundError:  # a dropped lineage: no folder left (object stores have none)
+            return []
+        for entry in entries:
             m = _MANIFEST_RE.fullmatch(entry.rsplit("/", 1)[-1])
             if m:
                 out.append(int(m.group(1)))

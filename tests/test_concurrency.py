@@ -179,3 +179,14 @@ def test_replacement_is_invisible_until_committed(tmp_path, monkeypatch):
 
 def _backend(root: str) -> str:
     return "s3" if root.startswith("s3://") else "local"
+
+
+def test_successive_replacements_on_s3_and_locally(root, tmp_path):
+    """Each --force starts a new lineage and drops the older ones, however many came before."""
+    store = DatasetStore(root, tmp_path / "staging")
+    store.create("x", racers.sequences(0), racers.ITEMS, source={"variant": 0})
+    for variant in range(1, 4):
+        m = store.create("x", racers.sequences(variant), racers.ITEMS, source={"variant": variant}, replace=True)
+        assert m.lineage == variant and store.versions("x") == [0] and store.manifest("x").source["variant"] == variant
+        store.append("x", m, racers.sequences(9, 100, "synthetic"), generation={})
+    _check_committed(store, "x")
