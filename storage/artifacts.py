@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.errors import RsirError
-from storage.files import Location, atomic_path, exists, location, open_read, write_bytes
+from storage.files import Location, exists, location, open_read, write_bytes
 
 _META_KEY = b"rsir"
 
@@ -19,10 +19,6 @@ _META_KEY = b"rsir"
 def write_table(path: Location, table: pa.Table, meta: dict[str, Any]) -> Location:
     """Write atomically at a local path or a URL."""
     table = table.replace_schema_metadata({_META_KEY: json.dumps(meta, default=str).encode()})
-    if isinstance(path, Path):
-        with atomic_path(path) as tmp:
-            pq.write_table(table, tmp, compression="zstd")
-        return path
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     write_bytes(path, sink.getvalue().to_pybytes())

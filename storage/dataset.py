@@ -27,7 +27,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
 import polars as pl
 import pyarrow as pa
@@ -36,7 +35,7 @@ from pydantic import ValidationError
 
 from core.errors import RsirError
 from core.workspace import Workspace
-from storage.files import exclusive_create, fsync_path
+from storage.files import exclusive_create, filesystem, fsync_path, stream_sha256
 from storage.manifest import FileEntry, Manifest, PartitionEntry, chain_digest
 
 SEQUENCE_SCHEMA = pa.schema([
@@ -113,9 +112,7 @@ class DatasetStore:
 
     def __init__(self, root: str | Path, staging: str | Path):
         self.root = str(root).rstrip("/")
-        # No listings cache: other processes commit versions meanwhile, and a cached listing of
-        # an object store would hide them (and make a just-committed manifest "not found").
-        self.fs, self._root_path = fsspec.core.url_to_fs(self.root, use_listings_cache=False)
+        self.fs, self._root_path = filesystem(self.root)
         self.staging = Path(staging)
         self.is_local = isinstance(self.fs, LocalFileSystem)
 
@@ -134,12 +131,8 @@ class DatasetStore:
             return pl.from_arrow(pq.read_table(fh)).lazy()
 
     def _file_sha256(self, path: str) -> str:
-        """Streamed in 1 MiB blocks: never a whole file in memory."""
-        digest = hashlib.sha256()
         with self.fs.open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+            return stream_sha256(fh)
 
     # ---------------------------------------------------------------- reading
     def names(self) -> list[str]:

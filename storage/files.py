@@ -3,6 +3,7 @@ creation that fails when another writer got there first."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import uuid
@@ -79,17 +80,32 @@ def join(base: Location, *parts: str) -> Location:
     return "/".join([str(base).rstrip("/"), *parts]) if isinstance(base, str) else base.joinpath(*parts)
 
 
-def _remote(url: str):
+def filesystem(url: str):
+    """(fsspec filesystem, path) of a URL or local path, without a listings cache: other
+    processes write meanwhile, and a cached listing of an object store would hide their files
+    (a just-committed manifest would read as "not found")."""
     import fsspec
 
-    # No listings cache: other processes write meanwhile (see storage/dataset.py).
     return fsspec.core.url_to_fs(url, use_listings_cache=False)
+
+
+def stream_sha256(fh) -> str:
+    """SHA-256 of an open binary file, read in 1 MiB blocks: never the whole file in memory."""
+    digest = hashlib.sha256()
+    for block in iter(lambda: fh.read(1 << 20), b""):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(loc: Location) -> str:
+    with open_read(loc) as fh:
+        return stream_sha256(fh)
 
 
 def exists(loc: Location) -> bool:
     if isinstance(loc, Path):
         return loc.is_file()
-    fs, path = _remote(loc)
+    fs, path = filesystem(loc)
     return fs.isfile(path)
 
 
@@ -97,7 +113,7 @@ def read_bytes(loc: Location) -> bytes:
     """The file's bytes; FileNotFoundError when there is none."""
     if isinstance(loc, Path):
         return loc.read_bytes()
-    fs, path = _remote(loc)
+    fs, path = filesystem(loc)
     return fs.cat_file(path)
 
 
@@ -105,7 +121,7 @@ def open_read(loc: Location):
     """A binary, seekable file object that reads on demand (ranged GETs on object stores)."""
     if isinstance(loc, Path):
         return open(loc, "rb")
-    fs, path = _remote(loc)
+    fs, path = filesystem(loc)
     return fs.open(path, "rb")
 
 
@@ -115,7 +131,7 @@ def write_bytes(loc: Location, data: bytes) -> None:
         with atomic_path(loc) as tmp:
             tmp.write_bytes(data)
         return
-    fs, path = _remote(loc)
+    fs, path = filesystem(loc)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     fs.pipe_file(path, data)
 

@@ -16,7 +16,6 @@ Pure computation: no file IO; the caller moves the model to `params.device` befo
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,7 +35,7 @@ from core.hashing import json_digest
 from core.workspace import Workspace
 from models import SequenceModel
 from storage.artifacts import read_table, write_table
-from storage.files import exists, join, location, read_bytes
+from storage.files import exists, file_sha256, join, location
 from storage.checkpoints import read_checkpoint
 from tasks.checkpoints import load_checkpoint
 from storage.dataset import dataset_store
@@ -533,7 +532,7 @@ def generate_step(home: str, dataset: str, version: int, checkpoint: str, params
     manifest = store.manifest(dataset, version)
     device = resolve_device(params.device)
     read_checkpoint(checkpoint)  # clear error for a missing or foreign file before anything else
-    payload_sha = hashlib.sha256(read_bytes(location(checkpoint))).hexdigest()
+    payload_sha = file_sha256(location(checkpoint))
     key = generation_key(manifest.digest, payload_sha, params.model_dump(exclude={"device", "batch_size"}),
                          mode, holdout_h)
     # Content-addressed (data digest, weights, parameters): runs that share D_k and θ_k, such as

@@ -8,7 +8,6 @@ Preprocessing follows the literature: optional k-core filter, stable chronologic
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 import subprocess
@@ -26,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from core.errors import RsirError
 from core.workspace import Workspace
 from storage.dataset import DatasetStore, check_name, dataset_store
+from storage.files import file_sha256
 from storage.manifest import VersionRef
 from tasks.statistics import version_statistics
 
@@ -273,7 +273,7 @@ def import_dataset(ws: Workspace, spec: ImportSpec, replace: bool = False) -> di
     df = read_interactions(spec)
     seqs, item_map, report = build_sequences(df, spec.kcore, spec.min_seq_len, str(spec.path))
     source = {"format": spec.format, "path": str(spec.path.resolve()),
-              "sha256": hashlib.sha256(spec.path.read_bytes()).hexdigest(),
+              "sha256": file_sha256(spec.path),
               "spec": spec.model_dump(mode="json")}
     return publish(store, spec.name, seqs, item_map, source, report, replace)
 
@@ -283,7 +283,7 @@ def download_ml100k(ws: Workspace) -> Path:
     """Extract ml-100k.inter/.item from the recbole wheel (downloaded, never installed)."""
     target = ws.downloads / "ml-100k"
     inter = target / "ml-100k.inter"
-    if inter.exists() and _sha256_file(inter) == ML100K_INTER_SHA256:
+    if inter.exists() and file_sha256(inter) == ML100K_INTER_SHA256:
         return target
     ws.downloads.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ws.downloads) as tmp:
@@ -304,17 +304,13 @@ def download_ml100k(ws: Workspace) -> Path:
         with zipfile.ZipFile(wheels[0]) as zf:
             for member in ("ml-100k.inter", "ml-100k.item"):
                 (staged / member).write_bytes(zf.read(ML100K_MEMBER + member))
-        got = _sha256_file(staged / "ml-100k.inter")
+        got = file_sha256(staged / "ml-100k.inter")
         if got != ML100K_INTER_SHA256:
             raise RsirError(f"ml-100k.inter from {wheels[0].name} has sha256 {got}, "
                             f"expected {ML100K_INTER_SHA256}")
         shutil.rmtree(target, ignore_errors=True)
         staged.replace(target)
     return target
-
-
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def ml100k_item_table(item_file: Path, item_map: pl.DataFrame) -> pl.DataFrame:

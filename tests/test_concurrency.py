@@ -11,6 +11,7 @@ import pytest
 
 import racers
 from conftest import make_tiny_home
+from core.errors import RsirError
 from storage.dataset import DatasetStore
 from storage.checkpoints import read_checkpoint
 
@@ -151,7 +152,7 @@ def test_a_version_being_replaced_is_refused(tmp_path):
     store = DatasetStore(tmp_path / "datasets", tmp_path / "staging")
     m0 = store.create("x", racers.sequences(0), racers.ITEMS, source={})
     store.create("x", racers.sequences(1), racers.ITEMS, source={}, replace=True)
-    with pytest.raises(Exception) as err:
+    with pytest.raises(RsirError) as err:
         store.append("x", m0, racers.sequences(2, 100, "synthetic"), generation={})
     assert "was replaced (--force)" in str(err.value)
     assert store.versions("x") == [0] and store.manifest("x").lineage == 1
