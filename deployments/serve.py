@@ -1,48 +1,129 @@
-"""`rsir serve`: a local Prefect server (SQLite, loopback), the process work pool, the
-deployments of prefect.yaml, and a worker; Ctrl-C (or SIGTERM) stops all of them."""
+"""`rsir serve`: the services a team runs, each a real process that rsir starts and stops.
+
+    prefect   the Prefect server (SQLite in the workspace, or PostgreSQL with --database)
+    mlflow    an MLflow tracking server (backend --tracking-uri, artifacts in the workspace's store)
+    worker    the process work pool, the deployments of prefect.yaml, and N workers
+
+By default one command runs the Prefect server and a worker (add the tracking server with
+--mlflow). `--only SERVICE` runs one service, as deployments/compose.yaml does in its containers.
+Ctrl-C (or SIGTERM) stops every process rsir started, each as a whole process tree."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Literal
 
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from core.config import parse_config
 from core.errors import RsirError
 from core.workspace import Workspace
-from storage.tracking import MLFLOW_ENVIRONMENT
+from storage.tracking import MLFLOW_ENVIRONMENT, default_tracking_uri, redact_uri
 
 REPO = Path(__file__).resolve().parent.parent
 POOL = "rsir-process"
+Service = Literal["prefect", "mlflow", "worker"]
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class ServeConfig(BaseModel):
+    """What `rsir serve` starts. Validated before any process starts."""
+
+    services: list[Service] = Field(["prefect", "worker"], min_length=1, description="services to run")
+    host: str = Field("127.0.0.1", description="interface every server binds (loopback by default)")
+    port: int = Field(4200, ge=1, le=65535, description="port of the Prefect server")
+    database: str | None = Field(None, description="Prefect's database: postgresql+asyncpg://… "
+                                                   "(default: SQLite in the workspace)")
+    workers: int = Field(1, ge=1, le=64, description="Prefect workers polling the work pool")
+    mlflow_port: int = Field(5000, ge=1, le=65535, description="port of the MLflow tracking server")
+    mlflow_workers: int = Field(2, ge=1, le=64, description="request-handling processes of the MLflow server")
+    tracking_uri: str | None = Field(None, description="the MLflow server's backend store (with the mlflow "
+                                                       "service), else what workers log to")
+    prefect_api: str | None = Field(None, description="Prefect API of the workers when this command does not "
+                                                      "run the Prefect server (default $PREFECT_API_URL)")
+
+    @field_validator("services")
+    @classmethod
+    def _unique(cls, services: list[str]) -> list[str]:
+        return [s for s in ("prefect", "mlflow", "worker") if s in services]  # start order
+
+    @field_validator("database")
+    @classmethod
+    def _async_driver(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
+            raise ValueError("Prefect's database must be postgresql+asyncpg://USER@HOST:PORT/DB "
+                             "or sqlite+aiosqlite:///PATH")
+        return url
+
+    @model_validator(mode="after")
+    def _workers_know_their_server(self) -> "ServeConfig":
+        if "worker" in self.services and "prefect" not in self.services and not self.api_of_workers:
+            raise ValueError("--only worker needs the Prefect server: give --prefect-api or set PREFECT_API_URL")
+        if "mlflow" in self.services and (self.tracking_uri or "").startswith(("http://", "https://")):
+            raise ValueError("the MLflow server's backend store must be a database (postgresql://… or "
+                             "sqlite:///…), not another server")
+        return self
+
+    @property
+    def api_of_workers(self) -> str | None:
+        if "prefect" in self.services:
+            return f"http://{_client_host(self.host)}:{self.port}/api"
+        return self.prefect_api or os.environ.get("PREFECT_API_URL")
+
+    def tracking_of_workers(self) -> str | None:
+        """What the workers' flows log to: this command's MLflow server, else --tracking-uri
+        (None: each flow's default, SQLite in the workspace)."""
+        if "mlflow" in self.services:
+            return f"http://{_client_host(self.host)}:{self.mlflow_port}"
+        return self.tracking_uri
+
+
+def _client_host(host: str) -> str:
+    """Where a client on this machine reaches a server bound to `host`."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 def prefect_bin() -> str:
     return str(Path(sys.executable).with_name("prefect"))
 
 
-def serve_env(ws: Workspace, host: str, port: int) -> dict[str, str]:
-    return {
+def mlflow_bin() -> str:
+    return str(Path(sys.executable).with_name("mlflow"))
+
+
+def serve_env(ws: Workspace, cfg: ServeConfig) -> dict[str, str]:
+    env = {
         **MLFLOW_ENVIRONMENT,
         **os.environ,
-        "PREFECT_API_URL": f"http://{host}:{port}/api",
         "PREFECT_HOME": str(ws.root / "prefect"),
-        "PREFECT_SERVER_API_HOST": host,
-        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_SERVER_API_HOST": cfg.host,
+        "PREFECT_SERVER_API_PORT": str(cfg.port),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(ws.root / "prefect" / "results"),
         "RSIR_HOME": ws.home,
         "RSIR_REPO": str(REPO),  # prefect.yaml's pull step changes into it
     }
+    if cfg.api_of_workers:
+        env["PREFECT_API_URL"] = cfg.api_of_workers
+    if cfg.database:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = cfg.database
+    return env
 
 
-def wait_healthy(url: str, timeout: float, proc: subprocess.Popen) -> None:
+def wait_healthy(name: str, url: str, timeout: float, proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RsirError(f"the Prefect server exited with status {proc.returncode} (is the port in use?)")
+            raise RsirError(f"the {name} exited with status {proc.returncode} (is the port in use? is the "
+                            f"database reachable?)")
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
                 if resp.status == 200:
@@ -50,25 +131,51 @@ def wait_healthy(url: str, timeout: float, proc: subprocess.Popen) -> None:
         except OSError:
             pass
         time.sleep(0.5)
-    raise RsirError(f"the Prefect server did not answer at {url} within {timeout:.0f} s")
+    raise RsirError(f"the {name} did not answer at {url} within {timeout:.0f} s")
+
+
+def _check_port_free(host: str, port: int, what: str) -> None:
+    with socket.socket() as s:
+        if s.connect_ex((_client_host(host), port)) == 0:
+            raise RsirError(f"port {port} on {host} is already in use; choose another {what}")
 
 
 def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
-    # Own session: stopping it stops its children too (the server runs uvicorn and services).
+    # Own session: stopping it stops its children too (the servers run uvicorn, services, job runners).
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log.open("ab"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
 
-def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
+def stop_tree(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """Stop `proc`, its process group and every descendant, even one that left the group (MLflow's
+    job runners start their own sessions): SIGTERM, then SIGKILL after `grace` seconds."""
+    import psutil
+
     if proc.poll() is not None:
         return
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    _signal_group(proc.pid, signal.SIGTERM)
+    try:
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _signal_group(proc.pid, signal.SIGKILL)
         proc.wait()
+    _gone, alive = psutil.wait_procs(descendants, timeout=grace)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)
     except ProcessLookupError:
         pass
 
@@ -76,15 +183,88 @@ def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
 def _run(cmd: list[str], env: dict[str, str]) -> None:
     done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RsirError(f"`{' '.join(cmd[1:])}` failed: {(done.stderr or done.stdout).strip()[-500:]}")
+        raise RsirError(f"`{Path(cmd[0]).name} {' '.join(cmd[1:])}` failed: "
+                        f"{redact_uri((done.stderr or done.stdout).strip()[-500:])}")
 
 
-def serve(home: str | None = None, host: str = "127.0.0.1", port: int = 4200, ready_file: str | None = None) -> None:
+def _artifacts_destination(ws: Workspace) -> str:
+    root = ws.mlartifacts
+    return root if isinstance(root, str) else root.resolve().as_uri()
+
+
+class Services:
+    """The processes of one `rsir serve`, started in order and stopped in reverse."""
+
+    def __init__(self, ws: Workspace, cfg: ServeConfig):
+        self.ws, self.cfg = ws, cfg
+        self.env = serve_env(ws, cfg)
+        self.logs = ws.root / "prefect" / "logs"
+        self.procs: list[subprocess.Popen] = []
+
+    def start_prefect(self) -> None:
+        cfg = self.cfg
+        _check_port_free(cfg.host, cfg.port, "--port")
+        db = redact_uri(cfg.database) if cfg.database else "SQLite in the workspace"
+        print(f"starting the Prefect server on http://{cfg.host}:{cfg.port} ({db})", file=sys.stderr)
+        proc = self._spawn([prefect_bin(), "server", "start", "--host", cfg.host, "--port", str(cfg.port)],
+                           "server.log")
+        wait_healthy("Prefect server", f"{cfg.api_of_workers}/health", 180, proc)
+
+    def start_mlflow(self) -> None:
+        cfg = self.cfg
+        _check_port_free(cfg.host, cfg.mlflow_port, "--mlflow-port")
+        backend = cfg.tracking_uri or default_tracking_uri(self.ws.mlflow_db)
+        if backend.startswith("sqlite:///"):
+            Path(backend.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        print(f"starting the MLflow server on http://{cfg.host}:{cfg.mlflow_port} (backend {redact_uri(backend)}, "
+              f"artifacts {_artifacts_destination(self.ws)})", file=sys.stderr)
+        # MLflow's job runner (GenAI scorers, prompt optimisation) is ~7 processes and ~2 GB that
+        # rsir never uses: off unless the environment turns it on.
+        env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self.env}
+        proc = self._spawn([mlflow_bin(), "server", "--backend-store-uri", backend,
+                            "--artifacts-destination", _artifacts_destination(self.ws), "--serve-artifacts",
+                            "--host", cfg.host, "--port", str(cfg.mlflow_port),
+                            "--workers", str(cfg.mlflow_workers)], "mlflow.log", env)
+        wait_healthy("MLflow server", f"{cfg.tracking_of_workers()}/health", 180, proc)
+
+    def start_workers(self) -> None:
+        cfg = self.cfg
+        env = dict(self.env)
+        tracking = cfg.tracking_of_workers()
+        if tracking:
+            env["MLFLOW_TRACKING_URI"] = tracking  # the flows' default (storage.tracking.resolve_tracking_uri)
+        _run([prefect_bin(), "work-pool", "create", POOL, "--type", "process", "--overwrite"], env)
+        _run([prefect_bin(), "--no-prompt", "deploy", "--all"], env)
+        host = socket.gethostname()
+        for i in range(cfg.workers):
+            self._spawn([prefect_bin(), "worker", "start", "--pool", POOL, "--name", f"rsir-{host}-{os.getpid()}-{i}"],
+                        f"worker-{i}.log", env)
+        print(f"started {cfg.workers} worker(s) on pool {POOL}, logging to "
+              f"{redact_uri(tracking) if tracking else 'SQLite in the workspace'}", file=sys.stderr)
+
+    def _spawn(self, cmd: list[str], log: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        proc = _start(cmd, env or self.env, self.logs / log)
+        self.procs.append(proc)
+        return proc
+
+    def check_alive(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is not None:
+                raise RsirError(f"`{Path(proc.args[0]).name} {' '.join(proc.args[1:3])}` exited with status "
+                                f"{proc.returncode}; see {self.logs}")
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            stop_tree(proc)
+
+
+def serve(home: str | None, params: dict, ready_file: str | None = None) -> None:
+    cfg = parse_config(ServeConfig, params)
     ws = Workspace.at(home)
-    env = serve_env(ws, host, port)
-    logs = ws.root / "prefect" / "logs"
-    prefect = prefect_bin()
-    procs: list[subprocess.Popen] = []
+    if cfg.host not in LOOPBACK:
+        print(f"rsir: warning: binding {cfg.host}: the Prefect API and the MLflow server have no authentication; "
+              f"anyone who reaches this address can run flows and read or change runs", file=sys.stderr)
+    services = Services(ws, cfg)
     stopping = False
 
     def stop(*_: object) -> None:
@@ -93,27 +273,23 @@ def serve(home: str | None = None, host: str = "127.0.0.1", port: int = 4200, re
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        print(f"starting Prefect server on http://{host}:{port} (logs in {logs})", file=sys.stderr)
-        procs.append(_start([prefect, "server", "start", "--host", host, "--port", str(port)], env,
-                            logs / "server.log"))
-        wait_healthy(f"{env['PREFECT_API_URL']}/health", 120, procs[0])
-        _run([prefect, "work-pool", "create", POOL, "--type", "process", "--overwrite"], env)
-        _run([prefect, "--no-prompt", "deploy", "--all"], env)
-        procs.append(_start([prefect, "worker", "start", "--pool", POOL], env, logs / "worker.log"))
-        print(f"ready: UI http://{host}:{port}, API {env['PREFECT_API_URL']}; "
-              f"try: PREFECT_API_URL={env['PREFECT_API_URL']} prefect deployment run rsir/iterate --param K=1",
-              file=sys.stderr)
+        starters = {"prefect": services.start_prefect, "mlflow": services.start_mlflow,
+                    "worker": services.start_workers}
+        for name in cfg.services:
+            if stopping:
+                break
+            starters[name]()
+        ready = {"prefect_api": cfg.api_of_workers, "tracking_uri": cfg.tracking_of_workers(),
+                 "services": cfg.services}
+        print(f"ready: {', '.join(cfg.services)}; try: PREFECT_API_URL={cfg.api_of_workers} "
+              f"prefect deployment run rsir/iterate --param K=1", file=sys.stderr)
         if ready_file:
-            Path(ready_file).write_text(env["PREFECT_API_URL"])
+            Path(ready_file).write_text(json.dumps(ready))
         while not stopping:
-            for proc in procs:
-                if proc.poll() is not None:
-                    raise RsirError(f"`{' '.join(proc.args[1:3])}` exited with status {proc.returncode}; "
-                                    f"see {logs}")
+            services.check_alive()
             time.sleep(0.5)
     finally:
-        for proc in reversed(procs):
-            _stop(proc)
+        services.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        print("stopped the worker and the server", file=sys.stderr)
+        print(f"stopped: {', '.join(cfg.services)}", file=sys.stderr)

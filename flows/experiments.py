@@ -27,7 +27,7 @@ from flows.rsir import rsir
 from models import get_backbone
 from core.config import Device, parse_config
 from core.workspace import Workspace
-from storage.tracking import Tracker, default_tracking_uri, redact_uri
+from storage.tracking import Tracker, resolve_tracking_uri, redact_uri
 from tasks.config import RunConfig
 from tasks.results import best_on_validation, collect_runs, finished_lineages
 
@@ -220,7 +220,7 @@ def run_suite(cfg: ExperimentConfig) -> dict[str, Any]:
     logger = get_run_logger()
     started = time.perf_counter()
     ws = Workspace.at(cfg.home)
-    uri = cfg.tracking_uri or default_tracking_uri(ws.mlflow_db)
+    uri = resolve_tracking_uri(cfg.tracking_uri, ws.mlflow_db)
     tracker = Tracker.open(uri, cfg.experiment_name, ws.mlartifacts)
     tracker.tag_experiment("rsir.suite", cfg.suite)
     ran, skipped = [], []

@@ -24,13 +24,13 @@ from core.config import with_parameters
 from tasks.config import RunConfig, run_parameters
 from core.workspace import Workspace
 from storage.manifest import VersionRef
-from storage.tracking import Tracker, default_tracking_uri, redact_uri
+from storage.tracking import Tracker, resolve_tracking_uri, redact_uri
 from tasks.evaluate import Evaluation, evaluate_task
 from tasks.expand import expand_task
 from tasks.filter import Filtered, filter_task
 from tasks.generate import Generation, GenerationParams, generate_task
 from tasks.ingest import fetch_builtin_task
-from storage.dataset import dataset_store
+from storage.dataset import DatasetStore, dataset_store
 from tasks.plots import plot_run_task
 from tasks.runtime import torch_threads
 from tasks.train import TrainResult, train_task
@@ -55,19 +55,20 @@ class Iteration:
 @flow(name="rsir-iteration", flow_run_name="iteration-{k}", log_prints=True)
 def iteration(cfg: RunConfig, home: str, dataset: str, k: int, last: bool) -> Iteration:
     """Train and evaluate θ_k on D_k; unless this is the last iteration, produce D_{k+1}."""
-    student = train_task(cfg.train_config(dataset, k, cfg.model), home, role="student")
-    evaluation = evaluate_task(home, student.value.checkpoint, dataset, k, cfg.device)
+    student = train_task(cfg.train_config(dataset, k, cfg.model), home, role="student", executor=cfg.executor_spec())
+    evaluation = evaluate_task(home, student.value.checkpoint, dataset, k, cfg.device, cfg.executor_spec())
     times = {"train": student.seconds, "evaluate": evaluation.seconds}
     if last:
         return Iteration(k, student.value, evaluation.value, times)
     generator = student
     if cfg.generator is not None and cfg.generator != cfg.model:  # weak-to-strong
-        generator = train_task(cfg.train_config(dataset, k, cfg.generator), home, role="generator")
+        generator = train_task(cfg.train_config(dataset, k, cfg.generator), home, role="generator",
+                               executor=cfg.executor_spec())
         times["train_generator"] = generator.seconds
     params = GenerationParams(m=cfg.m, tau=cfg.generation_threshold, p=cfg.p, min_len=cfg.min_len,
                               seed=cfg.seed + k, batch_size=cfg.gen_batch_size, device=cfg.device,
                               max_sources=cfg.max_sources)
-    generated = generate_task(home, dataset, k, generator.value.checkpoint, params)
+    generated = generate_task(home, dataset, k, generator.value.checkpoint, params, executor=cfg.executor_spec())
     accepted = filter_task(home, dataset, k, generated.value.path, cfg.tau if cfg.fidelity else None, cfg.min_len,
                            cfg.fidelity)
     expanded = expand_task(home, accepted.value.path, k + 1,
@@ -93,7 +94,7 @@ rsir = flow(name="rsir", flow_run_name="rsir-{dataset}-{model}-K{K}", log_prints
 def run_rsir(cfg: RunConfig) -> dict[str, Any]:
     started = time.perf_counter()
     ws = Workspace.at(cfg.home)
-    tracker = Tracker.open(cfg.tracking_uri or default_tracking_uri(ws.mlflow_db), cfg.experiment, ws.mlartifacts)
+    tracker = Tracker.open(resolve_tracking_uri(cfg.tracking_uri, ws.mlflow_db), cfg.experiment, ws.mlartifacts)
     fetch_builtin_task(cfg.dataset, ws.home)
     lineage = cfg.lineage_key()
     # The run's own fork of the dataset, named by its parameters: a re-run resumes in it.
@@ -140,13 +141,20 @@ def _finish(cfg: RunConfig, ws: Workspace, tracker: Tracker, parent: str, run_da
             rows: list[dict[str, Any]], champion: Champion, wall: float) -> dict[str, Any]:
     """Register the champion, log the summary and plots, close the parent run."""
     model_name = f"rsir-{cfg.dataset}-{cfg.model.name}"
-    version = tracker.register_champion(model_name, champion.run_id, "checkpoint")
+    best = rows[champion.k]
+    version = tracker.register_champion(model_name, champion.run_id, "checkpoint", tags={
+        "rsir.iteration": champion.k, "rsir.K": cfg.K, "rsir.dataset": run_dataset,
+        "rsir.dataset_version": best["version"],
+        "rsir.dataset_digest": dataset_store(ws).manifest(run_dataset, best["version"]).digest,
+        "rsir.lineage": cfg.lineage_key()[:16], "valid_ndcg_at_10": f"{best['valid']['ndcg@10']:.4f}",
+        "test_ndcg_at_10": f"{best['test']['ndcg@10']:.4f}"})
+    _log_version(tracker, parent, dataset_store(ws), run_dataset, cfg.K, "output")  # D_K: the parent's lineage ends here
     step_seconds = sum(sum(r["times"].values()) for r in rows)
     summary = {"dataset": cfg.dataset, "run_dataset": run_dataset, "model": cfg.model.name,
                "generator": cfg.generator_model.name, "K": cfg.K, "iterations": rows,
                "champion": {"iteration": champion.k, "registered_model": model_name, "version": version,
                             "alias": "champion"},
-               "mlflow_run_id": parent, "tracking_uri": redact_uri(tracker.uri),
+               "mlflow_run_id": parent, "tracking_uri": redact_uri(tracker.uri), "mlflow_url": tracker.run_url(parent),
                "wall_seconds": wall, "step_seconds": step_seconds,
                "overhead_fraction": max(wall - step_seconds, 0.0) / wall if wall else 0.0}
     for path in plot_run_task(rows, str(ws.root / "runs" / run_dataset / "plots")):
@@ -163,8 +171,10 @@ def _parent_run(tracker: Tracker, cfg: RunConfig, lineage: str, run_dataset: str
     tags = {"rsir.lineage": lineage[:16], "rsir.K": str(cfg.K),
             **{f"rsir.label.{key}": str(value) for key, value in cfg.labels.items()}}
     # A run of the same lineage left RUNNING was killed: say so, the new run resumes its work.
+    # Not one whose Prefect flow run still runs: two workers may run the same lineage at once.
     for stale in tracker.search_runs(f"tags.`rsir.lineage` = '{lineage[:16]}' and attributes.status = 'RUNNING'"):
-        tracker.end_run(stale.info.run_id, "KILLED")
+        if not _flow_run_alive(stale.data.tags.get("prefect.flow_run_id", "")):
+            tracker.end_run(stale.info.run_id, "KILLED")
     ctx = get_run_context()
     flow_run = getattr(ctx, "flow_run", None)
     prefect_tags = {"prefect.flow_run_id": str(flow_run.id) if flow_run else "",
@@ -172,7 +182,29 @@ def _parent_run(tracker: Tracker, cfg: RunConfig, lineage: str, run_dataset: str
     run_id = tracker.start_run(f"rsir-{cfg.dataset}-{cfg.model.name}-K{cfg.K}", {**tags, **prefect_tags})
     tracker.log_params(run_id, {**cfg.model_dump(mode="json", exclude={"home", "tracking_uri", "progress"}),
                                 "run_dataset": run_dataset})
+    _log_version(tracker, run_id, dataset_store(Workspace.at(cfg.home)), run_dataset, 0, "input")  # D_0
     return run_id
+
+
+def _flow_run_alive(flow_run_id: str) -> bool:
+    """Whether Prefect still runs (or is about to run) this flow run; False for an unknown id."""
+    if not flow_run_id:
+        return False
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state
+    except Exception:  # deleted, or another Prefect server: nothing says it still runs
+        return False
+    return state is not None and not state.is_final()
+
+
+def _log_version(tracker: Tracker, run_id: str, store: DatasetStore, dataset: str, version: int, context: str) -> None:
+    """Log dataset version `version` as an input of `run_id` with the given context."""
+    manifest = store.manifest(dataset, version)
+    tracker.log_dataset(run_id, dataset, version, manifest.digest, store.root + "/" + dataset, context,
+                        _profile(manifest.stats))
 
 
 def _log_iteration(tracker: Tracker, parent: str, cfg: RunConfig, dataset: str, result: Iteration) -> str:
@@ -195,14 +227,13 @@ def _log_iteration(tracker: Tracker, parent: str, cfg: RunConfig, dataset: str, 
                                 "train/best_epoch": student.best_epoch,
                                 "train/synthetic_position_share": student.synthetic_position_share,
                                 "train/synthetic_weight_share": student.synthetic_weight_share})
-    uri = store.root + "/" + dataset
-    tracker.log_dataset(child, dataset, k, manifest.digest, uri, "training", _profile(manifest.stats))
+    _log_version(tracker, child, store, dataset, k, "training")
     tracker.log_artifact(child, student.checkpoint, "checkpoint")
     tracker.log_artifact(child, evaluation.ranks_path, "ranks")  # per-user ranks: paired tests across runs
     if result.next is not None:
         nxt = result.next
         tracker.log_metrics(child, {f"generation/{key}": v for key, v in result.filtered.counts.items()})
-        tracker.log_dataset(child, dataset, nxt.version, nxt.digest, uri, "output", _profile(nxt.stats or {}))
+        _log_version(tracker, child, store, dataset, nxt.version, "output")
         if result.generator.checkpoint != student.checkpoint:  # weak-to-strong
             tracker.log_artifact(child, result.generator.checkpoint, "generator_checkpoint")
     tracker.end_run(child)
@@ -257,6 +288,8 @@ def format_table(summary: dict[str, Any]) -> str:
     lines.append(f"champion: iteration {summary['champion']['iteration']} registered as "
                  f"{summary['champion']['registered_model']} v{summary['champion']['version']} @champion; "
                  f"MLflow run {summary['mlflow_run_id']} ({summary['tracking_uri']})")
+    if summary.get("mlflow_url"):
+        lines.append(f"lineage: {summary['mlflow_url']}")
     return "\n".join(lines)
 
 

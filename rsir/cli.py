@@ -451,12 +451,12 @@ def report_cmd(
     """Write report.md and PNG figures from a suite's MLflow runs, and log them to MLflow."""
     from flows.experiments import ExperimentConfig
     from core.config import parse_config
-    from storage.tracking import Tracker, default_tracking_uri
+    from storage.tracking import Tracker, resolve_tracking_uri
     from tasks.report import write_report
 
     ws = _workspace(home)
     cfg = parse_config(ExperimentConfig, _drop_none(suite=suite, smoke=smoke, experiment=experiment))
-    uri = tracking_uri or default_tracking_uri(ws.mlflow_db)
+    uri = resolve_tracking_uri(tracking_uri, ws.mlflow_db)
     tracker = Tracker.open(uri, cfg.experiment_name, ws.mlartifacts)
     folder = out or ws.root / "reports" / cfg.experiment_name
     if notes is not None and not notes.is_file():
@@ -483,17 +483,36 @@ def _backbone_options(pairs: list[str] | None) -> dict[str, dict[str, Any]] | No
     return out
 
 
+def _serve_help(field: str) -> str:
+    from deployments.serve import ServeConfig
+
+    return ServeConfig.model_fields[field].description or ""
+
+
 @app.command("serve")
 def serve(
-    port: Annotated[int, typer.Option(help="port of the Prefect server")] = 4200,
-    host: Annotated[str, typer.Option(help="interface to bind (loopback by default)")] = "127.0.0.1",
-    ready_file: Annotated[Optional[str], typer.Option(hidden=True, help="write the API URL here once ready")] = None,
+    only: Annotated[Optional[list[str]], typer.Option(
+        "--only", help="run only this service: prefect, mlflow or worker (repeatable)")] = None,
+    mlflow: Annotated[bool, typer.Option("--mlflow", help="also run an MLflow tracking server; workers log to it")] = False,
+    host: Annotated[str, typer.Option(help=_serve_help("host"))] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help=_serve_help("port"))] = 4200,
+    database: Annotated[Optional[str], typer.Option(help=_serve_help("database"))] = None,
+    workers: Annotated[int, typer.Option(help=_serve_help("workers"))] = 1,
+    mlflow_port: Annotated[int, typer.Option(help=_serve_help("mlflow_port"))] = 5000,
+    mlflow_workers: Annotated[int, typer.Option(help=_serve_help("mlflow_workers"))] = 2,
+    tracking_uri: Annotated[Optional[str], typer.Option(help=_serve_help("tracking_uri"))] = None,
+    prefect_api: Annotated[Optional[str], typer.Option(help=_serve_help("prefect_api"))] = None,
+    ready_file: Annotated[Optional[str], typer.Option(hidden=True, help="write a JSON of the endpoints once ready")] = None,
     home: Home = None,
 ) -> None:
-    """Start a local Prefect server, the work pool, the deployments and a worker (Ctrl-C stops all)."""
+    """Start the services: a Prefect server, the work pool, the deployments and workers; with
+    --mlflow an MLflow tracking server too (Ctrl-C stops all)."""
     from deployments.serve import serve as run_serve
 
-    run_serve(_workspace(home).home, host=host, port=port, ready_file=ready_file)
+    services = only or ["prefect", "worker", *(["mlflow"] if mlflow else [])]
+    run_serve(_workspace(home).home, _drop_none(
+        services=services, host=host, port=port, database=database, workers=workers, mlflow_port=mlflow_port,
+        mlflow_workers=mlflow_workers, tracking_uri=tracking_uri, prefect_api=prefect_api), ready_file=ready_file)
 
 
 def _options(pairs: list[str] | None, flag: str = "--option") -> dict[str, Any] | None:

@@ -11,15 +11,16 @@ from typing import Any
 
 import torch
 from core.errors import RsirError
-from storage.files import Location, exists, location, read_bytes, write_bytes
+from storage.files import Location, create_bytes, exists, location, read_bytes, write_bytes
 
 CHECKPOINT_FORMAT = 1
 
 
 def write_checkpoint(path: Location, state_dict: dict[str, torch.Tensor], model_config: dict[str, Any],
-                     num_items: int, meta: dict[str, Any]) -> Location:
+                     num_items: int, meta: dict[str, Any], if_absent: bool = False) -> bool:
     """Write atomically (temp file + rename, or one PUT) so a crash never leaves a truncated checkpoint.
-    `model_config` is the backbone's config as JSON data, its name under "name"."""
+    `model_config` is the backbone's config as JSON data, its name under "name". With `if_absent`,
+    write only where no checkpoint is yet (put-if-absent) and return False if another writer was first."""
     payload = {
         "format": CHECKPOINT_FORMAT,
         "backbone": model_config["name"],
@@ -30,8 +31,10 @@ def write_checkpoint(path: Location, state_dict: dict[str, torch.Tensor], model_
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
+    if if_absent:
+        return create_bytes(path, buffer.getvalue())
     write_bytes(path, buffer.getvalue())
-    return path
+    return True
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

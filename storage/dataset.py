@@ -352,7 +352,12 @@ class DatasetStore:
             return manifest
         except FileExistsError:
             self._discard(published)
-            winner = self.manifest_at(name, manifest.lineage, manifest.version)
+            try:
+                winner = self.manifest_at(name, manifest.lineage, manifest.version)
+            except RsirError:  # the winner's lineage was dropped by a later --force before we could read it
+                raise RsirError(f"dataset {name!r} version {manifest.version} was committed concurrently by "
+                                f"another writer, and that commit was itself replaced (--force) before this "
+                                f"write could compare contents; this write was discarded") from None
             if winner.digest == manifest.digest:
                 return winner
             raise RsirError(f"dataset {name!r} version {manifest.version} was committed concurrently by another "

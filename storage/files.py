@@ -136,6 +136,23 @@ def write_bytes(loc: Location, data: bytes) -> None:
     fs.pipe_file(path, data)
 
 
+def create_bytes(loc: Location, data: bytes) -> bool:
+    """Put-if-absent: write `data` (complete and durable) only if nothing is at `loc`. False when
+    another writer got there first: a hard link locally, a conditional PUT (If-None-Match: *) on S3."""
+    try:
+        if isinstance(loc, Path):
+            loc.parent.mkdir(parents=True, exist_ok=True)
+            exclusive_create(loc, data)
+        else:
+            fs, path = filesystem(loc)
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            with fs.open(path, "xb") as fh:
+                fh.write(data)
+    except FileExistsError:
+        return False
+    return True
+
+
 def copy_file(source: Location, target: Location) -> None:
     if isinstance(source, Path) and isinstance(target, Path):
         atomic_copy(source, target)

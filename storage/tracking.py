@@ -9,6 +9,7 @@ dataset inputs only; `log_outputs` is for models), each with the manifest digest
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -23,6 +24,12 @@ def default_tracking_uri(db: Path) -> str:
     return f"sqlite:///{db.resolve()}"
 
 
+def resolve_tracking_uri(given: str | None, db: Path) -> str:
+    """The tracking URI a command or flow logs to: the one it was given, else MLflow's own
+    $MLFLOW_TRACKING_URI (what `rsir serve` sets for its workers), else SQLite in the workspace."""
+    return given or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(db)
+
+
 # Fail fast instead of MLflow's minutes of HTTP retries against an unreachable server. MLflow reads
 # these from the environment at request time: the front doors (CLI, `rsir serve`) set them once.
 MLFLOW_ENVIRONMENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
@@ -34,6 +41,11 @@ def mlflow_environment_defaults(environ: dict[str, str]) -> None:
     where the caller has not set a value."""
     for key, value in MLFLOW_ENVIRONMENT.items():
         environ.setdefault(key, value)
+
+
+# Without this tag MLflow's UI guesses the experiment's kind and opens it in the GenAI view
+# (traces, evaluation runs); rsir's experiments are model training.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 class Tracker:
@@ -55,8 +67,11 @@ class Tracker:
         client = MlflowClient(tracking_uri)
         try:
             found = client.get_experiment_by_name(experiment)
-            experiment_id = found.experiment_id if found else client.create_experiment(
-                experiment, artifact_location=_artifact_location(artifact_root))
+            experiment_id = found.experiment_id if found else _create_experiment(
+                client, experiment, _artifact_location(tracking_uri, artifact_root))
+            if found and not EXPERIMENT_KIND.items() <= found.tags.items():  # created by an older rsir
+                for key, value in EXPERIMENT_KIND.items():
+                    client.set_experiment_tag(experiment_id, key, value)
         except Exception as exc:  # MLflow raises many types for a bad URI or a dead server
             reason = redact_uri(str(exc).splitlines()[0])[:200]  # MLflow's message repeats the URI
             raise RsirError(f"MLflow tracking URI {redact_uri(tracking_uri)!r} is unreachable or invalid: "
@@ -135,23 +150,54 @@ class Tracker:
                           schema="", profile=json.dumps(profile, default=float))
         self._client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
 
+    def run_url(self, run_id: str) -> str | None:
+        """The run's page in the tracking server's UI, in its model-training view (MLflow 3.17
+        opens the GenAI view unless the URL asks otherwise); None without a server."""
+        if not self.uri.startswith(("http://", "https://")):
+            return None
+        return (f"{redact_uri(self.uri).rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+                f"?workflowType=machine_learning")
+
     def artifact_uri(self, run_id: str, artifact_path: str) -> str:
         return f"{self._client.get_run(run_id).info.artifact_uri}/{artifact_path}"
 
-    def register_champion(self, model_name: str, run_id: str, artifact_path: str, alias: str = "champion") -> int:
-        """Register the checkpoint artifact of `run_id` as a new version of `model_name` and
-        point `alias` at it."""
+    def register_champion(self, model_name: str, run_id: str, artifact_path: str, tags: dict[str, Any],
+                          alias: str = "champion") -> int:
+        """Register the checkpoint artifact of `run_id` as a new version of `model_name` (with
+        `tags`: what a person reads in the registry) and point `alias` at it."""
         from mlflow.exceptions import MlflowException
 
         try:
             self._client.create_registered_model(model_name)
         except MlflowException as exc:
-            if "already exists" not in str(exc).lower():
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         version = self._client.create_model_version(model_name, source=self.artifact_uri(run_id, artifact_path),
-                                                    run_id=run_id)
-        self._client.set_registered_model_alias(model_name, alias, version.version)
+                                                    run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+        # The alias names the newest registration, also when runs register at once: point it at the
+        # newest version seen, and again if a newer one appeared meanwhile (its run may have set the
+        # alias before this one did).
+        newest = 0
+        while (latest := self._newest_version(model_name)) != newest:
+            newest = latest
+            self._client.set_registered_model_alias(model_name, alias, str(newest))
         return int(version.version)
+
+    def _newest_version(self, model_name: str) -> int:
+        return max(int(v.version) for v in self._client.search_model_versions(f"name = '{model_name}'"))
+
+
+def _create_experiment(client: Any, name: str, artifact_location: str | None) -> str:
+    """Create the experiment; if another process created it first (two flows starting at once
+    on one tracking server), use theirs."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_KIND)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def _clean(key: str) -> str:
@@ -170,10 +216,12 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _artifact_location(root: Path | str | None) -> str | None:
+def _artifact_location(tracking_uri: str, root: Path | str | None) -> str | None:
     """MLflow's artifact location for a new experiment: a file URI, or the home's URL as is
-    (s3://… is uploaded with boto3, which reads the standard AWS environment)."""
-    if root is None:
+    (s3://… is uploaded with boto3, which reads the standard AWS environment). Behind a tracking
+    server the server decides (`mlflow server --artifacts-destination`, proxied uploads): a
+    client's local folder would mean nothing to the server or to other machines."""
+    if root is None or tracking_uri.startswith(("http://", "https://")):
         return None
     return root if isinstance(root, str) else root.resolve().as_uri()
 

@@ -18,7 +18,15 @@ from storage.files import Location
 
 def save_checkpoint(path: Location, model: torch.nn.Module, config: ModelConfig, num_items: int,
                     meta: dict[str, Any]) -> Location:
-    return write_checkpoint(path, model.state_dict(), config.model_dump(mode="json"), num_items, meta)
+    write_checkpoint(path, model.state_dict(), config.model_dump(mode="json"), num_items, meta)
+    return path
+
+
+def commit_checkpoint(path: Location, model: torch.nn.Module, config: ModelConfig, num_items: int,
+                      meta: dict[str, Any]) -> bool:
+    """Save only if no checkpoint is at `path` yet; False when another writer committed one first."""
+    return write_checkpoint(path, model.state_dict(), config.model_dump(mode="json"), num_items, meta,
+                            if_absent=True)
 
 
 def load_checkpoint(path: str | Path, num_items: int | None = None, backbone: str | None = None,

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from core.config import Device, Metric, Parameter, parse_config
 from core.hashing import json_digest
 from models.config import ModelConfig
+from tasks.executor import Executor
 
 _DEFAULT_BACKBONE: str = ModelConfig.model_fields["name"].default
 Recipe = Literal["default", "release"]
@@ -88,6 +89,10 @@ class TrainingSettings(BaseModel):
                                "keeps >= max_len - stride items of context); None = max_len // 2; max_len = "
                                "disjoint windows (the trainer before issue 10)")
 
+    train_workers: int = Field(1, ge=1, le=256, description="data-parallel training processes on Ray (each "
+                               "computes the gradient of its share of every batch; the gradients are summed, "
+                               "so the global batch stays batch_size); 1 = this process")
+
     @model_validator(mode="before")
     @classmethod
     def _recipe(cls, data: Any) -> Any:
@@ -100,6 +105,12 @@ class TrainingSettings(BaseModel):
     def check_stride(self, model: ModelConfig) -> None:
         if self.stride is not None and self.stride > model.max_len:
             raise ValueError(f"stride={self.stride} exceeds the {model.name} model's max_len={model.max_len}")
+
+
+def learned(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings as content keys hash them: `train_workers` only when data-parallel, so the keys
+    of every one-process training (checkpoints, lineages) are the ones they were before it existed."""
+    return {k: v for k, v in settings.items() if not (k == "train_workers" and v == 1)}
 
 
 class TrainConfig(TrainingSettings):
@@ -148,6 +159,10 @@ class RunConfig(TrainingSettings):
     seed: int = Field(0, ge=0, description="random seed of training and generation (iteration k uses seed + k)")
     device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
+    executor: Literal["local", "ray"] = Field("local", description="where generation and evaluation shards run: "
+                                             "this process, or a Ray cluster (identical results)")
+    ray_address: str | None = Field(None, description="executor ray: the cluster to join (default: start a local one)")
+    ray_workers: int | None = Field(None, ge=1, description="executor ray: parallel tasks per step (default: the cluster's CPUs)")
     home: str | None = Field(None, description="workspace directory (default $RSIR_HOME or ./workspace)")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite in the workspace)")
     experiment: str = Field("rsir", description="MLflow experiment")
@@ -159,6 +174,8 @@ class RunConfig(TrainingSettings):
     def _generation_tau(self) -> "RunConfig":
         for model in (self.model, self.generator_model):
             self.check_stride(model)
+        if self.train_workers > 1 and self.executor != "ray":
+            raise ValueError("train_workers > 1 trains data-parallel on Ray: set executor to 'ray'")
         if self.generation_tau is not None:
             if not self.fidelity:
                 raise ValueError("generation_tau needs fidelity control on")
@@ -170,6 +187,9 @@ class RunConfig(TrainingSettings):
     def generation_threshold(self) -> int | None:
         """The rank threshold the generator runs with (None: fidelity off)."""
         return (self.generation_tau or self.tau) if self.fidelity else None
+
+    def executor_spec(self) -> Executor:
+        return Executor(kind=self.executor, address=self.ray_address, workers=self.ray_workers)
 
     @property
     def generator_model(self) -> ModelConfig:
@@ -187,7 +207,7 @@ class RunConfig(TrainingSettings):
             "dataset", "model", "generator", "tau", "p", "m", "min_len", "fidelity", "generation_tau",
             "max_sources", "seed", *(TrainingSettings.names() - {"recipe"})})
         keep["generator"] = self.generator_model.model_dump(mode="json")
-        return json_digest(keep)
+        return json_digest(learned(keep))
 
     @classmethod
     def from_parameters(cls, params: dict[str, Any]) -> "RunConfig":

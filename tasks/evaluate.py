@@ -21,6 +21,7 @@ from storage.artifacts import write_table
 from storage.files import join, location
 from tasks.checkpoints import load_checkpoint
 from storage.dataset import dataset_store
+from tasks.executor import LOCAL, Executor, map_shards
 from tasks.runtime import Timed, resolve_device, timed
 from tasks.split import LeaveOneOut, Ragged, leave_one_out
 
@@ -66,32 +67,49 @@ def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
     return {name: float(per_user_metric(ranks, name).mean()) for name in metric_names()}
 
 
-@torch.no_grad()
 def rank_users(model: torch.nn.Module, inputs: Ragged, targets: np.ndarray, max_len: int,
                batch_size: int = 512, exclude_history: bool = True,
-               device: torch.device | str = "cpu") -> np.ndarray:
-    """Rank of every user's target, scoring from the newest `max_len` items of `inputs`."""
-    was_training = model.training
-    model.eval()
-    ranks = []
-    try:
-        for lo in range(0, len(targets), batch_size):
-            rows = np.arange(lo, min(lo + batch_size, len(targets)))
-            seqs = inputs.tails(rows, max_len).to(device)
+               device: torch.device | str = "cpu", executor: Executor = LOCAL) -> np.ndarray:
+    """Rank of every user's target, scoring from the newest `max_len` items of `inputs`.
+    Batches of users are the shards; ranks come back in user order on any executor."""
+    shards = [np.arange(lo, min(lo + batch_size, len(targets))) for lo in range(0, len(targets), batch_size)]
+    worker = RankShard(model, inputs, targets, max_len, exclude_history, str(device))
+    ranks = map_shards(executor, worker, shards, gpu=torch.device(device).type == "cuda")
+    return np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
+
+
+@dataclass
+class RankShard:
+    """A shard worker of evaluation: called with user rows, returns their targets' ranks."""
+
+    model: torch.nn.Module
+    inputs: Ragged
+    targets: np.ndarray
+    max_len: int
+    exclude_history: bool
+    device: str
+
+    @torch.no_grad()
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        model = self.model.to(self.device)  # a no-op in the process that built it
+        was_training = model.training
+        model.eval()
+        try:
+            seqs = self.inputs.tails(rows, self.max_len).to(self.device)
             scores = model.score_last(seqs)
             # Flat (row, item) pairs, not a (batch, longest history) tensor: one user with 10^6
             # interactions must not make every row of the batch 10^6 wide.
-            history = tuple(torch.from_numpy(a).to(device) for a in inputs.pairs(rows)) if exclude_history else None
-            target = torch.from_numpy(targets[rows]).to(device)
-            ranks.append(target_ranks(scores, target, history).cpu().numpy())
-    finally:
-        model.train(was_training)
-    return np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
+            history = (tuple(torch.from_numpy(a).to(self.device) for a in self.inputs.pairs(rows))
+                       if self.exclude_history else None)
+            target = torch.from_numpy(self.targets[rows]).to(self.device)
+            return target_ranks(scores, target, history).cpu().numpy()
+        finally:
+            model.train(was_training)
 
 
 def split_ranks(model: torch.nn.Module, split: LeaveOneOut, which: str, max_len: int,
                 batch_size: int = 512, exclude_history: bool = True,
-                device: torch.device | str = "cpu") -> np.ndarray:
+                device: torch.device | str = "cpu", executor: Executor = LOCAL) -> np.ndarray:
     """Target rank of every real user (in seq_id order) on the validation or test split."""
     if which == "valid":
         inputs, targets = split.valid_input, split.valid_target
@@ -99,7 +117,7 @@ def split_ranks(model: torch.nn.Module, split: LeaveOneOut, which: str, max_len:
         inputs, targets = split.test_input, split.test_target
     else:
         raise ValueError(f"which must be 'valid' or 'test', got {which!r}")
-    return rank_users(model, inputs, targets, max_len, batch_size, exclude_history, device)
+    return rank_users(model, inputs, targets, max_len, batch_size, exclude_history, device, executor)
 
 
 def evaluate_split(model: torch.nn.Module, split: LeaveOneOut, which: str, max_len: int,
@@ -124,7 +142,8 @@ class Evaluation:
 
 def evaluate_checkpoint(ws: Workspace, checkpoint: str | Path, dataset: str, version: int | None = None,
                         exclude_history: bool = True, device: str = "auto",
-                        batch_size: int = 512, ranks_path: str | None = None) -> Evaluation:
+                        batch_size: int = 512, ranks_path: str | None = None,
+                        executor: Executor = LOCAL) -> Evaluation:
     """Evaluate a stored checkpoint on a dataset version; refuses a mismatched item count.
     With `ranks_path`, also write every real user's validation and test target rank there
     (Parquet), the input of paired comparisons between models."""
@@ -134,7 +153,7 @@ def evaluate_checkpoint(ws: Workspace, checkpoint: str | Path, dataset: str, ver
     model, payload = load_checkpoint(checkpoint, num_items=manifest.num_items, device=dev)
     split = leave_one_out(store.load(dataset, manifest.version), manifest.num_items)
     args = (model.config.max_len, batch_size, exclude_history, dev)
-    ranks = {which: split_ranks(model, split, which, *args) for which in ("valid", "test")}
+    ranks = {which: split_ranks(model, split, which, *args, executor=executor) for which in ("valid", "test")}
     if ranks_path is not None:
         write_ranks(ranks_path, ranks)
     return Evaluation(payload["backbone"], str(checkpoint), dataset, manifest.version, manifest.digest,
@@ -149,10 +168,11 @@ def write_ranks(path: str, ranks: dict[str, np.ndarray]) -> None:
 
 
 @task(name="evaluate", task_run_name="evaluate-v{version}")
-def evaluate_task(home: str, checkpoint: str, dataset: str, version: int, device: str = "auto"
-                  ) -> Timed[Evaluation]:
+def evaluate_task(home: str, checkpoint: str, dataset: str, version: int, device: str = "auto",
+                  executor: Executor = LOCAL) -> Timed[Evaluation]:
     """Prefect wrapper: validation and test metrics of a checkpoint on D_version's real users,
     and the per-user ranks file next to the version's other run artifacts."""
     ws = Workspace.at(home)
     ranks_path = join(ws.runs, dataset, f"v{version}", f"ranks-{Path(checkpoint).stem}.parquet")
-    return timed(evaluate_checkpoint, ws, checkpoint, dataset, version, device=device, ranks_path=str(ranks_path))
+    return timed(evaluate_checkpoint, ws, checkpoint, dataset, version, device=device, ranks_path=str(ranks_path),
+                 executor=executor)

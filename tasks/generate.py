@@ -17,7 +17,7 @@ Pure computation: no file IO; the caller moves the model to `params.device` befo
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -39,6 +39,7 @@ from storage.files import exists, file_sha256, join, location
 from storage.checkpoints import read_checkpoint
 from tasks.checkpoints import load_checkpoint
 from storage.dataset import dataset_store
+from tasks.executor import LOCAL, Executor, map_shards
 from tasks.runtime import Timed, resolve_device, timed
 from tasks.split import Ragged, flat_index, gather_padded, leave_one_out
 
@@ -255,27 +256,50 @@ def stop_reason_counts(rollouts: Rollouts) -> dict[str, int]:
     return {name: int(c) for name, c in zip(STOP_REASONS, counts)}
 
 
-def generate_rollouts(model: SequenceModel, sources: Ragged, params: GenerationParams) -> Rollouts:
-    """Run params.m rollouts from every source sequence (see ../shared/docs/rsir-method.md, section 3)."""
+def generate_rollouts(model: SequenceModel, sources: Ragged, params: GenerationParams,
+                      executor: Executor = LOCAL) -> Rollouts:
+    """Run params.m rollouts from every source sequence (see ../shared/docs/rsir-method.md, section 3).
+    Batches of params.batch_size rollout ids are the shards: on any executor, with any batch
+    size, the same rollouts come out (global ids, counter-based pool draws)."""
     params = resolve_params(params, model)
-    device = resolve_device(params.device)
-    with _frozen(model):
-        num_items = int(model.num_items)
-        _check_sources(sources, num_items)
-        total = len(sources) * params.m
-        values, lengths, trace_values, trace_lengths, reasons = [], [], [], [], []
-        for lo in range(0, total, params.batch_size):
-            ids = np.arange(lo, min(lo + params.batch_size, total), dtype=np.int64)
-            items, trace, reason = _rollout_batch(model, sources, ids, params, num_items, device)
-            values.append(items[0]), lengths.append(items[1])
-            trace_values.append(trace[0]), trace_lengths.append(trace[1])
-            reasons.append(reason)
+    _check_sources(sources, int(model.num_items))
+    total = len(sources) * params.m
+    items, trace, reasons = _run_batches(model, sources, params, _rollout_batch, (),
+                                         np.arange(total, dtype=np.int64), executor)
     rollout_id = np.arange(total, dtype=np.int64)
-    return Rollouts(
-        items=_ragged(values, lengths), source_index=rollout_id // params.m, rollout_id=rollout_id,
-        stop_reason=np.concatenate(reasons) if reasons else np.zeros(0, np.int8),
-        trace=_ragged(trace_values, trace_lengths), params=params,
-    )
+    return Rollouts(items=items, source_index=rollout_id // params.m, rollout_id=rollout_id, stop_reason=reasons,
+                    trace=trace, params=params)
+
+
+@dataclass
+class BatchShard:
+    """A shard worker of generation: the model, the sources, the parameters and the batch step
+    (`_rollout_batch` or `_extend_batch`, with its `extra` arguments); called with a batch of ids
+    (rollout ids, or source rows), returns their (items, trace, stop reasons) as flat arrays."""
+
+    model: SequenceModel
+    sources: Ragged
+    params: GenerationParams
+    step: Callable[..., Any]
+    extra: tuple
+
+    def __call__(self, ids: np.ndarray):
+        device = resolve_device(self.params.device)
+        self.model.to(device)  # a no-op in the process that built it; once per Ray task group
+        with _frozen(self.model):
+            return self.step(self.model, self.sources, ids, self.params, *self.extra, int(self.model.num_items),
+                             device)
+
+
+def _run_batches(model: SequenceModel, sources: Ragged, params: GenerationParams, step: Callable[..., Any],
+                 extra: tuple, ids: np.ndarray, executor: Executor) -> tuple[Ragged, Ragged, np.ndarray]:
+    """`step` over consecutive batches of `ids` on `executor`; the results joined in id order."""
+    shards = [ids[lo: lo + params.batch_size] for lo in range(0, len(ids), params.batch_size)]
+    done = map_shards(executor, BatchShard(model, sources, params, step, extra), shards,
+                      gpu=resolve_device(params.device).type == "cuda")
+    return (_ragged([d[0][0] for d in done], [d[0][1] for d in done]),
+            _ragged([d[1][0] for d in done], [d[1][1] for d in done]),
+            np.concatenate([d[2] for d in done]) if done else np.zeros(0, np.int8))
 
 
 def _rollout_batch(model: SequenceModel, sources: Ragged, ids: np.ndarray, params: GenerationParams,
@@ -352,7 +376,7 @@ class Extensions:
 
 
 def extend_sequences(model: SequenceModel, sources: Ragged, params: GenerationParams,
-                     holdout_h: int) -> Extensions:
+                     holdout_h: int, executor: Executor = LOCAL) -> Extensions:
     """Hold out the last h items of each source (training parts only: the caller's job), extend
     the prefix greedily by up to m items (same pool rule; local pool = the source's items) and
     accept at the first step after which a held-out item ranks <= tau (tau None: any rank).
@@ -360,23 +384,12 @@ def extend_sequences(model: SequenceModel, sources: Ragged, params: GenerationPa
     if not isinstance(holdout_h, (int, np.integer)) or holdout_h < 1:
         raise RsirError(f"invalid parameter 'holdout_h': must be an integer >= 1 (got {holdout_h!r})")
     params = resolve_params(params, model)
-    device = resolve_device(params.device)
     eligible = np.flatnonzero(sources.lengths > holdout_h).astype(np.int64)
-    with _frozen(model):
-        num_items = int(model.num_items)
-        _check_sources(sources, num_items, min_items=0)
-        values, lengths, trace_values, trace_lengths, reasons = [], [], [], [], []
-        for lo in range(0, len(eligible), params.batch_size):
-            rows = eligible[lo: lo + params.batch_size]
-            items, trace, reason = _extend_batch(model, sources, rows, params, holdout_h, num_items, device)
-            values.append(items[0]), lengths.append(items[1])
-            trace_values.append(trace[0]), trace_lengths.append(trace[1])
-            reasons.append(reason)
+    _check_sources(sources, int(model.num_items), min_items=0)
+    items, trace, reasons = _run_batches(model, sources, params, _extend_batch, (holdout_h,), eligible, executor)
     return Extensions(
-        items=_ragged(values, lengths), source_index=eligible,
-        prefix_len=sources.lengths[eligible] - holdout_h,
-        stop_reason=np.concatenate(reasons) if reasons else np.zeros(0, np.int8),
-        trace=_ragged(trace_values, trace_lengths), holdout_h=int(holdout_h), params=params,
+        items=items, source_index=eligible, prefix_len=sources.lengths[eligible] - holdout_h,
+        stop_reason=reasons, trace=trace, holdout_h=int(holdout_h), params=params,
     )
 
 
@@ -521,7 +534,7 @@ class Generation:
 
 
 def generate_step(home: str, dataset: str, version: int, checkpoint: str, params: GenerationParams,
-                  mode: str = "rollout", holdout_h: int = 1) -> Generation:
+                  mode: str = "rollout", holdout_h: int = 1, executor: Executor = LOCAL) -> Generation:
     """Generate from every training sequence of D_version with the model in `checkpoint`;
     write the rollouts (with traces and stop reasons) to a file keyed by the inputs and
     return its reference. An existing file for the same inputs is reused (resume)."""
@@ -548,10 +561,10 @@ def generate_step(home: str, dataset: str, version: int, checkpoint: str, params
     sources = _slices(split.train.values, split.train.offsets[rows], split.train.offsets[rows + 1])
     started = time.perf_counter()
     if mode == "rollout":
-        out: Rollouts | Extensions = generate_rollouts(model, sources, params)
+        out: Rollouts | Extensions = generate_rollouts(model, sources, params, executor)
         rollout_id = out.rollout_id
     else:
-        out = extend_sequences(model, sources, params, holdout_h)
+        out = extend_sequences(model, sources, params, holdout_h, executor)
         rollout_id = rows[out.source_index]  # extension ids are source rows of D_k
     seconds = time.perf_counter() - started
     reasons = np.asarray(STOP_REASONS if mode == "rollout" else EXTEND_REASONS)[out.stop_reason]
@@ -583,5 +596,5 @@ def generation_table(out: Rollouts | Extensions, rollout_id: np.ndarray, source_
 
 @task(name="generate", task_run_name="generate-{dataset}-v{version}")
 def generate_task(home: str, dataset: str, version: int, checkpoint: str, params: GenerationParams,
-                  mode: str = "rollout", holdout_h: int = 1) -> Timed[Generation]:
-    return timed(generate_step, home, dataset, version, checkpoint, params, mode, holdout_h)
+                  mode: str = "rollout", holdout_h: int = 1, executor: Executor = LOCAL) -> Timed[Generation]:
+    return timed(generate_step, home, dataset, version, checkpoint, params, mode, holdout_h, executor)

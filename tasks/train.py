@@ -6,6 +6,7 @@ Every target position of an epoch weighs the same in the objective (a synthetic 
 from __future__ import annotations
 
 import copy
+import io
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,14 +18,15 @@ from prefect import task
 from tqdm import tqdm
 
 from models import build_model
-from tasks.config import TrainConfig, TrainingSettings
+from tasks.config import TrainConfig, TrainingSettings, learned
 from core.errors import RsirError
 from core.workspace import Workspace
 from core.hashing import json_digest
 from storage.checkpoints import read_checkpoint
 from storage.files import Location, copy_file, exists, join
-from tasks.checkpoints import save_checkpoint
+from tasks.checkpoints import commit_checkpoint, save_checkpoint
 from tasks.evaluate import evaluate_split
+from tasks.executor import LOCAL, Executor, report_result, run_data_parallel
 from storage.dataset import dataset_store
 from tasks.runtime import Timed, resolve_device, seed_everything, timed, torch_threads
 from tasks.split import (BATCHINGS, LeaveOneOut, TargetWeights, Windows, batch_scales, leave_one_out,
@@ -58,7 +60,7 @@ _NOT_LEARNED = {"progress", "threads", "device", "eval_batch_size", "recipe"}
 
 
 def config_hash(cfg: TrainConfig) -> str:
-    return json_digest(cfg.model_dump(mode="json", exclude=_NOT_LEARNED))[:10]
+    return json_digest(learned(cfg.model_dump(mode="json", exclude=_NOT_LEARNED)))[:10]
 
 
 @dataclass(frozen=True)
@@ -95,9 +97,41 @@ class Fit:
     synthetic_weight_share: float  # of the gradient weight, mean over epochs (batchings vary)
 
 
+class DataParallel:
+    """This process's place among `world` training processes (torch.distributed is set up): it
+    takes rows rank, rank + world, ... of every batch, and the gradients are summed over the
+    processes. A batch's loss is a weighted *sum* over its rows (the epoch's scale is in the
+    weights), so the summed gradient is the whole batch's, up to the order of float additions."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+
+    def share(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(t[self.rank::self.world] for t in tensors)
+
+    def sum_scalar(self, value: float) -> float:
+        import torch.distributed as dist
+
+        total = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(total)
+        return float(total.item())
+
+    def sum_gradients(self, model: torch.nn.Module) -> None:
+        """One all-reduce of every parameter's gradient (zeros where this share had none)."""
+        import torch.distributed as dist
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        dist.all_reduce(flat)
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad = g.view_as(p).clone()
+
+
 def fit(model: torch.nn.Module, split: LeaveOneOut, cfg: TrainConfig, device: torch.device,
-        on_epoch: Callable[[dict[str, float]], None] | None = None) -> Fit:
-    """Train in place; leave the best weights (validation `cfg.early_stop`) loaded."""
+        on_epoch: Callable[[dict[str, float]], None] | None = None, group: DataParallel | None = None) -> Fit:
+    """Train in place; leave the best weights (validation `cfg.early_stop`) loaded. With `group`,
+    this is one process of a data-parallel training: every process plans the same epochs (same
+    seed), trains on its share of each batch, and evaluates the same weights (same decisions)."""
     windows = training_windows(split.train, cfg.model.max_len, cfg.window_stride)
     if len(windows) == 0:
         raise RsirError(f"dataset {cfg.dataset!r} has no training sequence with 2 or more items")
@@ -116,11 +150,18 @@ def fit(model: torch.nn.Module, split: LeaveOneOut, cfg: TrainConfig, device: to
         batches = epoch_batches(split, windows, weights, plan)
         for inputs, targets, w in tqdm(batches, total=len(plan.batches), desc=f"epoch {epoch}", leave=False,
                                        disable=not cfg.progress, file=sys.stderr, unit="batch"):
-            loss = model.loss(inputs.to(device), targets.to(device), w.to(device))
+            if group is not None:
+                inputs, targets, w = group.share(inputs, targets, w)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if len(targets):  # a share can be empty when a batch has fewer rows than processes
+                loss = model.loss(inputs.to(device), targets.to(device), w.to(device))
+                loss.backward()
+                total_loss += loss.item()
+            if group is not None:
+                group.sum_gradients(model)
             optimizer.step()
-            total_loss += loss.item()
+        if group is not None:
+            total_loss = group.sum_scalar(total_loss)
         train_seconds = time.perf_counter() - t0
         valid = evaluate_split(model, split, "valid", cfg.model.max_len, cfg.eval_batch_size, cfg.exclude_history,
                                device)
@@ -142,7 +183,7 @@ def fit(model: torch.nn.Module, split: LeaveOneOut, cfg: TrainConfig, device: to
 
 def content_key(cfg: TrainConfig, digest: str) -> str:
     """What a training depends on: the data (digest, not the dataset's name) and the config."""
-    keep = cfg.model_dump(mode="json", exclude=_NOT_LEARNED | {"dataset", "version"})
+    keep = learned(cfg.model_dump(mode="json", exclude=_NOT_LEARNED | {"dataset", "version"}))
     return json_digest([digest, keep])[:20]
 
 
@@ -155,9 +196,43 @@ def checkpoint_path(cfg: TrainConfig, ws: Workspace, version: int) -> Location:
     return join(ws.checkpoints, cfg.dataset, f"{cfg.model.name}-v{version}-seed{cfg.seed}-{config_hash(cfg)}.pt")
 
 
+def fit_data_parallel(model: torch.nn.Module, split: LeaveOneOut, cfg: TrainConfig, executor: Executor,
+                      ws: Workspace) -> Fit:
+    """`fit` in cfg.train_workers processes on Ray (Ray Train, one CPU or GPU each); the best
+    weights are loaded into `model`. Equal to one process up to float summation order and the
+    dropout draws (each process seeds its own from (seed, rank))."""
+    gpu = resolve_device(cfg.device).type == "cuda"
+    storage = ws.shared("runs", "ray-train")
+    payload = run_data_parallel(executor, data_parallel_worker, {"cfg": cfg, "split": split,
+                                                                 "num_items": int(model.num_items)},
+                                cfg.train_workers, gpu, str(storage))
+    state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    model.load_state_dict(state["state_dict"])
+    return Fit(**state["fit"])
+
+
+def data_parallel_worker(config: dict[str, Any]) -> None:
+    """One process of a data-parallel training (runs inside Ray Train, torch.distributed set up):
+    the same initial weights everywhere, its share of every batch, rank 0 reports the result."""
+    import ray.train
+    from ray.train.torch import get_device
+
+    cfg, split = config["cfg"], config["split"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(1)
+    device = get_device()
+    seed_everything(cfg.seed)  # identical initial weights in every process
+    model = build_model(cfg.model, config["num_items"]).to(device)
+    torch.manual_seed(cfg.seed * 1_000_003 + rank)  # each process its own dropout draws, reproducibly
+    fitted = fit(model, split, cfg, device, group=DataParallel(rank, world))
+    report_result(rank, {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                         "fit": asdict(fitted)})
+
+
 def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Location | None = None,
                 on_epoch: Callable[[dict[str, float]], None] | None = None,
-                evaluate: bool = True, reuse: bool = False) -> TrainResult:
+                evaluate: bool = True, reuse: bool = False, executor: Executor = LOCAL) -> TrainResult:
     """Load D_k, train from scratch, evaluate the best epoch on validation and test, save it.
 
     With `reuse`, a checkpoint already committed at the same path (same dataset version and
@@ -167,10 +242,8 @@ def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Location | None = N
     path = checkpoint or checkpoint_path(cfg, ws, manifest.version)
     shared = shared_checkpoint_path(ws, content_key(cfg, manifest.digest))
     if reuse:
-        found = _reusable(path, shared, manifest.digest)
-        if found is not None:
-            return TrainResult(**{**found, "checkpoint": str(path), "dataset": cfg.dataset,
-                                  "version": manifest.version, "reused": True})
+        if _reusable(path, shared, manifest.digest):
+            return _stored_result(path, cfg, manifest)
     device = resolve_device(cfg.device)
     started = time.perf_counter()
     split = leave_one_out(store.load(cfg.dataset, manifest.version), manifest.num_items)
@@ -179,7 +252,10 @@ def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Location | None = N
     valid: dict[str, float] = {}
     test: dict[str, float] = {}
     with torch_threads(cfg.threads):
-        fitted = fit(model, split, cfg, device, on_epoch)
+        if cfg.train_workers > 1:
+            fitted = fit_data_parallel(model, split, cfg, executor, ws)
+        else:
+            fitted = fit(model, split, cfg, device, on_epoch)
         if evaluate:
             args = (cfg.model.max_len, cfg.eval_batch_size, cfg.exclude_history, device)
             valid = evaluate_split(model, split, "valid", *args)
@@ -194,27 +270,40 @@ def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Location | None = N
     )
     meta = {"dataset": cfg.dataset, "version": manifest.version, "digest": manifest.digest,
             "seed": cfg.seed, "result": result.to_dict()}
-    save_checkpoint(path, model, cfg.model, manifest.num_items, meta)
+    # With `reuse` the run's checkpoint path names the θ of its lineage: two runs of one lineage
+    # training it at once (two workers, same parameters) must end with one θ, or their D_{k+1}
+    # would differ by whose bytes each generator read. The first commit wins; the other adopts it.
+    if not reuse:
+        save_checkpoint(path, model, cfg.model, manifest.num_items, meta)
+    elif not commit_checkpoint(path, model, cfg.model, manifest.num_items, meta):
+        result = _stored_result(path, cfg, manifest)
     copy_file(path, shared)
     return result
 
 
-def _reusable(path: Location, shared: Location, digest: str) -> dict[str, Any] | None:
-    """The stored result of a finished training of the same data and config: at `path` (this
-    run's own, crash-resume) or in the content-addressed store (another run trained the same
-    θ, e.g. the common θ_0 of every arm of an experiment), copied to `path` first."""
+def _stored_result(path: Location, cfg: TrainConfig, manifest: Any) -> TrainResult:
+    stored = read_checkpoint(path)["meta"]["result"]
+    return TrainResult(**{**stored, "checkpoint": str(path), "dataset": cfg.dataset, "version": manifest.version,
+                          "reused": True})
+
+
+def _reusable(path: Location, shared: Location, digest: str) -> bool:
+    """Whether a finished training of the same data and config is at `path` (this run's own,
+    crash-resume) or in the content-addressed store (another run trained the same θ, e.g. the
+    common θ_0 of every arm of an experiment), which is then copied to `path`."""
     for candidate in (path, shared):
         if exists(candidate):
             stored = read_checkpoint(candidate)["meta"].get("result")
             if stored and stored.get("digest") == digest:
                 if candidate != path:
                     copy_file(candidate, path)
-                return stored
-    return None
+                return True
+    return False
 
 
 @task(name="train", task_run_name="train-{role}-{config.model.name}-v{config.version}")
-def train_task(config: TrainConfig, home: str, role: str = "student") -> Timed[TrainResult]:
+def train_task(config: TrainConfig, home: str, role: str = "student", executor: Executor = LOCAL
+               ) -> Timed[TrainResult]:
     """Prefect wrapper: takes and returns small things (config, workspace path, curve + checkpoint
     path); reuses a finished checkpoint of the same inputs; evaluation is its own task."""
-    return timed(train_model, config, Workspace.at(home), evaluate=False, reuse=True)
+    return timed(train_model, config, Workspace.at(home), evaluate=False, reuse=True, executor=executor)

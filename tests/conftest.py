@@ -205,3 +205,85 @@ def kill_after_first_expansion(ws: Workspace, tracking: str, params: dict, prefe
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert store.versions(name) in ([0, 1], [0, 1, 2])
+
+
+def require_service(reason: str) -> None:
+    """Skip for a missing service, except where the run must have it: `.ci/run` sets
+    RSIR_REQUIRE_SERVICES=1 and a skip there would hide an untested acceptance item."""
+    import os
+
+    if os.environ.get("RSIR_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{reason} (RSIR_REQUIRE_SERVICES=1: CI must run this test)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A function that creates a fresh PostgreSQL database and returns its URL (without a
+    driver); every database it made is dropped at the end of the session. The server is
+    $RSIR_TEST_POSTGRES (default postgresql://postgres@127.0.0.1:5432, trust auth)."""
+    import os
+    import uuid
+
+    server = os.environ.get("RSIR_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432").rstrip("/")
+    try:
+        import psycopg
+
+        admin = psycopg.connect(f"{server}/postgres", autocommit=True, connect_timeout=5)
+    except Exception as exc:  # no driver, no server, refused: the reason goes into the skip
+        require_service(f"no PostgreSQL at {server}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    session = uuid.uuid4().hex[:8]
+    made: list[str] = []
+
+    def create(purpose: str) -> str:
+        name = f"rsir_test_{session}_{purpose}"
+        admin.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return f"{server}/{name}"
+
+    try:
+        yield create
+    finally:
+        for name in made:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Debian chromium driven by Playwright (which never downloads a browser here)."""
+    import shutil
+
+    executable = shutil.which("chromium")
+    if executable is None:
+        require_service("Debian's chromium is not installed (`make test` installs it when run as root)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        require_service("playwright is not installed (pip install -e '.[dev]')")
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the session (2 CPUs, a small object store, no dashboard): the
+    `ray` executor joins it instead of starting its own."""
+    try:
+        import ray
+    except ImportError:
+        require_service("Ray is not installed (pip install -c requirements.lock -e '.[dist]')")
+    ray.init(num_cpus=2, num_gpus=0, object_store_memory=256 * 1024 ** 2, include_dashboard=False,
+             log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

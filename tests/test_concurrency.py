@@ -18,6 +18,7 @@ from storage.checkpoints import read_checkpoint
 WRITERS = 4
 TRIALS = 5
 LOST_RACE = "was committed concurrently by another writer with other content"
+REPLACED_MEANWHILE = "was committed concurrently by another writer, and that commit was itself replaced"
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +130,8 @@ def test_racing_replacements_leave_one_verified_dataset(pool, root, tmp_path):
         ok = {w for w, (kind, _) in enumerate(outcomes) if kind == "ok"}
         assert ok, outcomes
         for kind, message in outcomes:
-            assert kind == "ok" or LOST_RACE in message, message
+            # A loser whose winner was already replaced by a third writer cannot compare contents.
+            assert kind == "ok" or LOST_RACE in message or REPLACED_MEANWHILE in message, message
         final = store.manifest(name)
         assert final.source["variant"] in ok and final.version == 0 and store.versions(name) == [0]
         assert final.lineage >= 1
@@ -191,3 +193,21 @@ def test_successive_replacements_on_s3_and_locally(root, tmp_path):
         assert m.lineage == variant and store.versions("x") == [0] and store.manifest("x").source["variant"] == variant
         store.append("x", m, racers.sequences(9, 100, "synthetic"), generation={})
     _check_committed(store, "x")
+
+
+def test_a_loser_whose_winner_was_already_replaced_gets_one_clear_line(tmp_path, monkeypatch):
+    """The interleaving seen once in CI: writer B loses the commit of lineage 1 to A, and before B
+    reads A's manifest to compare, C's --force has committed lineage 2 and dropped lineage 1."""
+    root = str(tmp_path / "datasets")
+    store = DatasetStore(root, tmp_path / "staging")
+    store.create("d", racers.sequences(1), racers.ITEMS, source={"variant": 1})
+
+    def lost(name, manifest):
+        raise FileExistsError(name)  # another writer's lineage-1 manifest, already gone again
+
+    monkeypatch.setattr(store, "_commit", lost)
+    with pytest.raises(RsirError, match=REPLACED_MEANWHILE) as info:
+        store.create("d", racers.sequences(2), racers.ITEMS, source={"variant": 2}, replace=True)
+    assert "\n" not in str(info.value)
+    assert store.versions("d") == [0] and store.manifest("d").source == {"variant": 1}
+    _check_committed(store, "d")  # the loser's published files were removed

@@ -34,6 +34,18 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def stop_serve(proc: subprocess.Popen, timeout: float = 90) -> None:
+    """Ctrl-C an `rsir serve` (its whole session) and require a clean exit."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, proc.stdout.read().decode()[-2000:] if proc.stdout else proc.returncode
+
+
 def test_deployment_run_through_server_and_worker(tiny_csv, tmp_path):
     ws = make_tiny_home(tmp_path / "workspace", tiny_csv)
     port = _free_port()
@@ -47,7 +59,7 @@ def test_deployment_run_through_server_and_worker(tiny_csv, tmp_path):
         while not ready.exists() and serve.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
         assert ready.exists(), serve.stdout.read().decode()[-3000:] if serve.poll() is not None else "serve not ready"
-        api = ready.read_text()
+        api = json.loads(ready.read_text())["prefect_api"]
         assert api == f"http://127.0.0.1:{port}/api"
         cli_env = {**env, "PREFECT_API_URL": api, "PREFECT_HOME": str(ws.root / "prefect")}
         params = {"K": 1, **TINY_FLOW, "model_params": json.dumps(TINY_FLOW["model_params"]), "synthetic_weight": 0.5}
@@ -74,18 +86,11 @@ def test_deployment_run_through_server_and_worker(tiny_csv, tmp_path):
                               "--watch-timeout", "120"], cwd=REPO, env=cli_env, capture_output=True, text=True,
                              timeout=200)
         assert bad.returncode != 0 and "Failed" in bad.stdout + bad.stderr
-        worker_log = (ws.root / "prefect" / "logs" / "worker.log").read_text()
+        worker_log = "".join(p.read_text() for p in (ws.root / "prefect" / "logs").glob("worker-*.log"))
         assert "invalid parameter 'tau'" in worker_log
         assert store.versions(runs[0]) == [0, 1]  # nothing was computed for the bad run
     finally:
-        if serve.poll() is None:
-            os.killpg(serve.pid, signal.SIGINT)
-        try:
-            serve.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
-            raise
-    assert serve.returncode == 0
+        stop_serve(serve)
     assert not _port_open(port), "the Prefect server still listens after serve stopped"
     leftovers = subprocess.run(["pgrep", "-f", f"--port {port}"], capture_output=True, text=True).stdout.split()
     assert not leftovers, f"processes left running: {leftovers}"
