@@ -278,10 +278,16 @@ class DatasetStore:
 
     def append(self, name: str, parent: Manifest, sequences: pa.Table, generation: dict[str, Any],
                stats: dict[str, Any] | None = None) -> Manifest:
-        """Publish version parent+1 = parent ∪ one new partition (iteration parent+1)."""
+        """Publish version parent+1 = parent ∪ one new partition (iteration parent+1). A version
+        that exists already is returned when its generation has the same `key` (the same inputs,
+        committed by a concurrent writer after the caller looked), else refused."""
         version = parent.version + 1
         self._check_current(name, parent.lineage, version)
         if version in self.versions(name):
+            existing = self.manifest(name, version)
+            key = generation.get("key")
+            if key is not None and (existing.generation or {}).get("key") == key:
+                return existing
             raise RsirError(f"dataset {name!r} already has version {version}")
         with self._staged(name, version) as stage:
             with _io(name, self._staging(version)):

@@ -30,9 +30,13 @@ def resolve_tracking_uri(given: str | None, db: Path) -> str:
     return given or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(db)
 
 
-# Fail fast instead of MLflow's minutes of HTTP retries against an unreachable server. MLflow reads
-# these from the environment at request time: the front doors (CLI, `rsir serve`) set them once.
-MLFLOW_ENVIRONMENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+# Fail fast instead of MLflow's minutes of HTTP retries against an unreachable server (7 retries,
+# backoff factor 2), but ride out a transient error: with no retry at all, one dropped connection
+# or one slow answer under load failed a run (seen once in CI with the MLflow UI open). Here a dead
+# server fails in about 7 s (sleeps 0, 2, 4 s plus jitter; MLflow's factor is an integer). MLflow
+# reads these from the environment at request time: the front doors (CLI, `rsir serve`) set them.
+MLFLOW_ENVIRONMENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                      "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
                       "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 

@@ -41,7 +41,7 @@ def race_append(root: str, staging: str, name: str, variant: int, barrier: Any) 
     parent = store.manifest(name, 0)
     barrier.wait()
     return _outcome(lambda: store.append(name, parent, sequences(variant, 100, "synthetic"),
-                                         generation={"variant": variant}))
+                                         generation={"variant": variant, "key": f"inputs-{variant}"}))
 
 
 def race_train(home: str, dataset: str, barrier: Any) -> dict[str, Any]:

@@ -115,9 +115,15 @@ def test_append_is_union_and_keeps_old_version(tmp_path):
     assert rows_of(store.scan(NAME, 1, iterations=[0]).collect()) == expected(BASE, 0)
     assert rows_of(store.scan(NAME, 0, iterations=[1]).collect()) == []
     assert store.scan(NAME, 0, iterations=[1]).collect().columns == store.load(NAME).columns
-    # appending the same version twice is refused
+    # appending the same version twice is refused, unless it is the same inputs (generation key)
     with pytest.raises(RsirError, match="version 1"):
         store.append(NAME, m0, NEW, generation={})
+    with pytest.raises(RsirError, match="version 1"):
+        store.append(NAME, m0, NEW, generation={"key": "other inputs"})
+    keyed = store.create("keyed", BASE, ITEMS, source={})
+    first = store.append("keyed", keyed, NEW, generation={"key": "k"})
+    assert store.append("keyed", keyed, NEW, generation={"key": "k"}) == first  # a writer that looked too early
+    assert store.versions("keyed") == [0, 1]
     m2 = store.append(NAME, m1, seq_table([(20, None, [4, 5], "synthetic", 2)]), generation={})
     assert store.versions(NAME) == [0, 1, 2]
     assert rows_of(store.scan(NAME, 2, iterations=[2]).collect()) == [(20, None, (4, 5), "synthetic", 2, 2)]
