@@ -11,7 +11,7 @@ $(BIN)/python:
 
 # Re-install only when the dependency declarations change.
 $(STAMP): $(BIN)/python pyproject.toml requirements.lock
-	$(BIN)/pip install --disable-pip-version-check -q -c requirements.lock -e ".[dev,dist]"
+	$(BIN)/pip install --disable-pip-version-check -q -c requirements.lock -e ".[dev,dist,ann]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -67,7 +67,7 @@ def iteration(cfg: RunConfig, home: str, dataset: str, k: int, last: bool) -> It
         times["train_generator"] = generator.seconds
     params = GenerationParams(m=cfg.m, tau=cfg.generation_threshold, p=cfg.p, min_len=cfg.min_len,
                               seed=cfg.seed + k, batch_size=cfg.gen_batch_size, device=cfg.device,
-                              max_sources=cfg.max_sources)
+                              max_sources=cfg.max_sources, retrieval=cfg.retrieval)
     generated = generate_task(home, dataset, k, generator.value.checkpoint, params, executor=cfg.executor_spec())
     accepted = filter_task(home, dataset, k, generated.value.path, cfg.tau if cfg.fidelity else None, cfg.min_len,
                            cfg.fidelity)

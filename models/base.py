@@ -6,6 +6,7 @@ next-item loss use `output_embeddings()` and `temperature`, which a backbone may
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -36,6 +37,51 @@ class SequenceModel(Protocol):
         ...
 
 
+@dataclass
+class DecodeCache:
+    """Keys and values of every layer for the items decoded so far (incremental decoding):
+    keys[i], values[i] (B, H, capacity, d/H), filled in columns [0, length). Every row holds the
+    same number of items, none of them padding (a rollout's prefix)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0
+
+    def select(self, rows: torch.Tensor) -> "DecodeCache":
+        """The cache of the given rows (B',), in that order."""
+        return DecodeCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.length)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write layer's new key and value (B, H, 1, d/H) at column `length`; return its keys and
+        values so far (B, H, length + 1, d/H). `advance` moves `length` on after the last layer."""
+        t = self.length
+        self.keys[layer][:, :, t: t + 1] = k
+        self.values[layer][:, :, t: t + 1] = v
+        return self.keys[layer][:, :, : t + 1], self.values[layer][:, :, : t + 1]
+
+    def advance(self) -> None:
+        self.length += 1
+
+
+@runtime_checkable
+class IncrementalDecoder(Protocol):
+    """A model that can extend sequences one item at a time from cached keys and values, giving
+    the hidden state encode() would give for the newest item (up to float rounding)."""
+
+    def decodes_incrementally(self) -> bool:
+        """False where the cache cannot be reused (positions counted from the newest item shift
+        every earlier item's input as the sequence grows): callers then run the full forward."""
+        ...
+
+    def new_cache(self, batch: int, device: torch.device) -> DecodeCache:
+        ...
+
+    def decode_next(self, items: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
+        """(B,) the next item of every cached sequence -> (B, d) hidden state after it; appends
+        it to the cache."""
+        ...
+
+
 class SequentialRecommender(nn.Module):
     """Base of the backbones: config, item count, the shared item embedding (input and output)."""
 
@@ -62,15 +108,39 @@ class SequentialRecommender(nn.Module):
         """Hidden states divided by the temperature (no extra op in the hot path at 1)."""
         return hidden if self.temperature == 1.0 else hidden / self.temperature
 
-    def item_scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Scores of every item (column 0, padding, is -inf) for hidden states (..., d)."""
-        scores = self.scaled(hidden) @ self.output_embeddings().T
-        scores[..., 0] = float("-inf")
+    def item_scores(self, hidden: torch.Tensor, emb: torch.Tensor | None = None, first: int = 0) -> torch.Tensor:
+        """Scores (..., C) of items first..first+C-1 for hidden states (..., d); item 0 (padding)
+        is -inf. emb: those items' rows of output_embeddings() (default: every item), so that a
+        caller scoring a large catalogue chunk by chunk computes the table once."""
+        emb = self.output_embeddings() if emb is None else emb
+        scores = self.scaled(hidden) @ emb.T
+        if first == 0:
+            scores[..., 0] = float("-inf")
         return scores
+
+    def last_hidden(self, seqs: torch.Tensor) -> torch.Tensor:
+        """(B, L) -> (B, d) hidden state after the newest item of each sequence."""
+        return self.encode(seqs)[:, -1]
+
+    def decodes_incrementally(self) -> bool:
+        return False
+
+    def new_cache(self, batch: int, device: torch.device) -> DecodeCache:
+        raise NotImplementedError(f"{type(self).__name__} has no incremental decoding")
+
+    def decode_next(self, items: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no incremental decoding")
+
+    def empty_cache(self, batch: int, layers: int, heads: int, device: torch.device) -> DecodeCache:
+        """Zeroed key/value buffers for `batch` sequences of up to max_len items."""
+        shape = (batch, heads, self.config.max_len, self.config.hidden // heads)
+        dtype = self.item_emb.weight.dtype
+        return DecodeCache([torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
+                           [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)])
 
     def score_last(self, seqs: torch.Tensor) -> torch.Tensor:
         """(B, L) -> (B, N+1) next-item scores after the newest item of each sequence."""
-        return self.item_scores(self.encode(seqs)[:, -1])
+        return self.item_scores(self.last_hidden(seqs))
 
     def loss(self, seqs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Next-item loss over positions whose target is not padding (0): their mean, or with

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.config import ModelConfig
 from models.layers import POSITIONS_HELP, Dropout, Positions, position_ids
-from models.base import SequentialRecommender
+from models.base import DecodeCache, SequentialRecommender
 
 
 class HSTUOptions(BaseModel):
@@ -70,6 +70,20 @@ class HSTULayer(nn.Module):
         y = (attn @ v).transpose(1, 2).reshape(B, L, D)
         return x + self.out(self.drop(u * self.ln_attn(y)))
 
+    def step(self, x: torch.Tensor, cache: DecodeCache, layer: int) -> torch.Tensor:
+        """forward() for the newest item only: x (B, D) -> (B, D), eval mode; it uses every
+        cached item and itself, with the bias of its distance to each."""
+        B, D = x.shape
+        H = self.heads
+        u, v, q, k = F.silu(self.uvqk(self.ln_in(x))).split(D, dim=-1)
+        q, k, v = (t.view(B, H, 1, D // H) for t in (q, k, v))
+        keys, values = cache.append(layer, k, v)  # (B, H, t + 1, D/H)
+        t = keys.shape[2] - 1
+        distance = (t - torch.arange(t + 1, device=x.device)).clamp(0, self.max_len - 1)
+        logits = q @ keys.transpose(-1, -2) + self.rab[:, distance][None, :, None, :]  # (B, H, 1, t + 1)
+        y = (F.silu(logits) / self.max_len @ values).reshape(B, D)
+        return x + self.out(u * self.ln_attn(y))
+
 
 class HSTU(SequentialRecommender):
     def __init__(self, config: ModelConfig, num_items: int):
@@ -102,6 +116,31 @@ class HSTU(SequentialRecommender):
         keep = (causal & real[:, None, None, :]).to(x.dtype)  # (B, 1, L, L)
         for layer in self.layers:
             x = layer(x, keep) * real.unsqueeze(-1)
+        x = self.ln_f(x)
+        return F.normalize(x, dim=-1) if self.l2_norm else x
+
+    # ------------------------------------------------------------------ incremental decoding
+    def decodes_incrementally(self) -> bool:
+        """Relative bias alone, or absolute positions from the oldest item: an earlier item's
+        input never changes as the sequence grows. From the newest item, it does."""
+        return self.pos_emb is None or self.config.options["positions"] == "oldest"
+
+    def new_cache(self, batch: int, device: torch.device) -> DecodeCache:
+        return self.empty_cache(batch, len(self.layers), self.config.heads, device)
+
+    def decode_next(self, items: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
+        """(B,) next items -> (B, d): encode()'s last hidden state of the cached sequences plus
+        these items, in eval mode; appends them to the cache."""
+        if not self.decodes_incrementally() or self.training:
+            raise RuntimeError("incremental decoding needs abs_pos=False or positions='oldest', and eval mode")
+        if cache.length >= self.config.max_len:
+            raise ValueError(f"sequence length {cache.length + 1} exceeds max_len={self.config.max_len}")
+        x = self.item_emb(items) * math.sqrt(self.config.hidden)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb.weight[cache.length]
+        for i, layer in enumerate(self.layers):
+            x = layer.step(x, cache, i)
+        cache.advance()
         x = self.ln_f(x)
         return F.normalize(x, dim=-1) if self.l2_norm else x
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.base import SequentialRecommender
+from models.base import DecodeCache, SequentialRecommender
 from models.config import ModelConfig
 from models.layers import POSITIONS_HELP, Dropout, Positions, position_ids
 
@@ -58,6 +58,15 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
 
+    def step(self, x: torch.Tensor, cache: DecodeCache, layer: int) -> torch.Tensor:
+        """x (B, D), the newest item only -> (B, D); it attends to every cached item and itself
+        (all real: no mask needed)."""
+        B, D = x.shape
+        q, k, v = (t.view(B, self.heads, 1, D // self.heads) for t in self.qkv(x).split(D, dim=1))
+        keys, values = cache.append(layer, k, v)
+        y = F.scaled_dot_product_attention(q, keys, values)
+        return self.proj(y.reshape(B, D))
+
 
 class Block(nn.Module):
     def __init__(self, hidden: int, heads: int, dropout: float, ffn_mult: int):
@@ -74,6 +83,11 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln1(x), mask))
         return x + self.drop(self.ffn(self.ln2(x)))
+
+    def step(self, x: torch.Tensor, cache: DecodeCache, layer: int) -> torch.Tensor:
+        """forward() for the newest item only (B, D), in eval mode."""
+        x = x + self.attn.step(self.ln1(x), cache, layer)
+        return x + self.ffn(self.ln2(x))
 
 
 class SASRec(SequentialRecommender):
@@ -107,4 +121,25 @@ class SASRec(SequentialRecommender):
         mask = attention_mask(seqs)
         for block in self.blocks:
             x = block(x, mask) * real
+        return self.ln_f(x)
+
+    # ------------------------------------------------------------------ incremental decoding
+    def decodes_incrementally(self) -> bool:
+        return self.config.options["positions"] == "oldest"
+
+    def new_cache(self, batch: int, device: torch.device) -> DecodeCache:
+        return self.empty_cache(batch, len(self.blocks), self.config.heads, device)
+
+    def decode_next(self, items: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
+        """(B,) next items -> (B, d): encode()'s last hidden state of the cached sequences plus
+        these items, in eval mode. Positions from the oldest item: the new item's is the cache
+        length, and no earlier item's input changes."""
+        if not self.decodes_incrementally() or self.training:
+            raise RuntimeError("incremental decoding needs positions='oldest' and eval mode")
+        if cache.length >= self.config.max_len:
+            raise ValueError(f"sequence length {cache.length + 1} exceeds max_len={self.config.max_len}")
+        x = self.item_emb(items) * math.sqrt(self.config.hidden) + self.pos_emb.weight[cache.length]
+        for i, block in enumerate(self.blocks):
+            x = block.step(x, cache, i)
+        cache.advance()
         return self.ln_f(x)

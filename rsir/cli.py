@@ -256,6 +256,13 @@ def generate(
     holdout_h: Annotated[int, typer.Option(help="extend mode: training items held out from the prefix")] = 1,
     seed: Annotated[int, typer.Option(help="seed of the pool choices")] = 0,
     batch_size: Annotated[int, typer.Option(help="rollouts scored together")] = 1024,
+    incremental: Annotated[bool, typer.Option("--incremental/--full-forward", help="cache keys and values (models "
+                                              "that allow it) or run the full forward every step")] = True,
+    item_chunk: Annotated[int, typer.Option(help="items scored at once (memory: batch-size x item-chunk scores)")
+                          ] = 2 ** 18,
+    retrieval: Annotated[str, typer.Option(help="exact, or ivf: approximate candidates from a faiss index")] = "exact",
+    candidates: Annotated[int, typer.Option(help="retrieval ivf: candidates per step")] = 256,
+    nprobe: Annotated[int, typer.Option(help="retrieval ivf: inverted lists searched per query")] = 16,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     home: Home = None, as_json: Json = False,
 ) -> None:
@@ -267,7 +274,9 @@ def generate(
     from storage.dataset import dataset_store
 
     params = parse_config(GenerationParams, dict(m=m, tau=tau if fidelity else None, p=p, min_len=min_len,
-                                                 max_len=max_len, seed=seed, batch_size=batch_size, device=device))
+                                                 max_len=max_len, seed=seed, batch_size=batch_size, device=device,
+                                                 incremental=incremental, item_chunk=item_chunk, retrieval=retrieval,
+                                                 candidates=candidates, nprobe=nprobe))
     ws = _workspace(home)
     parent = dataset_store(ws).manifest(dataset, version)
     if parent.version != dataset_store(ws).versions(dataset)[-1]:

@@ -107,10 +107,16 @@ class TrainingSettings(BaseModel):
             raise ValueError(f"stride={self.stride} exceeds the {model.name} model's max_len={model.max_len}")
 
 
+# Settings added after keys existed, with the value that keeps the old behaviour: left out of
+# content keys at that value, so checkpoints and lineages made before them keep their keys.
+_KEYED_ONLY_WHEN_NOT = {"train_workers": 1, "retrieval": "exact"}
+
+
 def learned(settings: dict[str, Any]) -> dict[str, Any]:
-    """Settings as content keys hash them: `train_workers` only when data-parallel, so the keys
-    of every one-process training (checkpoints, lineages) are the ones they were before it existed."""
-    return {k: v for k, v in settings.items() if not (k == "train_workers" and v == 1)}
+    """Settings as content keys hash them: `train_workers` only when data-parallel, `retrieval`
+    only when approximate (see _KEYED_ONLY_WHEN_NOT)."""
+    return {k: v for k, v in settings.items()
+            if not (k in _KEYED_ONLY_WHEN_NOT and v == _KEYED_ONLY_WHEN_NOT[k])}
 
 
 class TrainConfig(TrainingSettings):
@@ -156,6 +162,9 @@ class RunConfig(TrainingSettings):
     max_sources: int | None = Field(None, ge=1, description="generate from at most this many training "
                                     "sequences per iteration (seeded sample); None = all, as the paper")
     gen_batch_size: int = Field(1024, ge=1, description="rollouts scored together")
+    retrieval: Literal["exact", "ivf"] = Field("exact", description="generation's item scoring: exact (every "
+                                               "item), or ivf (approximate candidates from a faiss index, "
+                                               "extra 'ann')")
     seed: int = Field(0, ge=0, description="random seed of training and generation (iteration k uses seed + k)")
     device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
@@ -205,7 +214,7 @@ class RunConfig(TrainingSettings):
         the recipe's name, only the settings it resolved to)."""
         keep = self.model_dump(mode="json", include={
             "dataset", "model", "generator", "tau", "p", "m", "min_len", "fidelity", "generation_tau",
-            "max_sources", "seed", *(TrainingSettings.names() - {"recipe"})})
+            "max_sources", "retrieval", "seed", *(TrainingSettings.names() - {"recipe"})})
         keep["generator"] = self.generator_model.model_dump(mode="json")
         return json_digest(learned(keep))
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -33,13 +33,15 @@ from core.config import Device
 from core.errors import RsirError
 from core.hashing import json_digest
 from core.workspace import Workspace
-from models import SequenceModel
+from models import SequenceModel, SequentialRecommender
 from storage.artifacts import read_table, write_table
 from storage.files import exists, file_sha256, join, location
 from storage.checkpoints import read_checkpoint
 from tasks.checkpoints import load_checkpoint
 from storage.dataset import dataset_store
+from tasks.decoding import Decoder, best_of_listed
 from tasks.executor import LOCAL, Executor, map_shards
+from tasks.retrieval import ItemIndex, require_faiss
 from tasks.runtime import Timed, resolve_device, timed
 from tasks.split import Ragged, flat_index, gather_padded, leave_one_out
 
@@ -67,12 +69,23 @@ class GenerationParams(BaseModel):
     device: Device = "cpu"
     max_sources: int | None = Field(None, ge=1, description="generate from at most this many training "
                                     "sequences, a uniform sample seeded by `seed`; None = all (the paper)")
+    incremental: bool = Field(True, description="cache each layer's keys and values and encode only the newest "
+                              "item per step (models whose positions allow it); False: the full forward")
+    item_chunk: int = Field(2 ** 18, ge=2, description="score at most this many items at once: a step holds "
+                            "batch_size x item_chunk scores (more items: two passes over the item table)")
+    retrieval: Literal["exact", "ivf"] = Field("exact", description="exact: score every item; ivf: an "
+                                               "approximate index (faiss, extra 'ann') proposes candidates")
+    candidates: int = Field(256, ge=1, description="retrieval=ivf: candidates per step, re-scored exactly")
+    nprobe: int = Field(16, ge=1, description="retrieval=ivf: inverted lists searched per query")
 
 
     @model_validator(mode="after")
     def _lengths(self) -> "GenerationParams":
         if self.max_len is not None and self.min_len > self.max_len:
             raise ValueError(f"min_len={self.min_len} exceeds max_len={self.max_len}")
+        if self.retrieval != "exact" and self.tau is not None and self.tau > self.candidates:
+            raise ValueError(f"tau={self.tau} exceeds candidates={self.candidates}: ranks above the candidates "
+                             f"are not known with retrieval={self.retrieval!r}")
         return self
 
 
@@ -84,6 +97,10 @@ def resolve_params(params: GenerationParams, model: SequenceModel) -> Generation
         raise RsirError(f"invalid parameter 'max_len': {max_len} exceeds the model's max_len={model_max}")
     if params.min_len > max_len:
         raise RsirError(f"invalid parameter 'min_len': {params.min_len} exceeds max_len={max_len}")
+    if params.retrieval != "exact":
+        if not isinstance(model, SequentialRecommender):
+            raise RsirError(f"invalid parameter 'retrieval': {params.retrieval!r} needs a model with item vectors")
+        require_faiss()
     return params.model_copy(update={"max_len": max_len})
 
 
@@ -121,46 +138,6 @@ def pool_uniform(seed: int, rollout_ids: torch.Tensor, step: int) -> torch.Tenso
 
 
 # ------------------------------------------------------------------ shared step pieces
-# Membership is tested against per-rollout item lists, not (batch, N+1) masks: the user's
-# items (batch, |s|) with a "not yet used" flag, and the rollout's own items (batch, len),
-# written into the scores as -inf. Masking whole score rows with torch.where costs several
-# times a plain pass on CPU; only the rank count and the global argmax touch all N items.
-def best_rank(scores: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-    """Rank of a score `top` per row: 1 + #{items 1..N with a strictly higher score}.
-    With top = the best score of a candidate set this is the set's best rank."""
-    return 1 + (scores[:, 1:] > top[:, None]).sum(dim=1, dtype=torch.int32).long()
-
-
-def best_listed(scores: torch.Tensor, items: torch.Tensor, live: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Over each row's live listed items (items sorted ascending): (best score, that item, any live).
-    Ties go to the first position, i.e. the lowest id; dead entries count as -inf."""
-    listed = torch.where(live, scores.gather(1, items), float("-inf"))
-    at = listed.argmax(dim=1)
-    has = live.any(dim=1)
-    # Every live score -inf: argmax may land on a dead entry; take the first live one.
-    dead = ~live.gather(1, at[:, None]).squeeze(1)
-    at = torch.where(dead, live.to(torch.uint8).argmax(dim=1), at)
-    return listed.gather(1, at[:, None]).squeeze(1), items.gather(1, at[:, None]).squeeze(1), has
-
-
-def best_unused(scores: torch.Tensor, used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Highest-scoring item not in `used` (batch, W; 0 = padding), ties to the lowest id; and
-    whether any item was unused. Overwrites the used items' scores with -inf."""
-    scores.scatter_(1, used, float("-inf"))
-    item = scores.argmax(dim=1)
-    has = torch.ones_like(item, dtype=torch.bool)
-    odd = scores.gather(1, item[:, None]).squeeze(1) == float("-inf")
-    if bool(odd.any()):  # all unused scores -inf (or none unused): take the lowest unused id
-        rows = odd.nonzero().squeeze(1)
-        free = torch.ones(len(rows), scores.shape[1], dtype=torch.bool, device=scores.device)
-        free.scatter_(1, used[rows], False)
-        free[:, 0] = False
-        has[rows] = free.any(dim=1)
-        item[rows] = free.to(torch.uint8).argmax(dim=1)
-    return item, has
-
-
 def local_draw(seed: int, ids: torch.Tensor, step: int, p: float) -> torch.Tensor:
     """True where the rollout decodes from its local pool (the user's items) at this step."""
     return pool_uniform(seed, ids, step) < p
@@ -184,10 +161,6 @@ def membership(rows: Ragged, index: np.ndarray, num_items: int, device: torch.de
     mask[which, items] = True
     mask[:, 0] = False
     return mask
-
-
-def _score(model: SequenceModel, seqs: torch.Tensor) -> torch.Tensor:
-    return model.score_last(seqs).float()
 
 
 def _check_sources(sources: Ragged, num_items: int, min_items: int = 1) -> None:
@@ -282,13 +255,17 @@ class BatchShard:
     params: GenerationParams
     step: Callable[..., Any]
     extra: tuple
+    index: ItemIndex | None = None  # retrieval=ivf: built on the first batch of each process
 
     def __call__(self, ids: np.ndarray):
         device = resolve_device(self.params.device)
         self.model.to(device)  # a no-op in the process that built it; once per Ray task group
         with _frozen(self.model):
+            if self.params.retrieval != "exact" and self.index is None:
+                self.index = ItemIndex.build(self.model.output_embeddings(), self.params.candidates,
+                                             self.params.nprobe, self.params.seed)
             return self.step(self.model, self.sources, ids, self.params, *self.extra, int(self.model.num_items),
-                             device)
+                             device, self.index)
 
 
 def _run_batches(model: SequenceModel, sources: Ragged, params: GenerationParams, step: Callable[..., Any],
@@ -303,7 +280,7 @@ def _run_batches(model: SequenceModel, sources: Ragged, params: GenerationParams
 
 
 def _rollout_batch(model: SequenceModel, sources: Ragged, ids: np.ndarray, params: GenerationParams,
-                   num_items: int, device: torch.device):
+                   num_items: int, device: torch.device, index: ItemIndex | None = None):
     B, L = len(ids), params.max_len
     src = ids // params.m
     first = torch.from_numpy(sources.values[sources.offsets[src]]).to(device)
@@ -319,25 +296,29 @@ def _rollout_batch(model: SequenceModel, sources: Ragged, ids: np.ndarray, param
     pos, rid, seq = torch.arange(B, device=device), torch.from_numpy(ids).to(device), out.clone()
     own = sorted_rows(sources, src, device)
     live = (own != 0) & (own != first[:, None])
+    decoder = Decoder(model, B, device, params.incremental, params.item_chunk, index)
     for t in range(L - 1):
-        scores = _score(model, seq[:, : t + 1])
+        used = seq[:, : t + 1]
+        step = decoder.step(used, [own], used)
         # Fidelity check before extending: best rank over R.
-        top, local_item, has_real = best_listed(scores, own, live)
-        rank = best_rank(scores, top)
+        top, local_item, has_real = best_of_listed(step.listed(own), own, live)
+        rank = step.rank(top)
         trace[pos, t] = torch.where(has_real, rank, NO_REAL_ITEM)
         trace_len[pos] = t + 1
+        # Decoding, greedy top-1: the local pool's best is the best live item of S (never
+        # empty here: R is not); the global pool's best is the best item not in the rollout.
+        # (So no_candidate cannot happen in this mode: a live item of S is in either pool.)
+        global_item, _ = step.best_unused(used)
         go = has_real if params.tau is None else has_real & (rank <= params.tau)
         if not bool(go.all()):
             reason[pos[~has_real]] = EXHAUSTED
             reason[pos[has_real & ~go]] = FIDELITY
-            pos, rid, seq, own, live, scores, local_item = _compact(
-                go, pos, rid, seq, own, live, scores, local_item)
+            keep = go.nonzero().squeeze(1)
+            pos, rid, seq, own, live, local_item, global_item = (
+                x[keep] for x in (pos, rid, seq, own, live, local_item, global_item))
+            decoder.keep(keep)
             if len(pos) == 0:
                 break
-        # Decoding, greedy top-1: the local pool's best is the best live item of S (never
-        # empty here: R is not); the global pool's best is the best item not in the rollout.
-        # (So no_candidate cannot happen in this mode: a live item of S is in either pool.)
-        global_item, _ = best_unused(scores, seq[:, : t + 1])
         local = local_draw(params.seed, rid, t, params.p)
         item = torch.where(local, local_item, global_item)
         live &= own != item[:, None]
@@ -401,7 +382,7 @@ def _window(buf: torch.Tensor, lengths: torch.Tensor, max_len: int) -> torch.Ten
 
 
 def _extend_batch(model: SequenceModel, sources: Ragged, rows: np.ndarray, params: GenerationParams,
-                  h: int, num_items: int, device: torch.device):
+                  h: int, num_items: int, device: torch.device, index: ItemIndex | None = None):
     """Memory is bounded by B × (max_len + m) and B × (N + 1), whatever the longest prefix: the
     model sees only the newest max_len items, and "already in the sequence" is the prefix's
     distinct items (at most N) plus the generated ones; the prefix joins the output on the host."""
@@ -429,24 +410,32 @@ def _extend_batch(model: SequenceModel, sources: Ragged, rows: np.ndarray, param
     used = sorted_rows(prefixes, batch, device)  # distinct prefix items: the global pool excludes them
     pos = torch.arange(B, device=device)
     rid = torch.from_numpy(rows).to(device)
+    # Windows shift the positions as they slide: no key/value cache here, the full forward.
+    decoder = Decoder(model, B, device, incremental=False, item_chunk=params.item_chunk, index=index)
     for j in range(m + 1):  # j = items generated so far
-        scores = _score(model, _window(seq, seq_len, params.max_len))
+        excluded = torch.cat([used, gen[pos, :j]], dim=1)  # the global pool excludes them
+        step = decoder.step(_window(seq, seq_len, params.max_len), [held, own], excluded)
+        own_scores = step.listed(own)
+        go = None
         if j >= 1:  # acceptance check after each generated item
-            top, _, has_held = best_listed(scores, held, held_live)
-            rank = best_rank(scores, top)
+            top, _, has_held = best_of_listed(step.listed(held), held, held_live)
+            rank = step.rank(top)
             trace[pos, j - 1] = torch.where(has_held, rank, NO_REAL_ITEM)
             trace_len[pos] = j
             ok = has_held if params.tau is None else has_held & (rank <= params.tau)
             reason[pos[ok]] = ACCEPTED
             reason[pos[~has_held]] = EXT_EXHAUSTED
             go = ~ok & has_held
-            if not bool(go.all()):
-                pos, rid, seq, seq_len, own, own_live, held, held_live, used, scores = _compact(
-                    go, pos, rid, seq, seq_len, own, own_live, held, held_live, used, scores)
-        if j == m or len(pos) == 0:
+        if j == m:
             break  # whatever is still active stays REJECTED
-        _, local_item, has_local = best_listed(scores, own, own_live)
-        global_item, has_global = best_unused(scores, torch.cat([used, gen[pos, :j]], dim=1))
+        global_item, has_global = step.best_unused(excluded)
+        if go is not None and not bool(go.all()):
+            pos, rid, seq, seq_len, own, own_live, held, held_live, used, own_scores, global_item, has_global = (
+                _compact(go, pos, rid, seq, seq_len, own, own_live, held, held_live, used, own_scores,
+                         global_item, has_global))
+            if len(pos) == 0:
+                break
+        _, local_item, has_local = best_of_listed(own_scores, own, own_live)
         local = local_draw(params.seed, rid, j, params.p)
         item = torch.where(local, local_item, global_item)
         has = torch.where(local, has_local, has_global)

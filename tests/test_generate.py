@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 
 import zlib
@@ -13,7 +14,7 @@ import torch
 from pydantic import ValidationError
 
 import oracle
-from models import build_model
+from models import SequentialRecommender, build_model
 from models.config import ModelConfig
 from core.errors import RsirError
 from tasks.generate import (EXTEND_REASONS, MAX_LEN, NO_REAL_ITEM, STOP_REASONS, GenerationParams,
@@ -77,11 +78,39 @@ class SparseModel(TieModel):
         return scores.masked_fill((ids + seqs[:, -1:]) % 4 != 0, float("-inf"))
 
 
+def tiny_model(name: str, num_items: int, seed: int, **options) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(name=name, hidden=16, layers=2, heads=2, max_len=MAX_LEN_MODEL, dropout=0.0, options=options)
+    return build_model(cfg, num_items)
+
+
+class IntScores(SequentialRecommender):
+    """Integer hidden states and item vectors: every score an exact small integer, so exact ties
+    everywhere, on any chunking of the items. Hidden state = the sum of the items' vectors."""
+
+    def __init__(self, num_items: int, seed: int):
+        super().__init__(ModelConfig(hidden=3, layers=1, heads=1, max_len=MAX_LEN_MODEL, dropout=0.0), num_items)
+        g = torch.Generator().manual_seed(seed)
+        self.item_emb.weight.data = torch.randint(-2, 3, (num_items + 1, 3), generator=g).float()
+        self.item_emb.weight.data[0] = 0  # padding adds nothing to the sums
+
+    def encode(self, seqs: torch.Tensor) -> torch.Tensor:
+        return self.item_emb(seqs).cumsum(dim=1)
+
+
 MODELS = {
     "sasrec": lambda: (tiny_sasrec(30, 0), 30),
     "sasrec-40": lambda: (tiny_sasrec(40, 1), 40),
     "ties": lambda: (TieModel(20), 20),
     "sparse": lambda: (SparseModel(12), 12),
+    # Incremental decoding: SASRec and HSTU with positions from the oldest item, HSTU with the
+    # relative bias alone (cosine scores); SASRec with positions from the newest item cannot reuse
+    # a cache (the full forward runs).
+    "sasrec-2l": lambda: (tiny_model("sasrec", 30, 2), 30),
+    "hstu": lambda: (tiny_model("hstu", 30, 3, positions="oldest"), 30),
+    "hstu-rel": lambda: (tiny_model("hstu", 30, 4, abs_pos=False, l2_norm=True), 30),
+    "sasrec-newest": lambda: (tiny_model("sasrec", 30, 5, positions="newest"), 30),
+    "int": lambda: (IntScores(25, 6), 25),
 }
 _cache: dict = {}
 
@@ -367,3 +396,138 @@ def test_long_sources_do_not_widen_the_item_lists(monkeypatch):
     assert [set(np.flatnonzero(r).tolist()) for r in mask.numpy()] == [set(seqs[i]) for i in index]
     params = GenerationParams(m=2, tau=3, p=0.5, seed=4, batch_size=5)
     assert_same_as_oracle(model, seqs, generate_rollouts(model, sources, params), 2, 3, 0.5, MAX_LEN_MODEL, 4)
+
+
+# --------------------------------------------------------------------------- decoding: cache, chunks
+DECODERS = {"incremental": {}, "full-forward": {"incremental": False}, "chunks-of-7": {"item_chunk": 7},
+            "chunks-of-16": {"item_chunk": 16, "incremental": False}}
+
+
+@pytest.mark.parametrize("name", ["sasrec-2l", "hstu", "hstu-rel", "sasrec-newest", "int"])
+@pytest.mark.parametrize("decoder", list(DECODERS))
+@pytest.mark.parametrize("tau,p,m", [(3, 0.5, 3), (None, 0.5, 2), (10, 0.0, 1), (2, 1.0, 2)])
+def test_every_decoder_matches_oracle(name, decoder, tau, p, m):
+    """Cached keys/values (SASRec, HSTU) or the full forward, whole or chunked scores: the same
+    rollouts, stop reasons and traces as the one-rollout-at-a-time oracle, for any batch size."""
+    model, num_items = model_named(name)
+    seqs = random_sources(num_items, 6, seed=case_seed(name, decoder, tau, p, m))
+    for batch_size in (1, 5, 1024):
+        params = GenerationParams(m=m, tau=tau, p=p, seed=7, batch_size=batch_size, **DECODERS[decoder])
+        assert_same_as_oracle(model, seqs, generate_rollouts(model, ragged(seqs), params), m, tau, p,
+                              MAX_LEN_MODEL, 7)
+
+
+@pytest.mark.parametrize("name", ["hstu", "int", "sparse"])
+@pytest.mark.parametrize("decoder", ["full-forward", "chunks-of-7"])
+def test_extension_with_chunked_scores_matches_oracle(name, decoder):
+    model, num_items = model_named(name)
+    seqs = random_sources(num_items, 7, seed=case_seed(name, decoder), max_len=20)
+    for tau, p, m, h in [(3, 0.5, 4, 2), (None, 0.5, 3, 1), (1, 1.0, 4, 1)]:
+        params = GenerationParams(m=m, tau=tau, p=p, seed=5, batch_size=3, **DECODERS[decoder])
+        ext = extend_sequences(model, ragged(seqs), params, h)
+        assert_extensions_match_oracle(model, seqs, ext, h, m, tau, p, MAX_LEN_MODEL, 5)
+
+
+def test_which_models_decode_incrementally():
+    from tasks.decoding import Decoder
+
+    cpu = torch.device("cpu")
+    expected = {"sasrec-2l": True, "hstu": True, "hstu-rel": True, "sasrec-newest": False, "ties": False}
+    for name, incremental in expected.items():
+        model = model_named(name)[0]
+        assert Decoder(model, 4, cpu, True, 2 ** 18).incremental is incremental, name
+        assert not Decoder(model, 4, cpu, False, 2 ** 18).incremental
+    # HSTU's default positions count from the newest item: no cache.
+    assert not tiny_model("hstu", 30, 0).decodes_incrementally()
+
+
+def test_incremental_hidden_states_equal_the_full_forward():
+    """decode_next, item by item, gives encode()'s last hidden state of every prefix, for every
+    backbone that caches (CL4SRec is SASRec's encoder)."""
+    seqs = torch.randint(1, 31, (6, MAX_LEN_MODEL), generator=torch.Generator().manual_seed(0))
+    for model in [model_named("sasrec-2l")[0], model_named("hstu")[0], model_named("hstu-rel")[0],
+                  tiny_model("cl4srec", 30, 1)]:
+        model.eval()
+        with torch.no_grad():
+            cache = model.new_cache(len(seqs), torch.device("cpu"))
+            for t in range(MAX_LEN_MODEL):
+                step = model.decode_next(seqs[:, t], cache)
+                torch.testing.assert_close(step, model.last_hidden(seqs[:, : t + 1]), rtol=1e-5, atol=1e-5)
+            with pytest.raises(ValueError, match="max_len"):
+                model.decode_next(seqs[:, 0], cache)
+        model.train()
+        with pytest.raises(RuntimeError, match="eval mode"):
+            model.decode_next(seqs[:, 0], model.new_cache(len(seqs), torch.device("cpu")))
+
+
+def test_chunked_scores_never_exceed_batch_times_chunk(monkeypatch):
+    """With item_chunk < N+1 no step scores more than item_chunk items at once; the rollouts stay
+    those of whole-catalogue scoring."""
+    model, num_items = model_named("hstu")
+    seqs = random_sources(num_items, 8, seed=3)
+    whole = generate_rollouts(model, ragged(seqs), GenerationParams(m=2, tau=5, p=0.5, batch_size=4))
+    widths = []
+    real = type(model).item_scores
+
+    def recorded(self, hidden, emb=None, first=0):
+        out = real(self, hidden, emb, first)
+        widths.append(out.shape[-1])
+        return out
+
+    monkeypatch.setattr(type(model), "item_scores", recorded)
+    chunked = generate_rollouts(model, ragged(seqs), GenerationParams(m=2, tau=5, p=0.5, batch_size=4, item_chunk=8))
+    assert widths and max(widths) <= 8 and sum(w == 8 for w in widths) > 0
+    assert np.array_equal(whole.items.values, chunked.items.values)
+    assert np.array_equal(whole.trace.values, chunked.trace.values)
+    assert np.array_equal(whole.stop_reason, chunked.stop_reason)
+
+
+# --------------------------------------------------------------------------- approximate retrieval
+@pytest.mark.parametrize("name", ["sasrec-2l", "hstu-rel", "int"])
+def test_retrieval_that_proposes_every_item_is_exact(name):
+    """An IVF index over 30 items has one list: every item is a candidate, so the approximate
+    path must reproduce the oracle exactly (rollouts, stop reasons, traces), extension mode too."""
+    model, num_items = model_named(name)
+    seqs = random_sources(num_items, 6, seed=case_seed(name, "ivf"))
+    for tau, p, m in [(3, 0.5, 3), (None, 0.5, 2), (10, 0.0, 1)]:
+        params = GenerationParams(m=m, tau=tau, p=p, seed=3, batch_size=4, retrieval="ivf", candidates=64)
+        assert_same_as_oracle(model, seqs, generate_rollouts(model, ragged(seqs), params), m, tau, p,
+                              MAX_LEN_MODEL, 3)
+        ext = extend_sequences(model, ragged(seqs), params, 1)
+        assert_extensions_match_oracle(model, seqs, ext, 1, m, tau, p, MAX_LEN_MODEL, 3)
+
+
+def test_retrieval_reads_only_candidates_and_listed_items():
+    """1,000 items, 16 candidates: a step gathers the vectors of its candidates and the user's
+    items, never a score row over all items; the pool picks stay valid (unused, in range)."""
+    torch.manual_seed(0)
+    model = tiny_model("sasrec", 1000, 9)
+    seqs = random_sources(1000, 20, seed=4)
+    calls = []
+    real = type(model).item_scores
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    type(model).item_scores = counted
+    try:
+        r = generate_rollouts(model, ragged(seqs), GenerationParams(m=2, tau=8, p=0.5, retrieval="ivf",
+                                                                     candidates=16, nprobe=2))
+    finally:
+        type(model).item_scores = real
+    assert not calls
+    for k in range(len(r)):
+        items = row(r.items, k)
+        assert len(set(items)) == len(items) and all(1 <= i <= 1000 for i in items)
+
+
+def test_retrieval_parameters_are_checked_before_compute(monkeypatch):
+    with pytest.raises(ValidationError, match="tau=300 exceeds candidates=256"):
+        GenerationParams(tau=300, retrieval="ivf")
+    ties, num_items = model_named("ties")
+    with pytest.raises(RsirError, match="'retrieval'"):
+        generate_rollouts(ties, ragged([[1, 2]]), GenerationParams(retrieval="ivf"))
+    monkeypatch.setitem(sys.modules, "faiss", None)  # as if the extra were not installed
+    with pytest.raises(RsirError, match=r"needs faiss: pip install .*\[ann\]"):
+        generate_rollouts(model_named("sasrec-2l")[0], ragged([[1, 2]]), GenerationParams(retrieval="ivf"))
