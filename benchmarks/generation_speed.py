@@ -1,15 +1,27 @@
-"""Generation speed and memory: the vectorized generator against the per-rollout oracle.
+"""Generation speed and memory: our generator against the authors' and the per-rollout oracle.
 
-    python benchmarks/generation_speed.py [--checkpoint PATH] [--epochs 3] [--oracle-sources 40]
-                                          [--synthetic-sources 20000] [--batch-size 1024] [--threads N]
+    python benchmarks/generation_speed.py [--threads 2] [--checkpoint PATH] [--epochs 3]
+        [--catalogues 100000,1000000] [--peer-sources 200] [--oracle-sources 40] [--batch-size 1024]
 
-Phases (one process): ml-100k in the workspace ($RSIR_HOME, default /tmp/rsir-bench); a SASRec
-(from --checkpoint, or trained for a few epochs); all real users' training parts as sources;
-generation over all of them (m=5, tau=10, p=0.5); the oracle (tests/oracle.py) on the first
---oracle-sources sources; a plain batched scoring pass over the same sequences; then a synthetic
-data set (200,000 random sequences over 20,000 items, untrained SASRec) to show that memory is
-bounded by batch_size x items, not by the number of rollouts. Peak RSS is measured per phase
-(Linux: VmHWM after resetting it through /proc/self/clear_refs). Last line: one JSON object.
+One process. Every run's peak RSS is measured (Linux: VmHWM, reset through /proc/self/clear_refs)
+and given over the RSS before it. Outputs of the peers are checked equal to ours on the sources
+they share. Last line: one JSON object.
+
+1. ml-100k (1,682 items): a SASRec (--checkpoint, or trained --epochs epochs; positions from the
+   oldest item, the default); all real users' training parts as sources (m=5, tau=10, p=0.5).
+   Runs: ours (cached keys/values, the default), ours with the full forward every step, the
+   authors' generator (benchmarks/authors_generator.py) on the first --peer-sources sources and
+   the oracle (tests/oracle.py) on the first --oracle-sources.
+2. Large catalogues (--catalogues): N items of which the first --head-items are a clustered
+   head (clusters of 20; a user's sequence walks one cluster in its order, long-tailed lengths,
+   mean ~9); a SASRec is trained on the head for --head-steps steps (full softmax over the head),
+   then the trained weights go into a model of N items whose other rows keep their
+   initialisation (items never seen in training). So rollouts have realistic lengths (an
+   untrained model stops after about one item) while every step still scans all N items.
+   Runs: ours (item chunks of 2^18: a step holds batch x chunk scores), ours on whole score rows
+   (batch x (N+1)), and the authors' generator and the oracle on fewer sources.
+3. Approximate retrieval on the same large catalogues: exact against a faiss IVF index (256
+   candidates, nprobe 16 and 64): identical rollouts, acceptance rate, accepted length, speed.
 """
 
 from __future__ import annotations
@@ -30,15 +42,16 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 import oracle  # noqa: E402
+from benchmarks import authors_generator  # noqa: E402
+from core.workspace import Workspace  # noqa: E402
 from models import build_model  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
-from tasks.config import TrainConfig  # noqa: E402
-from core.workspace import Workspace  # noqa: E402
+from storage.dataset import dataset_store  # noqa: E402
 from tasks.checkpoints import load_checkpoint  # noqa: E402
+from tasks.config import TrainConfig  # noqa: E402
 from tasks.filter import filter_rollouts  # noqa: E402
-from tasks.generate import STOP_REASONS, GenerationParams, generate_rollouts, stop_reason_counts  # noqa: E402
+from tasks.generate import STOP_REASONS, GenerationParams, generate_rollouts  # noqa: E402
 from tasks.ingest import fetch_builtin  # noqa: E402
-from storage.dataset import dataset_store
 from tasks.split import Ragged, leave_one_out  # noqa: E402
 from tasks.train import train_model  # noqa: E402
 
@@ -78,14 +91,22 @@ def measured(fn, *args, **kwargs):
     return out, time.perf_counter() - t0, before, peak_rss_mib()
 
 
-# ------------------------------------------------------------------ phases
 def best_of(repeat: int, fn, *args, **kwargs):
-    """The fastest of `repeat` timed runs (same for the generator and the oracle)."""
+    """The fastest of `repeat` timed runs (the same rule for every generator)."""
     runs = [measured(fn, *args, **kwargs) for _ in range(max(repeat, 1))]
     return min(runs, key=lambda r: r[1])
 
 
-def get_model(ws: Workspace, checkpoint: str | None, epochs: int, num_items: int):
+# ------------------------------------------------------------------ data and models
+def subset(r: Ragged, count: int) -> Ragged:
+    return Ragged(r.values[: r.offsets[count]], r.offsets[: count + 1])
+
+
+def as_lists(r: Ragged, count: int) -> list[list[int]]:
+    return [r.values[r.offsets[i]:r.offsets[i + 1]].tolist() for i in range(min(count, len(r)))]
+
+
+def ml100k_model(ws: Workspace, checkpoint: str | None, epochs: int, num_items: int):
     if checkpoint is None:
         cfg = TrainConfig(dataset="ml-100k", epochs=epochs, progress=False, device="cpu")
         t0 = time.perf_counter()
@@ -97,173 +118,210 @@ def get_model(ws: Workspace, checkpoint: str | None, epochs: int, num_items: int
     return model.eval(), checkpoint
 
 
-@torch.no_grad()
-def scoring_pass(model, sources: Ragged, max_len: int, batch_size: int) -> int:
-    model.eval()
-    for lo in range(0, len(sources), batch_size):
-        rows = np.arange(lo, min(lo + batch_size, len(sources)))
-        model.score_last(sources.tails(rows, max_len))
-    return len(sources)
+CLUSTER = 20
 
 
-def run_oracle(model, sources: Ragged, count: int, params: GenerationParams):
-    seqs = [sources.values[sources.offsets[i]:sources.offsets[i + 1]].tolist() for i in range(count)]
-    return oracle.generate(model, seqs, params.m, params.tau, params.p, params.max_len, params.seed)
-
-
-def row(r: Ragged, i: int) -> list[int]:
-    return r.values[r.offsets[i]:r.offsets[i + 1]].tolist()
-
-
-def synthetic_sources(num_seqs: int, num_items: int, seed: int = 0) -> Ragged:
+def clustered_sources(n: int, head_items: int, seed: int) -> Ragged:
+    """n sequences over items 1..head_items in clusters of CLUSTER consecutive ids: a sequence
+    picks a cluster and a start and walks it in order (wrapping), so the next item is learnable.
+    Lengths long-tailed (discretised log-normal, mean ~9), between 3 and CLUSTER."""
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(5, 51, size=num_seqs)
-    offsets = np.zeros(num_seqs + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    return Ragged(rng.integers(1, num_items + 1, size=offsets[-1]).astype(np.int64), offsets)
+    lengths = np.clip(np.round(rng.lognormal(mean=1.9, sigma=0.75, size=n)), 3, CLUSTER).astype(np.int64)
+    base = rng.integers(0, head_items // CLUSTER, size=n) * CLUSTER
+    start = rng.integers(0, CLUSTER, size=n)
+    which = np.repeat(np.arange(n), lengths)
+    step = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    values = 1 + base[which] + (start[which] + step) % CLUSTER
+    return Ragged(values.astype(np.int64), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
 
 
-def subset(r: Ragged, count: int) -> Ragged:
-    return Ragged(r.values[: r.offsets[count]], r.offsets[: count + 1])
+def train_head(sources: Ragged, head_items: int, steps: int, batch: int, seed: int) -> torch.nn.Module:
+    """A SASRec over the head items, trained `steps` Adam steps on random batches (full softmax)."""
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(max_len=50), head_items).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        seqs = sources.tails(rng.integers(0, len(sources), size=batch), 51)
+        loss = model.loss(seqs[:, :-1], seqs[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    print(f"trained the head SASRec ({head_items} items) for {steps} steps in {time.perf_counter() - t0:.1f} s, "
+          f"last loss {loss.item():.3f}", flush=True)
+    return model.eval()
 
 
-def generation_figures(rollouts, seconds: float) -> dict:
-    appended = int((rollouts.items.lengths - 1).sum())
-    checks = int(rollouts.trace.lengths.sum())  # one model call per check
-    return {
-        "rollouts": len(rollouts), "seconds": round(seconds, 3),
-        "rollouts_per_s": round(len(rollouts) / seconds, 1),
-        "generated_items": appended, "generated_items_per_s": round(appended / seconds, 1),
-        "scored_steps_per_s": round(checks / seconds, 1),
-        "mean_len": round(float(rollouts.items.lengths.mean()), 2) if len(rollouts) else 0.0,
-        "stop_reasons": stop_reason_counts(rollouts),
-    }
+def with_catalogue(head: torch.nn.Module, num_items: int, seed: int) -> torch.nn.Module:
+    """A model of num_items items: the head model's weights, its item rows first; the other rows
+    keep build_model's initialisation (items never seen in training)."""
+    torch.manual_seed(seed)
+    model = build_model(head.config, num_items)
+    state = {k: v for k, v in head.state_dict().items() if k != "item_emb.weight"}
+    model.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        model.item_emb.weight[: head.num_items + 1] = head.item_emb.weight
+    return model.eval()
+
+
+# ------------------------------------------------------------------ runs
+def figures(name: str, rollouts: list | object, seconds: float, before: float, peak: float) -> dict:
+    """rollouts: our Rollouts, or the peers' list of (items, reason, trace)."""
+    if isinstance(rollouts, list):
+        n, appended = len(rollouts), sum(len(r[0]) - 1 for r in rollouts)
+        mean_len = sum(len(r[0]) for r in rollouts) / max(n, 1)
+    else:
+        n, appended = len(rollouts), int((rollouts.items.lengths - 1).sum())
+        mean_len = float(rollouts.items.lengths.mean()) if n else 0.0
+    return {"run": name, "rollouts": n, "seconds": round(seconds, 3), "rollouts_per_s": round(n / seconds, 2),
+            "items_per_s": round(appended / seconds, 1), "mean_len": round(mean_len, 2),
+            "peak_over_before_mib": round(peak - before, 1), "peak_rss_mib": round(peak, 1)}
+
+
+def as_tuples(rollouts, count: int) -> list[tuple[list[int], str, list[int]]]:
+    def row(r: Ragged, i: int) -> list[int]:
+        return r.values[r.offsets[i]:r.offsets[i + 1]].tolist()
+
+    return [(row(rollouts.items, k), STOP_REASONS[rollouts.stop_reason[k]], row(rollouts.trace, k))
+            for k in range(count)]
+
+
+def compare(model, sources: Ragged, params: GenerationParams, repeat: int, peer_sources: int,
+            oracle_sources: int, variants: dict[str, dict]) -> dict:
+    """Ours (each variant of the parameters) on every source, the authors' generator and the
+    oracle on the first sources; outputs checked equal on the shared sources."""
+    generate_rollouts(model, subset(sources, 4), params)  # warm-up (allocator, kernels)
+    rows, outputs = [], {}
+    for name, update in variants.items():
+        out, s, before, peak = best_of(repeat, generate_rollouts, model, sources, params.model_copy(update=update))
+        rows.append(figures(name, out, s, before, peak))
+        outputs[name] = as_tuples(out, len(out))
+    ours = outputs[next(iter(variants))]
+    same = {name: out == ours for name, out in outputs.items()}
+    args = (params.m, params.tau, params.p, params.max_len, params.seed)
+    for name, count, run in [("authors", peer_sources, lambda seqs: authors_generator.generate(
+                                  model, seqs, *args, batch_size=params.batch_size)),
+                             ("oracle", oracle_sources, lambda seqs: oracle.generate(model, seqs, *args))]:
+        seqs = as_lists(sources, count)
+        out, s, before, peak = best_of(1 if name == "oracle" else repeat, run, seqs)
+        rows.append(figures(f"{name} ({len(seqs)} sources)", out, s, before, peak))
+        same[name] = out == ours[: len(out)]
+    first = rows[0]
+    for r in rows:
+        r["ours_speedup"] = round(first["rollouts_per_s"] / r["rollouts_per_s"], 1)
+    return {"rows": rows, "identical_to_ours": same}
+
+
+def accepted_figures(rollouts, params: GenerationParams, existing: Ragged) -> dict:
+    kept = filter_rollouts(rollouts, params.tau, params.min_len, True, existing)
+    return {"acceptance_rate": round(kept.counts["acceptance_rate"], 4),
+            "mean_accepted_len": round(kept.counts["mean_accepted_length"], 2)}
+
+
+def retrieval_agreement(model, sources: Ragged, params: GenerationParams, settings: list[dict]) -> list[dict]:
+    """Exact generation against approximate retrieval (candidates re-scored exactly): share of
+    identical rollouts (items, stop reason, trace), acceptance rate and mean accepted length after
+    the filter, mean rollout length, speed (index build included) and peak memory."""
+    exact, s, before, peak = measured(generate_rollouts, model, sources, params)
+    rows = [{"retrieval": "exact", **figures("exact", exact, s, before, peak), "identical": 1.0,
+             **accepted_figures(exact, params, sources)}]
+    reference = as_tuples(exact, len(exact))
+    for setting in settings:
+        approx, s, before, peak = measured(generate_rollouts, model, sources,
+                                           params.model_copy(update={"retrieval": "ivf", **setting}))
+        same = sum(a == b for a, b in zip(as_tuples(approx, len(approx)), reference)) / max(len(reference), 1)
+        rows.append({"retrieval": f"ivf {setting}", **figures("ivf", approx, s, before, peak),
+                     "identical": round(same, 4), **accepted_figures(approx, params, sources)})
+    return rows
+
+
+def print_agreement(title: str, rows: list[dict]) -> None:
+    print(f"\n{title}")
+    print(f"{'scoring':<42}{'identical':>10}{'accept':>8}{'acc. len':>9}{'mean len':>9}{'rollouts/s':>11}"
+          f"{'peak-before MiB':>16}")
+    for r in rows:
+        print(f"{r['retrieval']:<42}{r['identical']:>10.1%}{r['acceptance_rate']:>8.1%}{r['mean_accepted_len']:>9.2f}"
+              f"{r['mean_len']:>9.2f}{r['rollouts_per_s']:>11.1f}{r['peak_over_before_mib']:>16.1f}")
+
+
+def print_rows(title: str, rows: list[dict]) -> None:
+    print(f"\n{title}")
+    print(f"{'run':<34}{'rollouts':>9}{'seconds':>10}{'rollouts/s':>12}{'items/s':>11}{'mean len':>9}"
+          f"{'peak-before MiB':>16}{'ours x':>9}")
+    for r in rows:
+        print(f"{r['run']:<34}{r['rollouts']:>9}{r['seconds']:>10.2f}{r['rollouts_per_s']:>12.2f}"
+              f"{r['items_per_s']:>11.1f}{r['mean_len']:>9.2f}{r['peak_over_before_mib']:>16.1f}"
+              f"{r['ours_speedup']:>9.1f}")
 
 
 # ------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", help="SASRec checkpoint for ml-100k; default: train one")
-    ap.add_argument("--epochs", type=int, default=3, help="training epochs when no checkpoint is given")
+    ap.add_argument("--epochs", type=int, default=3, help="ml-100k training epochs when no checkpoint is given")
+    ap.add_argument("--peer-sources", type=int, default=200, help="ml-100k sources for the authors' generator")
     ap.add_argument("--oracle-sources", type=int, default=40)
-    ap.add_argument("--synthetic-seqs", type=int, default=200_000)
-    ap.add_argument("--synthetic-items", type=int, default=20_000)
-    ap.add_argument("--synthetic-sources", type=int, default=20_000,
-                    help="sources of the synthetic set actually generated from (runtime)")
+    ap.add_argument("--catalogues", default="100000,1000000", help="large catalogue sizes; '' = none")
+    ap.add_argument("--head-items", type=int, default=10_000)
+    ap.add_argument("--head-sequences", type=int, default=50_000)
+    ap.add_argument("--head-steps", type=int, default=300)
+    ap.add_argument("--large-sources", type=int, default=200, help="sources per large catalogue (ours)")
+    ap.add_argument("--large-peer-sources", type=int, default=40)
+    ap.add_argument("--large-oracle-sources", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=1024)
-    ap.add_argument("--repeat", type=int, default=3, help="timed repetitions; the fastest is reported")
+    ap.add_argument("--repeat", type=int, default=3, help="timed repetitions on ml-100k; the fastest is reported")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, help="torch CPU threads; torch's default when omitted")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-
     load_start = os.getloadavg()
+    report: dict = {"device": args.device, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                    "torch": torch.__version__, "batch_size": args.batch_size}
+
     ws = Workspace.at(os.environ.get("RSIR_HOME", "/tmp/rsir-bench"))
     fetch_builtin(ws, "ml-100k")
     store = dataset_store(ws)
     num_items = store.manifest("ml-100k").num_items
-    split = leave_one_out(store.load("ml-100k"), num_items)
-    sources = split.valid_input  # real users' training parts only
-    model, checkpoint = get_model(ws, args.checkpoint, args.epochs, num_items)
+    sources = leave_one_out(store.load("ml-100k"), num_items).valid_input  # real users' training parts
+    model, checkpoint = ml100k_model(ws, args.checkpoint, args.epochs, num_items)
     model = model.to(args.device)
     params = GenerationParams(m=5, tau=10, p=0.5, min_len=3, batch_size=args.batch_size, device=args.device,
                               max_len=model.config.max_len)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}; "
-          f"ml-100k: {len(sources)} sources, {num_items} items, mean length {sources.lengths.mean():.1f}",
-          flush=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}; ml-100k: "
+          f"{len(sources)} sources, {num_items} items, mean length {sources.lengths.mean():.1f}", flush=True)
+    small = compare(model, sources, params, args.repeat, args.peer_sources, args.oracle_sources,
+                    {"ours (cached keys/values)": {}, "ours (full forward per step)": {"incremental": False}})
+    print_rows(f"ml-100k, {num_items} items, {len(sources)} sources x m=5", small["rows"])
+    print(f"identical to ours: {small['identical_to_ours']}", flush=True)
+    report.update(checkpoint=checkpoint, ml100k=small)
 
-    # Vectorized generation over all of ml-100k.
-    generate_rollouts(model, subset(sources, 8), params)  # warm-up (allocator, kernels)
-    rollouts, gen_s, rss_before, gen_peak = best_of(args.repeat, generate_rollouts, model, sources, params)
-    vec = generation_figures(rollouts, gen_s)
-    existing = Ragged.from_series(store.load("ml-100k")["items"])  # the current dataset D_k
-    filter_rollouts(rollouts, 10, 3, True, existing)  # warm-up: polars' first call pays its set-up
-    accepted, filter_s, _, _ = measured(filter_rollouts, rollouts, 10, 3, True, existing)
-    vec.update(full_pass_seconds=round(gen_s, 3), peak_rss_mib=round(gen_peak, 1),
-               rss_before_mib=round(rss_before, 1), filter_seconds=round(filter_s, 4),
-               accepted=accepted.counts["accepted"], acceptance_rate=round(accepted.counts["acceptance_rate"], 4))
-
-    # Oracle on a subset.
-    n_or = min(args.oracle_sources, len(sources))
-    torch_threads = torch.get_num_threads()
-    cpu_params = params.model_copy(update={"device": "cpu"})
-    expected, or_s, _, _ = best_of(args.repeat, run_oracle, model.cpu(), sources, n_or, cpu_params)
-    model = model.to(args.device)
-    same = sum((row(rollouts.items, k), STOP_REASONS[rollouts.stop_reason[k]], row(rollouts.trace, k)) == e
-               for k, e in enumerate(expected))
-    orc = {"sources": n_or, "rollouts": len(expected), "seconds": round(or_s, 3),
-           "rollouts_per_s": round(len(expected) / or_s, 2),
-           "generated_items_per_s": round(sum(len(e[0]) - 1 for e in expected) / or_s, 2),
-           "identical_to_vectorized": f"{same}/{len(expected)}"}
-    speedup = vec["rollouts_per_s"] / orc["rollouts_per_s"]
-
-    # Plain scoring pass over the same sequences.
-    scoring_pass(model, subset(sources, 8), params.max_len, args.batch_size)  # warm-up
-    scored, score_s, _, _ = measured(scoring_pass, model, sources, params.max_len, args.batch_size)
-    score = {"sequences": scored, "seconds": round(score_s, 3), "sequences_per_s": round(scored / score_s, 1),
-             "mean_scored_len": round(float(np.minimum(sources.lengths, params.max_len).mean()), 1)}
-
-    # Synthetic: 200k sequences, 20k items, untrained SASRec; generate from a subset.
-    syn_all = synthetic_sources(args.synthetic_seqs, args.synthetic_items)
-    torch.manual_seed(0)
-    syn_model = build_model(ModelConfig(), args.synthetic_items).eval().to(args.device)
-    syn_runs = []
-    quarter = max(args.synthetic_sources // 4, 1)
-    # Same batch, 4x the sources: the peak should not move. A quarter of the batch: it should drop.
-    for count, batch in [(quarter, args.batch_size), (args.synthetic_sources, args.batch_size),
-                         (quarter, max(args.batch_size // 4, 1))]:
-        count = min(count, len(syn_all))
-        run_params = params.model_copy(update={"batch_size": batch})
-        r, s, before, peak = measured(generate_rollouts, syn_model, subset(syn_all, count), run_params)
-        syn_runs.append({"sources": count, "batch_size": batch, **generation_figures(r, s),
-                         "rss_before_mib": round(before, 1), "peak_rss_mib": round(peak, 1),
-                         "peak_over_before_mib": round(peak - before, 1)})
-        del r
-    per_batch = args.batch_size * (args.synthetic_items + 1) * 4 / MiB  # one float32 score row each
-    synthetic = {"sequences": len(syn_all), "items": args.synthetic_items,
-                 "dataset_mib": round(syn_all.values.nbytes / MiB, 1),
-                 "score_rows_mib_per_batch": round(per_batch, 1), "runs": syn_runs}
-
-    # ------------------------------------------------------------------ report
-    print()
-    print(f"{'phase':<34}{'rollouts':>10}{'seconds':>10}{'rollouts/s':>12}{'items/s':>12}{'peak RSS MiB':>14}")
-    print(f"{'vectorized, all ml-100k':<34}{vec['rollouts']:>10}{gen_s:>10.2f}{vec['rollouts_per_s']:>12.1f}"
-          f"{vec['generated_items_per_s']:>12.1f}{gen_peak:>14.1f}")
-    print(f"{f'oracle, {n_or} sources':<34}{orc['rollouts']:>10}{or_s:>10.2f}{orc['rollouts_per_s']:>12.2f}"
-          f"{orc['generated_items_per_s']:>12.2f}{'':>14}")
-    for run in syn_runs:
-        label = f"synthetic, {run['sources']} src, batch {run['batch_size']}"
-        print(f"{label:<34}{run['rollouts']:>10}{run['seconds']:>10.2f}{run['rollouts_per_s']:>12.1f}"
-              f"{run['generated_items_per_s']:>12.1f}{run['peak_rss_mib']:>14.1f}")
-    print()
-    print(f"speedup_vs_oracle (rollouts/s)      {speedup:.1f}x   (oracle identical to vectorized: "
-          f"{orc['identical_to_vectorized']})")
-    print(f"ml-100k full pass                   {gen_s:.2f} s, mean rollout length {vec['mean_len']}, "
-          f"stops {vec['stop_reasons']}")
-    print(f"filter (tau 10, min_len 3)          {filter_s * 1000:.1f} ms, accepted {vec['accepted']} "
-          f"({vec['acceptance_rate']:.1%})")
-    print(f"plain scoring pass                  {score['sequences_per_s']:.0f} sequences/s "
-          f"(mean length {score['mean_scored_len']}); generation: {vec['scored_steps_per_s']:.0f} scored "
-          f"steps/s, {vec['generated_items_per_s']:.0f} generated items/s "
-          f"= {vec['generated_items_per_s'] / score['sequences_per_s']:.2f} x scoring throughput")
-    print(f"synthetic ({len(syn_all)} seqs)       peak RSS over baseline: "
-          + ", ".join(f"{r['peak_over_before_mib']:.0f} MiB ({r['sources']} src, batch {r['batch_size']})"
-                      for r in syn_runs)
-          + f"; score rows per batch {per_batch:.0f} MiB; data set {synthetic['dataset_mib']} MiB")
-    print(f"load average at start / end         {load_start} / {os.getloadavg()}")
-    figures = {
-        "device": args.device, "threads": torch_threads, "cpus": os.cpu_count(),
-        "load_average_start": load_start, "load_average_end": os.getloadavg(),
-        "checkpoint": checkpoint, "batch_size": args.batch_size,
-        "params": {"m": 5, "tau": 10, "p": 0.5, "max_len": params.max_len},
-        "vectorized": vec, "oracle": orc, "speedup_vs_oracle": round(speedup, 1), "scoring": score,
-        "generated_items_per_s_over_scoring_seq_per_s":
-            round(vec["generated_items_per_s"] / score["sequences_per_s"], 3),
-        "synthetic": synthetic,
-    }
-    print(json.dumps(figures))
-    return figures
+    catalogues = [int(c) for c in args.catalogues.split(",") if c]
+    if catalogues:
+        data = clustered_sources(args.head_sequences, args.head_items, seed=0)
+        head = train_head(data, args.head_items, args.head_steps, 128, seed=0)
+        large_sources = subset(data, args.large_sources)
+    for n in catalogues:
+        big = with_catalogue(head, n, seed=1).to(args.device)
+        whole = {"item_chunk": n + 1}
+        big_params = params.model_copy(update={"max_len": big.config.max_len})
+        result = compare(big, large_sources, big_params, 1, args.large_peer_sources, args.large_oracle_sources,
+                         {"ours (chunks of 2^18 items)": {}, "ours (whole score rows)": whole})
+        scores_mib = {"chunked": args.batch_size * min(n + 1, big_params.item_chunk) * 4 / MiB,
+                      "whole": args.batch_size * (n + 1) * 4 / MiB}
+        print_rows(f"{n} items ({args.head_items} trained), {len(large_sources)} sources x m=5", result["rows"])
+        print(f"identical to ours: {result['identical_to_ours']}; one step's scores: "
+              f"{scores_mib['chunked']:.0f} MiB chunked, {scores_mib['whole']:.0f} MiB whole", flush=True)
+        agreement = retrieval_agreement(big, large_sources, big_params,
+                                        [{"candidates": 256, "nprobe": 16}, {"candidates": 256, "nprobe": 64}])
+        print_agreement(f"approximate retrieval, {n} items, {len(large_sources)} sources x m=5", agreement)
+        report[f"items_{n}"] = {**result, "score_mib_per_step": scores_mib, "retrieval": agreement,
+                                "item_table_mib": round(big.item_emb.weight.numel() * 4 / MiB, 1)}
+        del big
+    report.update(load_average_start=load_start, load_average_end=os.getloadavg())
+    print(json.dumps(report))
+    return report
 
 
 if __name__ == "__main__":

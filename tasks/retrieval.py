@@ -43,10 +43,11 @@ class ItemIndex:
         faiss = require_faiss()
         vectors = np.ascontiguousarray(table[1:].detach().float().cpu().numpy())
         n, d = vectors.shape
-        lists = max(1, min(int(4 * math.sqrt(n)), n // 39))  # faiss wants >= 39 points per list
+        lists = max(1, min(int(math.sqrt(n)), n // 39))  # faiss wants >= 39 training points per list
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFFlat(quantizer, d, lists, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = seed
+        index.cp.max_points_per_centroid = 64  # k-means on a sample: seconds, not minutes, at 10^6 items
         index.train(vectors)
         index.add(vectors)
         index.nprobe = min(nprobe, lists)
