@@ -40,27 +40,42 @@ class SequenceModel(Protocol):
 @dataclass
 class DecodeCache:
     """Keys and values of every layer for the items decoded so far (incremental decoding):
-    keys[i], values[i] (B, H, capacity, d/H), filled in columns [0, length). Every row holds the
-    same number of items, none of them padding (a rollout's prefix)."""
+    keys[i], values[i] (B, H, capacity, d/H), filled in columns [0, length); the capacity grows
+    as needed. Every row holds the same number of items, none of them padding (a rollout's prefix)."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     length: int = 0
 
+    limit: int = 0  # the most columns ever needed (max_len); capacity grows to it by doubling
+
     def select(self, rows: torch.Tensor) -> "DecodeCache":
-        """The cache of the given rows (B',), in that order."""
-        return DecodeCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.length)
+        """The cache of the given rows (B',), in that order. The capacity grows by doubling, so
+        this copies fewer than 2 x length columns (at max_len columns, copying cost more than the
+        attention it serves: most rollouts stop within a few steps)."""
+        return DecodeCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.length, self.limit)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write layer's new key and value (B, H, 1, d/H) at column `length`; return its keys and
         values so far (B, H, length + 1, d/H). `advance` moves `length` on after the last layer."""
         t = self.length
+        if self.keys[layer].shape[2] <= t:
+            self.keys[layer], self.values[layer] = (_grown(x, t, self.limit) for x in (self.keys[layer],
+                                                                                        self.values[layer]))
         self.keys[layer][:, :, t: t + 1] = k
         self.values[layer][:, :, t: t + 1] = v
         return self.keys[layer][:, :, : t + 1], self.values[layer][:, :, : t + 1]
 
     def advance(self) -> None:
         self.length += 1
+
+
+def _grown(buffer: torch.Tensor, filled: int, limit: int) -> torch.Tensor:
+    """buffer (B, H, C, d/H) with its first `filled` columns kept and room for at least one more:
+    twice the columns, at most `limit`."""
+    grown = buffer.new_zeros(*buffer.shape[:2], min(max(2 * filled, 8), max(limit, filled + 1)), buffer.shape[3])
+    grown[:, :, :filled] = buffer[:, :, :filled]
+    return grown
 
 
 @runtime_checkable
@@ -133,10 +148,11 @@ class SequentialRecommender(nn.Module):
 
     def empty_cache(self, batch: int, layers: int, heads: int, device: torch.device) -> DecodeCache:
         """Zeroed key/value buffers for `batch` sequences of up to max_len items."""
-        shape = (batch, heads, self.config.max_len, self.config.hidden // heads)
+        shape = (batch, heads, 0, self.config.hidden // heads)  # grows on the first append
         dtype = self.item_emb.weight.dtype
         return DecodeCache([torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
-                           [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)])
+                           [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
+                           limit=self.config.max_len)
 
     def score_last(self, seqs: torch.Tensor) -> torch.Tensor:
         """(B, L) -> (B, N+1) next-item scores after the newest item of each sequence."""

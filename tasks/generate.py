@@ -294,7 +294,8 @@ def _rollout_batch(model: SequenceModel, sources: Ragged, ids: np.ndarray, param
     # Active state, compacted as rollouts stop; every active rollout has t+1 items at step t.
     # own: the user's items S (sorted); live: that item is not in the rollout yet (R = live items).
     pos, rid, seq = torch.arange(B, device=device), torch.from_numpy(ids).to(device), out.clone()
-    own = sorted_rows(sources, src, device)
+    distinct_src, copy_of = np.unique(src, return_inverse=True)  # the m rollouts of a source share S
+    own = sorted_rows(sources, distinct_src, device)[torch.from_numpy(copy_of).to(device)]
     live = (own != 0) & (own != first[:, None])
     decoder = Decoder(model, B, device, params.incremental, params.item_chunk, index)
     for t in range(L - 1):
