@@ -123,12 +123,15 @@ class SequentialRecommender(nn.Module):
         """Hidden states divided by the temperature (no extra op in the hot path at 1)."""
         return hidden if self.temperature == 1.0 else hidden / self.temperature
 
-    def item_scores(self, hidden: torch.Tensor, emb: torch.Tensor | None = None, first: int = 0) -> torch.Tensor:
+    def item_scores(self, hidden: torch.Tensor, emb: torch.Tensor | None = None, first: int = 0,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
         """Scores (..., C) of items first..first+C-1 for hidden states (..., d); item 0 (padding)
         is -inf. emb: those items' rows of output_embeddings() (default: every item), so that a
-        caller scoring a large catalogue chunk by chunk computes the table once."""
+        caller scoring a large catalogue chunk by chunk computes the table once. out: a buffer to
+        write them into (a caller stepping many times avoids allocating, and page-faulting, a
+        fresh batch x items tensor each step)."""
         emb = self.output_embeddings() if emb is None else emb
-        scores = self.scaled(hidden) @ emb.T
+        scores = torch.matmul(self.scaled(hidden), emb.T, out=out)
         if first == 0:
             scores[..., 0] = float("-inf")
         return scores

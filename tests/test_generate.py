@@ -469,10 +469,10 @@ def test_chunked_scores_never_exceed_batch_times_chunk(monkeypatch):
     widths = []
     real = type(model).item_scores
 
-    def recorded(self, hidden, emb=None, first=0):
-        out = real(self, hidden, emb, first)
-        widths.append(out.shape[-1])
-        return out
+    def recorded(self, hidden, emb=None, first=0, out=None):
+        scores = real(self, hidden, emb, first, out)
+        widths.append(scores.shape[-1])
+        return scores
 
     monkeypatch.setattr(type(model), "item_scores", recorded)
     chunked = generate_rollouts(model, ragged(seqs), GenerationParams(m=2, tau=5, p=0.5, batch_size=4, item_chunk=8))
