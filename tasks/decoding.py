@@ -25,6 +25,9 @@ from models import SequenceModel, SequentialRecommender
 from tasks.retrieval import ItemIndex
 
 
+COUNT_TILE = 2 ** 22  # floats of the comparison tile (16 MiB); also its widest block (< 2^24)
+
+
 # Membership is tested against per-rollout item lists, not (batch, N+1) masks: the user's items
 # (batch, |s|) with a "not yet used" flag, and the rollout's own items (batch, len), written into
 # the scores as -inf. Masking whole score rows with torch.where costs several times a plain pass
@@ -33,15 +36,16 @@ def count_above(scores: torch.Tensor, top: torch.Tensor, tile: torch.Tensor) -> 
     """(B,) int64 #{columns of scores (B, C) strictly above top (B,)}, through `tile`, a flat
     float32 buffer of at least B x 1 values, a column block at a time. The 0/1 comparisons are
     summed as floats: on CPU that is several times faster than summing bools, and exact, since
-    every partial sum is an integer below 2^24."""
+    a block is at most COUNT_TILE < 2^24 columns wide (its partial sums are integers below 2^24);
+    blocks add up in int64."""
     B, C = scores.shape
     width = max(1, min(C, tile.numel() // max(B, 1)))
-    total = torch.zeros(B, dtype=torch.float32, device=scores.device)
+    total = torch.zeros(B, dtype=torch.int64, device=scores.device)
     for lo in range(0, C, width):
         block = scores[:, lo: lo + width]
         above = tile[: block.numel()].view(block.shape)
-        total += torch.gt(block, top[:, None], out=above).sum(dim=1)
-    return total.long()
+        total += torch.gt(block, top[:, None], out=above).sum(dim=1).long()
+    return total
 
 
 def best_rank(scores: torch.Tensor, top: torch.Tensor, tile: torch.Tensor | None = None) -> torch.Tensor:
@@ -50,9 +54,6 @@ def best_rank(scores: torch.Tensor, top: torch.Tensor, tile: torch.Tensor | None
     is the set's best rank."""
     tile = torch.empty(min(scores.numel(), COUNT_TILE), device=scores.device) if tile is None else tile
     return 1 + count_above(scores, top, tile)
-
-
-COUNT_TILE = 2 ** 22  # floats of the comparison tile (16 MiB)
 
 
 def best_of_listed(listed: torch.Tensor, items: torch.Tensor, live: torch.Tensor
@@ -67,12 +68,6 @@ def best_of_listed(listed: torch.Tensor, items: torch.Tensor, live: torch.Tensor
     dead = ~live.gather(1, at[:, None]).squeeze(1)
     at = torch.where(dead, live.to(torch.uint8).argmax(dim=1), at)
     return listed.gather(1, at[:, None]).squeeze(1), items.gather(1, at[:, None]).squeeze(1), has
-
-
-def best_listed(scores: torch.Tensor, items: torch.Tensor, live: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """best_of_listed with the listed scores taken from a (B, N+1) score matrix."""
-    return best_of_listed(scores.gather(1, items), items, live)
 
 
 def lowest_unused(used: torch.Tensor, num_items: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -531,3 +531,18 @@ def test_retrieval_parameters_are_checked_before_compute(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # as if the extra were not installed
     with pytest.raises(RsirError, match=r"needs faiss: pip install .*\[ann\]"):
         generate_rollouts(model_named("sasrec-2l")[0], ragged([[1, 2]]), GenerationParams(retrieval="ivf"))
+
+
+def test_rank_counts_are_exact_through_any_tile():
+    """count_above sums 0/1 floats block by block: equal to counting booleans, ties excluded,
+    whatever the tile's size."""
+    from tasks.decoding import count_above
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(-3, 4, (7, 1001), generator=g).float()  # many exact ties
+    scores[:, 0] = float("-inf")
+    top = scores[:, 5].clone()
+    top[0] = float("-inf")
+    expected = (scores > top[:, None]).sum(dim=1)
+    for tile in (7, 50, 7 * 1001, 10 ** 5):
+        assert torch.equal(count_above(scores, top, torch.empty(tile)), expected)
