@@ -1,11 +1,12 @@
 """Synthetic-sequence generation with fidelity control (the released RSIR algorithm), vectorized.
 
-Every rollout of a batch advances one item per step, so the whole batch is scored with one
-`score_last` call per step; the fidelity check, both pools and the greedy pick are tensor ops
-over all active rollouts at once. Rollouts leave the active set as they stop. Memory is
-bounded by the batch: scores (batch, N+1) plus item lists (batch, distinct items of a source
-<= N, and max_len), never by the number of rollouts. (Extension mode also keeps each source's
-prefix in a (batch, longest prefix + m) buffer.)
+Every rollout of a batch advances one item per step, so the whole batch is scored at once per
+step (tasks/decoding.py: cached keys and values where the model allows, scores whole or in item
+chunks, or approximate candidates); the fidelity check, both pools and the greedy pick are
+tensor ops over all active rollouts at once. Rollouts leave the active set as they stop. Memory
+is bounded by the batch: scores (batch, min(N+1, item_chunk)) plus item lists (batch, distinct
+items of a source <= N, and max_len), never by the number of rollouts. (Extension mode also
+keeps each source's prefix in a (batch, longest prefix + m) buffer.)
 
 Randomness: the only random choice is the pool (local S with probability p, else all items).
 Its uniform is a counter-based hash of (seed, rollout id, step), so results do not depend on
