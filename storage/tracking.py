@@ -184,8 +184,23 @@ class Tracker:
         newest = 0
         while (latest := self._newest_version(model_name)) != newest:
             newest = latest
-            self._client.set_registered_model_alias(model_name, alias, str(newest))
+            self._set_alias(model_name, alias, newest)
         return int(version.version)
+
+    def _set_alias(self, model_name: str, alias: str, version: int, attempts: int = 5) -> None:
+        """MLflow's SQL store inserts an alias after reading that there is none, so two runs setting
+        it at once can both insert and one gets a unique-key error (seen on PostgreSQL in CI). The
+        alias then exists: setting it again updates it."""
+        from mlflow.exceptions import MlflowException
+
+        for attempt in range(attempts):
+            try:
+                self._client.set_registered_model_alias(model_name, alias, str(version))
+                return
+            except MlflowException as exc:
+                message = str(exc).lower()
+                if attempt + 1 == attempts or "unique" not in message or "alias" not in message:
+                    raise
 
     def _newest_version(self, model_name: str) -> int:
         return max(int(v.version) for v in self._client.search_model_versions(f"name = '{model_name}'"))

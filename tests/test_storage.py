@@ -546,3 +546,32 @@ def test_an_unreachable_tracking_uri_error_hides_the_password():
     with pytest.raises(RsirError) as err:
         Tracker.open("http://rsir:s3cret@127.0.0.1:1", "x")
     assert "s3cret" not in str(err.value) and "rsir:***@127.0.0.1:1" in str(err.value)
+
+
+def test_champion_alias_survives_a_concurrent_insert(tmp_path, monkeypatch):
+    """Two runs setting `champion` at once on one SQL store: one insert loses to the other's
+    unique key. The loser sets it again (now an update) instead of failing its run."""
+    from mlflow.exceptions import MlflowException
+
+    from storage.tracking import Tracker
+
+    tracker = Tracker.open(f"sqlite:///{tmp_path / 'mlflow.db'}", "x", tmp_path / "artifacts")
+    run_id = tracker.start_run("r", {})
+    client = tracker._client
+    real, calls = client.set_registered_model_alias, []
+
+    def racing(name, alias, version):
+        calls.append(version)
+        if len(calls) == 1:  # another writer inserted the alias between MLflow's read and insert
+            real(name, alias, version)
+            raise MlflowException('(psycopg.errors.UniqueViolation) duplicate key value violates unique '
+                                  'constraint "registered_model_alias_pk"', error_code="BAD_REQUEST")
+        return real(name, alias, version)
+
+    monkeypatch.setattr(client, "set_registered_model_alias", racing)
+    version = tracker.register_champion("m", run_id, "checkpoint", {"k": 1})
+    assert len(calls) == 2 and int(client.get_model_version_by_alias("m", "champion").version) == version
+    monkeypatch.setattr(client, "set_registered_model_alias", lambda *a: (_ for _ in ()).throw(
+        MlflowException("some other failure", error_code="BAD_REQUEST")))
+    with pytest.raises(MlflowException, match="some other failure"):
+        tracker.register_champion("m", run_id, "checkpoint", {"k": 2})
