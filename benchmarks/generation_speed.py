@@ -43,6 +43,7 @@ import torch  # noqa: E402
 
 import oracle  # noqa: E402
 from benchmarks import authors_generator  # noqa: E402
+from benchmarks._common import print_table  # noqa: E402
 from core.workspace import Workspace  # noqa: E402
 from models import build_model  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
@@ -241,24 +242,15 @@ def retrieval_agreement(model, sources: Ragged, params: GenerationParams, settin
     return rows
 
 
-def print_agreement(title: str, rows: list[dict]) -> None:
-    print(f"\n{title}")
-    print(f"{'scoring':<42}{'identical':>10}{'same items':>11}{'accept':>8}{'acc. len':>9}{'mean len':>9}"
-          f"{'rollouts/s':>11}{'peak-before MiB':>16}")
-    for r in rows:
-        print(f"{r['retrieval']:<42}{r['identical']:>10.1%}{r['same_items_and_stop']:>11.1%}"
-              f"{r['acceptance_rate']:>8.1%}{r['mean_accepted_len']:>9.2f}"
-              f"{r['mean_len']:>9.2f}{r['rollouts_per_s']:>11.1f}{r['peak_over_before_mib']:>16.1f}")
+SPEED_COLUMNS = ["run", "rollouts", "seconds", "rollouts_per_s", "items_per_s", "mean_len", "peak_over_before_mib",
+                 "ours_speedup"]
+AGREEMENT_COLUMNS = ["retrieval", "identical", "same_items_and_stop", "acceptance_rate", "mean_accepted_len",
+                     "mean_len", "rollouts_per_s", "peak_over_before_mib"]
 
 
-def print_rows(title: str, rows: list[dict]) -> None:
-    print(f"\n{title}")
-    print(f"{'run':<34}{'rollouts':>9}{'seconds':>10}{'rollouts/s':>12}{'items/s':>11}{'mean len':>9}"
-          f"{'peak-before MiB':>16}{'ours x':>9}")
-    for r in rows:
-        print(f"{r['run']:<34}{r['rollouts']:>9}{r['seconds']:>10.2f}{r['rollouts_per_s']:>12.2f}"
-              f"{r['items_per_s']:>11.1f}{r['mean_len']:>9.2f}{r['peak_over_before_mib']:>16.1f}"
-              f"{r['ours_speedup']:>9.1f}")
+def print_columns(title: str, rows: list[dict], columns: list[str]) -> None:
+    print()
+    print_table(title, [{c: r[c] for c in columns} for r in rows])
 
 
 # ------------------------------------------------------------------ main
@@ -300,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{len(sources)} sources, {num_items} items, mean length {sources.lengths.mean():.1f}", flush=True)
     small = compare(model, sources, params, args.repeat, args.peer_sources, args.oracle_sources,
                     {"ours (cached keys/values)": {}, "ours (full forward per step)": {"incremental": False}})
-    print_rows(f"ml-100k, {num_items} items, {len(sources)} sources x m=5", small["rows"])
+    print_columns(f"ml-100k, {num_items} items, {len(sources)} sources x m=5", small["rows"], SPEED_COLUMNS)
     print(f"identical to ours: {small['identical_to_ours']}", flush=True)
     report.update(checkpoint=checkpoint, ml100k=small)
 
@@ -317,12 +309,14 @@ def main(argv: list[str] | None = None) -> dict:
                          {"ours (chunks of 2^18 items)": {}, "ours (whole score rows)": whole})
         scores_mib = {"chunked": args.batch_size * min(n + 1, big_params.item_chunk) * 4 / MiB,
                       "whole": args.batch_size * (n + 1) * 4 / MiB}
-        print_rows(f"{n} items ({args.head_items} trained), {len(large_sources)} sources x m=5", result["rows"])
+        print_columns(f"{n} items ({args.head_items} trained), {len(large_sources)} sources x m=5", result["rows"],
+                      SPEED_COLUMNS)
         print(f"identical to ours: {result['identical_to_ours']}; one step's scores: "
               f"{scores_mib['chunked']:.0f} MiB chunked, {scores_mib['whole']:.0f} MiB whole", flush=True)
         agreement = retrieval_agreement(big, large_sources, big_params,
                                         [{"candidates": 256, "nprobe": 16}, {"candidates": 256, "nprobe": 64}])
-        print_agreement(f"approximate retrieval, {n} items, {len(large_sources)} sources x m=5", agreement)
+        print_columns(f"approximate retrieval, {n} items, {len(large_sources)} sources x m=5", agreement,
+                      AGREEMENT_COLUMNS)
         report[f"items_{n}"] = {**result, "score_mib_per_step": scores_mib, "retrieval": agreement,
                                 "item_table_mib": round(big.item_emb.weight.numel() * 4 / MiB, 1)}
         del big

@@ -242,7 +242,7 @@ class Decoder:
         self.item_chunk = item_chunk
         # Score buffer and comparison tile, allocated once per batch: a fresh (B, N+1) tensor per
         # step cost more in page faults than the matmul that fills it (measured at 10^5 items).
-        if self.recommender:
+        if self.recommender and index is None:  # a retrieved step reads only its candidates
             width = min(self.table.shape[0], item_chunk)
             self.buffer = torch.empty(batch * width, dtype=torch.float32, device=device)
             self.tile = torch.empty(min(batch * width, COUNT_TILE), dtype=torch.float32, device=device)
