@@ -16,6 +16,9 @@ What differs from the release, so that outputs can be checked equal to ours and 
     at once, as cheap as the release's `random.random()` per row), not Python's `random`;
   - the pick is `argmax` (ties to the lowest id; the release's `topk(…, 1)` leaves ties to the
     kernel), and a pool whose every unused score is -inf gives its lowest unused id, as the oracle;
+  - ranks count ties against the item (`>=`, each item counting itself: the project's rank rule,
+    tasks/ranking.py) where the release counts only strictly higher scores (`> … + 1`); the two
+    agree whenever no scores tie, and the cost is the same compare;
   - the best rank is recorded (the fidelity trace) with a stop reason, which the release does not
     keep, and `tau=None` turns the check off.
 """
@@ -71,7 +74,10 @@ def _batch(model, rollouts: list[tuple[list[int], int]], tau: int | None, p: flo
                 continue
             scores_i = all_scores[i]
             remaining_tensor = torch.tensor(list(remaining))
-            ranks = torch.sum(scores_i > scores_i[remaining_tensor].unsqueeze(1), dim=1) + 1
+            # >= where their release has >: the project's one rank rule (tasks/ranking.py), ties count
+            # against; each item counts itself once, so no + 1 (identical whenever no scores tie); item 0
+            # (padding) is not ranked.
+            ranks = torch.sum(scores_i[1:] >= scores_i[remaining_tensor].unsqueeze(1), dim=1)
             best = int(ranks.min())
             traces[b].append(best)
             if tau is not None and best > tau:

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from models import build_model
 from models.config import ModelConfig
 from core.errors import RsirError
+from tasks.ranking import require_finite
 from storage.checkpoints import check_compatible, read_checkpoint, write_checkpoint
 from storage.files import Location
 
@@ -44,4 +45,13 @@ def load_checkpoint(path: str | Path, num_items: int | None = None, backbone: st
     except RuntimeError as exc:
         raise RsirError(f"checkpoint {path} does not match backbone {config.name!r}: "
                         f"{str(exc).splitlines()[0]}") from None
+    _require_finite_weights(path, payload["state_dict"])
     return model.to(device), payload
+
+
+def _require_finite_weights(path: str | Path, state: dict[str, torch.Tensor]) -> None:
+    """A NaN or infinite weight makes every score NaN or alike: refuse it here, naming it, rather
+    than rank its scores (tasks/ranking.py)."""
+    for name, value in state.items():
+        if value.is_floating_point():
+            require_finite(value, f"checkpoint {path}: weight {name!r}")

@@ -2,13 +2,14 @@
 
 Per step and active rollout the generator needs (see tasks/generate.py): the scores of some
 listed items (the user's items for the fidelity check and the local pool), the best rank of a
-score among all N items, and the best item outside a used list (the global pool). Two ways:
+score among all N items (the rank rule of tasks/ranking.py: ties count against), and the best
+item outside a used list (the global pool). Two ways:
 
 - `FullStep`: the (B, N+1) score matrix, as one matmul. Memory B x (N+1) floats.
 - `ChunkedStep`: items in chunks of C; the matrix is never formed. Pass 1 gathers the listed
   scores and the best unused item chunk by chunk, pass 2 counts the higher scores. Memory
   B x C floats; the item-table matmul runs twice. Both passes score a chunk with the same
-  call, so an item's score is the same number in both (a listed item never outranks itself).
+  call, so an item's score is the same number in both (a listed item counts itself once).
 
 `Decoder` gives the step's hidden states: from cached keys and values (the model encodes only
 the newest item; models/base.py `IncrementalDecoder`) where the model allows it, else the full
@@ -22,40 +23,14 @@ from typing import Protocol
 import torch
 
 from models import SequenceModel, SequentialRecommender
+from tasks.ranking import COUNT_TILE, best_rank, count_at_least, require_finite, require_rankable
 from tasks.retrieval import ItemIndex
-
-
-COUNT_TILE = 2 ** 22  # floats of the comparison tile (16 MiB); also its widest block (< 2^24)
 
 
 # Membership is tested against per-rollout item lists, not (batch, N+1) masks: the user's items
 # (batch, |s|) with a "not yet used" flag, and the rollout's own items (batch, len), written into
 # the scores as -inf. Masking whole score rows with torch.where costs several times a plain pass
 # on CPU; only the rank count and the global argmax touch all N items.
-def count_above(scores: torch.Tensor, top: torch.Tensor, tile: torch.Tensor) -> torch.Tensor:
-    """(B,) int64 #{columns of scores (B, C) strictly above top (B,)}, through `tile`, a flat
-    float32 buffer of at least B x 1 values, a column block at a time. The 0/1 comparisons are
-    summed as floats: on CPU that is several times faster than summing bools, and exact, since
-    a block is at most COUNT_TILE < 2^24 columns wide (its partial sums are integers below 2^24);
-    blocks add up in int64."""
-    B, C = scores.shape
-    width = max(1, min(C, tile.numel() // max(B, 1)))
-    total = torch.zeros(B, dtype=torch.int64, device=scores.device)
-    for lo in range(0, C, width):
-        block = scores[:, lo: lo + width]
-        above = tile[: block.numel()].view(block.shape)
-        total += torch.gt(block, top[:, None], out=above).sum(dim=1).long()
-    return total
-
-
-def best_rank(scores: torch.Tensor, top: torch.Tensor, tile: torch.Tensor | None = None) -> torch.Tensor:
-    """Rank of a score `top` per row: 1 + #{items 1..N with a strictly higher score} (item 0,
-    padding, scores -inf and is never above). With top = the best score of a candidate set this
-    is the set's best rank."""
-    tile = torch.empty(min(scores.numel(), COUNT_TILE), device=scores.device) if tile is None else tile
-    return 1 + count_above(scores, top, tile)
-
-
 def best_of_listed(listed: torch.Tensor, items: torch.Tensor, live: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Over each row's live listed items (items (B, W) sorted ascending, listed (B, W) their
@@ -100,7 +75,8 @@ class Step(Protocol):
         ...
 
     def rank(self, top: torch.Tensor) -> torch.Tensor:
-        """(B,) 1 + #{items 1..N scoring strictly above top (B,)}. Call before best_unused."""
+        """(B,) #{items 1..N scoring >= top (B,)}: the best rank of the set whose best score is top
+        (tasks.ranking.best_rank). Call before best_unused."""
         ...
 
     def best_unused(self, used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +93,7 @@ class FullStep:
         return self.scores.gather(1, items)
 
     def rank(self, top: torch.Tensor) -> torch.Tensor:
-        return best_rank(self.scores, top, self.tile)
+        return best_rank(self.scores[:, 1:], top, self.tile)  # item 0 is not ranked
 
     def best_unused(self, used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return best_unused(self.scores, used)  # overwrites the used items' scores: last
@@ -163,10 +139,10 @@ class ChunkedStep:
         raise ValueError("ChunkedStep.listed: items not among the lists given at construction")
 
     def rank(self, top: torch.Tensor) -> torch.Tensor:
-        higher = torch.zeros(len(top), dtype=torch.int64, device=top.device)
-        for _, scores in self._chunks():  # item 0 scores -inf: never above top
-            higher += count_above(scores, top, self.tile)
-        return 1 + higher
+        at_least = torch.zeros(len(top), dtype=torch.int64, device=top.device)
+        for lo, scores in self._chunks():
+            at_least += count_at_least(scores[:, 1:] if lo == 0 else scores, top, self.tile)  # item 0 is not ranked
+        return at_least
 
     def best_unused(self, used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         item, has = self._item.clone(), torch.ones_like(self._item, dtype=torch.bool)
@@ -206,7 +182,7 @@ class RetrievedStep:
         raise ValueError("RetrievedStep.listed: items not among the lists given at construction")
 
     def rank(self, top: torch.Tensor) -> torch.Tensor:
-        return 1 + ((self.scores > top[:, None]) & self.distinct).sum(dim=1)
+        return ((self.scores >= top[:, None]) & self.distinct).sum(dim=1)  # the rule of tasks.ranking
 
     def best_unused(self, used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The best candidate or listed item not in `used`; ties to the lowest id."""
@@ -239,6 +215,8 @@ class Decoder:
                       if incremental and self.recommender and model.decodes_incrementally() else None)
         # The scoring table once per batch (HSTU normalises every row of it).
         self.table = model.output_embeddings() if self.recommender else None
+        if self.table is not None:
+            require_finite(self.table, "generation: the model's item table")
         self.item_chunk = item_chunk
         # Score buffer and comparison tile, allocated once per batch: a fresh (B, N+1) tensor per
         # step cost more in page faults than the matmul that fills it (measured at 10^5 items).
@@ -255,11 +233,16 @@ class Decoder:
         """seqs (B, L): the rollouts' current sequences (left-padded windows without a cache; with
         one, every row has cache.length + 1 items and only the newest is read)."""
         if not self.recommender:
-            return FullStep(self.model.score_last(seqs).float())
+            scores = self.model.score_last(seqs).float()
+            require_rankable(scores[:, 1:], "generation: the model's scores")
+            return FullStep(scores)
         if self.cache is not None:
             hidden = self.model.decode_next(seqs[:, -1], self.cache)
         else:
             hidden = self.model.last_hidden(seqs)
+        # Finite hidden states and a finite table give finite scores (barring float overflow, which
+        # the rank rule handles: an infinite score ties and counts against); (B, d), not (B, N).
+        require_finite(hidden, "generation: the model's hidden states")
         if self.index is not None:
             return RetrievedStep(self.model, hidden, self.table, self.index, lists)
         if self.table.shape[0] <= self.item_chunk:

@@ -1,9 +1,10 @@
 """Full-ranking leave-one-out evaluation, batched over users (memory ~ batch x items, plus the
 batch's history items, never batch x longest history).
 
-Rank of the target = 1 + number of items with a strictly higher score. By default the
-items of the user's input history are removed from the ranking (the target itself is
-never removed, even when the user consumed it before).
+Rank of the target: tasks/ranking.py, the project's one rank rule (1 + number of other items
+scoring at least as high: ties count against the target; non-finite scores are an error). By
+default the items of the user's input history are removed from the ranking (the target itself
+is never removed, even when the user consumed it before).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from storage.files import join, location
 from tasks.checkpoints import load_checkpoint
 from storage.dataset import dataset_store
 from tasks.executor import LOCAL, Executor, map_shards
+from tasks.ranking import target_ranks
 from tasks.runtime import Timed, resolve_device, timed
 from tasks.split import LeaveOneOut, Ragged, leave_one_out
 
@@ -31,19 +33,6 @@ MRR_K = 20
 
 def metric_names() -> list[str]:
     return [f"ndcg@{k}" for k in KS] + [f"recall@{k}" for k in KS] + [f"mrr@{MRR_K}"]
-
-
-def target_ranks(scores: torch.Tensor, targets: torch.Tensor,
-                 excluded: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """scores (B, N+1) with column 0 = padding; targets (B,); excluded: flat (row, item) pairs
-    removed from the ranking (the target's score is read first, so it always counts)."""
-    scores = scores.clone()
-    scores[:, 0] = float("-inf")
-    target_score = scores.gather(1, targets[:, None])
-    if excluded is not None:
-        scores[excluded] = float("-inf")
-    higher = (scores > target_score).sum(dim=1)
-    return higher + 1
 
 
 def per_user_metric(ranks: np.ndarray, metric: str) -> np.ndarray:

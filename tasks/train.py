@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,7 @@ from tasks.checkpoints import commit_checkpoint, save_checkpoint
 from tasks.evaluate import evaluate_split
 from tasks.executor import LOCAL, Executor, report_result, run_data_parallel
 from storage.dataset import dataset_store
+from tasks.ranking import NonFiniteScores
 from tasks.runtime import Timed, resolve_device, seed_everything, timed, torch_threads
 from tasks.split import (BATCHINGS, LeaveOneOut, TargetWeights, Windows, batch_scales, leave_one_out,
                          synthetic_position_share, synthetic_weight_share, training_windows, window_tensors)
@@ -156,15 +158,24 @@ def fit(model: torch.nn.Module, split: LeaveOneOut, cfg: TrainConfig, device: to
             if len(targets):  # a share can be empty when a batch has fewer rows than processes
                 loss = model.loss(inputs.to(device), targets.to(device), w.to(device))
                 loss.backward()
-                total_loss += loss.item()
+                value = loss.item()
+                # Alone, stop at the first bad batch; data-parallel processes decide together on
+                # the epoch's summed loss below (one process raising alone would hang the others).
+                if group is None:
+                    _require_finite_loss(value, epoch, cfg)
+                total_loss += value
             if group is not None:
                 group.sum_gradients(model)
             optimizer.step()
         if group is not None:
             total_loss = group.sum_scalar(total_loss)
+        _require_finite_loss(total_loss, epoch, cfg)
         train_seconds = time.perf_counter() - t0
-        valid = evaluate_split(model, split, "valid", cfg.model.max_len, cfg.eval_batch_size, cfg.exclude_history,
-                               device)
+        try:
+            valid = evaluate_split(model, split, "valid", cfg.model.max_len, cfg.eval_batch_size,
+                                   cfg.exclude_history, device)
+        except NonFiniteScores:
+            raise RsirError(_diverged(epoch, cfg, "the model's validation scores are NaN or +inf")) from None
         weight_shares.append(synthetic_weight_share(windows, weights, plan.batches, plan.scales))
         point = {"epoch": epoch, "loss": total_loss / len(plan.batches), f"valid_{cfg.early_stop}": valid[cfg.early_stop],
                  "valid_ndcg@10": valid["ndcg@10"], "valid_recall@10": valid["recall@10"],
@@ -179,6 +190,17 @@ def fit(model: torch.nn.Module, split: LeaveOneOut, cfg: TrainConfig, device: to
             break
     model.load_state_dict(best_state)
     return Fit(epoch, best_epoch, curve, synthetic_position_share(windows, weights), float(np.mean(weight_shares)))
+
+
+def _require_finite_loss(value: float, epoch: int, cfg: TrainConfig) -> None:
+    """A NaN or infinite loss ends the training before anything is kept: NaN weights would score
+    every item alike (or NaN), and no such epoch may become the best, a checkpoint or a champion."""
+    if not math.isfinite(value):
+        raise RsirError(_diverged(epoch, cfg, f"loss is {value}"))
+
+
+def _diverged(epoch: int, cfg: TrainConfig, what: str) -> str:
+    return f"training diverged in epoch {epoch}: {what} (lr={cfg.lr:g}); nothing was saved: lower --lr or check the data"
 
 
 def content_key(cfg: TrainConfig, digest: str) -> str:

@@ -20,7 +20,9 @@ def scores_of(model, seq: list[int], window: int) -> list[float]:
 
 
 def rank_of(scores: list[float], item: int) -> int:
-    return 1 + sum(1 for i in range(1, len(scores)) if scores[i] > scores[item])
+    """The project's rank rule (tasks/ranking.py), from its definition: 1 + the other items
+    1..N scoring at least as high (ties count against the item)."""
+    return 1 + sum(1 for i in range(1, len(scores)) if i != item and scores[i] >= scores[item])
 
 
 def greedy(scores: list[float], pool: list[int]) -> int | None:
@@ -53,7 +55,8 @@ def rollout(model, source: list[int], rollout_id: int, tau: int | None, p: float
             trace.append(NO_REAL_ITEM)
             return g, "exhausted", trace
         # Rank falls as the score rises, so the best rank over R is the rank of R's best item
-        # (the same as min(rank_of(scores, i) for i in R), in O(N) instead of O(|R| N)).
+        # (the same as min(rank_of(scores, i) for i in R), in O(N) instead of O(|R| N); tied
+        # members of R count against each other, as any tie does).
         best = rank_of(scores, max(R, key=lambda i: scores[i]))
         trace.append(best)
         if tau is not None and best > tau:

@@ -17,13 +17,13 @@ from tasks.split import LeaveOneOut, Ragged
 
 # --------------------------------------------------------------------------- references
 def ref_rank(scores: list[float], target: int, history: list[int], exclude_history: bool) -> int:
-    """1 + number of ranked items (never 0, never a history item other than the target)
-    whose score is strictly higher than the target's."""
+    """1 + number of other ranked items (never 0, never a history item other than the target)
+    whose score is at least the target's: ties count against the target (tasks/ranking.py)."""
     excluded = {0}
     if exclude_history:
         excluded |= {h for h in history if h != target}
     t = scores[target]
-    return 1 + sum(1 for i in range(len(scores)) if i not in excluded and scores[i] > t)
+    return 1 + sum(1 for i in range(len(scores)) if i not in excluded and i != target and scores[i] >= t)
 
 
 def ref_metrics(ranks: list[int]) -> dict[str, float]:
@@ -68,13 +68,13 @@ def test_target_ranks_hand_made():
     # items 1..5; column 0 (padding) has the highest score but must never count.
     scores = torch.tensor([[9.0, 0.5, 3.0, 2.0, 2.0, 1.0]])
     assert target_ranks(scores, torch.tensor([2]), None).tolist() == [1]
-    assert target_ranks(scores, torch.tensor([3]), None).tolist() == [2]  # tie with item 4 does not count
+    assert target_ranks(scores, torch.tensor([3]), None).tolist() == [3]  # the tie with item 4 counts against
     assert target_ranks(scores, torch.tensor([1]), None).tolist() == [5]
     # history {2, 5}: both removed; only items 3 and 4 remain above target 1.
     assert target_ranks(scores, torch.tensor([1]), pairs([[2, 5]])).tolist() == [3]
     # the target in the history is still ranked
     assert target_ranks(scores, torch.tensor([2]), pairs([[2, 2]])).tolist() == [1]
-    assert target_ranks(scores, torch.tensor([4]), pairs([[4, 2]])).tolist() == [1]
+    assert target_ranks(scores, torch.tensor([4]), pairs([[4, 2]])).tolist() == [2]  # item 3 ties
     # the input is not modified
     assert scores[0, 0].item() == 9.0 and scores[0, 2].item() == 3.0
 
@@ -91,9 +91,59 @@ def test_target_ranks_matches_reference(seed, exclude):
     assert min(want) >= 1
 
 
-def test_target_ranks_all_tied_is_rank_one():
+def test_a_constant_scorer_ranks_every_target_last_not_first():
+    """Every score equal (10 items): a tie with all 9 others, all counted against the target."""
     scores = torch.zeros(3, 11)
-    assert target_ranks(scores, torch.tensor([1, 5, 10]), None).tolist() == [1, 1, 1]
+    assert target_ranks(scores, torch.tensor([1, 5, 10]), None).tolist() == [10, 10, 10]
+    assert metrics_from_ranks(np.array([10, 10, 10]))["ndcg@5"] == 0.0
+
+
+def expected_rank_under_random_ties(scores: list[float], target: int, ranked: list[int]) -> float:
+    """The other rule the README weighs: the mean rank of the target over every order of its
+    tied items (1 + #higher + #tied others / 2), computed by enumerating the orders."""
+    from itertools import permutations
+
+    tied = [i for i in ranked if scores[i] == scores[target]]
+    higher = sum(1 for i in ranked if scores[i] > scores[target])
+    orders = list(permutations(tied))
+    return higher + sum(order.index(target) + 1 for order in orders) / len(orders)
+
+
+def test_constant_scorer_on_the_short_dataset_both_rules():
+    """Issue 21's `short` case: 5 items; the validation targets of users 3, 4, 5 and their
+    histories (internal ids: raw 10..14 -> 1..5). A constant scorer: ties against the target give
+    [4, 2, 3] (our rule), random tie-breaking would give [2.5, 1.5, 2] in expectation; the strict
+    count that the target wins ties would give [1, 1, 1]."""
+    targets, histories = [2, 2, 3], [[1], [3, 4, 1], [5, 4]]
+    scores = torch.zeros(3, 6)
+    ours = target_ranks(scores, torch.tensor(targets), pairs(histories)).tolist()
+    assert ours == [4, 2, 3]
+    expected = [expected_rank_under_random_ties([0.0] * 6, t, [i for i in range(1, 6) if i == t or i not in h])
+                for t, h in zip(targets, histories)]
+    assert expected == [2.5, 1.5, 2.0]
+    assert all(o >= e for o, e in zip(ours, expected))  # ours never ranks a tie better than chance
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_and_infinite_scores_are_an_error_not_a_rank(bad):
+    from tasks.ranking import NonFiniteScores
+
+    scores = torch.rand(2, 6)
+    scores[1, 3] = bad
+    with pytest.raises(NonFiniteScores, match=r"model scores: 1 of 10 scores are NaN or \+inf"):
+        target_ranks(scores, torch.tensor([1, 2]), None)
+    scores[1, 3], scores[:, 0] = 0.5, bad  # column 0 (padding) is never ranked: any value is fine
+    assert target_ranks(scores, torch.tensor([1, 2]), None).shape == (2,)
+
+
+def test_minus_infinity_is_a_score_that_ranks_last_with_its_ties():
+    """-inf says "never this item": below every finite score, tied with the other -inf items,
+    and an excluded item is not counted whatever its score."""
+    inf = float("-inf")
+    scores = torch.tensor([[inf, 1.0, inf, inf, 0.5, inf]])
+    assert target_ranks(scores, torch.tensor([2]), None).tolist() == [5]  # items 1, 4 above; 3, 5 tie
+    assert target_ranks(scores, torch.tensor([2]), pairs([[3, 1]])).tolist() == [3]
+    assert target_ranks(scores, torch.tensor([4]), pairs([[3, 1]])).tolist() == [1]
 
 
 # --------------------------------------------------------------------------- metrics

@@ -534,15 +534,15 @@ def test_retrieval_parameters_are_checked_before_compute(monkeypatch):
 
 
 def test_rank_counts_are_exact_through_any_tile():
-    """count_above sums 0/1 floats block by block: equal to counting booleans, ties excluded,
+    """count_at_least sums 0/1 floats block by block: equal to counting booleans, ties included,
     whatever the tile's size."""
-    from tasks.decoding import count_above
+    from tasks.ranking import count_at_least
 
     g = torch.Generator().manual_seed(0)
     scores = torch.randint(-3, 4, (7, 1001), generator=g).float()  # many exact ties
     scores[:, 0] = float("-inf")
     top = scores[:, 5].clone()
     top[0] = float("-inf")
-    expected = (scores > top[:, None]).sum(dim=1)
+    expected = (scores >= top[:, None]).sum(dim=1)
     for tile in (7, 50, 7 * 1001, 10 ** 5):
-        assert torch.equal(count_above(scores, top, torch.empty(tile)), expected)
+        assert torch.equal(count_at_least(scores, top, torch.empty(tile)), expected)
