@@ -67,14 +67,18 @@ def _emit(obj: Any, as_json: bool, render) -> None:
 # ------------------------------------------------------------------ data
 @data_app.command("fetch")
 def data_fetch(
-    name: Annotated[str, typer.Argument(help="built-in dataset: ml-100k, ml-100k-sparse or ml-100k-last50")],
+    name: Annotated[str, typer.Argument(help="built-in dataset: ml-100k, ml-100k-sparse, ml-100k-last50, "
+                                        "amazon-beauty, amazon-sports, amazon-toys or yelp")],
+    mirror: Annotated[Optional[Path], typer.Option(
+        "--from", help="local directory with the benchmark files (Beauty.txt, ...); default $RSIR_DATA_MIRROR, "
+                       "else download from aHuiWang/CIKM2020-S3Rec")] = None,
     force: Annotated[bool, typer.Option("--force", help="rebuild even if it exists")] = False,
     home: Home = None, as_json: Json = False,
 ) -> None:
     """Download a built-in dataset and build its version 0 (D_0)."""
     from tasks.ingest import fetch_builtin
 
-    result = fetch_builtin(_workspace(home), name, replace=force)
+    result = fetch_builtin(_workspace(home), name, replace=force, mirror=mirror)
     _emit(result, as_json, _render_ingest)
 
 
@@ -82,10 +86,13 @@ def data_fetch(
 def data_import(
     path: Annotated[Path, typer.Argument(help="interaction file")],
     name: Annotated[str, typer.Option("--name", help="dataset name in the workspace")],
-    fmt: Annotated[str, typer.Option("--format", help="csv, parquet, recbole or amazon")],
+    fmt: Annotated[str, typer.Option("--format", help="csv, parquet, recbole, amazon or sequences")],
     user_col: Annotated[str, typer.Option(help="user column (csv, parquet, recbole)")] = "user_id",
     item_col: Annotated[str, typer.Option(help="item column (csv, parquet, recbole)")] = "item_id",
-    time_col: Annotated[str, typer.Option(help="timestamp column (csv, parquet, recbole)")] = "timestamp",
+    time_col: Annotated[Optional[str], typer.Option(help="timestamp column (csv, parquet, recbole; default "
+                                                    "'timestamp')")] = None,
+    no_time: Annotated[bool, typer.Option("--no-time", help="the file has no time column: the row order "
+                                          "within a user is the time order")] = False,
     sep: Annotated[Optional[str], typer.Option(help="field separator (default ',' or tab for recbole)")] = None,
     id_type: Annotated[Optional[str], typer.Option(help="int or str ids (default str for amazon, else int)")] = None,
     kcore: Annotated[Optional[int], typer.Option(help="k-core filter (default 5 for amazon, else off)")] = None,
@@ -98,8 +105,12 @@ def data_import(
 
     if fmt not in FORMATS:
         raise RsirError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if no_time and time_col is not None:
+        raise RsirError(f"--no-time and --time-col {time_col!r} contradict each other; give one")
+    # Only what was given: ImportSpec holds the defaults (time_col None there = no time column).
+    times = {"time_col": None} if no_time else {} if time_col is None else {"time_col": time_col}
     spec = parse_config(ImportSpec, dict(path=path, name=name, format=fmt, user_col=user_col, item_col=item_col,
-                                         time_col=time_col, sep=sep, id_type=id_type, kcore=kcore))
+                                         sep=sep, id_type=id_type, kcore=kcore, **times))
     result = import_dataset(_workspace(home), spec, replace=force)
     _emit(result, as_json, _render_ingest)
 
@@ -148,7 +159,8 @@ def _render_ingest(r: dict[str, Any]) -> None:
     if "derived_from" in r:
         print(f"  view of {r['derived_from']}: {_describe_view(r['view'])}")
     if "dropped_short_users" in r:
-        print(f"  dropped: {r['dropped_short_users']} users with fewer than 3 interactions, "
+        print(f"  dropped: {r.get('duplicates_removed', 0)} duplicate events (same user, item and time), "
+              f"{r['dropped_short_users']} users with fewer than 3 interactions, "
               f"{r.get('kcore_removed_interactions', 0)} interactions by the {r.get('kcore', 0)}-core filter")
 
 

@@ -1,19 +1,34 @@
-"""Data ingest: MovieLens-100K from the recbole wheel, users' own files; built-in views
+"""Data ingest: MovieLens-100K from the recbole wheel, the RSIR paper's four benchmark files
+(S3-Rec's preprocessed Amazon Beauty/Sports/Toys and Yelp), users' own files; built-in views
 (ml-100k-sparse, ml-100k-last50) are derived in tasks.views.
 
-Preprocessing follows the literature: optional k-core filter, stable chronological order
-(ties keep file order), contiguous item ids from 1 (0 is padding), users with fewer than
-`min_seq_len` interactions dropped (and counted).
+Every source goes through one path: `read_interactions` (file -> (user, item, ts) in file order)
+then `build_sequences` and `publish`. Preprocessing follows the literature: exact duplicate
+events (same user, item and timestamp) collapsed to one (counted), optional k-core filter,
+stable chronological order (ties keep file order), contiguous item ids from 1 (0 is padding),
+users with fewer than `min_seq_len` interactions dropped (and counted).
+
+Timestamps are kept exactly, in the column's own type, because they only order and compare
+events of one file: integers of any width and decimals as they are, floats as they are, numbers
+written as text as exact decimals (up to 38 significant digits), date/time text to the
+nanosecond (to the microsecond outside 1677..2262, the span of a 64-bit nanosecond count),
+Parquet dates, datetimes (any unit and time zone), times and durations as they are. A file
+without a time column (`time_col=None`, the `sequences` format) is in time order: the position
+in the file is the time, so no two of its rows are the same event.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,15 +44,49 @@ from storage.files import file_sha256
 from storage.manifest import VersionRef
 from tasks.statistics import version_statistics
 
-Format = Literal["csv", "parquet", "recbole", "amazon"]
-FORMATS: tuple[str, ...] = ("csv", "parquet", "recbole", "amazon")
+Format = Literal["csv", "parquet", "recbole", "amazon", "sequences"]
+FORMATS: tuple[str, ...] = ("csv", "parquet", "recbole", "amazon", "sequences")
+# Formats read as text, where a blank line (nothing but spaces, tabs or separators) is no row.
+TEXT_FORMATS = ("csv", "recbole", "amazon", "sequences")
 
 ML100K_WHEEL = "recbole==1.2.1"
 PIP_DOWNLOAD_TIMEOUT_S = 300
 ML100K_INTER_SHA256 = "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff"
 ML100K_MEMBER = "recbole/dataset_example/ml-100k/"
-# ml-100k and the built-in views of it (tasks.views.BUILTIN_VIEWS defines them).
-BUILTIN = ("ml-100k", "ml-100k-sparse", "ml-100k-last50")
+
+
+@dataclass(frozen=True)
+class BenchmarkFile:
+    """One of the RSIR paper's benchmark datasets: a `sequences` file of the S3-Rec repository
+    (5-core, each user's items in time order), fixed by its SHA-256."""
+
+    file: str
+    sha256: str
+
+
+# The paper's benchmarks as the sequential-recommendation literature shares them (S3-Rec,
+# CL4SRec, DuoRec, ...): aHuiWang/CIKM2020-S3Rec, folder data/, at one commit.
+S3REC_REPOSITORY = "aHuiWang/CIKM2020-S3Rec"
+S3REC_COMMIT = "49a890dcb516c9ed3126564495234ea74d5cd566"
+S3REC_URL = f"https://raw.githubusercontent.com/{S3REC_REPOSITORY}/{S3REC_COMMIT}/data/"
+DOWNLOAD_TIMEOUT_S = 60
+MIRROR_ENV = "RSIR_DATA_MIRROR"  # a local directory holding the benchmark files (a mirror of data/)
+BENCHMARKS: dict[str, BenchmarkFile] = {
+    "amazon-beauty": BenchmarkFile("Beauty.txt", "226cce9c3105299ca0db9615d7d3fb32b3175e90da43100ae352599f0f0107b8"),
+    "amazon-sports": BenchmarkFile("Sports_and_Outdoors.txt",
+                                   "2a095e0648872beb9982408958290f5d655db5be2911c3756b5446de9f0b8de2"),
+    "amazon-toys": BenchmarkFile("Toys_and_Games.txt",
+                                 "176c680c688d497598c4a89a03b402c0fe78d795e5db335c2e78dd5f2d778a3f"),
+    "yelp": BenchmarkFile("Yelp.txt", "724b219106b81dd2349027da997334ddb6da9fe2f152ad6e0d97a93170f7caed"),
+}
+# ml-100k, the built-in views of it (tasks.views.BUILTIN_VIEWS defines them) and the benchmarks.
+BUILTIN = ("ml-100k", "ml-100k-sparse", "ml-100k-last50", *BENCHMARKS)
+
+# Numbers written as text are compared as exact decimals; polars' Decimal holds 38 digits.
+DECIMAL_DIGITS = 38
+NUMBER = r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$"
+# The widest span, in microseconds from 1970, that a 64-bit count of nanoseconds can hold.
+NS_SPAN_US = (2**63 - 1) // 1000
 
 
 class ImportSpec(BaseModel):
@@ -50,9 +99,10 @@ class ImportSpec(BaseModel):
     format: Format
     user_col: str = "user_id"
     item_col: str = "item_id"
-    time_col: str = "timestamp"
+    time_col: str | None = Field("timestamp", description="None: the file has no time column; the row "
+                                 "order within a user is the time order (always so for sequences)")
     sep: str | None = Field(None, description="field separator, one character; default ',' (csv, amazon) "
-                            "or tab (recbole)")
+                            "or tab (recbole); sequences are split at any whitespace")
     id_type: Literal["int", "str"] | None = Field(None, description="default 'str' for amazon, else 'int'. "
                                                   "int: ids are integers, so '007' and '7' are one id; "
                                                   "str: ids are kept as written, '007' and '7' differ")
@@ -70,7 +120,12 @@ class ImportSpec(BaseModel):
     @model_validator(mode="after")
     def _defaults(self) -> "ImportSpec":
         amazon = self.format == "amazon"
-        if self.sep is None:
+        if self.format == "sequences":
+            if self.sep is not None:
+                raise ValueError("sequences are split at any whitespace; --sep does not apply")
+            # One line per user: the user id, then the items in time order (no time column).
+            self.user_col, self.item_col, self.time_col = "user", "item", None
+        elif self.sep is None:
             self.sep = "\t" if self.format == "recbole" else ","
         if self.id_type is None:
             self.id_type = "str" if amazon else "int"
@@ -82,8 +137,23 @@ class ImportSpec(BaseModel):
 
 
 # ------------------------------------------------------------------ reading and validation
+@dataclass(frozen=True)
+class RawTable:
+    """A file's rows as read, blank lines left out.
+
+    `table`: the file's columns, one row per interaction (for `sequences`, one per item of a
+    line). `rows`: for each of them its row in the file, from 1, counted as the file is written
+    (a CSV's header is not a row; blank lines are), so that a message names the row to look at.
+    """
+
+    table: pl.DataFrame
+    rows: pl.Series
+
+
 def read_interactions(spec: ImportSpec) -> pl.DataFrame:
-    """Read a file into (user, item, ts) in file order; every fault names file, column and value."""
+    """Read a file into (user: str, item: str, ts) in file order; every fault names file, column
+    and value. `ts` keeps the time column's exact value in its own type (module docstring), or is
+    the position in the file (Int64) when the file has no time column."""
     path = spec.path
     if not path.exists():
         raise RsirError(f"file not found: {path}")
@@ -92,38 +162,77 @@ def read_interactions(spec: ImportSpec) -> pl.DataFrame:
     if path.stat().st_size == 0:
         raise RsirError(f"empty file: {path}")
     raw = _read_table(spec)
-    missing = [c for c in (spec.user_col, spec.item_col, spec.time_col) if c not in raw.columns]
+    wanted = [c for c in (spec.user_col, spec.item_col, spec.time_col) if c is not None]
+    missing = [c for c in wanted if c not in raw.table.columns]
     if missing:
         raise RsirError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; "
-                        f"columns found: {', '.join(map(repr, raw.columns))} "
-                        f"(set them with --user-col/--item-col/--time-col)")
-    if raw.height == 0:
-        raise RsirError(f"{path}: no interactions (the file has a header but no rows)")
+                        f"columns found: {', '.join(map(repr, raw.table.columns))} "
+                        f"(set them with --user-col/--item-col/--time-col, or --no-time for a file "
+                        f"without a time column)")
+    if raw.table.height == 0:
+        raise RsirError(f"{path}: no interactions (no rows besides a header and blank lines)")
+    table = raw.table
     return pl.DataFrame({
-        "user": _parse_ids(raw[spec.user_col], spec, spec.user_col),
-        "item": _parse_ids(raw[spec.item_col], spec, spec.item_col),
-        "ts": _parse_timestamps(raw[spec.time_col], spec),
+        "user": _parse_ids(table[spec.user_col], raw.rows, spec, spec.user_col),
+        "item": _parse_ids(table[spec.item_col], raw.rows, spec, spec.item_col),
+        # Without a time column the file order is the time order: the position is the time.
+        "ts": (pl.int_range(table.height, dtype=pl.Int64, eager=True) if spec.time_col is None
+               else _parse_timestamps(table[spec.time_col], raw.rows, spec)),
     })
 
 
-def _read_table(spec: ImportSpec) -> pl.DataFrame:
+def _read_table(spec: ImportSpec) -> RawTable:
     path = spec.path
     try:
         if spec.format == "parquet":
-            return pl.read_parquet(path)
+            table = pl.read_parquet(path)
+            return RawTable(table, pl.int_range(1, table.height + 1, dtype=pl.Int64, eager=True))
+        if spec.format == "sequences":
+            return _read_sequences(path)
         if spec.format == "amazon":
-            return pl.read_csv(path, has_header=False, separator=spec.sep, infer_schema=False,
-                               new_columns=["user", "item", "rating", "timestamp"])
-        table = pl.read_csv(path, separator=spec.sep, infer_schema=False, quote_char='"')
-        _check_unique_header(table.columns, path)
-        if spec.format == "recbole":  # header fields are "name:type"
-            table = table.rename({c: c.split(":", 1)[0] for c in table.columns})
-        return table
+            # A schema, not names: the width is then fixed, not taken from the first line,
+            # which may be blank; a short line gets empty fields (then named as missing values).
+            table = pl.read_csv(path, has_header=False, separator=spec.sep, missing_columns="insert",
+                                schema={c: pl.String for c in ("user", "item", "rating", "timestamp")})
+        else:
+            table = pl.read_csv(path, separator=spec.sep, infer_schema=False, quote_char='"')
+            _check_unique_header(table.columns, path)
+            if spec.format == "recbole":  # header fields are "name:type"
+                table = table.rename({c: c.split(":", 1)[0] for c in table.columns})
+        return _without_blank_rows(table)
     except pl.exceptions.NoDataError:
         raise RsirError(f"empty file: {path}") from None
     except (pl.exceptions.ComputeError, pl.exceptions.PolarsError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RsirError(f"cannot read {path} as {spec.format}: {first}") from None
+
+
+def _without_blank_rows(table: pl.DataFrame) -> RawTable:
+    """The CSV reader turns a blank line into a row of empty fields; such a row (every field
+    empty or spaces: a blank line, or only separators, as spreadsheets write empty rows) holds
+    no interaction and is left out. A row with any field filled is kept, so an empty id in it
+    is still refused, under its own row number."""
+    rows = pl.int_range(1, table.height + 1, dtype=pl.Int64, eager=True)
+    # infer_schema=False: every column is a string column.
+    blank = table.select(pl.all_horizontal(pl.all().str.strip_chars().fill_null("") == "")).to_series()
+    if not blank.any():
+        return RawTable(table, rows)
+    return RawTable(table.filter(~blank), rows.filter(~blank))
+
+
+def _read_sequences(path: Path) -> RawTable:
+    """`sequences`: one user per line, whitespace-separated, the user id then the item ids in time
+    order -> one row (user, item) per item, in file order; blank lines have no items."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RsirError(f"cannot read {path} as sequences: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    tokens = pl.Series("tokens", text.split("\n")).str.extract_all(r"\S+")
+    lines = pl.DataFrame({"row": pl.int_range(1, tokens.len() + 1, dtype=pl.Int64, eager=True),
+                          "user": tokens.list.first(), "item": tokens.list.slice(1)})
+    # A line with a user id and no items has no interaction; a blank line not even a user.
+    long = lines.filter(pl.col("item").list.len() > 0).explode("item")
+    return RawTable(long.select("user", "item"), long["row"])
 
 
 def _check_unique_header(columns: list[str], path: Path) -> None:
@@ -143,65 +252,100 @@ def _check_scalar(series: pl.Series, where: str, what: str) -> None:
                         f"{type(series.dtype).__name__.lower()}")
 
 
-def _first_bad(series: pl.Series, bad: pl.Series) -> str:
+def _first_bad(series: pl.Series, bad: pl.Series, rows: pl.Series) -> str:
+    """'row R (value V)' for the first true entry of `bad`; R is the row in the file."""
     idx = int(bad.arg_true()[0])
-    return f"row {idx + 1} (value {series[idx]!r})"
+    return f"row {rows[idx]} (value {series[idx]!r})"
 
 
-def _parse_ids(series: pl.Series, spec: ImportSpec, col: str) -> pl.Series:
+def _parse_ids(series: pl.Series, rows: pl.Series, spec: ImportSpec, col: str) -> pl.Series:
     where = f"{spec.path}: column {col!r}"
     _check_scalar(series, where, "ids")
     if spec.id_type == "str":
         text = series.cast(pl.String).str.strip_chars()
         bad = text.is_null() | (text == "")
         if bad.any():
-            raise RsirError(f"{where} has a null or empty id at {_first_bad(series, bad)}")
+            raise RsirError(f"{where} has a null or empty id at {_first_bad(series, bad, rows)}")
         return text
     if series.null_count():
-        raise RsirError(f"{where} has a null id at {_first_bad(series, series.is_null())}")
+        raise RsirError(f"{where} has a null id at {_first_bad(series, series.is_null(), rows)}")
     if series.dtype.is_integer() or series.dtype.is_float():
         if series.dtype.is_float():
             bad = series.is_nan() | (series != series.round(0))
             if bad.any():
-                raise RsirError(f"{where} has a non-integer id at {_first_bad(series, bad)}")
+                raise RsirError(f"{where} has a non-integer id at {_first_bad(series, bad, rows)}")
         ids = series.cast(pl.Int64, strict=False)  # null where it does not fit (1e20, a large uint64)
         if ids.null_count():
             raise RsirError(f"{where} has an id out of range (ids are 64-bit integers) at "
-                            f"{_first_bad(series, ids.is_null())} (use --id-type str for such ids)")
+                            f"{_first_bad(series, ids.is_null(), rows)} (use --id-type str for such ids)")
     else:
         ids = series.cast(pl.String).str.strip_chars().cast(pl.Int64, strict=False)
         if ids.null_count():
-            raise RsirError(f"{where} has a non-integer id at {_first_bad(series, ids.is_null())} "
+            raise RsirError(f"{where} has a non-integer id at {_first_bad(series, ids.is_null(), rows)} "
                             f"(use --id-type str for string ids)")
     if (ids < 0).any():
-        raise RsirError(f"{where} has a negative id at {_first_bad(series, ids < 0)}")
+        raise RsirError(f"{where} has a negative id at {_first_bad(series, ids < 0, rows)}")
     return ids.cast(pl.String)
 
 
-def _parse_timestamps(series: pl.Series, spec: ImportSpec) -> pl.Series:
-    """Numbers are taken as they are (any monotone unit); strings as numbers or ISO datetimes."""
+def _parse_timestamps(series: pl.Series, rows: pl.Series, spec: ImportSpec) -> pl.Series:
+    """The time column as an exact, sortable series (rules in the module docstring): never
+    through float64 or whole seconds, which would tie or swap events that are apart."""
     where = f"{spec.path}: column {spec.time_col!r}"
     _check_scalar(series, where, "timestamps")
     if series.null_count():
-        raise RsirError(f"{where} has a null timestamp at {_first_bad(series, series.is_null())}")
-    if series.dtype.is_numeric():
-        ts = series.cast(pl.Float64)
-    elif series.dtype == pl.Datetime or series.dtype == pl.Date:
-        ts = series.cast(pl.Datetime("us")).dt.epoch("s").cast(pl.Float64)
-    else:
-        text = series.cast(pl.String).str.strip_chars()
-        ts = text.cast(pl.Float64, strict=False)
-        if ts.null_count():
-            try:
-                as_dt = text.str.to_datetime(strict=False, time_unit="us")
-                ts = ts.fill_null(as_dt.dt.epoch("s").cast(pl.Float64))
-            except pl.exceptions.ComputeError:  # no datetime format fits any value
-                pass
-        if ts.null_count():
-            raise RsirError(f"{where} has an unparsable timestamp at {_first_bad(series, ts.is_null())}")
-    if ts.is_nan().any() or ts.is_infinite().any():
-        raise RsirError(f"{where} has an unparsable timestamp at {_first_bad(series, ts.is_nan() | ts.is_infinite())}")
-    return ts
+        raise RsirError(f"{where} has a null timestamp at {_first_bad(series, series.is_null(), rows)}")
+    dtype = series.dtype
+    if dtype.is_temporal() or dtype.is_integer() or dtype.is_decimal():
+        return series  # compared in their own type, exactly
+    if dtype.is_float():
+        bad = series.is_nan() | series.is_infinite()
+        if bad.any():
+            raise RsirError(f"{where} has an unparsable timestamp at {_first_bad(series, bad, rows)}")
+        return series
+    text = series.cast(pl.String).str.strip_chars()
+    is_number = text.str.contains(NUMBER)
+    if is_number.all():
+        return _exact_numbers(text, series, rows, where)
+    moments = _datetimes(text)
+    if moments.null_count() == 0:
+        return moments
+    neither = ~is_number & moments.is_null()
+    if neither.any():
+        raise RsirError(f"{where} has an unparsable timestamp at {_first_bad(series, neither, rows)}")
+    raise RsirError(f"{where} mixes numbers and date/times: {_first_bad(series, is_number, rows)} is a number, "
+                    f"{_first_bad(series, moments.is_not_null(), rows)} a date/time; use one kind")
+
+
+def _exact_numbers(text: pl.Series, series: pl.Series, rows: pl.Series, where: str) -> pl.Series:
+    """Numbers written as text (each matching NUMBER) -> Decimal with the smallest scale that
+    holds every one of them exactly; a column that needs more than 38 digits is refused."""
+    decimals = text.str.extract(r"\.(\d*)", 1).str.len_chars().fill_null(0).cast(pl.Int64)
+    exponent_text = text.str.extract(r"[eE]([+-]?\d+)$", 1)
+    exponent = exponent_text.cast(pl.Int64, strict=False).fill_null(0)
+    scale = (decimals - exponent).clip(lower_bound=0)
+    too_fine = (scale > DECIMAL_DIGITS) | (exponent_text.is_not_null() & (exponent.abs() > DECIMAL_DIGITS))
+    if too_fine.any():
+        raise RsirError(f"{where} has a timestamp that needs more than {DECIMAL_DIGITS} digits to be compared "
+                        f"exactly at {_first_bad(series, too_fine, rows)}")
+    exact = text.str.to_decimal(scale=int(scale.max()))
+    if exact.null_count():  # the integer part and the column's scale do not fit in 38 digits
+        raise RsirError(f"{where} has a timestamp that needs more than {DECIMAL_DIGITS} digits to be compared "
+                        f"exactly at {_first_bad(series, exact.is_null(), rows)}")
+    return exact
+
+
+def _datetimes(text: pl.Series) -> pl.Series:
+    """Date/time text -> Datetime in nanoseconds (time zones converted to UTC), or microseconds
+    when a value lies outside the nanosecond span (polars would wrap it around silently); null
+    where a value does not parse in the format of the column's first value."""
+    try:
+        micro = text.str.to_datetime(strict=False, time_unit="us")
+    except pl.exceptions.PolarsError:  # no date/time format fits the first value
+        return pl.Series(values=[None] * text.len(), dtype=pl.Datetime("us"))
+    if micro.null_count() or (micro.to_physical().abs() > NS_SPAN_US).any():
+        return micro
+    return text.str.to_datetime(strict=False, time_unit="ns")
 
 
 # ------------------------------------------------------------------ preprocessing
@@ -227,12 +371,21 @@ def _natural_order(values: pl.Series) -> pl.Series:
 
 def build_sequences(df: pl.DataFrame, kcore: int, min_seq_len: int, where: str
                     ) -> tuple[pa.Table, pl.DataFrame, dict[str, Any]]:
-    """(user, item, ts) in file order -> (sequences, item map (item_id, raw_id), report)."""
+    """(user, item, ts) in file order (ts of any sortable type) -> (sequences, item map
+    (item_id, raw_id), report).
+
+    An event that occurs twice, same user, item and timestamp, is one event written twice: kept
+    once (its first row), counted in `duplicates_removed`, before the k-core filter counts it.
+    Otherwise the same event could be both a user's validation and test target. The same item
+    at another time is another interaction and stays.
+    """
     report: dict[str, Any] = {"input_interactions": df.height, "input_users": df["user"].n_unique(),
                               "input_items": df["item"].n_unique(), "kcore": kcore}
     df = df.with_row_index("_row")
-    df = kcore_filter(df, kcore)
-    report["kcore_removed_interactions"] = report["input_interactions"] - df.height
+    distinct = df.unique(subset=["user", "item", "ts"], keep="first", maintain_order=True)
+    report["duplicates_removed"] = df.height - distinct.height
+    df = kcore_filter(distinct, kcore)
+    report["kcore_removed_interactions"] = distinct.height - df.height
     short = pl.len().over("user") < min_seq_len
     report["dropped_short_users"] = df.filter(short)["user"].n_unique()
     df = df.filter(~short)
@@ -257,7 +410,10 @@ def build_sequences(df: pl.DataFrame, kcore: int, min_seq_len: int, where: str
 
 def publish(store: DatasetStore, name: str, seqs: pa.Table, items: pl.DataFrame,
             source: dict[str, Any], report: dict[str, Any], replace: bool) -> dict[str, Any]:
-    stats = version_statistics(pl.from_arrow(seqs), items.height)
+    # What the import removed belongs with the data's statistics: a reader of the manifest sees
+    # that the interactions counted are distinct events.
+    stats = {**version_statistics(pl.from_arrow(seqs), items.height),
+             "duplicates_removed": report["duplicates_removed"]}
     manifest = store.create(name, seqs, items.to_arrow(), source={**source, "report": report},
                             stats=stats, replace=replace)
     return {"dataset": name, "version": manifest.version, "digest": manifest.digest, **report,
@@ -336,6 +492,74 @@ def fetch_ml100k(ws: Workspace, replace: bool = False) -> dict[str, Any]:
     return publish(store, "ml-100k", seqs, items, source, report, replace)
 
 
+# ------------------------------------------------------------------ the paper's benchmarks
+def data_mirror(mirror: Path | None) -> Path | None:
+    """The local mirror of the benchmark files: `mirror` (`--from`), else $RSIR_DATA_MIRROR, else
+    None (download from the public source)."""
+    if mirror is None and os.environ.get(MIRROR_ENV):
+        mirror = Path(os.environ[MIRROR_ENV])
+    if mirror is None:
+        return None
+    mirror = mirror.expanduser()
+    if not mirror.is_dir():
+        raise RsirError(f"data mirror {mirror} is not a directory (--from DIR or ${MIRROR_ENV})")
+    return mirror
+
+
+def _check_sha256(path: Path, bench: BenchmarkFile) -> None:
+    got = file_sha256(path)
+    if got != bench.sha256:
+        raise RsirError(f"{path}: sha256 {got}, expected {bench.sha256} ({S3REC_REPOSITORY} at "
+                        f"{S3REC_COMMIT[:12]}, data/{bench.file}); nothing was imported")
+
+
+def benchmark_file(ws: Workspace, bench: BenchmarkFile, mirror: Path | None) -> tuple[Path, str]:
+    """The benchmark file, checksum verified, and where it was read from (a mirror path or the
+    URL). From the mirror when there is one (a file missing there is an error, not a reason to
+    go online), else downloaded into the workspace's download cache, which is reused while its
+    digest is right. A download is staged and kept only once its digest is verified."""
+    if mirror is not None:
+        path = mirror / bench.file
+        if not path.is_file():
+            raise RsirError(f"{path}: not found in the data mirror {mirror} (--from DIR or ${MIRROR_ENV})")
+        _check_sha256(path, bench)
+        return path, str(path.resolve())
+    url = S3REC_URL + bench.file
+    target = ws.downloads / "s3rec" / bench.file
+    if target.is_file() and file_sha256(target) == bench.sha256:
+        return target, url
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        staged = Path(tmp) / bench.file
+        try:
+            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as answer, staged.open("wb") as out:
+                shutil.copyfileobj(answer, out)
+        except (urllib.error.URLError, OSError) as exc:  # no network, HTTP error, timeout
+            reason = getattr(exc, "reason", None) or exc
+            raise RsirError(f"could not download {url}: {reason} (a local copy: --from DIR or "
+                            f"${MIRROR_ENV})") from None
+        _check_sha256(staged, bench)
+        staged.replace(target)
+    return target, url
+
+
+def fetch_benchmark(ws: Workspace, name: str, replace: bool = False, mirror: Path | None = None
+                    ) -> dict[str, Any]:
+    """One of BENCHMARKS as version 0: the `sequences` file through the import path (no k-core:
+    the files are 5-core already; the position on the line is the time)."""
+    store = dataset_store(ws)
+    if store.versions(name) and not replace:
+        return existing_result(store, name)
+    bench = BENCHMARKS[name]
+    path, read_from = benchmark_file(ws, bench, data_mirror(mirror))
+    spec = ImportSpec(path=path, name=name, format="sequences")
+    seqs, item_map, report = build_sequences(read_interactions(spec), spec.kcore, spec.min_seq_len, str(path))
+    source = {"format": "sequences", "origin": S3REC_URL + bench.file, "read_from": read_from,
+              "sha256": bench.sha256}
+    return publish(store, name, seqs, item_map, source, report, replace)
+
+
+# ------------------------------------------------------------------ built-ins
 def existing_result(store: DatasetStore, name: str) -> dict[str, Any]:
     """What a fetch reports for a dataset that is already present."""
     m = store.manifest(name, 0)
@@ -343,20 +567,28 @@ def existing_result(store: DatasetStore, name: str) -> dict[str, Any]:
             **m.source.get("report", {}), "stats": m.stats}
 
 
-def fetch_builtin(ws: Workspace, name: str, replace: bool = False) -> dict[str, Any]:
+def fetch_builtin(ws: Workspace, name: str, replace: bool = False, mirror: Path | None = None) -> dict[str, Any]:
+    """Build a built-in dataset's version 0 (or report the one present). `mirror`: a local
+    directory with the benchmark files (only BENCHMARKS are read from one)."""
+    if name not in BUILTIN:
+        raise RsirError(f"unknown built-in dataset {name!r}; available: {', '.join(BUILTIN)}")
+    if name in BENCHMARKS:
+        return fetch_benchmark(ws, name, replace, mirror)
+    if mirror is not None:
+        raise RsirError(f"--from (a data mirror) applies to {', '.join(BENCHMARKS)}; {name} comes from "
+                        f"the {ML100K_WHEEL} wheel")
     if name == "ml-100k":
         return fetch_ml100k(ws, replace)
-    if name in BUILTIN:
-        from tasks.views import fetch_builtin_view  # late: tasks.views builds on this module
+    from tasks.views import fetch_builtin_view  # late: tasks.views builds on this module
 
-        return fetch_builtin_view(ws, name, replace)
-    raise RsirError(f"unknown built-in dataset {name!r}; available: {', '.join(BUILTIN)}")
+    return fetch_builtin_view(ws, name, replace)
 
 
 @task(name="fetch-dataset", task_run_name="fetch-{name}", retries=2, retry_delay_seconds=5)
 def fetch_builtin_task(name: str, home: str) -> VersionRef:
     """Prefect wrapper: make sure a built-in dataset exists (no-op for datasets that are present
-    or not built in); returns its latest version."""
+    or not built in; the benchmarks come from $RSIR_DATA_MIRROR when it is set); returns its
+    latest version."""
     ws = Workspace.at(home)
     if name in BUILTIN:
         fetch_builtin(ws, name)

@@ -115,7 +115,7 @@ def derive_view(ws: Workspace, source: str, name: str, view: View, replace: bool
         "user": long["user_id"],
         "item": long["items"].replace_strict(base_items["item_id"], base_items["raw_id"],
                                              return_dtype=pl.String),
-        "ts": long["pos"].cast(pl.Float64),
+        "ts": long["pos"].cast(pl.Int64),
     })
     seqs, item_map, report = build_sequences(df, 0, MIN_VIEW_ITEMS, name)
     # Item metadata (title, year, genres, ...) follows the raw id.

@@ -298,3 +298,78 @@ def test_checkpoint_that_is_not_a_torch_file(cli, ws, tmp_path):
     for command in ("evaluate", "generate"):
         _assert_unchanged(cli(command, "--checkpoint", path, "--dataset", "ok"), ws, before, str(path), "cannot read",
                           "not a complete torch file")
+
+
+# --------------------------------------------------------------------------- issue 21/22: import
+@pytest.mark.parametrize("text, needles", [
+    # Blank lines are no rows, but they are counted: the null id is in the file's 4th row.
+    (HEADER + "1,10,1\n\n1,11,2\n,12,3\n2,10,1\n", ["'user_id'", "null id at row 4 (value None)"]),
+    (HEADER + "1,10,1\n1,11,2020-01-01\n1,12,3\n", ["'timestamp'", "mixes numbers and date/times",
+                                                     "row 1 (value '1') is a number", "row 2 (value '2020-01-01')"]),
+    (HEADER + "1,10,1\n1,11,1e-39\n1,12,3\n", ["'timestamp'", "more than 38 digits", "row 2 (value '1e-39')"]),
+    (HEADER + "1,10,1\n1,11,12345678901234567890.1234567890123456789\n1,12,3\n",
+     ["'timestamp'", "more than 38 digits", "row 2"]),
+    (HEADER + "1,10,2020-01-01\n1,11,2020-01-02\n1,12,01/03/2020\n", ["'timestamp'", "unparsable",
+                                                                       "row 3 (value '01/03/2020')"]),
+], ids=["null id after a blank line", "numbers and dates", "exponent too fine", "too many digits", "two formats"])
+def test_bad_rows_are_named_by_their_row_in_the_file(text, needles, cli, ws, tmp_path):
+    path = write(tmp_path / "bad.csv", text)
+    _assert_clean_failure(cli("data", "import", path, "--name", "bad", "--format", "csv"), ws, str(path), *needles)
+
+
+def test_sequences_format_errors(cli, ws, tmp_path):
+    path = write(tmp_path / "s.txt", "1 10 11 12\n\n2 10 x 12\n")
+    _assert_clean_failure(cli("data", "import", path, "--name", "s", "--format", "sequences"), ws, str(path),
+                          "'item'", "non-integer id at row 3 (value 'x')")
+    _assert_clean_failure(cli("data", "import", path, "--name", "s", "--format", "sequences", "--sep", ","), ws,
+                          "sep", "whitespace")
+    path.write_bytes(b"1 10 11 12\n2 \xff 11\n")
+    _assert_clean_failure(cli("data", "import", path, "--name", "s", "--format", "sequences"), ws, str(path),
+                          "not UTF-8")
+
+
+def test_time_column_options(cli, ws, tmp_path):
+    path = write(tmp_path / "n.csv", "user_id,item_id\n1,10\n1,11\n1,12\n2,10\n2,11\n2,12\n")
+    _assert_clean_failure(cli("data", "import", path, "--name", "n", "--format", "csv"), ws, str(path),
+                          "missing column(s) 'timestamp'", "--no-time")
+    _assert_clean_failure(cli("data", "import", path, "--name", "n", "--format", "csv", "--no-time", "--time-col",
+                              "ts"), ws, "--no-time", "'ts'")
+
+
+@pytest.fixture
+def beauty_copy(tmp_path):
+    from tests.test_ingest import MIRROR
+
+    if MIRROR is None:
+        pytest.skip("the benchmark mirror shared/data is absent")
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    data = bytearray((MIRROR / "Beauty.txt").read_bytes())
+    data[100] = ord("9") if data[100] != ord("9") else ord("8")  # one digit changed
+    (mirror / "Beauty.txt").write_bytes(bytes(data))
+    return mirror
+
+
+def test_benchmark_checksum_mismatch(cli, ws, beauty_copy, monkeypatch):
+    import hashlib
+
+    from tasks.ingest import BENCHMARKS
+
+    path = beauty_copy / "Beauty.txt"
+    actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    expected = BENCHMARKS["amazon-beauty"].sha256
+    result = cli("data", "fetch", "amazon-beauty", "--from", beauty_copy)
+    assert result.code == 2
+    _assert_clean_failure(result, ws, f"{path}: sha256 {actual}, expected {expected}")
+    assert workspace_files(ws) == []
+    monkeypatch.setenv("RSIR_DATA_MIRROR", str(beauty_copy))  # the same through the variable
+    _assert_clean_failure(cli("data", "fetch", "amazon-beauty"), ws, f"{path}: sha256 {actual}, expected {expected}")
+
+
+def test_benchmark_mirror_errors(cli, ws, tmp_path):
+    _assert_clean_failure(cli("data", "fetch", "yelp", "--from", tmp_path), ws, str(tmp_path / "Yelp.txt"),
+                          "not found in the data mirror")
+    _assert_clean_failure(cli("data", "fetch", "yelp", "--from", tmp_path / "nope"), ws, str(tmp_path / "nope"),
+                          "not a directory")
+    _assert_clean_failure(cli("data", "fetch", "ml-100k", "--from", tmp_path), ws, "--from", "amazon-beauty",
+                          "recbole")

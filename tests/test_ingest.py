@@ -1,11 +1,17 @@
-"""Data ingest: formats, preprocessing rules, the real MovieLens-100K data and the sparse view."""
+"""Data ingest: formats, preprocessing rules (duplicates, timestamps, blank lines), the real MovieLens-100K
+data, the sparse view and the paper's four benchmarks."""
 
 from __future__ import annotations
 
-import polars as pl
+from pathlib import Path
 
+import polars as pl
+import pytest
+
+from core.errors import RsirError
 from storage.dataset import dataset_store
-from tasks.ingest import ML100K_INTER_SHA256, ImportSpec, build_sequences, import_dataset, read_interactions
+from tasks.ingest import (BENCHMARKS, ML100K_INTER_SHA256, ImportSpec, build_sequences, import_dataset,
+                          read_interactions)
 from tasks.views import sparse_positions
 from tests.conftest import write
 
@@ -157,3 +163,241 @@ def test_movielens_download_takes_a_wheel_only_and_gives_up_in_bounded_time(tmp_
     assert seen["timeout"] == ingest.PIP_DOWNLOAD_TIMEOUT_S
     assert str(err.value) == (f"could not download recbole==1.2.1: no answer from the package index within "
                               f"{ingest.PIP_DOWNLOAD_TIMEOUT_S} s")
+
+
+# ------------------------------------------------------------------ issue 21: duplicates, timestamps, blank lines
+def _raw_sequences(ws, name) -> dict[str, list[str]]:
+    """user id -> the user's raw item ids in stored (time) order."""
+    store = dataset_store(ws)
+    items = store.items(name)
+    raw = dict(zip(items["item_id"].to_list(), items["raw_id"].to_list()))
+    seqs = store.load(name).sort("seq_id")
+    return {u: [raw[i] for i in s] for u, s in zip(seqs["user_id"].to_list(), seqs["items"].to_list())}
+
+
+DUPLICATES = "1,10,1\n1,10,1\n1,11,2\n1,12,3\n1,12,3\n2,10,5\n2,11,6\n2,13,7\n2,13,7\n"
+
+
+def test_exact_duplicate_events_are_collapsed_and_counted(cli, ws, tmp_path):
+    csv = write(tmp_path / "dup.csv", "user_id,item_id,timestamp\n" + DUPLICATES)
+    result = cli("data", "import", csv, "--name", "dup", "--format", "csv", "--json")
+    assert result.code == 0, result.err
+    out = result.json()
+    assert (out["duplicates_removed"], out["input_interactions"], out["interactions"]) == (3, 9, 6)
+    assert out["kcore_removed_interactions"] == 0 and out["stats"]["duplicates_removed"] == 3
+    store = dataset_store(ws)
+    assert store.manifest("dup", 0).stats["duplicates_removed"] == 3
+    assert store.load("dup").sort("seq_id")["items"].to_list() == [[1, 2, 3], [1, 2, 4]]
+    assert _raw_sequences(ws, "dup") == {"1": ["10", "11", "12"], "2": ["10", "11", "13"]}
+    shown = cli("data", "import", csv, "--name", "dup2", "--format", "csv")
+    assert "dropped: 3 duplicate events (same user, item and time)" in shown.out
+    listed = cli("data", "list", "--json").json()["datasets"]
+    assert listed[0]["duplicates_removed"] == 3
+
+
+def test_duplicates_are_compared_on_exact_values_and_repeats_at_other_times_stay(ws, tmp_path):
+    # '007' and '7' are one user (--id-type int), 1 and 1.0 one time: rows 1 and 2 are one event.
+    # Item 10 again at t=3 is a second consumption and stays; 1.5 and 1.50000000000000001 differ.
+    csv = write(tmp_path / "d.csv", "user_id,item_id,timestamp\n007,10,1\n7,10,1.0\n7,11,2\n7,10,3\n"
+                "8,10,1.5\n8,10,1.50000000000000001\n8,11,2\n")
+    result = import_dataset(ws, ImportSpec(path=csv, name="d", format="csv"))
+    assert result["duplicates_removed"] == 1
+    assert _raw_sequences(ws, "d") == {"7": ["10", "11", "10"], "8": ["10", "10", "11"]}
+
+
+def test_every_format_goes_through_the_duplicate_rule(ws, tmp_path):
+    rows = [tuple(int(v) for v in line.split(",")) for line in DUPLICATES.splitlines()]
+    pl.DataFrame(rows, schema=["user_id", "item_id", "timestamp"], orient="row").write_parquet(tmp_path / "p.parquet")
+    write(tmp_path / "r.inter", "user_id:token\titem_id:token\ttimestamp:float\n"
+          + "".join(f"{u}\t{i}\t{t}\n" for u, i, t in rows))
+    write(tmp_path / "a.csv", "".join(f"U{u},I{i},5.0,{t}\n" for u, i, t in rows))
+    specs = [ImportSpec(path=tmp_path / "p.parquet", name="p", format="parquet"),
+             ImportSpec(path=tmp_path / "r.inter", name="r", format="recbole"),
+             ImportSpec(path=tmp_path / "a.csv", name="a", format="amazon", kcore=0)]
+    for spec in specs:
+        result = import_dataset(ws, spec)
+        assert (result["duplicates_removed"], result["interactions"]) == (3, 6), spec.format
+    assert _raw_sequences(ws, "a") == {"U1": ["I10", "I11", "I12"], "U2": ["I10", "I11", "I13"]}
+
+
+def _writes_csv(text_values):
+    def write_file(path):
+        ts = list(text_values)
+        rows = [(1, 30, ts[2]), (1, 20, ts[1]), (1, 10, ts[0]), (2, 10, ts[0]), (2, 20, ts[1]), (2, 30, ts[2])]
+        path = path.with_suffix(".csv")
+        path.write_text("user_id,item_id,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in rows))
+        return path, "csv"
+    return write_file
+
+
+def _writes_parquet(series):
+    def write_file(path):
+        order = [2, 1, 0, 0, 1, 2]
+        pl.DataFrame({"user_id": [1, 1, 1, 2, 2, 2], "item_id": [30, 20, 10, 10, 20, 30],
+                      "timestamp": series.gather(order)}).write_parquet(path.with_suffix(".parquet"))
+        return path.with_suffix(".parquet"), "parquet"
+    return write_file
+
+
+def _datetimes(*values, unit, zone=None):
+    return pl.Series(values, dtype=pl.Int64).cast(pl.Datetime(unit, zone))
+
+
+# Three times t1 < t2 < t3 per case; user 1's rows are written t3 (item 30), t2 (20), t1 (10),
+# so the right order is 10, 20, 30. Each case's times tie or swap under the conversion before
+# issue 21 (through float64 or whole seconds), or were refused by it (a duration with a
+# traceback, a time of day), except two guards of the new rules: a float column (exact in
+# float64 already, and must stay exact) and date/times past 2262 (beyond a 64-bit count of
+# nanoseconds, which polars would silently wrap around to 1830).
+PRECISION_CASES = {
+    "csv int64 nanoseconds": _writes_csv(["1700000000000000000", "1700000000000000100", "1700000000000000200"]),
+    "csv integers wider than 64 bits": _writes_csv(["18446744073709551616000", "18446744073709551616001",
+                                                    "18446744073709551616002"]),
+    "csv decimals": _writes_csv(["1700000000.00000001", "1700000000.00000002", "1700000000.00000003"]),
+    "csv exponents": _writes_csv(["1700000000000000001e-9", "1700000000000000002e-9", "1.700000000000000003E+9"]),
+    "csv datetimes with fractions of a second": _writes_csv(["2020-01-01 00:00:00.1", "2020-01-01 00:00:00.2",
+                                                             "2020-01-01 00:00:00.3"]),
+    "csv datetimes in nanoseconds": _writes_csv(["2020-01-01T00:00:00.000000001", "2020-01-01T00:00:00.000000002",
+                                                 "2020-01-01T00:00:00.000000003"]),
+    "csv datetimes with offsets": _writes_csv(["2020-01-01T01:00:00.1+01:00", "2020-01-01T00:00:00.2Z",
+                                               "2019-12-31T23:00:00.3-01:00"]),
+    "csv datetimes past 2262": _writes_csv(["2000-01-01", "3000-01-01", "3000-01-02"]),
+    "parquet int64": _writes_parquet(pl.Series([1700000000000000000, 1700000000000000100, 1700000000000000200])),
+    "parquet uint64": _writes_parquet(pl.Series([2**64 - 301, 2**64 - 201, 2**64 - 101], dtype=pl.UInt64)),
+    "parquet decimal": _writes_parquet(pl.Series(["1700000000.000000001", "1700000000.000000002",
+                                                  "1700000000.000000003"]).str.to_decimal(scale=9)),
+    "parquet float": _writes_parquet(pl.Series([0.1, 0.2, 0.3])),
+    "parquet datetime ns": _writes_parquet(_datetimes(1_700_000_000_000_000_001, 1_700_000_000_000_000_002,
+                                                      1_700_000_000_000_000_003, unit="ns")),
+    "parquet datetime ms with zone": _writes_parquet(_datetimes(1_700_000_000_001, 1_700_000_000_002,
+                                                                1_700_000_000_003, unit="ms", zone="Europe/Paris")),
+    "parquet duration": _writes_parquet(pl.Series([1, 2, 3], dtype=pl.Int64).cast(pl.Duration("ns"))),
+    "parquet time of day": _writes_parquet(pl.Series([1, 2, 3], dtype=pl.Int64).cast(pl.Time)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PRECISION_CASES))
+def test_timestamps_keep_full_precision(case, ws, tmp_path):
+    path, fmt = PRECISION_CASES[case](tmp_path / "t")
+    import_dataset(ws, ImportSpec(path=path, name="t", format=fmt))
+    assert dataset_store(ws).load("t").sort("seq_id")["items"].to_list() == [[1, 2, 3], [1, 2, 3]]
+    assert _raw_sequences(ws, "t") == {"1": ["10", "20", "30"], "2": ["10", "20", "30"]}
+
+
+BLANK_LINE_FILES = {
+    "csv, blank last line": ("csv", "user_id,item_id,timestamp\n1,10,1\n1,11,2\n1,12,3\n2,10,1\n2,11,2\n2,12,3\n\n"),
+    "csv, blank lines inside": ("csv", "user_id,item_id,timestamp\n1,10,1\n\n1,11,2\n  \n1,12,3\n,,\n2,10,1\n"
+                                "2,11,2\n\r\n2,12,3\n"),
+    "recbole": ("recbole", "user_id:token\titem_id:token\ttimestamp:float\n1\t10\t1\n1\t11\t2\n\n1\t12\t3\n"
+                "2\t10\t1\n2\t11\t2\n2\t12\t3\n\n\n"),
+    "amazon": ("amazon", "\n1,10,5.0,1\n1,11,5.0,2\n1,12,5.0,3\n\n2,10,5.0,1\n2,11,5.0,2\n2,12,5.0,3\n\n"),
+    "sequences": ("sequences", "\n1 10 11 12\n   \n2 10 11 12\n\n"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BLANK_LINE_FILES))
+def test_blank_lines_are_skipped(case, ws, tmp_path):
+    fmt, text = BLANK_LINE_FILES[case]
+    path = write(tmp_path / "b.txt", text)
+    result = import_dataset(ws, ImportSpec(path=path, name="b", format=fmt, kcore=0))
+    assert (result["input_interactions"], result["interactions"], result["duplicates_removed"]) == (6, 6, 0)
+    assert _raw_sequences(ws, "b") == {"1": ["10", "11", "12"], "2": ["10", "11", "12"]}
+
+
+# ------------------------------------------------------------------ issue 22: formats without timestamps
+def test_sequences_format(cli, ws, tmp_path):
+    # Whitespace of any kind between ids; a user's items in time order, repeats kept (the position
+    # is the time, so no row is a duplicate event); a user on two lines continues in file order,
+    # which also reads the one "user item" pair per line layout.
+    path = write(tmp_path / "s.txt", "1 10 11 12\n2\t10  10 13\n3 12\n4 11\n3 11 10\n4 10\n4 12\n")
+    result = cli("data", "import", path, "--name", "s", "--format", "sequences", "--json")
+    assert result.code == 0, result.err
+    out = result.json()
+    assert (out["users"], out["items"], out["interactions"], out["duplicates_removed"]) == (4, 4, 12, 0)
+    assert _raw_sequences(ws, "s") == {"1": ["10", "11", "12"], "2": ["10", "10", "13"],
+                                       "3": ["12", "11", "10"], "4": ["11", "10", "12"]}
+
+
+def test_files_without_a_time_column_are_in_row_order(cli, ws, tmp_path):
+    rows = [(1, 30), (2, 10), (1, 20), (1, 20), (2, 11), (1, 10), (2, 12)]
+    write(tmp_path / "n.csv", "user_id,item_id\n" + "".join(f"{u},{i}\n" for u, i in rows))
+    pl.DataFrame(rows, schema=["user_id", "item_id"], orient="row").write_parquet(tmp_path / "n.parquet")
+    write(tmp_path / "n.inter", "user_id:token\titem_id:token\n" + "".join(f"{u}\t{i}\n" for u, i in rows))
+    for fmt, suffix in (("csv", "csv"), ("parquet", "parquet"), ("recbole", "inter")):
+        result = cli("data", "import", tmp_path / f"n.{suffix}", "--name", fmt, "--format", fmt, "--no-time", "--json")
+        assert result.code == 0, result.err
+        assert (result.json()["interactions"], result.json()["duplicates_removed"]) == (7, 0)
+        assert _raw_sequences(ws, fmt) == {"1": ["30", "20", "20", "10"], "2": ["10", "11", "12"]}
+    assert dataset_store(ws).manifest("csv").source["spec"]["time_col"] is None
+
+
+# ------------------------------------------------------------------ issue 22: the paper's benchmarks
+REPO = Path(__file__).resolve().parents[1]
+MIRROR = next((d for d in (REPO / "shared" / "data", REPO.parent / "shared" / "data") if d.is_dir()), None)
+needs_mirror = pytest.mark.skipif(MIRROR is None, reason="the benchmark mirror shared/data is absent")
+
+# users, items, interactions of each stored benchmark (= the S3-Rec files, one user per line).
+BENCHMARK_STATS = {"amazon-beauty": (22_363, 12_101, 198_502), "amazon-sports": (35_598, 18_357, 296_337),
+                   "amazon-toys": (19_412, 11_924, 167_597), "yelp": (30_431, 20_033, 316_354)}
+
+
+@needs_mirror
+def test_fetch_beauty_from_the_mirror(cli, ws):
+    result = cli("data", "fetch", "amazon-beauty", "--from", MIRROR, "--json")
+    assert result.code == 0, result.err
+    out = result.json()
+    assert (out["users"], out["items"], out["interactions"]) == BENCHMARK_STATS["amazon-beauty"]
+    assert out["stats"]["interactions"] == 198_502 and out["duplicates_removed"] == 0
+    assert out["dropped_short_users"] == 0 and out["kcore_removed_interactions"] == 0
+    manifest = dataset_store(ws).manifest("amazon-beauty")
+    assert manifest.num_items == 12_101 and manifest.source["sha256"] == BENCHMARKS["amazon-beauty"].sha256
+    assert manifest.source["origin"] == ("https://raw.githubusercontent.com/aHuiWang/CIKM2020-S3Rec/"
+                                         "49a890dcb516c9ed3126564495234ea74d5cd566/data/Beauty.txt")
+    # Every user's stored sequence is the file's line, item for item.
+    lines = (MIRROR / "Beauty.txt").read_text().splitlines()
+    expected = {line.split()[0]: line.split()[1:] for line in lines}
+    assert _raw_sequences(ws, "amazon-beauty") == expected
+    assert cli("data", "fetch", "amazon-beauty", "--json").json()["status"] == "exists"
+
+
+@needs_mirror
+@pytest.mark.parametrize("name", ["amazon-sports", "amazon-toys", "yelp"])
+def test_fetch_benchmark_from_the_mirror_variable(name, ws, monkeypatch):
+    from tasks.ingest import fetch_builtin
+
+    monkeypatch.setenv("RSIR_DATA_MIRROR", str(MIRROR))
+    result = fetch_builtin(ws, name)
+    assert (result["users"], result["items"], result["interactions"]) == BENCHMARK_STATS[name]
+    # Yelp repeats items within users (also back to back): the position is the time, nothing is dropped.
+    assert result["duplicates_removed"] == 0 and result["stats"]["interactions"] == BENCHMARK_STATS[name][2]
+
+
+@needs_mirror
+def test_benchmark_download_is_verified_and_cached(ws, monkeypatch):
+    import io
+
+    from tasks import ingest
+
+    monkeypatch.delenv("RSIR_DATA_MIRROR", raising=False)
+    good = (MIRROR / "Toys_and_Games.txt").read_bytes()
+    asked = []
+
+    def answer(body):
+        def urlopen(url, timeout):
+            asked.append((url, timeout))
+            return io.BytesIO(body)
+        return urlopen
+
+    monkeypatch.setattr(ingest.urllib.request, "urlopen", answer(good[:-1] + b"7"))
+    with pytest.raises(RsirError) as err:
+        ingest.fetch_builtin(ws, "amazon-toys")
+    assert "Toys_and_Games.txt: sha256 " in str(err.value) and BENCHMARKS["amazon-toys"].sha256 in str(err.value)
+    assert not (ws.downloads / "s3rec" / "Toys_and_Games.txt").exists() and not dataset_store(ws).names()
+    monkeypatch.setattr(ingest.urllib.request, "urlopen", answer(good))
+    assert ingest.fetch_builtin(ws, "amazon-toys")["interactions"] == 167_597
+    assert asked[-1] == (ingest.S3REC_URL + "Toys_and_Games.txt", ingest.DOWNLOAD_TIMEOUT_S)
+    assert ingest.S3REC_URL == ("https://raw.githubusercontent.com/aHuiWang/CIKM2020-S3Rec/"
+                                "49a890dcb516c9ed3126564495234ea74d5cd566/data/")
+    # The verified download is cached: a rebuild reads it without asking again.
+    ingest.fetch_builtin(ws, "amazon-toys", replace=True)
+    assert len(asked) == 2

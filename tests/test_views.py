@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from core.workspace import Workspace
-from tasks.ingest import BUILTIN, fetch_builtin
+from tasks.ingest import BENCHMARKS, BUILTIN, fetch_builtin
 from storage.dataset import dataset_store
 from tasks.views import BUILTIN_VIEWS, derive_view, kept_interactions, last_n, last_view, sparse, sparse_positions
 from tests.conftest import make_tiny_home, workspace_files
@@ -57,7 +57,8 @@ def test_vectorized_rules_match_per_sequence_references():
 
 
 def test_builtin_names_agree():
-    assert set(BUILTIN) == {"ml-100k", *BUILTIN_VIEWS}
+    assert set(BUILTIN) == {"ml-100k", *BUILTIN_VIEWS, *BENCHMARKS}
+    assert set(BENCHMARKS) == {"amazon-beauty", "amazon-sports", "amazon-toys", "yelp"}
 
 
 # ------------------------------------------------------------------ real data
