@@ -13,22 +13,26 @@ to 4 digits; a difference would have to come from ties)."""
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
-import tasks.decoding as decoding
-from benchmarks._common import bench_workspace, print_json_last, print_table
-from models import build_model
-from models.config import ModelConfig
-from storage.dataset import dataset_store
-from tasks.config import TrainConfig
-from tasks.evaluate import metrics_from_ranks
-from tasks.generate import GenerationParams, generate_rollouts
-from tasks.ingest import fetch_builtin
-from tasks.runtime import torch_threads
-from tasks.split import Ragged, leave_one_out
-from tasks.train import fit
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import tasks.decoding as decoding  # noqa: E402
+from benchmarks._common import bench_workspace, print_json_last, print_table  # noqa: E402
+from models import build_model  # noqa: E402
+from models.config import ModelConfig  # noqa: E402
+from storage.dataset import dataset_store  # noqa: E402
+from tasks.config import TrainConfig  # noqa: E402
+from tasks.evaluate import metrics_from_ranks  # noqa: E402
+from tasks.generate import GenerationParams, generate_rollouts  # noqa: E402
+from tasks.ingest import fetch_builtin  # noqa: E402
+from tasks.runtime import torch_threads  # noqa: E402
+from tasks.split import Ragged, leave_one_out  # noqa: E402
+from tasks.train import fit  # noqa: E402
 
 
 def strict_ranks(model, split, which: str, max_len: int) -> tuple[np.ndarray, np.ndarray]:

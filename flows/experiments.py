@@ -7,6 +7,11 @@ one MLflow experiment, and found again there (never from memory) by their labels
     faithful     K = 0 vs K = 1 under three trainers (batch-weighted loss, position-weighted loss,
                  the authors' release recipe), then K = 3 with and without fidelity under the
                  trainer whose θ_0 validation prefers (issue 10)
+    paper        the paper's own data (issue 22): a trainer grid on amazon-beauty validation (the
+                 "strong" trainer), Table 1 (θ_0 and RSIR K = 1 under the release recipe and
+                 under the strong trainer, four datasets), Table 2 on amazon-sports (K = 3 with
+                 and without fidelity under the trainer validation prefers) and weak-to-strong
+                 (SASRec → HSTU) on amazon-beauty; Beauty and Sports first
 
 Re-running a suite skips every arm whose MLflow run finished (same lineage key, same K), and an
 interrupted arm resumes inside the `rsir` flow from its committed versions and checkpoints.
@@ -26,15 +31,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from flows.rsir import rsir
 from models import get_backbone
 from core.config import Device, parse_config
+from core.errors import RsirError
 from core.workspace import Workspace
 from storage.tracking import Tracker, resolve_tracking_uri, redact_uri
 from tasks.config import RunConfig
 from tasks.results import best_on_validation, collect_runs, finished_lineages
 
-SuiteName = Literal["main", "sensitivity", "backbones", "faithful"]
+SuiteName = Literal["main", "sensitivity", "backbones", "faithful", "paper"]
 SUITE_DATASETS: dict[str, list[str]] = {"main": ["ml-100k-sparse", "ml-100k"], "sensitivity": ["ml-100k-sparse"],
                                         "backbones": ["ml-100k-sparse"],
-                                        "faithful": ["ml-100k", "ml-100k-last50", "ml-100k-sparse"]}
+                                        "faithful": ["ml-100k", "ml-100k-last50", "ml-100k-sparse"],
+                                        "paper": ["amazon-beauty", "amazon-sports", "amazon-toys", "yelp"]}
 # The trainers the faithful suite compares (issue 10): the loss as it was (each batch's mean, so
 # short synthetic sequences in batches of their own weigh several times a real position), the
 # position-faithful loss, and that loss under the authors' release recipe.
@@ -48,6 +55,20 @@ TRAINERS: dict[str, dict[str, Any]] = {
 # term dominate (valid 0.026 against 0.043). HSTU's defaults won its grid.
 TUNED_BACKBONES: dict[str, dict[str, Any]] = {
     "cl4srec": {"dropout": 0.5, "options": {"cl_similarity": "cosine", "cl_temperature": 0.5}}}
+# The paper suite (issue 22). Its datasets have roles: the grid and weak-to-strong run on the first
+# (Beauty), Table 2 on the second (Sports, as the paper's), and the two complete first.
+PAPER_GRID_DATASET, PAPER_TABLE2_DATASET = "amazon-beauty", "amazon-sports"
+# Our default trainer's settings were chosen on ml-100k: on the paper's sparse data each is varied
+# alone (one factor at a time, validation NDCG@10 of θ_0, first seed), then the factors that beat
+# the default alone are combined. The best of all is the suite's "strong" trainer.
+PAPER_GRID: dict[str, dict[str, Any]] = {
+    "default": {},
+    "dropout=0.5": {"model_params": {"dropout": 0.5}},
+    "hidden=128": {"model_params": {"hidden": 128}},
+    "max_len=20": {"model_params": {"max_len": 20}},
+    "loss=sampled": {"model_params": {"loss": "sampled", "negatives": 256}},
+    "stride=5": {"stride": 5},
+}
 # Tiny models for --smoke: the machinery, not the numbers, is under test.
 SMOKE_MODEL = {"hidden": 16, "layers": 1, "max_len": 20}
 
@@ -63,6 +84,8 @@ class ExperimentConfig(BaseModel):
     K: int = Field(3, ge=1, description="iterations of the main suite's RSIR arms")
     taus: list[int] = Field([1, 3, 5, 10, 20, 50, 100], min_length=1)
     ps: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
+    grid: list[str] = Field(list(PAPER_GRID), min_length=1, description="the paper suite's trainer grid "
+                            "(names of PAPER_GRID; the first is the reference the others must beat)")
     tau: int = Field(10, ge=1, description="fidelity threshold of the main and backbones suites")
     p: float = Field(0.5, ge=0.0, le=1.0)
     m: int = Field(5, ge=1)
@@ -93,6 +116,14 @@ class ExperimentConfig(BaseModel):
     def suite_datasets(self) -> list[str]:
         return self.datasets or SUITE_DATASETS[self.suite]
 
+    @field_validator("grid")
+    @classmethod
+    def _known_grid(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in PAPER_GRID]
+        if unknown:
+            raise ValueError(f"unknown grid entries {unknown} (known: {', '.join(PAPER_GRID)})")
+        return names
+
     def model(self, name: str) -> dict[str, Any]:
         return {**self.model_params, **self.backbone_options.get(name, {})}
 
@@ -100,8 +131,8 @@ class ExperimentConfig(BaseModel):
 def smoke_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The trimmed suite the test suite runs: 2 seeds, short grids, 2 epochs, tiny models."""
     return cfg.model_copy(update={"seeds": cfg.seeds[:2], "K": min(cfg.K, 2), "taus": [1, 10], "ps": [0.0, 1.0],
-                                  "epochs": 2, "patience": 1, "model_params": {**SMOKE_MODEL, **cfg.model_params},
-                                  "smoke": True})
+                                  "grid": cfg.grid[:2], "epochs": 2, "patience": 1,
+                                  "model_params": {**SMOKE_MODEL, **cfg.model_params}, "smoke": True})
 
 
 class Arm(BaseModel):
@@ -119,8 +150,11 @@ class Arm(BaseModel):
 
 
 def _arm(cfg: ExperimentConfig, name: str, dataset: str, seed: int, labels: dict[str, str] | None = None,
-         model: str = "sasrec", generator: str | None = None, **params: Any) -> Arm:
-    base = dict(dataset=dataset, seed=seed, model=model, model_params=cfg.model(model), tau=cfg.tau, p=cfg.p,
+         model: str = "sasrec", generator: str | None = None, model_params: dict[str, Any] | None = None,
+         **params: Any) -> Arm:
+    """An arm; `model_params` are laid over the suite's settings of the student backbone."""
+    student = {**cfg.model(model), **(model_params or {})}
+    base = dict(dataset=dataset, seed=seed, model=model, model_params=student, tau=cfg.tau, p=cfg.p,
                 m=cfg.m, max_sources=cfg.max_sources,
                 **{k: v for k, v in dict(epochs=cfg.epochs, patience=cfg.patience).items() if v is not None})
     if generator is not None:
@@ -183,8 +217,104 @@ def long_run_arms(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> list[Arm
     return arms
 
 
+def _paper_datasets(cfg: ExperimentConfig, first: bool) -> list[str]:
+    """The suite's datasets that complete first (the grid's and Table 2's), or the others."""
+    lead = (PAPER_GRID_DATASET, PAPER_TABLE2_DATASET)
+    return [ds for ds in cfg.suite_datasets() if (ds in lead) == first]
+
+
+def grid_arms(cfg: ExperimentConfig, _: list[dict[str, Any]]) -> list[Arm]:
+    """θ_0 only (K = 0) of every grid trainer, on the grid dataset, first seed."""
+    if PAPER_GRID_DATASET not in cfg.suite_datasets():
+        return []
+    return [_arm(cfg, f"grid/{name}", PAPER_GRID_DATASET, cfg.seeds[0], {"stage": "grid", "trainer": name}, K=0,
+                 **PAPER_GRID[name]) for name in cfg.grid]
+
+
+def _grid_winners(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> list[str]:
+    """The grid entries whose θ_0 beat the reference (the first entry) on validation NDCG@10."""
+    grid = {r["trainer"]: r["valid/ndcg@10"] for r in rows
+            if r.get("stage") == "grid" and r["dataset"] == PAPER_GRID_DATASET and r["k"] == 0}
+    missing = [n for n in cfg.grid if n not in grid]
+    if missing:
+        raise RsirError(f"the paper suite's trainer grid on {PAPER_GRID_DATASET} has not finished {missing}: run "
+                        f"`rsir experiment paper --dataset {PAPER_GRID_DATASET}` first (it chooses the strong trainer)")
+    return [n for n in cfg.grid[1:] if grid[n] > grid[cfg.grid[0]]]
+
+
+def _merged(names: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in names:
+        for key, value in PAPER_GRID[name].items():
+            out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) else value
+    return out
+
+
+def combined_arms(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> list[Arm]:
+    """The grid's winners together, when more than one factor won alone."""
+    if PAPER_GRID_DATASET not in cfg.suite_datasets():
+        return []
+    winners = _grid_winners(cfg, rows)
+    if len(winners) < 2:
+        return []
+    return [_arm(cfg, "grid/combined", PAPER_GRID_DATASET, cfg.seeds[0],
+                 {"stage": "grid", "trainer": "combined", "combines": "+".join(winners)}, K=0, **_merged(winners))]
+
+
+def strong_trainer(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """(name, run parameters) of the grid's best θ_0 on validation NDCG@10, the combination included."""
+    winners = _grid_winners(cfg, rows)
+    name = best_on_validation([r for r in rows if r.get("stage") == "grid"], PAPER_GRID_DATASET, "trainer", k=0)
+    return name, _merged(winners) if name == "combined" else PAPER_GRID[name]
+
+
+def _paper_trainers(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], str]:
+    """({'release': parameters, 'strong': parameters}, the strong trainer's grid name)."""
+    name, params = strong_trainer(cfg, rows)
+    return {"release": {"recipe": "release"}, "strong": params}, name
+
+
+def table1_arms(cfg: ExperimentConfig, rows: list[dict[str, Any]], first: bool = True) -> list[Arm]:
+    """θ_0 and RSIR K = 1 under the release recipe and under the strong trainer."""
+    datasets = _paper_datasets(cfg, first)
+    if not datasets:
+        return []
+    trainers, strong = _paper_trainers(cfg, rows)
+    return [_arm(cfg, f"table1/{name}", ds, s, {"stage": "table1", "trainer": name, "strong": strong}, K=1,
+                 **params) for ds in datasets for s in cfg.seeds for name, params in trainers.items()]
+
+
+def table2_arms(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> list[Arm]:
+    """K iterations with and without fidelity on the Table 2 dataset, under the Table 1 trainer with
+    the best mean validation NDCG@10 of θ_0 there (its K = 1 arm is the prefix of the fidelity arm)."""
+    if PAPER_TABLE2_DATASET not in cfg.suite_datasets():
+        return []
+    trainers, strong = _paper_trainers(cfg, rows)
+    stage1 = [r for r in rows if r.get("stage") == "table1"]
+    name = best_on_validation(stage1, PAPER_TABLE2_DATASET, "trainer", k=0)
+    return [_arm(cfg, f"table2/{name}/{'fidelity' if fid else 'no-fidelity'}", PAPER_TABLE2_DATASET, s,
+                 {"stage": "table2", "trainer": name, "strong": strong, "fidelity": str(fid)}, K=cfg.K,
+                 fidelity=fid, **trainers[name]) for s in cfg.seeds for fid in (True, False)]
+
+
+def weak_to_strong_arms(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> list[Arm]:
+    """HSTU trained on data that SASRec (under the strong trainer) generated, against HSTU's θ_0."""
+    if PAPER_GRID_DATASET not in cfg.suite_datasets():
+        return []
+    trainers, strong = _paper_trainers(cfg, rows)
+    settings = {k: v for k, v in trainers["strong"].items() if k != "model_params"}
+    sasrec = {**cfg.model("sasrec"), **trainers["strong"].get("model_params", {})}
+    arms = [_arm(cfg, "sasrec-to-hstu", PAPER_GRID_DATASET, s, {"stage": "weak-to-strong", "strong": strong},
+                 model="hstu", generator="sasrec", K=1, **settings) for s in cfg.seeds]
+    for arm in arms:
+        arm.params["generator_params"] = sasrec
+    return arms
+
+
 SUITES: dict[str, list[Stage]] = {"main": [main_arms], "sensitivity": [tau_arms, p_arms], "backbones": [backbone_arms],
-                                  "faithful": [trainer_arms, long_run_arms]}
+                                  "faithful": [trainer_arms, long_run_arms],
+                                  "paper": [grid_arms, combined_arms, table1_arms, table2_arms, weak_to_strong_arms,
+                                            lambda cfg, rows: table1_arms(cfg, rows, first=False)]}
 
 
 # ------------------------------------------------------------------ the flow

@@ -426,7 +426,7 @@ app.command("run")(with_parameters(run, _run_options()))
 
 @app.command("experiment")
 def experiment_cmd(
-    suite: Annotated[str, typer.Argument(help="suite: main, sensitivity, backbones or faithful")],
+    suite: Annotated[str, typer.Argument(help="suite: main, sensitivity, backbones, faithful or paper")],
     smoke: Annotated[bool, typer.Option(help="trimmed suite: 2 seeds, short grids, 2 epochs, tiny models")] = False,
     dataset: Annotated[Optional[list[str]], typer.Option("--dataset", help="override the suite's datasets (repeatable)")] = None,
     seed: Annotated[Optional[list[int]], typer.Option("--seed", help="seeds (repeatable; default 0 1 2)")] = None,
@@ -460,7 +460,7 @@ def experiment_cmd(
 
 @app.command("report")
 def report_cmd(
-    suite: Annotated[str, typer.Argument(help="suite whose results to report: main, sensitivity, backbones or faithful")],
+    suite: Annotated[str, typer.Argument(help="suite whose results to report: main, sensitivity, backbones, faithful or paper")],
     out: Annotated[Optional[Path], typer.Option(help="folder for report.md and figures (default WORKSPACE/reports/SUITE)")] = None,
     smoke: Annotated[bool, typer.Option(help="report the --smoke run of the suite")] = False,
     command: Annotated[Optional[str], typer.Option(help="the command that produced the results, quoted in the report")] = None,
