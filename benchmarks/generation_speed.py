@@ -48,6 +48,7 @@ from core.workspace import Workspace  # noqa: E402
 from models import build_model  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from storage.dataset import dataset_store  # noqa: E402
+from storage.manifest import ItemTable  # noqa: E402
 from tasks.checkpoints import load_checkpoint  # noqa: E402
 from tasks.config import TrainConfig  # noqa: E402
 from tasks.filter import filter_rollouts  # noqa: E402
@@ -107,7 +108,7 @@ def as_lists(r: Ragged, count: int) -> list[list[int]]:
     return [r.values[r.offsets[i]:r.offsets[i + 1]].tolist() for i in range(min(count, len(r)))]
 
 
-def ml100k_model(ws: Workspace, checkpoint: str | None, epochs: int, num_items: int):
+def ml100k_model(ws: Workspace, checkpoint: str | None, epochs: int, items: ItemTable):
     if checkpoint is None:
         cfg = TrainConfig(dataset="ml-100k", epochs=epochs, progress=False, device="cpu")
         t0 = time.perf_counter()
@@ -115,7 +116,7 @@ def ml100k_model(ws: Workspace, checkpoint: str | None, epochs: int, num_items: 
         checkpoint = result.checkpoint
         print(f"trained SASRec for {result.epochs} epochs in {time.perf_counter() - t0:.1f} s "
               f"(valid NDCG@10 {result.valid['ndcg@10']:.4f}) -> {checkpoint}", flush=True)
-    model, _ = load_checkpoint(checkpoint, num_items=num_items)
+    model, _ = load_checkpoint(checkpoint, items=items)  # a --checkpoint of another table is refused
     return model.eval(), checkpoint
 
 
@@ -282,9 +283,10 @@ def main(argv: list[str] | None = None) -> dict:
     ws = Workspace.at(os.environ.get("RSIR_HOME", "/tmp/rsir-bench"))
     fetch_builtin(ws, "ml-100k")
     store = dataset_store(ws)
-    num_items = store.manifest("ml-100k").num_items
+    items = store.item_table(store.manifest("ml-100k"))
+    num_items = items.num_items
     sources = leave_one_out(store.load("ml-100k"), num_items).valid_input  # real users' training parts
-    model, checkpoint = ml100k_model(ws, args.checkpoint, args.epochs, num_items)
+    model, checkpoint = ml100k_model(ws, args.checkpoint, args.epochs, items)
     model = model.to(args.device)
     params = GenerationParams(m=5, tau=10, p=0.5, min_len=3, batch_size=args.batch_size, device=args.device,
                               max_len=model.config.max_len)

@@ -21,14 +21,8 @@ data_app = typer.Typer(help="Fetch, import and inspect datasets.", no_args_is_he
 app.add_typer(data_app, name="data")
 
 Home = Annotated[Optional[str], typer.Option("--home", help="workspace: a directory or an fsspec URL such as s3://bucket/prefix (default $RSIR_HOME or ./workspace)")]
-# Training settings shared by `train` and `run`; None = the recipe's value (tasks/config.py).
-Recipe = Annotated[str, typer.Option(help="training preset: default or release (the authors' RSIR release)")]
-SyntheticWeight = Annotated[Optional[float], typer.Option(
-    help="λ: weight of a synthetic target position relative to a real one (default 1)")]
-Batching = Annotated[Optional[str], typer.Option(help="length (similar lengths batched) or random")]
-Weighting = Annotated[Optional[str], typer.Option(help="position (every target alike) or batch (each batch's mean)")]
-Stride = Annotated[Optional[int], typer.Option(help="pairs between overlapping windows of long sequences (default max_len)")]
-EarlyStop = Annotated[Optional[str], typer.Option(help="validation metric of early stopping, e.g. ndcg@10, ndcg@20")]
+# `rsir train`'s training settings (Recipe, SyntheticWeight, Batching, Weighting, Stride,
+# EarlyStop) are derived from tasks/config.py below `_as_option`, exactly as `rsir run`'s.
 Json = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
 
 
@@ -380,6 +374,23 @@ def _as_option(p: Parameter) -> Parameter:
 def _without_none(annotation: Any) -> Any:
     args = [a for a in get_args(annotation) if a is not type(None)]
     return args[0] if get_origin(annotation) in (Union, UnionType) and len(args) == 1 else annotation
+
+
+def _training_setting(name: str) -> Any:
+    """`rsir train`'s option for a training setting: its type and help come, as `rsir run`'s
+    do, from the setting's field in tasks/config.py (declared once there); None = the recipe's."""
+    from tasks.config import run_parameters
+
+    (parameter,) = [p for p in run_parameters() if p.name == name]
+    return _as_option(parameter).annotation
+
+
+Recipe = _training_setting("recipe")
+SyntheticWeight = _training_setting("synthetic_weight")
+Batching = _training_setting("batching")
+Weighting = _training_setting("weighting")
+Stride = _training_setting("stride")
+EarlyStop = _training_setting("early_stop")
 
 
 def _nested_pairs(pairs: list[str] | None, flag: str) -> dict[str, Any] | None:

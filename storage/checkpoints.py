@@ -1,4 +1,5 @@
-"""Checkpoint files: state dict + model config + item count, loadable with weights_only=True.
+"""Checkpoint files: state dict + model config + item count + the identity of the item table
+(`items_digest`, see storage.manifest.ItemTable), loadable with weights_only=True.
 
 Files and fields only: turning a payload into a model is tasks/checkpoints.py's job (storage
 knows no torch modules, only tensors)."""
@@ -10,22 +11,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from core.errors import RsirError
+from core.errors import RsirError, warn
 from storage.files import Location, create_bytes, exists, location, read_bytes, write_bytes
+from storage.manifest import ItemTable
 
 CHECKPOINT_FORMAT = 1
 
 
 def write_checkpoint(path: Location, state_dict: dict[str, torch.Tensor], model_config: dict[str, Any],
-                     num_items: int, meta: dict[str, Any], if_absent: bool = False) -> bool:
+                     num_items: int, meta: dict[str, Any], if_absent: bool = False,
+                     items_digest: str | None = None) -> bool:
     """Write atomically (temp file + rename, or one PUT) so a crash never leaves a truncated checkpoint.
-    `model_config` is the backbone's config as JSON data, its name under "name". With `if_absent`,
-    write only where no checkpoint is yet (put-if-absent) and return False if another writer was first."""
+    `model_config` is the backbone's config as JSON data, its name under "name". `items_digest`
+    identifies the item table the weights were trained on (ItemTable.digest); None only for a
+    model that never saw a dataset. With `if_absent`, write only where no checkpoint is yet
+    (put-if-absent) and return False if another writer was first."""
     payload = {
         "format": CHECKPOINT_FORMAT,
         "backbone": model_config["name"],
         "model_config": model_config,
         "num_items": num_items,
+        "items_digest": items_digest,
         "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
         "meta": meta,
     }
@@ -75,13 +81,35 @@ def _check_fields(path: Location, payload: dict[str, Any]) -> None:
         raise RsirError(f"checkpoint {path}: 'num_items' must be a positive integer, got {payload['num_items']}")
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload["state_dict"].items()):
         raise RsirError(f"checkpoint {path}: 'state_dict' must map parameter names to tensors")
+    # Optional: checkpoints written before it was recorded have none (check_compatible warns).
+    digest = payload.get("items_digest")
+    if digest is not None and not isinstance(digest, str):
+        raise RsirError(f"checkpoint {path}: 'items_digest' must be a string, got a {type(digest).__name__}")
 
 
 def check_compatible(path: Location, payload: dict[str, Any], num_items: int | None = None,
-                     backbone: str | None = None) -> None:
-    """Refuse a checkpoint for another item count or another backbone."""
+                     backbone: str | None = None, items: ItemTable | None = None) -> None:
+    """Refuse a checkpoint for another backbone, another item count or, with `items` (the item
+    table of the dataset version it is applied to), another item table: the same count with
+    other raw ids behind the ids would score other items, silently. A checkpoint that records
+    no table (written before rsir recorded one) is accepted with a one-line warning.
+    Raises RsirError (one line naming the checkpoint, and for tables both digests)."""
     if backbone is not None and payload["backbone"] != backbone:
         raise RsirError(f"checkpoint {path} holds a {payload['backbone']!r} model, not {backbone!r}")
+    if items is not None:
+        num_items = items.num_items
     if num_items is not None and payload["num_items"] != num_items:
         raise RsirError(f"checkpoint {path} was trained on {payload['num_items']} items, "
                         f"but the dataset has {num_items}")
+    if items is None:
+        return
+    recorded = payload.get("items_digest")
+    where = f"dataset {items.dataset!r} v{items.version}"
+    if recorded is None:
+        warn(f"checkpoint {path} records no item-table digest (written before rsir recorded one): "
+             f"cannot check that its item ids denote the items of {where} (item table {items.digest[:12]}); "
+             f"using it as trained on that table")
+    elif recorded != items.digest:
+        raise RsirError(f"checkpoint {path} was trained on another item table (digest {recorded[:12]}) than "
+                        f"{where} (digest {items.digest[:12]}): the same {items.num_items} ids denote other "
+                        f"items; use the dataset it was trained on")

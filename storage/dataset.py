@@ -34,9 +34,10 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from core.errors import RsirError
+from core.hashing import json_digest
 from core.workspace import Workspace
 from storage.files import exclusive_create, filesystem, fsync_path, stream_sha256
-from storage.manifest import FileEntry, Manifest, PartitionEntry, chain_digest
+from storage.manifest import FileEntry, ItemTable, Manifest, PartitionEntry, chain_digest
 
 SEQUENCE_SCHEMA = pa.schema([
     pa.field("seq_id", pa.int64(), nullable=False),
@@ -101,6 +102,18 @@ def table_digest(table: pa.Table) -> str:
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table.combine_chunks())
     return hashlib.sha256(sink.getvalue()).hexdigest()
+
+
+def items_digest(items: pa.Table | pl.DataFrame) -> str:
+    """The identity of an item table (`item_id` 1..N, `raw_id`): SHA-256 (64 hex digits) of the
+    raw ids in `item_id` order, each as its text (so int 7 and str "7" are one id, as an import
+    with either id type would write it), over canonical JSON. Titles and other metadata do not
+    count: a model knows items only by id. Raises RsirError for a table without both columns."""
+    frame = items if isinstance(items, pl.DataFrame) else pl.from_arrow(items)
+    missing = [c for c in ("item_id", "raw_id") if c not in frame.columns]
+    if missing:
+        raise RsirError(f"item table lacks column(s) {', '.join(map(repr, missing))} (it needs item_id and raw_id)")
+    return json_digest(frame.sort("item_id")["raw_id"].cast(pl.String).to_list())
 
 
 def _sha256(data: bytes) -> str:
@@ -250,6 +263,15 @@ class DatasetStore:
         manifest = self.manifest(name, version)
         return self._frame(name, manifest.items.path).collect()
 
+    def item_table(self, manifest: Manifest) -> ItemTable:
+        """The identity of a version's item table, what a checkpoint trained on it records. The
+        manifest carries the digest (computed once, when version 0 was written); a manifest
+        written before digests were recorded has none, and the item file is read for it."""
+        digest = manifest.items_digest
+        if digest is None:
+            digest = items_digest(self._frame(manifest.dataset, manifest.items.path).collect())
+        return ItemTable(manifest.dataset, manifest.version, manifest.num_items, digest)
+
     # ---------------------------------------------------------------- writing
     def create(self, name: str, sequences: pa.Table, items: pa.Table, source: dict[str, Any],
                stats: dict[str, Any] | None = None, replace: bool = False) -> Manifest:
@@ -257,6 +279,7 @@ class DatasetStore:
         one: readers see the old lineage until the new version 0 is committed, then only the new
         one. If it cannot be written, the workspace is left as it was."""
         check_name(name)
+        table_id = items_digest(items)  # a malformed item table fails here, before anything is staged
         current = self.lineage(name)
         if current is not None and not replace:
             raise RsirError(f"dataset {name!r} already exists in {self.root}; pass --force to replace it")
@@ -267,7 +290,7 @@ class DatasetStore:
                 parts, part_digests = stage.partition(0, sequences)
             manifest = Manifest(
                 dataset=name, version=0, parent_version=None, lineage=lineage, num_items=items.num_rows,
-                items=items_entry, partitions=parts,
+                items=items_entry, items_digest=table_id, partitions=parts,
                 digest=chain_digest(table_digest(items), part_digests),
                 created_at=datetime.now(timezone.utc).isoformat(), source=source, stats=stats or {},
             )
@@ -294,7 +317,7 @@ class DatasetStore:
                 parts, part_digests = stage.partition(version, sequences)
             manifest = Manifest(
                 dataset=name, version=version, parent_version=parent.version, lineage=parent.lineage,
-                num_items=parent.num_items, items=parent.items,
+                num_items=parent.num_items, items=parent.items, items_digest=self.item_table(parent).digest,
                 partitions=[*parent.partitions, *parts],
                 digest=chain_digest(parent.digest, part_digests),
                 created_at=datetime.now(timezone.utc).isoformat(), source=parent.source,
@@ -326,6 +349,7 @@ class DatasetStore:
                                         iteration=p.iteration, bucket=p.bucket) for p in src.partitions]
             manifest = src.model_copy(update={
                 "dataset": name, "version": 0, "parent_version": None, "lineage": 0, "items": items,
+                "items_digest": self.item_table(src).digest,  # recorded now if `source` predates digests
                 "partitions": parts, "created_at": datetime.now(timezone.utc).isoformat(),
                 "source": {**src.source, "forked_from": {"dataset": source, "version": 0}},
             })

@@ -41,6 +41,19 @@ class VersionRef:
     stats: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True)
+class ItemTable:
+    """What a model's item ids refer to: the item table of a dataset version, `num_items` items
+    with ids 1..num_items, identified by `digest`, the SHA-256 of their raw ids in id order
+    (storage.dataset.items_digest; 64 hex digits). A checkpoint records the digest of the table
+    it was trained on and is applied only to a dataset with the same one."""
+
+    dataset: str
+    version: int
+    num_items: int
+    digest: str
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -51,6 +64,10 @@ class Manifest(BaseModel):
     lineage: int = Field(0, ge=0, description="0 for the first import, one more per replacement (--force)")
     num_items: int
     items: FileEntry
+    items_digest: str | None = Field(
+        None, description="identity of the item table: SHA-256 of the raw item ids in internal order (item "
+        "1, 2, ..., N), the same in every version, fork and expansion of one import; None in manifests "
+        "written before it was recorded (DatasetStore.item_table then computes it from the item file)")
     partitions: list[PartitionEntry]
     digest: str = Field(description="content digest chained over versions: parent digest + new partitions")
     created_at: str

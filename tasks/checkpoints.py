@@ -15,26 +15,33 @@ from core.errors import RsirError
 from tasks.ranking import require_finite
 from storage.checkpoints import check_compatible, read_checkpoint, write_checkpoint
 from storage.files import Location
+from storage.manifest import ItemTable
 
 
 def save_checkpoint(path: Location, model: torch.nn.Module, config: ModelConfig, num_items: int,
-                    meta: dict[str, Any]) -> Location:
-    write_checkpoint(path, model.state_dict(), config.model_dump(mode="json"), num_items, meta)
+                    meta: dict[str, Any], items_digest: str | None = None) -> Location:
+    """`items_digest`: the item table the model was trained on (ItemTable.digest)."""
+    write_checkpoint(path, model.state_dict(), config.model_dump(mode="json"), num_items, meta,
+                     items_digest=items_digest)
     return path
 
 
 def commit_checkpoint(path: Location, model: torch.nn.Module, config: ModelConfig, num_items: int,
-                      meta: dict[str, Any]) -> bool:
+                      meta: dict[str, Any], items_digest: str | None = None) -> bool:
     """Save only if no checkpoint is at `path` yet; False when another writer committed one first."""
     return write_checkpoint(path, model.state_dict(), config.model_dump(mode="json"), num_items, meta,
-                            if_absent=True)
+                            if_absent=True, items_digest=items_digest)
 
 
 def load_checkpoint(path: str | Path, num_items: int | None = None, backbone: str | None = None,
-                    device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model; refuse a checkpoint for another item count or another backbone."""
+                    device: torch.device | str = "cpu", items: ItemTable | None = None
+                    ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the model; refuse a checkpoint for another item count or another backbone, and
+    with `items` (the item table of the dataset it will be applied to) for another item table
+    (storage.checkpoints.check_compatible). Every caller applying a checkpoint to a dataset
+    passes `items`."""
     payload = read_checkpoint(path)
-    check_compatible(path, payload, num_items, backbone)
+    check_compatible(path, payload, num_items, backbone, items)
     try:
         config = ModelConfig.model_validate(payload["model_config"])
     except (ValidationError, ValueError) as exc:

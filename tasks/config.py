@@ -86,8 +86,9 @@ class TrainingSettings(BaseModel):
                                     "relative to a real one (1 = alike, the paper's L_k + λ·L_gen by counts)")
     stride: int | None = Field(None, ge=1, description="pairs between overlapping training windows of long "
                                "sequences (a window predicts only its newest `stride` targets, so each target "
-                               "keeps >= max_len - stride items of context); None = max_len // 2; max_len = "
-                               "disjoint windows (the trainer before issue 10)")
+                               "keeps >= max_len - stride items of context): unset = max_len // 2 (half a "
+                               "window; no recipe sets it), max_len = disjoint windows (the trainer before "
+                               "issue 10)")
 
     train_workers: int = Field(1, ge=1, le=256, description="data-parallel training processes on Ray (each "
                                "computes the gradient of its share of every batch; the gradients are summed, "

@@ -133,13 +133,13 @@ def evaluate_checkpoint(ws: Workspace, checkpoint: str | Path, dataset: str, ver
                         exclude_history: bool = True, device: str = "auto",
                         batch_size: int = 512, ranks_path: str | None = None,
                         executor: Executor = LOCAL) -> Evaluation:
-    """Evaluate a stored checkpoint on a dataset version; refuses a mismatched item count.
+    """Evaluate a stored checkpoint on a dataset version; refuses another item count or item table.
     With `ranks_path`, also write every real user's validation and test target rank there
     (Parquet), the input of paired comparisons between models."""
     store = dataset_store(ws)
     manifest = store.manifest(dataset, version)
     dev = resolve_device(device)
-    model, payload = load_checkpoint(checkpoint, num_items=manifest.num_items, device=dev)
+    model, payload = load_checkpoint(checkpoint, items=store.item_table(manifest), device=dev)
     split = leave_one_out(store.load(dataset, manifest.version), manifest.num_items)
     args = (model.config.max_len, batch_size, exclude_history, dev)
     ranks = {which: split_ranks(model, split, which, *args, executor=executor) for which in ("valid", "test")}

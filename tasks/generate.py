@@ -37,7 +37,7 @@ from core.workspace import Workspace
 from models import SequenceModel, SequentialRecommender
 from storage.artifacts import read_table, write_table
 from storage.files import exists, file_sha256, join, location
-from storage.checkpoints import read_checkpoint
+from storage.checkpoints import check_compatible, read_checkpoint
 from tasks.checkpoints import load_checkpoint
 from storage.dataset import dataset_store
 from tasks.decoding import Decoder, best_of_listed
@@ -537,7 +537,10 @@ def generate_step(home: str, dataset: str, version: int, checkpoint: str, params
     store = dataset_store(ws)
     manifest = store.manifest(dataset, version)
     device = resolve_device(params.device)
-    read_checkpoint(checkpoint)  # clear error for a missing or foreign file before anything else
+    items = store.item_table(manifest)
+    # Clear error for a missing or foreign file, or one trained on another item table, before
+    # anything else (a stored generation of these inputs is returned below without loading it).
+    check_compatible(checkpoint, read_checkpoint(checkpoint), items=items)
     payload_sha = file_sha256(location(checkpoint))
     key = generation_key(manifest.digest, payload_sha, params.model_dump(exclude={"device", "batch_size"}),
                          mode, holdout_h)
@@ -547,7 +550,7 @@ def generate_step(home: str, dataset: str, version: int, checkpoint: str, params
     if exists(path):
         _, meta = read_table(path)  # made for whichever dataset of this content came first
         return Generation.from_file(path, meta, dataset=dataset, version=version, reused=True)
-    model, _ = load_checkpoint(checkpoint, num_items=manifest.num_items, device=device)
+    model, _ = load_checkpoint(checkpoint, items=items, device=device)
     params = resolve_params(params.model_copy(update={"device": str(device)}), model)
     split = leave_one_out(store.load(dataset, manifest.version), manifest.num_items)
     rows = sample_sources(len(split.train), params.max_sources, params.seed)

@@ -295,9 +295,10 @@ def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Location | None = N
     # With `reuse` the run's checkpoint path names the θ of its lineage: two runs of one lineage
     # training it at once (two workers, same parameters) must end with one θ, or their D_{k+1}
     # would differ by whose bytes each generator read. The first commit wins; the other adopts it.
+    items_digest = store.item_table(manifest).digest  # what the ids in the weights denote
     if not reuse:
-        save_checkpoint(path, model, cfg.model, manifest.num_items, meta)
-    elif not commit_checkpoint(path, model, cfg.model, manifest.num_items, meta):
+        save_checkpoint(path, model, cfg.model, manifest.num_items, meta, items_digest)
+    elif not commit_checkpoint(path, model, cfg.model, manifest.num_items, meta, items_digest):
         result = _stored_result(path, cfg, manifest)
     copy_file(path, shared)
     return result

@@ -168,3 +168,115 @@ def test_incomplete_checkpoint_names_the_field(saved, tmp_path, edit, needle):
         with pytest.raises(RsirError) as err:
             read(bad)
         assert str(bad) in str(err.value) and needle in str(err.value) and "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------- issue 21: item tables
+# Two datasets with the same 12 items under the same internal ids, except that dataset `renamed`
+# calls item 12 by raw id 99: its sequences are bit for bit those of `base`, so only the item
+# table tells that id 12 is another item there.
+ITEMS = 12
+
+
+def _csv(path, last_raw_id: int):
+    rows = ["user_id,item_id,timestamp"]
+    for user in range(30):
+        for j in range(6):
+            item = (user + j) % ITEMS + 1
+            rows.append(f"{user},{last_raw_id if item == ITEMS else item},{j}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def _expected_digest(raw_ids: list[int]) -> str:
+    """The documented identity: SHA-256 of the raw ids as text, in internal order, as JSON."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps([str(r) for r in raw_ids]).encode()).hexdigest()
+
+
+BASE_DIGEST = _expected_digest(list(range(1, ITEMS + 1)))
+RENAMED_DIGEST = _expected_digest([*range(1, ITEMS), 99])
+
+
+@pytest.fixture(scope="module")
+def two_tables(tmp_path_factory):
+    """A workspace with `base` and `renamed`, and a checkpoint trained on `base`."""
+    from core.workspace import Workspace
+    from tasks.config import TrainConfig
+    from tasks.ingest import ImportSpec, import_dataset
+    from tasks.train import train_model
+
+    root = tmp_path_factory.mktemp("items")
+    ws = Workspace.at(root / "workspace")
+    import_dataset(ws, ImportSpec(path=_csv(root / "base.csv", ITEMS), name="base", format="csv"))
+    import_dataset(ws, ImportSpec(path=_csv(root / "renamed.csv", 99), name="renamed", format="csv"))
+    cfg = TrainConfig(dataset="base", epochs=1, model=ModelConfig(hidden=8, layers=1, heads=1, max_len=5),
+                      device="cpu", threads=1, progress=False)
+    result = train_model(cfg, ws, checkpoint=root / "base.pt")
+    return ws, result.checkpoint
+
+
+def test_the_item_table_digest_is_the_raw_ids_in_internal_order(two_tables):
+    from storage.dataset import dataset_store
+
+    ws, checkpoint = two_tables
+    store = dataset_store(ws)
+    assert store.item_table(store.manifest("base")).digest == BASE_DIGEST
+    assert store.item_table(store.manifest("renamed")).digest == RENAMED_DIGEST
+    assert store.manifest("renamed").num_items == store.manifest("base").num_items == ITEMS
+    assert read_checkpoint(checkpoint)["items_digest"] == BASE_DIGEST
+
+
+def _one_line(result) -> str:
+    lines = [line for line in result.err.strip().splitlines() if line]
+    assert len(lines) == 1, result.err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["evaluate", "generate"])
+def test_a_checkpoint_is_refused_on_another_item_table(two_tables, cli, command):
+    from tests.conftest import workspace_files
+
+    ws, checkpoint = two_tables
+    before = workspace_files(ws)
+    result = cli(command, "--checkpoint", checkpoint, "--dataset", "renamed", "--device", "cpu", "--home", ws.root)
+    assert result.code == 2 and result.out == ""
+    assert _one_line(result) == (
+        f"rsir: error: checkpoint {checkpoint} was trained on another item table (digest {BASE_DIGEST[:12]}) "
+        f"than dataset 'renamed' v0 (digest {RENAMED_DIGEST[:12]}): the same {ITEMS} ids denote other items; "
+        f"use the dataset it was trained on")
+    assert workspace_files(ws) == before
+
+
+def test_a_checkpoint_is_accepted_on_its_own_table_and_its_expansions(two_tables, cli):
+    ws, checkpoint = two_tables
+    home = ("--home", ws.root, "--device", "cpu")
+    on_base = cli("evaluate", "--checkpoint", checkpoint, "--dataset", "base", "--json", *home)
+    assert on_base.code == 0 and on_base.err == "" and on_base.json()["version"] == 0
+    # D_1 (synthetic sequences over the same items) and a fork share the base's table.
+    grown = cli("generate", "--checkpoint", checkpoint, "--dataset", "base", "--m", "1", "--json", *home)
+    assert grown.code == 0 and grown.err == "" and grown.json()["version"] == 1, grown.err
+    from storage.dataset import dataset_store
+
+    store = dataset_store(ws)
+    store.fork("base", "base-fork")
+    for name, version in (("base", 1), ("base-fork", 0)):
+        assert store.manifest(name, version).items_digest == BASE_DIGEST
+        result = cli("evaluate", "--checkpoint", checkpoint, "--dataset", name, "--version", version, *home)
+        assert result.code == 0 and result.err == "", result.err
+
+
+def test_a_checkpoint_without_a_digest_is_accepted_with_a_warning(two_tables, cli, tmp_path):
+    ws, checkpoint = two_tables
+    payload = torch.load(checkpoint, weights_only=True)
+    del payload["items_digest"]  # as written before checkpoints recorded their item table
+    legacy = tmp_path / "legacy.pt"
+    torch.save(payload, legacy)
+    result = cli("evaluate", "--checkpoint", legacy, "--dataset", "renamed", "--device", "cpu", "--json",
+                 "--home", ws.root)
+    assert result.code == 0 and result.json()["checkpoint"] == str(legacy)
+    assert _one_line(result) == (
+        f"rsir: warning: checkpoint {legacy} records no item-table digest (written before rsir recorded one): "
+        f"cannot check that its item ids denote the items of dataset 'renamed' v0 (item table "
+        f"{RENAMED_DIGEST[:12]}); using it as trained on that table")

@@ -97,3 +97,26 @@ def test_a_new_workspace_gets_its_prefect_home_before_prefect_starts(tmp_path, m
     _local_prefect(ws)
     assert (tmp_path / "new" / "prefect").is_dir()
     assert os.environ["PREFECT_HOME"] == str(tmp_path / "new" / "prefect")
+
+
+def _flat_help(text: str) -> str:
+    """Typer's help boxes as one line of words (wrapped help text joined again)."""
+    return " ".join(text.replace("│", " ").split())
+
+
+def test_rsir_train_states_the_stride_the_training_uses(cli):
+    from models.config import ModelConfig
+    from tasks.config import TrainConfig
+
+    train_help = _flat_help(cli("train", "--help").out)
+    # The default the help states is the one training uses: half the window.
+    assert "unset = max_len // 2 (half a window; no recipe sets it)" in train_help
+    assert "(default max_len)" not in train_help
+    for recipe in ("default", "release"):
+        assert TrainConfig(recipe=recipe, model=ModelConfig(max_len=20)).window_stride == 10
+        assert TrainConfig(recipe=recipe, model=ModelConfig(max_len=7)).window_stride == 3
+    # Each training setting `train` shares with `run` has one help text, the field's description.
+    run_help = _flat_help(cli("run", "--help").out)
+    for name in ("recipe", "synthetic_weight", "batching", "weighting", "stride", "early_stop"):
+        description = " ".join(TrainingSettings.model_fields[name].description.split())
+        assert description in train_help and description in run_help, name

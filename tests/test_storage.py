@@ -12,6 +12,7 @@ import pytest
 
 from core.errors import RsirError
 from storage.dataset import SEQUENCE_SCHEMA, DatasetStore, table_digest
+from storage.manifest import ItemTable
 
 NAME = "toy"
 
@@ -163,6 +164,42 @@ def test_digests_are_deterministic_and_content_addressed(tmp_path):
         NAME, store_at(tmp_path, "e").create(NAME, BASE, ITEMS, source={}), other_new, generation={}
     ).digest != ma1.digest
     assert table_digest(BASE) == table_digest(BASE.select(BASE.column_names))
+
+
+def test_item_table_digest_is_shared_by_versions_forks_and_legacy_manifests(tmp_path):
+    import hashlib
+    import json
+
+    # The identity of the item table: SHA-256 of the raw ids (as text) in internal order, as JSON.
+    abcde = hashlib.sha256(json.dumps(["a", "b", "c", "d", "e"]).encode()).hexdigest()
+    store = store_at(tmp_path)
+    m0 = store.create(NAME, BASE, ITEMS, source={})
+    m1 = store.append(NAME, m0, NEW, generation={})
+    fork = store.fork(NAME, "toy-fork")
+    assert m0.items_digest == m1.items_digest == fork.items_digest == abcde
+    assert store.item_table(m1) == ItemTable(NAME, 1, 5, abcde)
+    # Only ids and their order count: metadata does not, a renamed or reordered raw id does.
+    titled = ITEMS.append_column("title", pa.array(["A", "B", "C", "D", "E"]))
+    assert store_at(tmp_path, "t").create(NAME, BASE, titled, source={}).items_digest == abcde
+    shuffled = pa.table({"item_id": pa.array([2, 1, 3, 4, 5], pa.int32()), "raw_id": ["a", "b", "c", "d", "e"]})
+    assert store_at(tmp_path, "s").create(NAME, BASE, shuffled, source={}).items_digest == hashlib.sha256(
+        json.dumps(["b", "a", "c", "d", "e"]).encode()).hexdigest()
+    # A manifest written before the digest was recorded: computed from the item file, then
+    # recorded in what is derived from it.
+    legacy = store_at(tmp_path, "legacy")
+    legacy.create(NAME, BASE, ITEMS, source={})
+    (path,) = (tmp_path / "legacy" / "datasets" / NAME / "manifests").glob("v00000.json")
+    data = json.loads(path.read_text())
+    del data["items_digest"]
+    path.write_text(json.dumps(data))
+    old = legacy.manifest(NAME)
+    assert old.items_digest is None and legacy.item_table(old).digest == abcde
+    assert legacy.append(NAME, old, NEW, generation={}).items_digest == abcde
+    assert legacy.fork(NAME, "toy-fork").items_digest == abcde
+    # An item table without ids is refused before anything is written.
+    with pytest.raises(RsirError, match="item table lacks column\\(s\\) 'raw_id'"):
+        store_at(tmp_path, "bad").create(NAME, BASE, ITEMS.drop_columns(["raw_id"]), source={})
+    assert not (tmp_path / "bad" / "datasets").exists()
 
 
 def test_input_column_order_and_types_are_normalised(tmp_path):
