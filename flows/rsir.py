@@ -7,7 +7,9 @@ Wiring only: every step is a task from tasks/ that takes small references and re
 one (TrainResult with its checkpoint path, Evaluation, Generation, Filtered, VersionRef) beside
 the seconds its step took (`Timed`). A run works on its own fork of the
 dataset, named by the lineage key of its parameters, so re-running the same parameters after a
-crash finds the committed versions and checkpoints and continues from there.
+crash finds the committed versions and checkpoints and continues from there, and closes what the
+killed run left open (its MLflow run KILLED, its Prefect flow run CRASHED) once its process is
+known to be gone: see `_close_killed_runs`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from core.config import with_parameters
 from tasks.config import RunConfig, run_parameters
 from core.workspace import Workspace
 from storage.manifest import VersionRef
-from storage.tracking import Tracker, resolve_tracking_uri, redact_uri
+from storage.tracking import Tracker, owner_tags, resolve_tracking_uri, redact_uri
 from tasks.evaluate import Evaluation, evaluate_task
 from tasks.expand import expand_task
 from tasks.filter import Filtered, filter_task
@@ -101,8 +103,9 @@ def run_rsir(cfg: RunConfig) -> dict[str, Any]:
     run_dataset = f"{cfg.dataset}--{lineage[:10]}"
     dataset_store(ws).fork(cfg.dataset, run_dataset)
     parent = _parent_run(tracker, cfg, lineage, run_dataset)
-    rows, champion = _iterate(cfg, ws, tracker, parent, run_dataset)
-    return _finish(cfg, ws, tracker, parent, run_dataset, rows, champion, time.perf_counter() - started)
+    with tracker.heartbeat(parent):  # what tells a later run that this one still runs
+        rows, champion = _iterate(cfg, ws, tracker, parent, run_dataset)
+        return _finish(cfg, ws, tracker, parent, run_dataset, rows, champion, time.perf_counter() - started)
 
 
 @dataclass(frozen=True)
@@ -170,34 +173,73 @@ def _finish(cfg: RunConfig, ws: Workspace, tracker: Tracker, parent: str, run_da
 def _parent_run(tracker: Tracker, cfg: RunConfig, lineage: str, run_dataset: str) -> str:
     tags = {"rsir.lineage": lineage[:16], "rsir.K": str(cfg.K),
             **{f"rsir.label.{key}": str(value) for key, value in cfg.labels.items()}}
-    # A run of the same lineage left RUNNING was killed: say so, the new run resumes its work.
-    # Not one whose Prefect flow run still runs: two workers may run the same lineage at once.
-    for stale in tracker.search_runs(f"tags.`rsir.lineage` = '{lineage[:16]}' and attributes.status = 'RUNNING'"):
-        if not _flow_run_alive(stale.data.tags.get("prefect.flow_run_id", "")):
-            tracker.end_run(stale.info.run_id, "KILLED")
     ctx = get_run_context()
     flow_run = getattr(ctx, "flow_run", None)
     prefect_tags = {"prefect.flow_run_id": str(flow_run.id) if flow_run else "",
                     "prefect.deployment_id": str(flow_run.deployment_id or "") if flow_run else ""}
-    run_id = tracker.start_run(f"rsir-{cfg.dataset}-{cfg.model.name}-K{cfg.K}", {**tags, **prefect_tags})
+    _close_killed_runs(tracker, lineage[:16], prefect_tags["prefect.flow_run_id"])
+    run_id = tracker.start_run(f"rsir-{cfg.dataset}-{cfg.model.name}-K{cfg.K}",
+                               {**tags, **prefect_tags, **owner_tags()})
     tracker.log_params(run_id, {**cfg.model_dump(mode="json", exclude={"home", "tracking_uri", "progress"}),
                                 "run_dataset": run_dataset})
     _log_version(tracker, run_id, dataset_store(Workspace.at(cfg.home)), run_dataset, 0, "input")  # D_0
     return run_id
 
 
-def _flow_run_alive(flow_run_id: str) -> bool:
-    """Whether Prefect still runs (or is about to run) this flow run; False for an unknown id."""
-    if not flow_run_id:
-        return False
-    from prefect.client.orchestration import get_client
+def _close_killed_runs(tracker: Tracker, lineage: str, this_flow_run: str) -> None:
+    """Close what a killed run of this lineage left open: its MLflow parent run (and an iteration
+    cut short) KILLED, its Prefect flow run CRASHED; one log line each. Which runs are dead is
+    decided by their process or heartbeat (`Tracker.dead_runs`), never by the RUNNING state the
+    killed process left: two workers may run one lineage at once, and a live run stays open."""
+    logger = get_run_logger()
+    for dead in tracker.dead_runs(f"tags.`rsir.lineage` = '{lineage}'"):
+        tracker.kill(dead.run_id)
+        flow_run = dead.tags.get("prefect.flow_run_id", "")
+        if not flow_run:
+            prefect = "no Prefect flow run"
+        elif flow_run == this_flow_run:  # Prefect runs a crashed flow run again under its id
+            prefect = f"Prefect flow run {flow_run} runs again as this run"
+        else:
+            prefect = _crash_flow_run(flow_run, f"killed: {dead.reason}; MLflow run {dead.run_id} was marked "
+                                                "KILLED by a later run of its lineage")
+        logger.warning("closed a killed run of lineage %s (%s): MLflow run %s KILLED, %s; this run resumes its work",
+                       lineage, dead.reason, dead.run_id, prefect)
 
+
+def _crash_flow_run(flow_run_id: str, message: str) -> str:
+    """Set a killed Prefect flow run CRASHED, with its subflow runs and task runs that had not
+    ended (the killed process left them Running too); says what became of the flow run. Never
+    raises: the MLflow run is closed all the same, and this run goes on."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter,
+                                                TaskRunFilterFlowRunId, TaskRunFilterState, TaskRunFilterStateType)
+    from prefect.client.schemas.objects import TERMINAL_STATES, StateType
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    open_states = [t for t in StateType if t not in TERMINAL_STATES]
     try:
         with get_client(sync_client=True) as client:
-            state = client.read_flow_run(flow_run_id).state
-    except Exception:  # deleted, or another Prefect server: nothing says it still runs
-        return False
-    return state is not None and not state.is_final()
+            root = client.read_flow_run(flow_run_id)
+            pending, outcome = [root], f"Prefect flow run {flow_run_id} had ended ({root.state_name})"
+            while pending:
+                run = pending.pop()
+                if run.state is None or not run.state.is_final():
+                    client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+                    if run.id == root.id:
+                        outcome = f"Prefect flow run {flow_run_id} CRASHED"
+                pending += client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
+                for task_run in client.read_task_runs(task_run_filter=TaskRunFilter(
+                        flow_run_id=TaskRunFilterFlowRunId(any_=[run.id]),
+                        state=TaskRunFilterState(type=TaskRunFilterStateType(any_=open_states)))):
+                    client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
+            return outcome
+    except ObjectNotFound:  # it ran against another Prefect server (or was deleted)
+        return f"Prefect flow run {flow_run_id} unknown to this Prefect server"
+    except Exception as exc:  # the server is unreachable or refused: say so, the run goes on
+        reason = (str(exc).splitlines() or [""])[0][:200]
+        return f"Prefect flow run {flow_run_id} not marked ({type(exc).__name__}: {reason})"
 
 
 def _log_version(tracker: Tracker, run_id: str, store: DatasetStore, dataset: str, version: int, context: str) -> None:

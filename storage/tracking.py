@@ -4,16 +4,27 @@ in Prefect worker threads can log to the run they are given.
 Lineage: every iteration's child run logs D_k as a dataset input (context "training"), its
 checkpoint θ_k as an artifact, and D_{k+1} as a dataset with context "output" (MLflow 3.17 has
 dataset inputs only; `log_outputs` is for models), each with the manifest digest and URI.
+
+Ownership: a run started with `owner_tags()` names the process that runs it (host, process
+table, pid, start time) and carries a heartbeat that `Tracker.heartbeat` refreshes; `dead_runs`
+uses them to tell a run whose process was killed from one that still runs elsewhere.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
+import socket
 import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from core.errors import RsirError
 from storage.files import location, read_bytes
@@ -50,6 +61,22 @@ def mlflow_environment_defaults(environ: dict[str, str]) -> None:
 # Without this tag MLflow's UI guesses the experiment's kind and opens it in the GenAI view
 # (traces, evaluation runs); rsir's experiments are model training.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+# Run ownership (RunOwner, dead_reason below).
+OWNER_TAGS = ("rsir.host", "rsir.machine", "rsir.pid", "rsir.pid_started")
+HEARTBEAT_TAG = "rsir.heartbeat"
+# A running flow refreshes its parent run's heartbeat every HEARTBEAT_SECONDS; a run on another
+# machine is dead once its heartbeat is STALE_AFTER_SECONDS old: twenty missed beats, so a slow
+# or briefly unreachable tracking server, or clocks minutes apart, never close a live run. (A run
+# of the lineage started sooner leaves such a run RUNNING; a later one closes it.)
+HEARTBEAT_SECONDS = 30.0
+STALE_AFTER_SECONDS = 600.0
+# psutil's start times of one process agree to the clock tick (10 ms); a pid reused by another
+# process cannot also have started within the same second.
+_START_TOLERANCE_SECONDS = 1.0
+
+_log = logging.getLogger(__name__)
 
 
 class Tracker:
@@ -111,6 +138,57 @@ class Tracker:
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self._client.set_terminated(run_id, status=status)
+
+    # ------------------------------------------------------------ ownership
+    def dead_runs(self, filter_string: str) -> list["DeadRun"]:
+        """The RUNNING runs matching `filter_string` whose process is gone (`dead_reason`): what
+        a killed process left open. A run that may still be running is never among them."""
+        here, now = RunOwner.current(), time.time()
+        dead = []
+        for run in self.search_runs(f"attributes.status = 'RUNNING' and {filter_string}"):
+            tags = dict(run.data.tags)
+            reason = dead_reason(tags, run.info.start_time / 1000, here, now)
+            if reason is not None:
+                dead.append(DeadRun(run.info.run_id, tags, reason))
+        return dead
+
+    def kill(self, run_id: str) -> None:
+        """End a dead run and its RUNNING child runs (an iteration cut short) as KILLED."""
+        for child in self.search_runs(f"tags.`mlflow.parentRunId` = '{run_id}' and attributes.status = 'RUNNING'"):
+            self.end_run(child.info.run_id, "KILLED")
+        self.end_run(run_id, "KILLED")
+
+    @contextlib.contextmanager
+    def heartbeat(self, run_id: str, every: float = HEARTBEAT_SECONDS) -> Iterator[None]:
+        """While the block runs, refresh the run's heartbeat tag every `every` seconds (a daemon
+        thread: a step may take longer than `STALE_AFTER_SECONDS`, the process is alive all the
+        same). A block that raises ends the run FAILED, or KILLED when it was interrupted (Ctrl-C,
+        Prefect's cancellation), so only a killed process leaves a run RUNNING. A failed beat is
+        logged and retried at the next one: tracking trouble must not fail the run."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(every):
+                try:
+                    self._client.set_tag(run_id, HEARTBEAT_TAG, _utc_now())
+                except Exception as exc:  # MLflow raises many types; the next beat may get through
+                    reason = (str(exc).splitlines() or [""])[0][:200]
+                    _log.warning("heartbeat of MLflow run %s failed: %s", run_id, reason)
+
+        thread = threading.Thread(target=beat, name=f"rsir-heartbeat-{run_id[:8]}", daemon=True)
+        thread.start()
+        try:
+            yield
+        except BaseException as exc:
+            stop.set()
+            status = "FAILED" if isinstance(exc, Exception) else "KILLED"
+            with contextlib.suppress(Exception):  # the block's own error is the one to report
+                if self._client.get_run(run_id).info.status == "RUNNING":
+                    self.end_run(run_id, status)
+            raise
+        finally:
+            stop.set()
+            thread.join(timeout=1.0)  # a beat stuck on a slow server finishes on its own
 
     # ------------------------------------------------------------ logging
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
@@ -204,6 +282,114 @@ class Tracker:
 
     def _newest_version(self, model_name: str) -> int:
         return max(int(v.version) for v in self._client.search_model_versions(f"name = '{model_name}'"))
+
+
+# ---------------------------------------------------------------- run ownership
+@dataclass(frozen=True)
+class RunOwner:
+    """The process that runs an MLflow run, as the run's tags record it.
+
+    `machine` names the process table a pid belongs to: on Linux the kernel's boot id and the pid
+    namespace (containers on one kernel share the boot id, not the namespace), elsewhere the boot
+    time. `started` (the process's start time, epoch seconds) tells the process from a later
+    one that reuses its pid."""
+
+    host: str
+    machine: str
+    pid: int
+    started: float
+
+    @classmethod
+    def current(cls) -> "RunOwner":
+        import psutil
+
+        return cls(socket.gethostname(), _machine(), os.getpid(), psutil.Process().create_time())
+
+    @classmethod
+    def from_tags(cls, tags: dict[str, str]) -> "RunOwner | None":
+        """The owner a run's tags name; None for a run without them (an older rsir) or with
+        unreadable ones."""
+        try:
+            return cls(tags["rsir.host"], tags["rsir.machine"], int(tags["rsir.pid"]), float(tags["rsir.pid_started"]))
+        except (KeyError, ValueError):
+            return None
+
+    def tags(self) -> dict[str, str]:
+        return dict(zip(OWNER_TAGS, (self.host, self.machine, str(self.pid), f"{self.started:.3f}")))
+
+    def shares_process_table(self, other: "RunOwner") -> bool:
+        return (self.host, self.machine) == (other.host, other.machine)
+
+    def running(self) -> bool:
+        """Whether this process still exists (not a zombie). Meaningful only on its own machine
+        (`shares_process_table`); a process this user may not inspect counts as running."""
+        import psutil
+
+        try:
+            proc = psutil.Process(self.pid)
+            return (abs(proc.create_time() - self.started) < _START_TOLERANCE_SECONDS
+                    and proc.status() != psutil.STATUS_ZOMBIE)
+        except psutil.NoSuchProcess:  # ZombieProcess included
+            return False
+        except psutil.AccessDenied:
+            return True
+
+    def __str__(self) -> str:
+        return f"pid {self.pid} on {self.host}"
+
+
+def owner_tags() -> dict[str, str]:
+    """Tags that make a new run this process's: its owner and a first heartbeat."""
+    return {**RunOwner.current().tags(), HEARTBEAT_TAG: _utc_now()}
+
+
+@dataclass(frozen=True)
+class DeadRun:
+    """A RUNNING run whose process is gone: its id, tags and why it is known to be dead."""
+
+    run_id: str
+    tags: dict[str, str]
+    reason: str
+
+
+def dead_reason(tags: dict[str, str], start_time: float, here: RunOwner, now: float) -> str | None:
+    """Why a RUNNING run with these tags (started at `start_time`, epoch seconds) is dead, or
+    None while it may still run.
+
+    On this machine the answer is its process: dead iff no process with its pid and start time
+    exists (a killed process cannot leave that stale). Elsewhere, or for a run without owner tags,
+    it is the heartbeat (the run's start for an older rsir that wrote none): dead once
+    `STALE_AFTER_SECONDS` old. MLflow's RUNNING and Prefect's Running are what a killed process
+    leaves behind, so they decide nothing."""
+    owner = RunOwner.from_tags(tags)
+    if owner is not None and owner.shares_process_table(here):
+        return None if owner.running() else f"process {owner} is gone"
+    beat = _parse_utc(tags.get(HEARTBEAT_TAG, "")) or start_time
+    age = now - beat
+    if age <= STALE_AFTER_SECONDS:
+        return None
+    return f"{owner or 'its process'} sent no heartbeat for {age / 60:.0f} min"
+
+
+def _machine() -> str:
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/pidns-{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # not Linux
+        import psutil
+
+        return f"boot-{psutil.boot_time():.0f}"
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _parse_utc(text: str) -> float | None:
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
 
 
 def _create_experiment(client: Any, name: str, artifact_location: str | None) -> str:

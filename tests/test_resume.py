@@ -1,5 +1,6 @@
 """Crash-resume: kill the flow process (SIGKILL) in the middle of a run, run it again with the
-same parameters, and get the same dataset digests and metrics as an uninterrupted run."""
+same parameters, and get the same dataset digests and metrics as an uninterrupted run; the re-run
+closes what the killed run left open (MLflow KILLED, Prefect CRASHED) and nothing that still runs."""
 
 from __future__ import annotations
 
@@ -31,8 +32,10 @@ def test_killed_run_resumes_to_the_same_result(prefect_api, tiny_csv, tmp_path):
     theta0 = [p for p in (ws.checkpoints / name).glob("*-v0-*.pt")]
     assert len(theta0) == 1
     theta0_mtime = theta0[0].stat().st_mtime_ns
+    killed, live = _killed_and_live_runs(tracking)
 
     resumed = rsir(home=str(ws.root), tracking_uri=tracking, **params)
+    _assert_only_the_killed_run_was_closed(tracking, killed, live)
     assert _digests(ws, name) == _digests(clean, name)
     assert [r["test"] for r in resumed["iterations"]] == [r["test"] for r in reference["iterations"]]
     assert [r["valid"] for r in resumed["iterations"]] == [r["valid"] for r in reference["iterations"]]
@@ -40,3 +43,76 @@ def test_killed_run_resumes_to_the_same_result(prefect_api, tiny_csv, tmp_path):
     assert theta0[0].stat().st_mtime_ns == theta0_mtime
     for k in (1, 2):  # one partition per iteration, nothing duplicated
         assert len(list((ws.datasets / name / "sequences" / f"iteration={k}").rglob("*.parquet"))) == 1
+
+
+def _killed_and_live_runs(tracking):
+    """The killed run's MLflow parent (left RUNNING, its Prefect flow run Running), and two runs of
+    its lineage that still run: one of this (live) process, with a Running Prefect flow run, and
+    one on another machine whose heartbeat is fresh."""
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    from flows.rsir import rsir
+    from storage.tracking import owner_tags
+
+    client = MlflowClient(tracking)
+    experiment = client.get_experiment_by_name("rsir").experiment_id
+    [killed] = client.search_runs([experiment], "attributes.status = 'RUNNING' and tags.`rsir.lineage` != ''")
+    tags = killed.data.tags
+    with get_client(sync_client=True) as prefect:
+        assert prefect.read_flow_run(tags["prefect.flow_run_id"]).state.is_running()  # what Prefect believes
+        live_flow_run = prefect.create_flow_run(rsir, parameters={}, state=Running()).id
+    lineage = {"rsir.lineage": tags["rsir.lineage"], "rsir.K": tags["rsir.K"]}
+    mine = client.create_run(experiment, tags={**lineage, **owner_tags(),
+                                               "prefect.flow_run_id": str(live_flow_run)}).info.run_id
+    elsewhere = client.create_run(experiment, tags={**lineage, **owner_tags(), "rsir.host": "another-host",
+                                                    "rsir.pid": "1"}).info.run_id
+    return killed, {mine: live_flow_run, elsewhere: None}
+
+
+def _assert_only_the_killed_run_was_closed(tracking, killed, live):
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter,
+                                                TaskRunFilterFlowRunId)
+
+    client = MlflowClient(tracking)
+    assert client.get_run(killed.info.run_id).info.status == "KILLED"
+    children = client.search_runs([killed.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{killed.info.run_id}'")
+    assert {c.info.status for c in children} <= {"FINISHED", "KILLED"}
+    for run_id in live:
+        assert client.get_run(run_id).info.status == "RUNNING"
+    with get_client(sync_client=True) as prefect:
+        flow_run = prefect.read_flow_run(killed.data.tags["prefect.flow_run_id"])
+        assert flow_run.state.is_crashed() and "KILLED" in flow_run.state.message
+        subflows = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run.id])))
+        # The kill lands in iteration 0's expansion or early in iteration 1: whichever subflow and
+        # task runs it cut short are closed too.
+        assert 1 <= len(subflows) <= 2 and all(s.state.is_final() for s in subflows)
+        tasks = prefect.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(
+            any_=[flow_run.id, *(s.id for s in subflows)])))
+        assert tasks and all(t.state.is_final() for t in tasks)
+        assert prefect.read_flow_run(live[next(iter(live))]).state.is_running()
+
+
+def test_a_flow_run_prefect_cannot_close_is_reported_not_raised(prefect_api, monkeypatch):
+    """The killed run may have used another Prefect server, or the server may be gone: the new run
+    says so in its log line and goes on (its MLflow run is closed all the same)."""
+    import uuid
+
+    import prefect.client.orchestration
+
+    from flows.rsir import _crash_flow_run
+
+    missing = str(uuid.uuid4())
+    assert _crash_flow_run(missing, "killed") == f"Prefect flow run {missing} unknown to this Prefect server"
+
+    def gone(**_):
+        raise ConnectionError("All connection attempts failed\ntraceback...")
+
+    monkeypatch.setattr(prefect.client.orchestration, "get_client", gone)
+    assert _crash_flow_run(missing, "killed") == (
+        f"Prefect flow run {missing} not marked (ConnectionError: All connection attempts failed)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 
@@ -612,3 +613,122 @@ def test_champion_alias_survives_a_concurrent_insert(tmp_path, monkeypatch):
         MlflowException("some other failure", error_code="BAD_REQUEST")))
     with pytest.raises(MlflowException, match="some other failure"):
         tracker.register_champion("m", run_id, "checkpoint", {"k": 2})
+
+
+# --------------------------------------------------------------------------- run ownership
+def _sleep():
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+
+
+@pytest.fixture
+def sleeper():
+    """A live process other than this one (a second worker of the same lineage)."""
+    proc = _sleep()
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def _owner_of(proc):
+    import psutil
+
+    from storage.tracking import RunOwner
+
+    here = RunOwner.current()
+    return RunOwner(here.host, here.machine, proc.pid, psutil.Process(proc.pid).create_time())
+
+
+def _utc(seconds_ago: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(time.time() - seconds_ago, timezone.utc).isoformat(timespec="seconds")
+
+
+def test_a_run_is_dead_only_when_its_process_is_gone(sleeper):
+    """On this machine the pid and start time decide, whatever the heartbeat says; a reused pid
+    (another start time) or a reaped process is dead, a sleeping one is not."""
+    from dataclasses import replace
+
+    from storage.tracking import RunOwner, dead_reason
+
+    here, now = RunOwner.current(), time.time()
+    owner = _owner_of(sleeper)
+    old_beat = {"rsir.heartbeat": _utc(86400)}
+    assert dead_reason({**owner.tags(), **old_beat}, now - 86400, here, now) is None
+    assert dead_reason({**here.tags(), **old_beat}, now - 86400, here, now) is None  # this very process
+    reused = replace(owner, started=owner.started - 3600)
+    assert dead_reason({**reused.tags(), "rsir.heartbeat": _utc(0)}, now, here, now) == f"process {reused} is gone"
+    sleeper.kill()
+    sleeper.wait()
+    assert dead_reason({**owner.tags(), "rsir.heartbeat": _utc(0)}, now, here, now) == f"process {owner} is gone"
+
+
+def test_a_run_on_another_machine_is_dead_when_its_heartbeat_is_stale():
+    """Its pid means nothing here: the heartbeat decides (the start time for a run without one)."""
+    from dataclasses import replace
+
+    from storage.tracking import STALE_AFTER_SECONDS, RunOwner, dead_reason
+
+    here, now = RunOwner.current(), time.time()
+    elsewhere = replace(here, host="another-host", pid=1)
+    container = replace(here, machine=here.machine + "-other-pid-namespace", pid=2 ** 22 + 7)  # no such pid here
+    for owner in (elsewhere, container):
+        fresh = {**owner.tags(), "rsir.heartbeat": _utc(STALE_AFTER_SECONDS - 60)}
+        assert dead_reason(fresh, now - 86400, here, now) is None
+        stale = {**owner.tags(), "rsir.heartbeat": _utc(STALE_AFTER_SECONDS + 60)}
+        assert dead_reason(stale, now - 86400, here, now) == f"{owner} sent no heartbeat for 11 min"
+    assert dead_reason({}, now - 60, here, now) is None  # an older rsir's run, just started
+    assert dead_reason({}, now - 3600, here, now) == "its process sent no heartbeat for 60 min"
+
+
+def test_dead_runs_are_killed_with_their_children_and_live_ones_are_left(tmp_path, sleeper):
+    from storage.tracking import Tracker, owner_tags
+
+    tracker = Tracker.open(f"sqlite:///{tmp_path / 'mlflow.db'}", "x", tmp_path / "artifacts")
+    lineage = {"rsir.lineage": "abc"}
+    mine = tracker.start_run("mine", {**lineage, **owner_tags()})
+    other_worker = tracker.start_run("other", {**lineage, **_owner_of(sleeper).tags(), "rsir.heartbeat": _utc(3600)})
+    gone = _sleep()
+    owner = _owner_of(gone)
+    gone.kill()
+    gone.wait()
+    killed = tracker.start_run("killed", {**lineage, **owner.tags(), "rsir.heartbeat": _utc(0)})
+    cut_short = tracker.start_run("iteration-1", {}, parent=killed)
+    done = tracker.start_run("iteration-0", {}, parent=killed)
+    tracker.end_run(done)
+    unrelated = tracker.start_run("unrelated", {"rsir.lineage": "zzz", **owner.tags()})
+
+    found = tracker.dead_runs("tags.`rsir.lineage` = 'abc'")
+    assert [(d.run_id, d.reason) for d in found] == [(killed, f"process {owner} is gone")]
+    tracker.kill(killed)
+    status = {run.info.run_id: run.info.status for run in tracker.search_runs()}
+    assert status == {mine: "RUNNING", other_worker: "RUNNING", killed: "KILLED", cut_short: "KILLED",
+                      done: "FINISHED", unrelated: "RUNNING"}
+
+
+def test_heartbeat_is_refreshed_and_a_failed_block_ends_its_run(tmp_path):
+    from storage.tracking import HEARTBEAT_TAG, Tracker
+
+    tracker = Tracker.open(f"sqlite:///{tmp_path / 'mlflow.db'}", "x", tmp_path / "artifacts")
+    old = _utc(3600)
+    run = tracker.start_run("r", {HEARTBEAT_TAG: old})
+
+    def beat():
+        return tracker._client.get_run(run).data.tags[HEARTBEAT_TAG]
+
+    with tracker.heartbeat(run, every=0.05):
+        deadline = time.monotonic() + 30
+        while beat() == old and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert beat() != old
+    assert tracker._client.get_run(run).info.status == "RUNNING"  # the block ends its run itself
+
+    for error, status in ((ValueError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")):
+        run = tracker.start_run("r", {})
+        with pytest.raises(type(error)):
+            with tracker.heartbeat(run, every=0.05):
+                raise error
+        assert tracker._client.get_run(run).info.status == status
