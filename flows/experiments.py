@@ -73,6 +73,10 @@ PAPER_GRID: dict[str, dict[str, Any]] = {
 SMOKE_MODEL = {"hidden": 16, "layers": 1, "max_len": 20}
 
 
+class StageNotReady(RsirError):
+    """A stage chooses on validation results that are not all finished yet (another shard's arms)."""
+
+
 class ExperimentConfig(BaseModel):
     """One suite invocation. Every arm of a suite gets the same training budget and rule."""
 
@@ -92,6 +96,9 @@ class ExperimentConfig(BaseModel):
     epochs: int | None = Field(None, ge=1, description="maximum epochs (None: the recipe's)")
     patience: int | None = Field(None, ge=1, description="early-stopping patience (None: the recipe's)")
     max_sources: int | None = Field(None, ge=1, description="generation sources per iteration (None: all)")
+    shard: str | None = Field(None, pattern=r"^\d+/[1-9]\d*$", description="I/N: run only every N-th arm of each "
+                              "stage from the I-th (0-based), so N processes share a suite; a stage that needs "
+                              "another shard's unfinished arms fails with one line (run it again later)")
     model_params: dict[str, Any] = Field(default_factory=dict, description="applied to every backbone")
     backbone_options: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: dict(TUNED_BACKBONES), description="per-backbone model parameters")
@@ -108,6 +115,19 @@ class ExperimentConfig(BaseModel):
         for name in options:
             get_backbone(name)  # a clear error naming the unknown backbone
         return options
+
+    @field_validator("shard")
+    @classmethod
+    def _shard(cls, shard: str | None) -> str | None:
+        if shard is not None and int(shard.split("/")[0]) >= int(shard.split("/")[1]):
+            raise ValueError(f"shard {shard}: I must be below N")
+        return shard
+
+    def in_shard(self, index: int) -> bool:
+        if self.shard is None:
+            return True
+        i, n = map(int, self.shard.split("/"))
+        return index % n == i
 
     @property
     def experiment_name(self) -> str:
@@ -237,7 +257,7 @@ def _grid_winners(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> list[str
             if r.get("stage") == "grid" and r["dataset"] == PAPER_GRID_DATASET and r["k"] == 0}
     missing = [n for n in cfg.grid if n not in grid]
     if missing:
-        raise RsirError(f"the paper suite's trainer grid on {PAPER_GRID_DATASET} has not finished {missing}: run "
+        raise StageNotReady(f"the paper suite's trainer grid on {PAPER_GRID_DATASET} has not finished {missing}: run "
                         f"`rsir experiment paper --dataset {PAPER_GRID_DATASET}` first (it chooses the strong trainer)")
     return [n for n in cfg.grid[1:] if grid[n] > grid[cfg.grid[0]]]
 
@@ -264,8 +284,22 @@ def combined_arms(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> list[Arm
 def strong_trainer(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     """(name, run parameters) of the grid's best θ_0 on validation NDCG@10, the combination included."""
     winners = _grid_winners(cfg, rows)
+    if len(winners) >= 2:
+        _require_finished(rows, PAPER_GRID_DATASET, "grid", {("combined", cfg.seeds[0])},
+                          f"--dataset {PAPER_GRID_DATASET}")
     name = best_on_validation([r for r in rows if r.get("stage") == "grid"], PAPER_GRID_DATASET, "trainer", k=0)
     return name, _merged(winners) if name == "combined" else PAPER_GRID[name]
+
+
+def _require_finished(rows: list[dict[str, Any]], dataset: str, stage: str, wanted: set[tuple[str, int]],
+                      command: str) -> None:
+    """A choice made on validation reads every (trainer, seed) θ_0 it compares, never a subset."""
+    have = {(r["trainer"], int(r["seed"])) for r in rows
+            if r.get("stage") == stage and r["dataset"] == dataset and r["k"] == 0}
+    missing = sorted(wanted - have)
+    if missing:
+        raise StageNotReady(f"the paper suite's {stage} stage on {dataset} has not finished {missing} (trainer, seed): "
+                        f"run `rsir experiment paper {command}` (again) once they have")
 
 
 def _paper_trainers(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], str]:
@@ -290,6 +324,8 @@ def table2_arms(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> list[Arm]:
     if PAPER_TABLE2_DATASET not in cfg.suite_datasets():
         return []
     trainers, strong = _paper_trainers(cfg, rows)
+    _require_finished(rows, PAPER_TABLE2_DATASET, "table1", {(t, s) for t in trainers for s in cfg.seeds},
+                      f"--dataset {PAPER_TABLE2_DATASET}")
     stage1 = [r for r in rows if r.get("stage") == "table1"]
     name = best_on_validation(stage1, PAPER_TABLE2_DATASET, "trainer", k=0)
     return [_arm(cfg, f"table2/{name}/{'fidelity' if fid else 'no-fidelity'}", PAPER_TABLE2_DATASET, s,
@@ -327,6 +363,7 @@ def experiment(
     epochs: int | None = None,
     patience: int | None = None,
     max_sources: int | None = None,
+    shard: str | None = None,
     model_params: dict[str, Any] | None = None,
     backbone_options: dict[str, dict[str, Any]] | None = None,
     device: str = "auto",
@@ -337,7 +374,7 @@ def experiment(
 ) -> dict[str, Any]:
     """Run every arm of a suite that has not finished yet; return what ran and what was skipped."""
     given = {k: v for k, v in dict(suite=suite, datasets=datasets, seeds=seeds, epochs=epochs, patience=patience,
-                                   max_sources=max_sources, model_params=model_params,
+                                   max_sources=max_sources, shard=shard, model_params=model_params,
                                    backbone_options=backbone_options, device=device, threads=threads, home=home,
                                    tracking_uri=tracking_uri, experiment=experiment_name).items() if v is not None}
     cfg = parse_config(ExperimentConfig, given)
@@ -353,9 +390,14 @@ def run_suite(cfg: ExperimentConfig) -> dict[str, Any]:
     uri = resolve_tracking_uri(cfg.tracking_uri, ws.mlflow_db)
     tracker = Tracker.open(uri, cfg.experiment_name, ws.mlartifacts)
     tracker.tag_experiment("rsir.suite", cfg.suite)
-    ran, skipped = [], []
+    ran, skipped, pending = [], [], []
     for stage in SUITES[cfg.suite]:
-        arms = stage(cfg, collect_runs(tracker))
+        try:
+            arms = [arm for i, arm in enumerate(stage(cfg, collect_runs(tracker))) if cfg.in_shard(i)]
+        except StageNotReady as waiting:  # another shard (or invocation) has not finished what it reads
+            logger.warning("%s", waiting)
+            pending.append(str(waiting))
+            continue
         done = finished_lineages(tracker)
         # Validate every arm's configuration before the first one computes anything.
         planned = []
@@ -376,7 +418,9 @@ def run_suite(cfg: ExperimentConfig) -> dict[str, Any]:
     tracker.log_params(suite_run, cfg.model_dump(mode="json", exclude={"home", "tracking_uri"}))
     tracker.log_metrics(suite_run, {"wall_seconds": wall, "arms_run": len(ran), "arms_skipped": len(skipped)})
     tracker.end_run(suite_run)
-    return {"suite": cfg.suite, "experiment": cfg.experiment_name, "tracking_uri": redact_uri(uri), "ran": ran,
+    if pending and not ran:
+        raise StageNotReady(pending[0])
+    return {"suite": cfg.suite, "pending": pending, "experiment": cfg.experiment_name, "tracking_uri": redact_uri(uri), "ran": ran,
             "skipped": skipped, "wall_seconds": wall}
 
 

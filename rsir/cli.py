@@ -444,6 +444,8 @@ def experiment_cmd(
     epochs: Annotated[Optional[int], typer.Option(help="maximum epochs per training (every arm)")] = None,
     patience: Annotated[Optional[int], typer.Option(help="early-stopping patience (every arm)")] = None,
     max_sources: Annotated[Optional[int], typer.Option(help="generation sources per iteration (every arm)")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="I/N: this process runs every N-th arm of each stage from the "
+                                                 "I-th (0-based), so N processes share a suite")] = None,
     backbone_option: Annotated[Optional[list[str]], typer.Option(
         "--backbone-option", help="BACKBONE.KEY=VALUE or BACKBONE.options.KEY=VALUE (repeatable)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
@@ -459,14 +461,16 @@ def experiment_cmd(
     from flows.experiments import experiment as run_experiment
 
     given = _drop_none(suite=suite, datasets=dataset or None, seeds=seed or None, epochs=epochs, patience=patience,
-                       max_sources=max_sources, backbone_options=_backbone_options(backbone_option), device=device,
+                       max_sources=max_sources, shard=shard, backbone_options=_backbone_options(backbone_option),
+                       device=device,
                        threads=threads)
     parse_config(ExperimentConfig, given)  # a bad value: one line before the flow (and a Prefect server) starts
     summary = run_experiment(**given, smoke=smoke, home=ws.home, tracking_uri=tracking_uri,
                              experiment_name=experiment)
     _emit(summary, as_json, lambda r: print(
         f"suite {r['suite']}: {len(r['ran'])} arms run, {len(r['skipped'])} already finished, "
-        f"{r['wall_seconds']:.0f} s; MLflow experiment {r['experiment']!r} ({r['tracking_uri']})"))
+        f"{r['wall_seconds']:.0f} s; MLflow experiment {r['experiment']!r} ({r['tracking_uri']})"
+        + "".join(f"\nwaiting: {p}" for p in r.get("pending", []))))
 
 
 @app.command("report")

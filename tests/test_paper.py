@@ -98,3 +98,16 @@ def test_other_datasets_wait_for_the_grid(prefect_api, tmp_path):
 
     with pytest.raises(RsirError, match="trainer grid on amazon-beauty has not finished"):
         experiment(suite="paper", smoke=True, datasets=["yelp"], home=str(tmp_path / "ws"), device="cpu")
+
+
+def test_shards_split_every_stage_and_are_checked():
+    from core.config import parse_config
+    from core.errors import RsirError
+    from flows.experiments import ExperimentConfig
+
+    cfgs = [parse_config(ExperimentConfig, {"suite": "paper", "shard": f"{i}/2"}) for i in (0, 1)]
+    assert [[c.in_shard(j) for j in range(5)] for c in cfgs] == [[True, False, True, False, True],
+                                                                  [False, True, False, True, False]]
+    for bad in ("2/2", "1/0", "a/b"):
+        with pytest.raises(RsirError, match="shard"):
+            parse_config(ExperimentConfig, {"suite": "paper", "shard": bad})
