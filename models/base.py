@@ -1,8 +1,9 @@
 """What every backbone shares: the declared interface, the item table, scoring and the loss.
 
-A backbone subclasses `SequentialRecommender` and implements `encode`; scoring and the
-next-item loss use `output_embeddings()` and `temperature`, which a backbone may override
-(HSTU: L2-normalised vectors and a temperature)."""
+A backbone subclasses `SequentialRecommender` and implements `encode`, which must ignore leading
+padding columns (the loss and `last_hidden` encode a batch in length groups, models/padding.py);
+scoring and the next-item loss use `output_embeddings()` and `temperature`, which a backbone may
+override (HSTU: L2-normalised vectors and a temperature)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch.nn as nn
 
 from models.config import ModelConfig
 from models.losses import sequence_loss
+from models.padding import length_groups, spans, splits_pay
 
 
 @runtime_checkable
@@ -24,7 +26,9 @@ class SequenceModel(Protocol):
     num_items: int
 
     def encode(self, seqs: torch.Tensor) -> torch.Tensor:
-        """(B, L) left-padded item ids -> (B, L, d) hidden states."""
+        """(B, L) left-padded item ids -> (B, L, d) hidden states. A real item's state must not
+        depend on the padding width: encode(seqs[:, k:]) equals encode(seqs)[:, k:] wherever
+        seqs[:, :k] is all padding (the loss and last_hidden cut it, models/padding.py)."""
         ...
 
     def score_last(self, seqs: torch.Tensor) -> torch.Tensor:
@@ -137,8 +141,15 @@ class SequentialRecommender(nn.Module):
         return scores
 
     def last_hidden(self, seqs: torch.Tensor) -> torch.Tensor:
-        """(B, L) -> (B, d) hidden state after the newest item of each sequence."""
-        return self.encode(seqs)[:, -1]
+        """(B, L) -> (B, d) hidden state after the newest item of each sequence. Rows are encoded
+        in length groups (models/padding.py), as the loss does: evaluation ranks users of every
+        history length together, padded to the longest."""
+        groups = length_groups(spans(seqs), splits_pay(seqs.device))
+        last = [self.encode(group.take(seqs))[:, -1] for group in groups]
+        if len(groups) == 1:
+            return last[0]
+        order = torch.cat([group.rows for group in groups])
+        return torch.cat(last)[torch.argsort(order)]
 
     def decodes_incrementally(self) -> bool:
         return False
@@ -164,5 +175,5 @@ class SequentialRecommender(nn.Module):
     def loss(self, seqs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Next-item loss over positions whose target is not padding (0): their mean, or with
         weights (B, L) the weighted sum (see models.losses); logits as item_scores."""
-        return sequence_loss(self.config, self.scaled(self.encode(seqs)), seqs, targets, self.output_embeddings(),
-                             weights)
+        return sequence_loss(self.config, lambda rows: self.scaled(self.encode(rows)), seqs, targets,
+                             self.output_embeddings(), weights)

@@ -9,8 +9,12 @@ an epoch weighs the same, synthetic ones times λ: see tasks/split.batch_scales)
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+
+from models.padding import length_groups, spans, splits_pay
 
 # Rounds of redrawing negatives that hit an excluded item; after them a leftover hit (about
 # (|excluded|/N)^5 of the draws) is masked out instead of being counted as a negative.
@@ -25,10 +29,43 @@ def reduce_positions(per_position: torch.Tensor, weights: torch.Tensor | None) -
 
 
 def full_softmax_ce(hidden: torch.Tensor, targets: torch.Tensor, item_emb: torch.Tensor) -> torch.Tensor:
-    """(P,) cross-entropy of every target against all N items."""
-    logits = hidden @ item_emb.T
-    logits[:, 0] = float("-inf")  # padding is never a valid next item
-    return F.cross_entropy(logits, targets, reduction="none")
+    """(P,) cross-entropy of every target (P,) in 1..N against all N items: hidden (P, d),
+    item_emb (N+1, d) whose row 0 (padding) is never a candidate. Equal to
+    F.cross_entropy(hidden @ item_emb.T with column 0 at -inf, targets) up to float rounding."""
+    return _FullSoftmaxCE.apply(hidden, item_emb, targets)
+
+
+class _FullSoftmaxCE(torch.autograd.Function):
+    """The full softmax with one (P, N) buffer instead of five: F.cross_entropy on masked logits
+    allocates the logits, the in-place -inf column's copy for autograd, the log-softmax, the
+    gradient's zeros and its log-softmax backward, each a fresh P x N tensor (36 MB at P = 740,
+    N = 12,101), paid in page faults and memory passes: 39% of a default training step on Amazon
+    Beauty (torch.profiler, threads 1), beside 46% for the three matrix products. Here the buffer
+    holds exp(logit - max) after the forward and becomes the logits' gradient in the backward.
+
+    loss_p = log Σ_i exp(h_p·e_i) - h_p·e_t(p), i in 1..N; d loss_p / d logit_pi = softmax_pi - [i = t(p)]."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, item_emb: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        items = item_emb[1:]  # padding is never a candidate: left out, not set to -inf
+        shifted = hidden @ items.T  # (P, N)
+        top = shifted.amax(dim=1, keepdim=True) if len(shifted) else shifted.new_zeros(0, 1)
+        total = shifted.sub_(top).exp_().sum(dim=1, keepdim=True)  # the buffer is now exp(logit - max)
+        ctx.save_for_backward(hidden, item_emb, targets, shifted, total)
+        return (top + total.log()).squeeze(1) - (hidden * item_emb[targets]).sum(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        hidden, item_emb, targets, shifted, total = ctx.saved_tensors
+        items = item_emb[1:]
+        # In place on the saved buffer: a second backward through this graph fails loudly on
+        # autograd's version check instead of reading a gradient as probabilities.
+        grad_logits = shifted.mul_(grad[:, None] / total)  # softmax x grad
+        grad_hidden = grad_logits @ items - grad[:, None] * item_emb[targets]
+        grad_emb = torch.zeros_like(item_emb)
+        grad_emb[1:] = grad_logits.T @ hidden
+        grad_emb.index_add_(0, targets, -grad[:, None] * hidden)
+        return grad_hidden, grad_emb, None
 
 
 def is_member(values: torch.Tensor, sets: torch.Tensor, ordered: bool = False) -> torch.Tensor:
@@ -59,21 +96,25 @@ def draw_negatives(rows: int, num_items: int, negatives: int, exclude: torch.Ten
     return neg, ~hit
 
 
-def sampled_softmax_ce(hidden: torch.Tensor, targets: torch.Tensor, item_emb: torch.Tensor, negatives: int,
-                       exclude: torch.Tensor | None = None) -> torch.Tensor:
+def sampled_softmax_ce(hidden: torch.Tensor, targets: torch.Tensor, item_emb: torch.Tensor, neg: torch.Tensor,
+                       usable: torch.Tensor) -> torch.Tensor:
     """(P,) softmax cross-entropy of each target position (targets != 0, row-major order) over its
-    target and the `negatives` uniform items drawn for its row; hidden (B, L, d), targets (B, L).
+    target and its row's negatives neg (B, K) that are `usable` (B, K) (draw_negatives);
+    hidden (B, L, d), targets (B, L).
 
-    One draw per row keeps the cost at B·L·negatives logits (per-position draws gather a
-    (positions, negatives, d) tensor: ~0.8 GB per batch of 256 × 50 at d = 64). A negative equal
-    to a position's target is masked for that position, not counted as a false negative."""
-    neg, usable = draw_negatives(hidden.shape[0], item_emb.shape[0] - 1, negatives, exclude, hidden.device)
+    One draw per row keeps the cost at B·L·K logits (per-position draws gather a (positions, K, d)
+    tensor: ~0.8 GB per batch of 256 × 50 at d = 64), and only the columns from the first target
+    on are scored, the mask and the softmax at the P target positions only. A negative equal to a
+    position's target is masked for that position, not counted as a false negative."""
     has_target = targets != 0
-    pos_logit = (hidden * item_emb[targets]).sum(-1)  # (B, L)
-    neg_logit = torch.einsum("bld,bkd->blk", hidden, item_emb[neg])  # (B, L, negatives)
-    masked = ~usable[:, None, :] | (neg[:, None, :] == targets[:, :, None])
-    neg_logit = neg_logit.masked_fill(masked, float("-inf"))
-    logits = torch.cat([pos_logit[has_target][:, None], neg_logit[has_target]], dim=1)
+    first = int(has_target.any(dim=0).to(torch.uint8).argmax()) if has_target.any() else targets.shape[1]
+    hidden, targets, has_target = hidden[:, first:], targets[:, first:], has_target[:, first:]
+    row = has_target.nonzero()[:, 0]  # (P,) the row of each target position
+    target = targets[has_target]
+    pos_logit = (hidden[has_target] * item_emb[target]).sum(-1)  # (P,)
+    neg_logit = torch.bmm(hidden, item_emb[neg].transpose(1, 2))[has_target]  # (P, K)
+    masked = ~usable[row] | (neg[row] == target[:, None])
+    logits = torch.cat([pos_logit[:, None], neg_logit.masked_fill(masked, float("-inf"))], dim=1)
     return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device),
                            reduction="none")
 
@@ -111,22 +152,40 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 1.0,
     return F.cross_entropy(logits, labels)
 
 
-def sequence_loss(config, hidden: torch.Tensor, seqs: torch.Tensor, targets: torch.Tensor,
+def sequence_loss(config, encode: Callable[[torch.Tensor], torch.Tensor], seqs: torch.Tensor, targets: torch.Tensor,
                   item_emb: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """The next-item loss of a backbone (config.loss) over every position whose target is not
     padding, reduced by `reduce_positions`.
 
-    hidden (B, L, d) encoder states, already scaled as the scores are; seqs and targets (B, L);
-    weights (B, L) per-position weights or None (mean over target positions); item_emb (N+1, d).
-    With config.negatives_exclude_input (loss=sampled), a row's negatives avoid its input items."""
-    has_target = targets != 0
+    encode: left-padded rows (B', L') -> (B', L', d) hidden states as the scores use them (scaled);
+    seqs and targets (B, L); weights (B, L) per-position weights or None (mean over target
+    positions); item_emb (N+1, d). With config.negatives_exclude_input (loss=sampled), a row's
+    negatives avoid its input items.
+
+    The batch is encoded in length groups (models/padding.py: on a CPU, rows of similar length,
+    each group cut to its longest row), which equals encoding it whole up to float rounding, as
+    encode ignores leading padding columns; only the random draws (dropout) land elsewhere when
+    there is more than one group. With one group (every length-batched batch of the default
+    trainer) the computation and the draws are those of the whole padded batch."""
+    groups = length_groups(spans(seqs, targets), splits_pay(seqs.device))
+    # Every group encoded before the negatives are drawn: with one group, dropout then negatives
+    # draw in the order (and the shapes) they always did.
+    hidden = [encode(group.take(seqs)) for group in groups]
+    group_targets = [group.take(targets) for group in groups]
+    has_target = [t != 0 for t in group_targets]
+
+    def at_targets(per_group: list[torch.Tensor]) -> torch.Tensor:  # (P, ...), group by group
+        return torch.cat([x[m] for x, m in zip(per_group, has_target)])
+
     if config.loss == "ce":
-        per_position = full_softmax_ce(hidden[has_target], targets[has_target], item_emb)
+        per_position = full_softmax_ce(at_targets(hidden), at_targets(group_targets), item_emb)
     elif config.loss == "sampled":
         exclude = seqs if config.negatives_exclude_input else None
-        per_position = sampled_softmax_ce(hidden, targets, item_emb, config.negatives, exclude)
+        neg, usable = draw_negatives(seqs.shape[0], item_emb.shape[0] - 1, config.negatives, exclude, seqs.device)
+        per_position = torch.cat([sampled_softmax_ce(h, t, item_emb, g.pick(neg), g.pick(usable))
+                                  for g, h, t in zip(groups, hidden, group_targets)])
     elif config.loss == "bce":
-        per_position = bce_one_negative(hidden[has_target], targets[has_target], item_emb)
+        per_position = bce_one_negative(at_targets(hidden), at_targets(group_targets), item_emb)
     else:
         raise ValueError(f"unknown loss {config.loss!r}")
-    return reduce_positions(per_position, None if weights is None else weights[has_target])
+    return reduce_positions(per_position, None if weights is None else at_targets([g.take(weights) for g in groups]))

@@ -16,7 +16,8 @@ from models import backbone_names, build_model, get_backbone
 from models.cl4srec import CL4SRec, CROP, MASK, REORDER, augment, crop, mask_items, reorder
 from models.config import ModelConfig
 from models.hstu import HSTU
-from models.losses import info_nce
+from models.losses import draw_negatives, info_nce
+from models.padding import Group, length_groups, spans
 from models.sasrec import SASRec
 from core.errors import RsirError
 from tasks.checkpoints import load_checkpoint, save_checkpoint
@@ -151,6 +152,148 @@ def test_left_padding_invariance(name, options):
             torch.testing.assert_close(scores, ref, atol=1e-4, rtol=1e-5)
             torch.testing.assert_close(hidden[:, -8:], ref_hidden[:, -8:], atol=1e-5, rtol=0)
     assert not torch.allclose(ref[0, 1:], ref[1, 1:], atol=1e-4)
+
+
+# --------------------------------------------------------------------------- length groups
+def padded_reference_loss(model, seqs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None):
+    """The next-item loss as it was computed before length groups (commit 3302937): the whole
+    padded batch encoded at once, F.cross_entropy over logits with column 0 at -inf, and the
+    sampled softmax's negative logits at every position (B, L, K)."""
+    cfg = model.config
+    hidden = model.scaled(model.encode(seqs))
+    emb = model.output_embeddings()
+    has = targets != 0
+    if cfg.loss == "ce":
+        logits = hidden[has] @ emb.T
+        logits[:, 0] = float("-inf")
+        per_position = F.cross_entropy(logits, targets[has], reduction="none")
+    else:
+        assert cfg.loss == "sampled"
+        exclude = seqs if cfg.negatives_exclude_input else None
+        neg, usable = draw_negatives(seqs.shape[0], emb.shape[0] - 1, cfg.negatives, exclude)
+        pos_logit = (hidden * emb[targets]).sum(-1)
+        neg_logit = torch.einsum("bld,bkd->blk", hidden, emb[neg])
+        masked = ~usable[:, None, :] | (neg[:, None, :] == targets[:, :, None])
+        neg_logit = neg_logit.masked_fill(masked, float("-inf"))
+        logits = torch.cat([pos_logit[has][:, None], neg_logit[has]], dim=1)
+        per_position = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long), reduction="none")
+    return per_position.mean() if weights is None else (per_position * weights[has]).sum()
+
+
+def mixed_lengths(seed: int = 0, B: int = 9, L: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded rows of 1..L items (a random batch, as the release recipe draws them), with
+    targets where the trainer puts them: on real items only, none on a skipped first pair."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([1, L, 3, 2, L - 1, 5, 1, 7, 3][:B])
+    seqs = torch.randint(1, N + 1, (B, L), generator=g)
+    seqs[torch.arange(L)[None, :] < (L - lengths)[:, None]] = 0
+    targets = next_targets(seqs)
+    targets[1, L - 12:L - 6] = 0  # a long window whose older pairs another window predicts
+    return seqs, targets
+
+
+def gradients(model) -> dict[str, torch.Tensor]:
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("name,loss,options", [
+    ("sasrec", "ce", {}), ("sasrec", "sampled", {}), ("sasrec", "sampled", {"exclude": True}),
+    ("cl4srec", "ce", {"cl_weight": 0.0}), ("hstu", "ce", {}), ("hstu", "sampled", {"l2_norm": True}),
+    ("hstu", "ce", {"positions": "oldest"}), ("sasrec", "ce", {"positions": "newest"}),
+])
+def test_loss_in_length_groups_equals_the_whole_padded_batch(monkeypatch, name, loss, options, weighted):
+    """Each group cut to its longest row (GROUP_COST 0: a group per distinct length) gives the
+    padded batch's loss and gradients: trimming leading padding changes nothing, positions
+    included (counted from the oldest or the newest item)."""
+    import models.padding
+
+    options = dict(options)
+    exclude = options.pop("exclude", False)
+    model = make(name, loss=loss, layers=2, negatives=6, negatives_exclude_input=exclude, options=options)
+    model.train()  # dropout is 0: training mode with identical computations
+    seqs, targets = mixed_lengths()
+    weights = torch.rand(targets.shape, generator=torch.Generator().manual_seed(1)) * (targets != 0) if weighted else None
+    torch.manual_seed(7)  # the same negatives: both draw (B, K) once, after encoding
+    want = padded_reference_loss(model, seqs, targets, weights)
+    want.backward()
+    want_grads = gradients(model)
+    model.zero_grad()
+    monkeypatch.setattr(models.padding, "GROUP_COST", 0)
+    monkeypatch.setattr(models.padding, "MIN_SAVING", 0.0)
+    assert len(length_groups(spans(seqs, targets))) == 7  # widths 1, 2, 3, 5, 7, 11, 12
+    torch.manual_seed(7)
+    got = model.loss(seqs, targets, weights) if name != "cl4srec" else model.next_item_loss(seqs, targets, weights)
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    got_grads = gradients(model)
+    assert got_grads.keys() == want_grads.keys()
+    for key, want_grad in want_grads.items():  # float rounding, relative to the gradient's scale
+        torch.testing.assert_close(got_grads[key], want_grad, rtol=1e-4, atol=1e-5 * float(want_grad.abs().max()),
+                                   msg=key)
+
+
+@pytest.mark.parametrize("name,loss", [("sasrec", "ce"), ("sasrec", "sampled"), ("hstu", "ce")])
+def test_one_group_keeps_the_padded_batchs_random_draws(name, loss):
+    """A batch of similar lengths (the default trainer batches by length) stays one group: with
+    dropout on, the same seed gives the padded batch's loss, draw for draw."""
+    model = make(name, loss=loss, dropout=0.5, layers=2, negatives=6)
+    model.train()
+    seqs = rand_seqs(6, 10, seed=3)
+    seqs[:3, :2] = 0  # 8 or 10 items: splitting would save 12 positions, less than a group costs
+    targets = next_targets(seqs)
+    assert len(length_groups(spans(seqs, targets))) == 1
+    torch.manual_seed(5)
+    want = padded_reference_loss(model, seqs, targets)
+    torch.manual_seed(5)
+    torch.testing.assert_close(model.loss(seqs, targets), want, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(6)
+    assert not torch.allclose(model.loss(seqs, targets), want)  # other draws, another value
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_last_hidden_in_length_groups_equals_the_whole_padded_batch(monkeypatch, name):
+    """Evaluation and generation score the newest position of rows of every length at once."""
+    import models.padding
+
+    model = make(name, layers=2).eval()
+    seqs, _ = mixed_lengths(seed=2)
+    seqs[3] = 0  # a row without items scores as it always did (padding only)
+    want = model.item_scores(model.encode(seqs)[:, -1])
+    monkeypatch.setattr(models.padding, "GROUP_COST", 0)
+    monkeypatch.setattr(models.padding, "MIN_SAVING", 0.0)
+    assert len(length_groups(spans(seqs))) > 1
+    torch.testing.assert_close(model.score_last(seqs), want, rtol=1e-5, atol=1e-5)
+
+
+def test_length_groups_are_the_cheapest_partition():
+    """Against every partition of the sorted distinct widths into consecutive runs (brute force):
+    the cheapest Σ rows x width + cost per group, every row exactly once, its width covered."""
+    from itertools import combinations
+
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        widths = torch.from_numpy(rng.integers(0, 13, size=int(rng.integers(1, 30))))
+        cost = int(rng.choice([0, 4, 16, 64]))
+        groups = length_groups(widths, group_cost=cost, min_saving=0.0)
+        w = np.maximum(widths.numpy(), 1)
+        rows = [np.arange(len(w)) if g.rows is None else g.rows.numpy() for g in groups]
+        assert sorted(np.concatenate(rows).tolist()) == list(range(len(w)))
+        assert all((w[r] <= g.width).all() and w[r].max() == g.width for g, r in zip(groups, rows))
+        assert all(np.all(np.diff(w[r]) >= 0) for g, r in zip(groups, rows) if g.rows is not None)
+        got = sum(len(r) * g.width + cost for g, r in zip(groups, rows))
+        values = np.unique(w)
+        best = min(sum((w[(w > lo) & (w <= hi)]).size * hi + cost for lo, hi in zip((0, *cut), (*cut, values[-1])))
+                   for k in range(len(values)) for cut in (tuple(values[list(c)]) for c in combinations(range(len(values) - 1), k)))
+        assert got == best, (trial, widths.tolist(), cost)
+    assert length_groups(torch.tensor([3, 3, 3])) == [Group(None, 3)]  # one width: the batch as it is
+    nearly_even = torch.tensor([9] * 100 + [12] * 100)  # splitting saves 12.5%: not worth other draws
+    assert length_groups(nearly_even, group_cost=0) == [Group(None, 12)]
+    assert len(length_groups(nearly_even, group_cost=0, min_saving=0.1)) == 2
+    assert length_groups(torch.tensor([1, 12, 1, 1]), group_cost=0, split=False) == [Group(None, 12)]
+    assert length_groups(torch.tensor([0, 0])) == [Group(None, 1)]
+    assert spans(torch.tensor([[0, 0, 4, 5], [0, 0, 0, 0], [1, 2, 3, 4]])).tolist() == [2, 0, 4]
+    assert spans(torch.tensor([[0, 0, 0, 5]]), torch.tensor([[0, 0, 9, 0]])).tolist() == [2]
 
 
 @pytest.mark.parametrize("train", [True, False])

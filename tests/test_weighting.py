@@ -9,6 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models import build_model
 from models.config import ModelConfig
@@ -213,11 +214,9 @@ def test_sampled_softmax_matches_a_per_position_reference():
     hidden, emb = torch.randn(B, L, d), torch.randn(N + 1, d)
     seqs = torch.randint(1, N + 1, (B, L))
     targets = torch.roll(seqs, -1, 1)
-    targets[:, -1], targets[0, :3] = 5, 0
-    torch.manual_seed(11)
-    got = sampled_softmax_ce(hidden, targets, emb, K, exclude=seqs)
-    torch.manual_seed(11)
+    targets[:, -1], targets[0, :3], targets[1:, :2] = 5, 0, 0  # the first two columns have no target
     neg, usable = draw_negatives(B, N, K, seqs)
+    got = sampled_softmax_ce(hidden, targets, emb, neg, usable)
     want = []
     for b in range(B):
         for t in range(L):
@@ -227,6 +226,33 @@ def test_sampled_softmax_matches_a_per_position_reference():
             logits = torch.stack([hidden[b, t] @ emb[targets[b, t]], *[hidden[b, t] @ emb[n] for n in keep]])
             want.append(-torch.log_softmax(logits, 0)[0])
     torch.testing.assert_close(got, torch.stack(want))
+
+
+@pytest.mark.parametrize("P", [0, 1, 37])
+def test_full_softmax_matches_cross_entropy_over_masked_logits(P):
+    """The one-buffer full softmax against F.cross_entropy with the padding column at -inf (the
+    code before): the same losses and gradients, for hidden states and every item row."""
+    torch.manual_seed(2)
+    N, d = 50, 8
+    hidden, emb = torch.randn(P, d, requires_grad=True), torch.randn(N + 1, d, requires_grad=True)
+    targets, weights = torch.randint(1, N + 1, (P,)), torch.rand(P)
+    targets[:3] = 7  # a target shared by positions: its row's gradient adds up
+    logits = hidden @ emb.T
+    logits[:, 0] = float("-inf")
+    want = F.cross_entropy(logits, targets, reduction="none")
+    (want * weights).sum().backward()
+    want_grads = hidden.grad.clone(), emb.grad.clone()
+    hidden.grad, emb.grad = None, None
+    got = full_softmax_ce(hidden, targets, emb)
+    (got * weights).sum().backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close((hidden.grad, emb.grad), want_grads)
+    assert torch.count_nonzero(emb.grad[0]) == 0  # padding is no candidate
+    if P:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss = full_softmax_ce(hidden, targets, emb).sum()
+            loss.backward(retain_graph=True)
+            loss.backward()  # its buffer became the gradient: refused, never silently wrong
 
 
 def test_sampled_loss_with_excluded_inputs_trains():
