@@ -50,7 +50,7 @@ def require_finite(values: torch.Tensor, what: str) -> None:
 
 def require_rankable(scores: torch.Tensor, what: str) -> None:
     """Raise NonFiniteScores naming `what` if any score is NaN or +inf (-inf is a valid score)."""
-    bad = torch.isnan(scores) | torch.isposinf(scores)
+    bad = ~(scores < float("inf"))  # NaN and +inf in one pass (NaN compares false)
     if bool(bad.any()):
         raise NonFiniteScores(f"{what}: {int(bad.sum())} of {scores.numel()} scores are NaN or +inf "
                               "(a diverged or corrupted model)")
@@ -90,12 +90,12 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor,
     (the target is never removed, even when listed). Raises NonFiniteScores if a ranked score
     (items 1..N) is NaN or +inf."""
     require_rankable(scores[:, 1:], "model scores")
-    target_score = scores.gather(1, targets[:, None])
-    # Who is ranked against the target, as a mask: -inf is a valid score, so it cannot also
-    # mark the removed items.
-    ranked = torch.ones_like(scores, dtype=torch.bool)
-    ranked[:, 0] = False
+    target_score = scores.gather(1, targets[:, None]).squeeze(1)
+    # Removed items become NaN in the copy: NaN is never >= anything, so they never count, even
+    # against a target scored -inf (-inf is a valid score and cannot mark them).
+    others = scores.clone()
+    others[:, 0] = float("nan")
     if excluded is not None:
-        ranked[excluded] = False
-    ranked.scatter_(1, targets[:, None], False)  # the target counts once, below
-    return 1 + ((scores >= target_score) & ranked).sum(dim=1)
+        others[excluded] = float("nan")
+    others.scatter_(1, targets[:, None], float("nan"))  # the target counts once, below
+    return 1 + count_at_least(others, target_score, new_tile(others))

@@ -420,7 +420,7 @@ def paper_report(tracker: Tracker, rows: list[dict[str, Any]], folder: Path) -> 
     paired = Paired(tracker)
     parts = _grid_section(select(rows, stage="grid", k=0))
     table1, answers = _table1_section(paired, select(rows, stage="table1"))
-    table2, figures = _table2_section(paired, tracker, select(rows, stage="table2"), folder)
+    table2, figures = _table2_section(paired, select(rows, stage="table2"), folder)
     parts += table1 + table2 + _weak_to_strong_section(paired, select(rows, stage="weak-to-strong"))
     return parts + ["## Answers\n", *_paper_answers(answers)], figures
 
@@ -469,7 +469,7 @@ def _table1_section(paired: Paired, t1: list[dict[str, Any]]) -> tuple[list[str]
                    "Δ recall@10 θ_1 vs θ_0", "epochs θ_0 / θ_1", "train s θ_0 / θ_1"], body) + "\n"], answers
 
 
-def _table2_section(paired: Paired, tracker: Tracker, t2: list[dict[str, Any]], folder: Path
+def _table2_section(paired: Paired, t2: list[dict[str, Any]], folder: Path
                     ) -> tuple[list[str], list[Path]]:
     if not t2:
         return [], []
