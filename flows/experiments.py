@@ -23,6 +23,7 @@ seed at the largest τ and re-filters at every smaller one (equivalent by the fi
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
 
 from prefect import flow, get_run_logger
@@ -34,6 +35,7 @@ from core.config import Device, parse_config
 from core.errors import RsirError
 from core.workspace import Workspace
 from storage.tracking import Tracker, resolve_tracking_uri, redact_uri
+from tasks.archive import archive_runs, restore_runs
 from tasks.config import RunConfig
 from tasks.results import best_on_validation, collect_runs, finished_lineages
 
@@ -107,6 +109,8 @@ class ExperimentConfig(BaseModel):
     home: str | None = None
     tracking_uri: str | None = None
     experiment: str | None = Field(None, description="MLflow experiment (default: experiment-<suite>)")
+    archive: str | None = Field(None, description="folder that keeps the suite's finished runs across workspaces "
+                                "(tasks/archive.py): restored before the first stage, each finished arm written there")
     smoke: bool = False
 
     @field_validator("backbone_options")
@@ -371,12 +375,14 @@ def experiment(
     home: str | None = None,
     tracking_uri: str | None = None,
     experiment_name: str | None = None,
+    archive: str | None = None,
 ) -> dict[str, Any]:
     """Run every arm of a suite that has not finished yet; return what ran and what was skipped."""
     given = {k: v for k, v in dict(suite=suite, datasets=datasets, seeds=seeds, epochs=epochs, patience=patience,
                                    max_sources=max_sources, shard=shard, model_params=model_params,
                                    backbone_options=backbone_options, device=device, threads=threads, home=home,
-                                   tracking_uri=tracking_uri, experiment=experiment_name).items() if v is not None}
+                                   tracking_uri=tracking_uri, experiment=experiment_name, archive=archive).items()
+             if v is not None}
     cfg = parse_config(ExperimentConfig, given)
     if smoke:
         cfg = smoke_config(cfg)
@@ -390,6 +396,9 @@ def run_suite(cfg: ExperimentConfig) -> dict[str, Any]:
     uri = resolve_tracking_uri(cfg.tracking_uri, ws.mlflow_db)
     tracker = Tracker.open(uri, cfg.experiment_name, ws.mlartifacts)
     tracker.tag_experiment("rsir.suite", cfg.suite)
+    if cfg.archive:
+        restored = restore_runs(tracker, Path(cfg.archive))
+        logger.info("restored %d finished runs from %s", len(restored), cfg.archive)
     ran, skipped, pending = [], [], []
     for stage in SUITES[cfg.suite]:
         try:
@@ -412,12 +421,16 @@ def run_suite(cfg: ExperimentConfig) -> dict[str, Any]:
             logger.info("arm %s", arm.id)
             rsir.with_options(flow_run_name=f"{cfg.suite}-{arm.id.replace('/', '-')}")(**params)
             ran.append(arm.id)
+            if cfg.archive:  # at once: the next sitting may start from another workspace
+                archive_runs(tracker, Path(cfg.archive))
     wall = time.perf_counter() - started
     suite_run = tracker.start_run(f"suite-{cfg.suite}", {"rsir.suite_run": "1", "rsir.smoke": str(cfg.smoke),
                                                          "rsir.code_version": code_version()})
     tracker.log_params(suite_run, cfg.model_dump(mode="json", exclude={"home", "tracking_uri"}))
     tracker.log_metrics(suite_run, {"wall_seconds": wall, "arms_run": len(ran), "arms_skipped": len(skipped)})
     tracker.end_run(suite_run)
+    if cfg.archive:
+        archive_runs(tracker, Path(cfg.archive))
     if pending and not ran:
         raise StageNotReady(pending[0])
     return {"suite": cfg.suite, "pending": pending, "experiment": cfg.experiment_name, "tracking_uri": redact_uri(uri), "ran": ran,

@@ -435,6 +435,10 @@ def run(**params: Any) -> None:
 app.command("run")(with_parameters(run, _run_options()))
 
 
+_ARCHIVE_HELP = ("folder that keeps the suite's finished runs across workspaces (e.g. in git): restored into "
+                 "MLflow first; the suite writes each finished arm there")
+
+
 @app.command("experiment")
 def experiment_cmd(
     suite: Annotated[str, typer.Argument(help="suite: main, sensitivity, backbones, faithful or paper")],
@@ -452,6 +456,7 @@ def experiment_cmd(
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads")] = None,
     tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: SQLite in the workspace)")] = None,
     experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default experiment-SUITE)")] = None,
+    archive: Annotated[Optional[Path], typer.Option(help=_ARCHIVE_HELP)] = None,
     home: Home = None, as_json: Json = False,
 ) -> None:
     """Run an experiment suite (skipping finished arms) and print what ran."""
@@ -466,7 +471,7 @@ def experiment_cmd(
                        threads=threads)
     parse_config(ExperimentConfig, given)  # a bad value: one line before the flow (and a Prefect server) starts
     summary = run_experiment(**given, smoke=smoke, home=ws.home, tracking_uri=tracking_uri,
-                             experiment_name=experiment)
+                             experiment_name=experiment, archive=str(archive) if archive else None)
     _emit(summary, as_json, lambda r: print(
         f"suite {r['suite']}: {len(r['ran'])} arms run, {len(r['skipped'])} already finished, "
         f"{r['wall_seconds']:.0f} s; MLflow experiment {r['experiment']!r} ({r['tracking_uri']})"
@@ -482,6 +487,7 @@ def report_cmd(
     notes: Annotated[Optional[Path], typer.Option(help="markdown file appended as the report's Notes section")] = None,
     tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: SQLite in the workspace)")] = None,
     experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default experiment-SUITE)")] = None,
+    archive: Annotated[Optional[Path], typer.Option(help=_ARCHIVE_HELP)] = None,
     home: Home = None, as_json: Json = False,
 ) -> None:
     """Write report.md and PNG figures from a suite's MLflow runs, and log them to MLflow."""
@@ -494,6 +500,10 @@ def report_cmd(
     cfg = parse_config(ExperimentConfig, _drop_none(suite=suite, smoke=smoke, experiment=experiment))
     uri = resolve_tracking_uri(tracking_uri, ws.mlflow_db)
     tracker = Tracker.open(uri, cfg.experiment_name, ws.mlartifacts)
+    if archive is not None:
+        from tasks.archive import restore_runs
+
+        restore_runs(tracker, archive)
     folder = out or ws.root / "reports" / cfg.experiment_name
     if notes is not None and not notes.is_file():
         raise RsirError(f"notes file not found: {notes}")

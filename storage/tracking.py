@@ -26,6 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from core.errors import RsirError
 from storage.files import location, read_bytes
 
@@ -79,6 +81,34 @@ _START_TOLERANCE_SECONDS = 1.0
 _log = logging.getLogger(__name__)
 
 
+# Archives (tasks/archive.py) keep a suite's finished runs across workspaces: a restored run
+# names the run it was archived from, so archiving it again or restoring twice adds nothing.
+ARCHIVED_ID_TAG = "rsir.archived_run_id"
+# MLflow's own tags worth keeping: the run's place in the tree and its name. Others (source,
+# user, logged-model history) describe the original process, not the result.
+KEPT_MLFLOW_TAGS = ("mlflow.parentRunId", "mlflow.runName")
+
+
+class ArchivedRun(BaseModel):
+    """One finished MLflow run as archived by `Tracker.export_run` (JSON on disk)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str
+    name: str
+    status: str
+    start_time: int
+    end_time: int | None
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: list[tuple[str, float, int, int]] = Field(description="(key, value, timestamp ms, step)")
+
+    @property
+    def archived_id(self) -> str:
+        """The id of the run first archived (a restored run archived again keeps it)."""
+        return self.tags.get(ARCHIVED_ID_TAG, self.run_id)
+
+
 class Tracker:
     """One MLflow experiment behind explicit run ids; the only module that talks to MLflow's
     client. `Tracker.open` connects (and creates the experiment); the constructor only stores."""
@@ -128,6 +158,37 @@ class Tracker:
 
     def download_artifact(self, run_id: str, path: str, folder: str) -> Path:
         return Path(self._client.download_artifacts(run_id, path, folder))
+
+    # ------------------------------------------------------------ archives
+    def export_run(self, run: Any) -> "ArchivedRun":
+        """A finished run as a plain record: name, status, times (ms since the epoch), tags,
+        params and every metric's full history (key, value, timestamp in ms, step)."""
+        history = [(m.key, m.value, m.timestamp, m.step) for key in sorted(run.data.metrics)
+                   for m in self._client.get_metric_history(run.info.run_id, key)]
+        tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.") or k in KEPT_MLFLOW_TAGS}
+        return ArchivedRun(run_id=run.info.run_id, name=run.info.run_name or "", status=run.info.status,
+                           start_time=run.info.start_time, end_time=run.info.end_time, tags=tags,
+                           params=dict(run.data.params), metrics=history)
+
+    def import_run(self, record: "ArchivedRun", parent: str | None) -> str:
+        """Recreate an archived run in this experiment (new run id, the archived one kept in the
+        tag ARCHIVED_ID_TAG) with its times, tags, params and metric histories; `parent` is the
+        new id of its parent run. Returns the new run id."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        tags = {k: v for k, v in record.tags.items() if k != "mlflow.parentRunId"}
+        tags[ARCHIVED_ID_TAG] = record.run_id
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        run_id = self._client.create_run(self.experiment_id, start_time=record.start_time, run_name=record.name,
+                                         tags=tags).info.run_id
+        params = [Param(k, v) for k, v in record.params.items()]
+        metrics = [Metric(k, v, t, s) for k, v, t, s in record.metrics]
+        for lo in range(0, max(len(params), len(metrics)), 100):
+            self._client.log_batch(run_id, metrics=metrics[lo:lo + 100], params=params[lo:lo + 100],
+                                   tags=[RunTag(ARCHIVED_ID_TAG, record.run_id)] if lo == 0 else [])
+        self._client.set_terminated(run_id, status=record.status, end_time=record.end_time)
+        return run_id
 
     # ------------------------------------------------------------ runs
     def start_run(self, name: str, tags: dict[str, str] | None = None, parent: str | None = None) -> str:

@@ -111,3 +111,49 @@ def test_shards_split_every_stage_and_are_checked():
     for bad in ("2/2", "1/0", "a/b"):
         with pytest.raises(RsirError, match="shard"):
             parse_config(ExperimentConfig, {"suite": "paper", "shard": bad})
+
+
+def test_an_archive_carries_finished_arms_to_a_new_workspace(paper, tmp_path):
+    """The suite outlives its workspace: its finished runs, archived to a folder, restore into a
+    new workspace where the suite skips every finished arm and the report reads the same rows and
+    per-user ranks. Restoring or archiving twice adds nothing."""
+    from flows.experiments import experiment
+    from tasks.archive import archive_runs, restore_runs
+    from tasks.report import write_report
+
+    _, uri, summary = paper
+    original = Tracker.open(uri, summary["experiment"])
+    folder = tmp_path / "archive"
+    written = archive_runs(original, folder)
+    assert written and archive_runs(original, folder) == []
+    assert len(list(folder.glob("*.parquet"))) == len([r for r in collect_runs(original)])
+
+    new = Workspace.at(tmp_path / "new")
+    new_uri = f"sqlite:///{new.root / 'mlflow.db'}"
+    again = experiment(suite="paper", home=str(new.root), tracking_uri=new_uri, archive=str(folder), **SMOKE)
+    assert again["ran"] == [] and sorted(again["skipped"]) == sorted(summary["ran"])
+    restored = Tracker.open(new_uri, summary["experiment"])
+    assert restore_runs(restored, folder) == []
+
+    def rows(tracker):
+        return [{k: v for k, v in r.items() if not k.endswith("run_id")} for r in collect_runs(tracker)]
+
+    assert rows(restored) == rows(original)
+    before = write_report(original, "paper", tmp_path / "before")["report"]
+    after = write_report(restored, "paper", tmp_path / "after")["report"]
+    table1 = [Path(p).read_text().split("## Table 1")[1].split("\n## ")[0] for p in (before, after)]
+    assert table1[0] == table1[1] and "±" in table1[0]
+    # The new workspace's suite run (it skipped every arm) was archived at its end; reports are not.
+    assert archive_runs(restored, folder) == [] and len(list(folder.glob("*.json"))) == len(written) + 1
+
+
+def test_a_damaged_archive_is_one_line_naming_the_file(tmp_path):
+    from core.errors import RsirError
+    from tasks.archive import restore_runs
+
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    (folder / "abc.json").write_text('{"run_id": "abc"')
+    tracker = Tracker.open(f"sqlite:///{tmp_path / 'mlflow.db'}", "x")
+    with pytest.raises(RsirError, match=r"archived run .*abc\.json cannot be read"):
+        restore_runs(tracker, folder)

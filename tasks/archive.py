@@ -1,0 +1,104 @@
+"""A suite's finished runs, kept in a folder that outlives the workspace (a git checkout, say).
+
+An experiment suite runs for days on a small machine, in sittings whose workspaces do not all
+survive; its MLflow database is the system of record while it runs. `archive_runs` writes every
+finished run of the experiment to a folder, one JSON file per run (tags, params, metric
+histories; `storage.tracking.ArchivedRun`) plus the per-user ranks that paired statistics need
+(`ranks/`, Parquet); `restore_runs` recreates them in another workspace's experiment, so the
+suite skips the arms that finished and its report reads them as if they had run there. Both add
+only what is missing: runs are named by the id of the run first archived.
+
+Checkpoints and datasets are not archived (hundreds of MB): an arm that needs a finished arm's
+θ_0 trains it again, to the same weights, from the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from core.errors import RsirError
+from storage.tracking import ARCHIVED_ID_TAG, ArchivedRun, Tracker
+
+RANKS_FOLDER = "ranks"  # the only artifacts archived: what the reports' paired statistics read
+
+
+def archive_runs(tracker: Tracker, folder: Path) -> list[str]:
+    """Write every FINISHED run of the tracker's experiment that `folder` lacks; return the
+    archived ids written. A child run is archived only with its parent finished (an
+    interrupted arm is redone whole). Report runs are left out (a report is rewritten).
+    Raises RsirError when the folder cannot be written."""
+    runs = tracker.search_runs("attributes.status = 'FINISHED'")
+    archived_id = {r.info.run_id: r.data.tags.get(ARCHIVED_ID_TAG, r.info.run_id) for r in runs}
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RsirError(f"cannot create the archive folder {folder}: {exc.strerror or exc}") from None
+    written = []
+    for run in runs:
+        tags = run.data.tags
+        parent = tags.get("mlflow.parentRunId")
+        if "rsir.report" in tags or (parent and parent not in archived_id):
+            continue
+        name = archived_id[run.info.run_id]
+        target = folder / f"{name}.json"
+        if target.exists():
+            continue
+        record = tracker.export_run(run)
+        record.run_id = name
+        if parent:
+            record.tags["mlflow.parentRunId"] = archived_id[parent]
+        record.tags.pop(ARCHIVED_ID_TAG, None)
+        try:
+            for path in tracker.artifact_files(run.info.run_id, RANKS_FOLDER):
+                with tempfile.TemporaryDirectory() as tmp:
+                    shutil.copyfile(tracker.download_artifact(run.info.run_id, path, tmp),
+                                    folder / f"{name}.{Path(path).name}")
+            # The JSON last: it is what marks the run archived.
+            staged = target.with_suffix(".json.tmp")
+            staged.write_text(record.model_dump_json(indent=1) + "\n")
+            staged.replace(target)
+        except OSError as exc:
+            raise RsirError(f"cannot write the archive of MLflow run {name} in {folder}: "
+                            f"{exc.strerror or exc}") from None
+        written.append(name)
+    return written
+
+
+def restore_runs(tracker: Tracker, folder: Path) -> list[str]:
+    """Recreate in the tracker's experiment every archived run it lacks (parents before their
+    children, with their ranks); return the archived ids restored. A folder that does not exist
+    restores nothing. Raises RsirError naming the file for an unreadable or invalid record."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    records = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            record = ArchivedRun.model_validate(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            reason = str(exc).splitlines()[0][:200]
+            raise RsirError(f"archived run {path} cannot be read: {reason}") from None
+        records[record.run_id] = record
+    present = {r.data.tags.get(ARCHIVED_ID_TAG, r.info.run_id): r.info.run_id for r in tracker.search_runs()}
+    restored = []
+    # Parents first: a child names its parent's new id.
+    for record in sorted(records.values(), key=lambda r: "mlflow.parentRunId" in r.tags):
+        if record.run_id in present:
+            continue
+        parent = record.tags.get("mlflow.parentRunId")
+        if parent and parent not in present:
+            raise RsirError(f"archived run {folder / (record.run_id + '.json')} names parent {parent}, "
+                            f"which is neither archived in {folder} nor in MLflow experiment {tracker.experiment_name!r}")
+        new_id = tracker.import_run(record, present.get(parent) if parent else None)
+        for ranks in sorted(folder.glob(f"{record.run_id}.*.parquet")):
+            with tempfile.TemporaryDirectory() as tmp:
+                local = Path(tmp) / ranks.name.removeprefix(f"{record.run_id}.")
+                shutil.copyfile(ranks, local)
+                tracker.log_artifact(new_id, local, RANKS_FOLDER)
+        present[record.run_id] = new_id
+        restored.append(record.run_id)
+    return restored
