@@ -48,16 +48,20 @@ def test_paper_suite_stages_and_choices(paper):
     strong = best_on_validation(grid, "amazon-beauty", "trainer", k=0)
     t1 = [r for r in rows if r["stage"] == "table1"]
     assert {(r["dataset"], r["trainer"], r["seed"], r["k"]) for r in t1} == {
-        (ds, t, str(s), k) for ds in ("amazon-beauty", "amazon-sports") for t in ("release", "strong")
+        (ds, t, str(s), k) for ds in ("amazon-beauty", "amazon-sports") for t in ("release", "release-bce", "strong")
         for s in (0,) for k in (0, 1)}
     assert {r["strong"] for r in t1} == {strong}
-    # The release arms train under the authors' recipe (sampled softmax), the strong ones under ours.
+    # The release arms train under the authors' recipe (sampled softmax, or BCE for release-bce), the
+    # strong ones under ours.
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
     for r in t1:
         params = client.get_run(r["parent_run_id"]).data.params
-        assert params["recipe"] == ("release" if r["trainer"] == "release" else "default"), params["recipe"]
+        assert params["recipe"] == ("default" if r["trainer"] == "strong" else "release"), params["recipe"]
+        losses = {v for k, v in params.items() if k.endswith("loss")}
+        assert losses == ({"bce"} if r["trainer"] == "release-bce" else {"sampled"} if r["trainer"] == "release"
+                          else losses - {"bce"}), (r["trainer"], losses)
     t2 = [r for r in rows if r["stage"] == "table2"]
     chosen = best_on_validation(t1, "amazon-sports", "trainer", k=0)
     assert {r["trainer"] for r in t2} == {chosen} and {r["dataset"] for r in t2} == {"amazon-sports"}
