@@ -406,7 +406,8 @@ def format_table(summary: dict[str, Any]) -> str:
     lines += ["  ".join(str(r[c]).rjust(w) for c, w in zip(cols, widths)) for r in rows]
     lines.append(f"wall {summary['wall_seconds']:.1f} s, steps {summary['step_seconds']:.1f} s, "
                  f"orchestration+tracking overhead {100 * summary['overhead_fraction']:.1f}%")
-    lines.append(f"{_champion_line(summary)}; MLflow run {summary['mlflow_run_id']} ({summary['tracking_uri']})")
+    lines.append(f"champion: {_champion_line(summary)}; "
+                 f"MLflow run {summary['mlflow_run_id']} ({summary['tracking_uri']})")
     if summary.get("mlflow_url"):
         lines.append(f"lineage: {summary['mlflow_url']}")
     return "\n".join(lines)

@@ -80,6 +80,7 @@ RESUMES_TAG = "rsir.resumes"
 # Tags of a registered version that the champion rule reads.
 BASE_DIGEST_TAG = "rsir.base_digest"
 METRIC_TAG = "rsir.metric"
+MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # MLflow's: a logged model's registered versions
 
 # Run ownership (RunOwner, dead_reason below).
 OWNER_TAGS = ("rsir.host", "rsir.machine", "rsir.pid", "rsir.pid_started")
@@ -360,8 +361,14 @@ class Tracker:
         # The source `models:/<id>` is what links the version to its logged model (MLflow's SQL
         # registry keeps no model id of its own).
         with _global_tracking_uri(self.uri):
-            version = int(self._client.create_model_version(model_name, source=f"models:/{model_id}", run_id=run_id,
-                                                            tags=tags, model_id=model_id).version)
+            created = self._client.create_model_version(model_name, source=f"models:/{model_id}", run_id=run_id,
+                                                        tags=tags, model_id=model_id)
+        version = int(created.version)
+        # The model's page lists its registered versions from this tag (as mlflow.register_model sets it).
+        model = self._client.get_logged_model(model_id)
+        listed = [*json.loads(model.tags.get(MODEL_VERSIONS_TAG, "[]")),
+                  {"name": model_name, "version": created.version}]
+        self._client.set_logged_model_tags(model_id, {MODEL_VERSIONS_TAG: json.dumps(listed)})
         # Runs may register at once: decide again until no version appeared meanwhile, so the last
         # to decide saw every version (each decision alone is a pure function of the versions).
         seen: set[int] = set()

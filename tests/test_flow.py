@@ -3,6 +3,8 @@ SQLite store: versions, metrics, MLflow runs, dataset inputs, artifacts and the 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from mlflow import MlflowClient
 
@@ -117,7 +119,10 @@ def test_theta_k_is_a_logged_model_linked_to_d_k_its_metrics_and_the_registry(ru
     champion = summary["champion"]
     version = client.get_model_version(champion["registered_model"], str(champion["version"]))
     assert version.source == f"models:/{champion['model_id']}"
-    assert client.get_logged_model(champion["model_id"]).source_run_id == version.run_id
+    model = client.get_logged_model(champion["model_id"])
+    assert model.source_run_id == version.run_id
+    assert {"name": champion["registered_model"], "version": champion["version"]} in json.loads(
+        model.tags["mlflow.modelVersions"])  # what the model page lists as its registered versions
 
 
 def test_iteration_runs_exist_from_their_start(run):
