@@ -5,11 +5,13 @@
 
 Wiring only: every step is a task from tasks/ that takes small references and returns a typed
 one (TrainResult with its checkpoint path, Evaluation, Generation, Filtered, VersionRef) beside
-the seconds its step took (`Timed`). A run works on its own fork of the
-dataset, named by the lineage key of its parameters, so re-running the same parameters after a
-crash finds the committed versions and checkpoints and continues from there, and closes what the
-killed run left open (its MLflow run KILLED, its Prefect flow run CRASHED) once its process is
-known to be gone: see `_close_killed_runs`.
+the seconds its step took (`Timed`); each step waits for the results it reads (`wait_for`), so
+Prefect's graph draws train → evaluate, train → generate → filter → expand. A run works on its own
+fork of the dataset, named by the lineage key of its parameters, so re-running the same parameters
+after a crash finds the committed versions and checkpoints and continues from there, and closes
+what the killed run left open (its MLflow run KILLED, its Prefect flow run CRASHED) once its process
+is known to be gone: see `_close_killed_runs`. The run key (lineage, K, labels, D_0) names the
+run itself: a re-submission of a finished run returns its summary, a stopped run is reopened.
 """
 
 from __future__ import annotations
@@ -19,14 +21,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
 from prefect.context import get_run_context
 
 from core.config import with_parameters
 from tasks.config import RunConfig, run_parameters
 from core.workspace import Workspace
 from storage.manifest import VersionRef
-from storage.tracking import Tracker, owner_tags, resolve_tracking_uri, redact_uri
+from storage.tracking import (BASE_DIGEST_TAG, RUN_KEY_TAG, Tracker, dataset_name, owner_tags, redact_uri,
+                              resolve_tracking_uri)
 from tasks.evaluate import Evaluation, evaluate_task
 from tasks.expand import expand_task
 from tasks.filter import Filtered, filter_task
@@ -58,7 +62,9 @@ class Iteration:
 def iteration(cfg: RunConfig, home: str, dataset: str, k: int, last: bool) -> Iteration:
     """Train and evaluate θ_k on D_k; unless this is the last iteration, produce D_{k+1}."""
     student = train_task(cfg.train_config(dataset, k, cfg.model), home, role="student", executor=cfg.executor_spec())
-    evaluation = evaluate_task(home, student.value.checkpoint, dataset, k, cfg.device, cfg.executor_spec())
+    # wait_for names the upstream result a step reads a field of: Prefect draws the edge.
+    evaluation = evaluate_task(home, student.value.checkpoint, dataset, k, cfg.device, cfg.executor_spec(),
+                               wait_for=[student])
     times = {"train": student.seconds, "evaluate": evaluation.seconds}
     if last:
         return Iteration(k, student.value, evaluation.value, times)
@@ -70,11 +76,13 @@ def iteration(cfg: RunConfig, home: str, dataset: str, k: int, last: bool) -> It
     params = GenerationParams(m=cfg.m, tau=cfg.generation_threshold, p=cfg.p, min_len=cfg.min_len,
                               seed=cfg.seed + k, batch_size=cfg.gen_batch_size, device=cfg.device,
                               max_sources=cfg.max_sources, retrieval=cfg.retrieval)
-    generated = generate_task(home, dataset, k, generator.value.checkpoint, params, executor=cfg.executor_spec())
+    generated = generate_task(home, dataset, k, generator.value.checkpoint, params, executor=cfg.executor_spec(),
+                              wait_for=[generator])
     accepted = filter_task(home, dataset, k, generated.value.path, cfg.tau if cfg.fidelity else None, cfg.min_len,
-                           cfg.fidelity)
+                           cfg.fidelity, wait_for=[generated])
     expanded = expand_task(home, accepted.value.path, k + 1,
-                           generator={"backbone": cfg.generator_model.name, "checkpoint": generator.value.checkpoint})
+                           generator={"backbone": cfg.generator_model.name, "checkpoint": generator.value.checkpoint},
+                           wait_for=[accepted, generator])
     times.update(generate=generated.seconds, filter=accepted.seconds, expand=expanded.seconds)
     return Iteration(k, student.value, evaluation.value, times, generator.value, generated.value, accepted.value,
                      expanded.value)
@@ -101,83 +109,125 @@ def run_rsir(cfg: RunConfig) -> dict[str, Any]:
     lineage = cfg.lineage_key()
     # The run's own fork of the dataset, named by its parameters: a re-run resumes in it.
     run_dataset = f"{cfg.dataset}--{lineage[:10]}"
-    dataset_store(ws).fork(cfg.dataset, run_dataset)
-    parent = _parent_run(tracker, cfg, lineage, run_dataset)
-    with tracker.heartbeat(parent):  # what tells a later run that this one still runs
-        rows, champion = _iterate(cfg, ws, tracker, parent, run_dataset)
-        return _finish(cfg, ws, tracker, parent, run_dataset, rows, champion, time.perf_counter() - started)
+    base = dataset_store(ws).fork(cfg.dataset, run_dataset).digest
+    run_key = cfg.run_key(base)[:16]
+    flow_run = _prefect_tags()
+    _close_killed_runs(tracker, lineage[:16], flow_run["prefect.flow_run_id"])
+    summary = _finished_summary(tracker, run_key)
+    if summary is None:
+        parent = _parent_run(tracker, cfg, lineage, run_key, base, run_dataset, flow_run)
+        with tracker.heartbeat(parent):  # what tells a later run that this one still runs
+            logged = _iterate(cfg, ws, tracker, parent, run_dataset)
+            summary = _finish(cfg, ws, tracker, parent, run_dataset, base, logged, time.perf_counter() - started)
+    create_markdown_artifact(summary_markdown(summary), key="rsir-summary",
+                             description=f"RSIR on {cfg.dataset}: MLflow run, champion, iterations")
+    return summary
 
 
 @dataclass(frozen=True)
-class Champion:
-    """The iteration with the best validation NDCG@10 (its MLflow child run holds θ_k)."""
+class Logged:
+    """One iteration as MLflow holds it: its child run, θ_k's logged model, the table row."""
 
-    run_id: str
-    valid_ndcg: float
     k: int
+    run_id: str
+    model_id: str
+    row: dict[str, Any]
 
 
-def _iterate(cfg: RunConfig, ws: Workspace, tracker: Tracker, parent: str, run_dataset: str
-             ) -> tuple[list[dict[str, Any]], Champion]:
-    """Iterations 0..K, each logged as it ends; the table rows and the champion."""
+def _iterate(cfg: RunConfig, ws: Workspace, tracker: Tracker, parent: str, run_dataset: str) -> list[Logged]:
+    """Iterations 0..K, each with its MLflow child run open from its start and logged as it ends."""
     logger = get_run_logger()
     progress = create_progress_artifact(0.0, key="rsir-progress", description=f"RSIR on {cfg.dataset}")
-    rows: list[dict[str, Any]] = []
-    champion: Champion | None = None
+    logged: list[Logged] = []
     # One CPU thread setting for every task of the run (training, evaluation, generation).
     with torch_threads(cfg.threads):
         for k in range(cfg.K + 1):
+            child, done = _start_iteration(tracker, parent, cfg, run_dataset, k)
             result = iteration(cfg, ws.home, run_dataset, k, last=k == cfg.K)
-            child = _log_iteration(tracker, parent, cfg, run_dataset, result)
-            rows.append(_table_row(ws, run_dataset, result))
-            valid = result.evaluation.valid["ndcg@10"]
-            logger.info("iteration %d: valid ndcg@10 %.4f, test ndcg@10 %.4f", k, valid,
-                        result.evaluation.test["ndcg@10"])
-            if champion is None or valid > champion.valid_ndcg:
-                champion = Champion(child, valid, k)
+            model_id = (_log_theta(tracker, child, cfg, run_dataset, result) if done
+                        else _log_iteration(tracker, parent, child, cfg, run_dataset, result))
+            logged.append(Logged(k, child, model_id, _table_row(ws, run_dataset, result)))
+            logger.info("iteration %d: valid %s %.4f, test ndcg@10 %.4f", k, cfg.early_stop,
+                        result.evaluation.valid[cfg.early_stop], result.evaluation.test["ndcg@10"])
             update_progress_artifact(progress, 100.0 * (k + 1) / (cfg.K + 1))
-    assert champion is not None  # K >= 0: at least iteration 0 ran
-    return rows, champion
+    return logged
 
 
-def _finish(cfg: RunConfig, ws: Workspace, tracker: Tracker, parent: str, run_dataset: str,
-            rows: list[dict[str, Any]], champion: Champion, wall: float) -> dict[str, Any]:
-    """Register the champion, log the summary and plots, close the parent run."""
+def _finish(cfg: RunConfig, ws: Workspace, tracker: Tracker, parent: str, run_dataset: str, base: str,
+            logged: list[Logged], wall: float) -> dict[str, Any]:
+    """Register this run's best θ (by the validation metric of early stopping), log the summary
+    and plots, close the parent run."""
+    rows = [item.row for item in logged]
+    # The run's best θ: the first of equals, as the registry's rule (storage/tracking.champion_rule).
+    best = max(logged, key=lambda item: (item.row["valid"][cfg.early_stop], -item.k))
     model_name = f"rsir-{cfg.dataset}-{cfg.model.name}"
-    best = rows[champion.k]
-    version = tracker.register_champion(model_name, champion.run_id, "checkpoint", tags={
-        "rsir.iteration": champion.k, "rsir.K": cfg.K, "rsir.dataset": run_dataset,
-        "rsir.dataset_version": best["version"],
-        "rsir.dataset_digest": dataset_store(ws).manifest(run_dataset, best["version"]).digest,
-        "rsir.lineage": cfg.lineage_key()[:16], "valid_ndcg_at_10": f"{best['valid']['ndcg@10']:.4f}",
-        "test_ndcg_at_10": f"{best['test']['ndcg@10']:.4f}"})
-    _log_version(tracker, parent, dataset_store(ws), run_dataset, cfg.K, "output")  # D_K: the parent's lineage ends here
+    store = dataset_store(ws)
+    registration = tracker.register_champion(model_name, best.run_id, best.model_id, tags={
+        "rsir.iteration": best.k, "rsir.K": cfg.K, "rsir.dataset": run_dataset, "rsir.dataset_version": best.k,
+        "rsir.dataset_digest": store.manifest(run_dataset, best.k).digest,
+        "rsir.lineage": cfg.lineage_key()[:16], RUN_KEY_TAG: cfg.run_key(base)[:16],
+        **{f"{split}_{metric.replace('@', '_at_')}": f"{value:.6g}" for split in ("valid", "test")
+           for metric, value in best.row[split].items()}}, metric=cfg.early_stop, base_digest=base)
+    _log_version(tracker, parent, store, run_dataset, cfg.K, "output")  # D_K: the parent's lineage ends here
     step_seconds = sum(sum(r["times"].values()) for r in rows)
     summary = {"dataset": cfg.dataset, "run_dataset": run_dataset, "model": cfg.model.name,
                "generator": cfg.generator_model.name, "K": cfg.K, "iterations": rows,
-               "champion": {"iteration": champion.k, "registered_model": model_name, "version": version,
-                            "alias": "champion"},
+               "champion": {"iteration": best.k, "registered_model": model_name, "version": registration.version,
+                            "alias": "champion", "champion_version": registration.champion,
+                            "metric": cfg.early_stop, "valid": best.row["valid"][cfg.early_stop],
+                            "model_id": best.model_id, "model_url": tracker.model_url(best.model_id)},
                "mlflow_run_id": parent, "tracking_uri": redact_uri(tracker.uri), "mlflow_url": tracker.run_url(parent),
+               "mlflow_path": tracker.run_path(parent),
                "wall_seconds": wall, "step_seconds": step_seconds,
                "overhead_fraction": max(wall - step_seconds, 0.0) / wall if wall else 0.0}
     for path in plot_run_task(rows, str(ws.root / "runs" / run_dataset / "plots")):
         tracker.log_artifact(parent, path, "plots")
     tracker.log_dict(parent, summary, "summary.json")
     tracker.log_metrics(parent, {"overhead_fraction": summary["overhead_fraction"], "wall_seconds": wall,
-                                 "best_valid_ndcg@10": champion.valid_ndcg})
+                                 "best_valid_ndcg@10": max(r["valid"]["ndcg@10"] for r in rows)})
     tracker.end_run(parent)
     create_table_artifact(_flat_rows(rows), key="rsir-iterations", description="RSIR per-iteration results")
     return summary
 
 
-def _parent_run(tracker: Tracker, cfg: RunConfig, lineage: str, run_dataset: str) -> str:
-    tags = {"rsir.lineage": lineage[:16], "rsir.K": str(cfg.K),
+def _finished_summary(tracker: Tracker, run_key: str) -> dict[str, Any] | None:
+    """The summary of a finished run with this run key (same parameters, same D_0), as it logged
+    it, with this tracker's links and the champion as the registry has it now; None if none
+    finished. Nothing is trained, logged or registered for a re-submission."""
+    finished = [r for r in tracker.runs_with_key(run_key) if r.info.status == "FINISHED"]
+    if not finished:
+        return None
+    run_id = finished[0].info.run_id
+    summary = tracker.load_dict(run_id, "summary.json")
+    champion = summary["champion"]
+    champion["champion_version"] = tracker.alias_version(champion["registered_model"], champion["alias"])
+    summary.update(resubmitted=True, mlflow_url=tracker.run_url(run_id), mlflow_path=tracker.run_path(run_id))
+    get_run_logger().info("an identical run finished before (MLflow run %s, same parameters and D_0): its "
+                          "summary is the answer; nothing was trained or registered", run_id)
+    return summary
+
+
+def _prefect_tags() -> dict[str, str]:
+    """The Prefect flow run (and deployment) this run is, as MLflow tags."""
+    flow_run = getattr(get_run_context(), "flow_run", None)
+    return {"prefect.flow_run_id": str(flow_run.id) if flow_run else "",
+            "prefect.deployment_id": str(flow_run.deployment_id or "") if flow_run else ""}
+
+
+def _parent_run(tracker: Tracker, cfg: RunConfig, lineage: str, run_key: str, base: str, run_dataset: str,
+                prefect_tags: dict[str, str]) -> str:
+    """The run's MLflow parent: the stopped (KILLED or FAILED) run of this run key reopened, so a
+    resume continues its lineage under one parent, else a new run. A run of this key that still
+    runs (another worker) is left alone: this one gets its own parent."""
+    stopped = [r for r in tracker.runs_with_key(run_key) if r.info.status in ("KILLED", "FAILED")]
+    if stopped:
+        run_id = stopped[0].info.run_id
+        resumes = tracker.reopen(run_id, {**prefect_tags, **owner_tags()})
+        get_run_logger().info("resuming MLflow run %s (%s before; resume %d)", run_id, stopped[0].info.status,
+                              resumes)
+        return run_id
+    tags = {"rsir.lineage": lineage[:16], "rsir.K": str(cfg.K), RUN_KEY_TAG: run_key, BASE_DIGEST_TAG: base,
             **{f"rsir.label.{key}": str(value) for key, value in cfg.labels.items()}}
-    ctx = get_run_context()
-    flow_run = getattr(ctx, "flow_run", None)
-    prefect_tags = {"prefect.flow_run_id": str(flow_run.id) if flow_run else "",
-                    "prefect.deployment_id": str(flow_run.deployment_id or "") if flow_run else ""}
-    _close_killed_runs(tracker, lineage[:16], prefect_tags["prefect.flow_run_id"])
     run_id = tracker.start_run(f"rsir-{cfg.dataset}-{cfg.model.name}-K{cfg.K}",
                                {**tags, **prefect_tags, **owner_tags()})
     tracker.log_params(run_id, {**cfg.model_dump(mode="json", exclude={"home", "tracking_uri", "progress"}),
@@ -242,44 +292,73 @@ def _crash_flow_run(flow_run_id: str, message: str) -> str:
         return f"Prefect flow run {flow_run_id} not marked ({type(exc).__name__}: {reason})"
 
 
-def _log_version(tracker: Tracker, run_id: str, store: DatasetStore, dataset: str, version: int, context: str) -> None:
-    """Log dataset version `version` as an input of `run_id` with the given context."""
+def _log_version(tracker: Tracker, run_id: str, store: DatasetStore, dataset: str, version: int,
+                 context: str) -> tuple[str, str]:
+    """Log dataset version `version` as an input of `run_id` with the given context; its MLflow
+    (name, digest)."""
     manifest = store.manifest(dataset, version)
-    tracker.log_dataset(run_id, dataset, version, manifest.digest, store.root + "/" + dataset, context,
-                        _profile(manifest.stats))
+    return tracker.log_dataset(run_id, dataset, version, manifest.digest, store.root + "/" + dataset, context,
+                               _profile(manifest.stats))
 
 
-def _log_iteration(tracker: Tracker, parent: str, cfg: RunConfig, dataset: str, result: Iteration) -> str:
-    """One child run per iteration: curves, metrics, statistics, θ_k, and D_k → θ_k → D_{k+1}."""
+def _start_iteration(tracker: Tracker, parent: str, cfg: RunConfig, dataset: str, k: int) -> tuple[str, bool]:
+    """Iteration k's child run, open from the iteration's start with D_k as its training input;
+    a resumed parent's own child is reused. Returns (run id, whether it had finished: its
+    results are logged already)."""
+    child, before = tracker.child_run(parent, f"iteration-{k}", {"rsir.iteration": str(k), "rsir.dataset": dataset})
+    if before != "FINISHED":
+        store = dataset_store(Workspace.at(cfg.home))
+        tracker.log_params(child, {"iteration": k, "dataset_version": k,
+                                   "dataset_digest": store.manifest(dataset, k).digest,
+                                   "student": cfg.model.name, "generator": cfg.generator_model.name})
+        _log_version(tracker, child, store, dataset, k, "training")
+    return child, before == "FINISHED"
+
+
+def _log_theta(tracker: Tracker, child: str, cfg: RunConfig, dataset: str, result: Iteration) -> str:
+    """θ_k as an MLflow logged model, output of the iteration's run (one per run: a resumed
+    iteration keeps the one it logged); its id."""
+    manifest = dataset_store(Workspace.at(cfg.home)).manifest(dataset, result.k)
+    return tracker.log_model(child, f"theta-{result.k}", result.student.checkpoint, result.k, cfg.model.name,
+                             params=cfg.model.model_dump(mode="json"),
+                             tags={"rsir.iteration": str(result.k), "rsir.dataset": dataset_name(dataset, result.k),
+                                   "rsir.dataset_digest": manifest.digest,
+                                   "rsir.checkpoint": result.student.checkpoint})
+
+
+def _log_iteration(tracker: Tracker, parent: str, child: str, cfg: RunConfig, dataset: str, result: Iteration) -> str:
+    """What iteration k produced, on its child run: curves, θ_k (a logged model whose metrics name
+    D_k), statistics, D_{k+1}; and every metric and statistic on the parent at step k, so MLflow
+    draws each as a line over the iterations. Ends the child run; returns θ_k's model id."""
     k, student, evaluation = result.k, result.student, result.evaluation
     store = dataset_store(Workspace.at(cfg.home))
     manifest = store.manifest(dataset, k)
-    child = tracker.start_run(f"iteration-{k}", {"rsir.iteration": str(k), "rsir.dataset": dataset}, parent=parent)
-    tracker.log_params(child, {"iteration": k, "dataset_version": k, "dataset_digest": manifest.digest,
-                               "student": cfg.model.name, "generator": cfg.generator_model.name})
     for point in student.curve:
         tracker.log_metrics(child, {f"train/{key}": v for key, v in point.items() if key != "epoch"},
                             step=int(point["epoch"]))
-    tracker.log_metrics(child, {**{f"valid/{key}": v for key, v in evaluation.valid.items()},
-                                **{f"test/{key}": v for key, v in evaluation.test.items()},
-                                **{f"data/{key}": v for key, v in manifest.stats.items()
-                                   if isinstance(v, (int, float))},
-                                **{f"time/{key}": v for key, v in result.times.items()},
-                                "train/epochs": student.epochs,
-                                "train/best_epoch": student.best_epoch,
-                                "train/synthetic_position_share": student.synthetic_position_share,
-                                "train/synthetic_weight_share": student.synthetic_weight_share})
-    _log_version(tracker, child, store, dataset, k, "training")
+    model_id = _log_theta(tracker, child, cfg, dataset, result)
+    scores = {**{f"valid/{key}": v for key, v in evaluation.valid.items()},
+              **{f"test/{key}": v for key, v in evaluation.test.items()}}
+    tracker.log_metrics(child, scores, step=k, model_id=model_id,
+                        dataset=(dataset_name(dataset, k), manifest.digest[:36]))
+    rest = {**{f"data/{key}": v for key, v in manifest.stats.items() if isinstance(v, (int, float))},
+            **{f"time/{key}": v for key, v in result.times.items()},
+            "train/epochs": student.epochs,
+            "train/best_epoch": student.best_epoch,
+            "train/synthetic_position_share": student.synthetic_position_share,
+            "train/synthetic_weight_share": student.synthetic_weight_share}
+    if result.next is not None:
+        rest.update({f"generation/{key}": v for key, v in result.filtered.counts.items()})
+    tracker.log_metrics(child, rest, step=k)
+    tracker.log_metrics(parent, {**scores, **rest}, step=k)  # the trend over k
     tracker.log_artifact(child, student.checkpoint, "checkpoint")
     tracker.log_artifact(child, evaluation.ranks_path, "ranks")  # per-user ranks: paired tests across runs
     if result.next is not None:
-        nxt = result.next
-        tracker.log_metrics(child, {f"generation/{key}": v for key, v in result.filtered.counts.items()})
-        _log_version(tracker, child, store, dataset, nxt.version, "output")
+        _log_version(tracker, child, store, dataset, result.next.version, "output")
         if result.generator.checkpoint != student.checkpoint:  # weak-to-strong
             tracker.log_artifact(child, result.generator.checkpoint, "generator_checkpoint")
     tracker.end_run(child)
-    return child
+    return model_id
 
 
 def _profile(stats: dict[str, Any]) -> dict[str, Any]:
@@ -327,11 +406,43 @@ def format_table(summary: dict[str, Any]) -> str:
     lines += ["  ".join(str(r[c]).rjust(w) for c, w in zip(cols, widths)) for r in rows]
     lines.append(f"wall {summary['wall_seconds']:.1f} s, steps {summary['step_seconds']:.1f} s, "
                  f"orchestration+tracking overhead {100 * summary['overhead_fraction']:.1f}%")
-    lines.append(f"champion: iteration {summary['champion']['iteration']} registered as "
-                 f"{summary['champion']['registered_model']} v{summary['champion']['version']} @champion; "
+    lines.append(f"champion: {_champion_line(summary)}; "
                  f"MLflow run {summary['mlflow_run_id']} ({summary['tracking_uri']})")
     if summary.get("mlflow_url"):
         lines.append(f"lineage: {summary['mlflow_url']}")
     return "\n".join(lines)
 
 
+
+
+def _champion_line(summary: dict[str, Any]) -> str:
+    """Which θ this run registered, and whether it took the champion alias."""
+    c = summary["champion"]
+    registered = f"iteration {c['iteration']} registered as {c['registered_model']} v{c['version']}"
+    if summary.get("resubmitted"):
+        registered = f"identical to a finished run, nothing registered: its {registered}"
+    if c.get("champion_version") in (None, c["version"]):
+        return f"{registered} @{c['alias']}"
+    return (f"{registered}; @{c['alias']} stays on v{c['champion_version']} (better or equal valid "
+            f"{c.get('metric', 'ndcg@10')} on the same D_0)")
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The run's Prefect markdown artifact (`rsir-summary`): the MLflow run's link (model-training
+    view), the champion and the per-iteration table."""
+    c = summary["champion"]
+    if summary.get("mlflow_url"):
+        run = f"[{summary['mlflow_run_id']}]({summary['mlflow_url']})"
+    else:  # a database, no server: the page's address under any server over it
+        run = (f"`{summary['mlflow_run_id']}` in `{summary['tracking_uri']}`: start `rsir serve --only mlflow` "
+               f"over this store and open `{summary['mlflow_path']}` on its URL")
+    model = f"[{c['model_id']}]({c['model_url']})" if c.get("model_url") else f"`{c.get('model_id')}`"
+    rows = _flat_rows(summary["iterations"])
+    cols = list(rows[0])
+    lines = [f"## RSIR on {summary['dataset']}: {summary['model']}, K = {summary['K']}", "",
+             f"- **MLflow run**: {run}",
+             f"- **Champion**: {_champion_line(summary)} (θ_{c['iteration']}: logged model {model})",
+             f"- **Data**: the run's fork `{summary['run_dataset']}`, versions 0..{summary['K']}", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join("" if r[col] is None else str(r[col]) for col in cols) + " |" for r in rows]
+    return "\n".join(lines)

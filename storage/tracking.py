@@ -1,9 +1,13 @@
 """MLflow tracking adapter: explicit run ids (no fluent active-run state), so tasks running
 in Prefect worker threads can log to the run they are given.
 
-Lineage: every iteration's child run logs D_k as a dataset input (context "training"), its
-checkpoint θ_k as an artifact, and D_{k+1} as a dataset with context "output" (MLflow 3.17 has
-dataset inputs only; `log_outputs` is for models), each with the manifest digest and URI.
+Lineage: every iteration's child run logs D_k as a dataset input (context "training"), θ_k as
+an MLflow 3 logged model (its output; the model's metrics name D_k, so the model page links its
+training data) and D_{k+1} as a dataset with context "output" (MLflow 3.17 has dataset inputs
+only; `log_outputs` is for models), each with the manifest digest and URI.
+
+Champion: `register_champion` registers a logged model and moves the alias by `champion_rule`:
+only to a version that beats the current champion on the validation metric on the same D_0.
 
 Ownership: a run started with `owner_tags()` names the process that runs it (host, process
 table, pid, start time) and carries a heartbeat that `Tracker.heartbeat` refreshes; `dead_runs`
@@ -50,7 +54,10 @@ def resolve_tracking_uri(given: str | None, db: Path) -> str:
 # reads these from the environment at request time: the front doors (CLI, `rsir serve`) set them.
 MLFLOW_ENVIRONMENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                       "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-                      "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+                      "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                      # MLflow's own "View run … at" lines link the GenAI view (no workflowType in
+                      # the URL); rsir prints and publishes `Tracker.run_url`, the model-training view.
+                      "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 def mlflow_environment_defaults(environ: dict[str, str]) -> None:
@@ -64,6 +71,18 @@ def mlflow_environment_defaults(environ: dict[str, str]) -> None:
 # (traces, evaluation runs); rsir's experiments are model training.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
+
+# What a person reads in the UI: MLflow 3.17 opens its GenAI view (traces, evaluation runs) unless
+# the URL asks for the model-training one (checked in headless Chromium, tests/test_mlflow_ui.py).
+TRAINING_VIEW = "?workflowType=machine_learning"
+
+# Tags of a parent run: what a re-submission and a resume look it up by.
+RUN_KEY_TAG = "rsir.run_key"
+RESUMES_TAG = "rsir.resumes"
+# Tags of a registered version that the champion rule reads.
+BASE_DIGEST_TAG = "rsir.base_digest"
+METRIC_TAG = "rsir.metric"
+MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # MLflow's: a logged model's registered versions
 
 # Run ownership (RunOwner, dead_reason below).
 OWNER_TAGS = ("rsir.host", "rsir.machine", "rsir.pid", "rsir.pid_started")
@@ -200,6 +219,46 @@ class Tracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self._client.set_terminated(run_id, status=status)
 
+    def runs_with_key(self, run_key: str) -> list[Any]:
+        """The parent runs tagged with `run_key` (RUN_KEY_TAG), newest first."""
+        return sorted(self.search_runs(f"tags.`{RUN_KEY_TAG}` = '{run_key}'"), key=lambda r: -r.info.start_time)
+
+    def reopen(self, run_id: str, tags: dict[str, str]) -> int:
+        """Set a stopped (KILLED or FAILED) run RUNNING again, with fresh `tags` (its new owner,
+        Prefect flow run...), and count the resume in RESUMES_TAG; returns that count. MLflow keeps
+        the run's first start time, so its duration spans every attempt."""
+        resumes = int(self._client.get_run(run_id).data.tags.get(RESUMES_TAG, "0")) + 1
+        self._client.update_run(run_id, status="RUNNING")
+        self.set_tags(run_id, {**tags, RESUMES_TAG: str(resumes)})
+        return resumes
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self._client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def child_run(self, parent: str, name: str, tags: dict[str, str]) -> tuple[str, str]:
+        """The child run `name` of `parent`: an existing one (a resumed parent's, reopened unless it
+        finished) or a new one. Returns (run id, status before: "" when new, "FINISHED" when its
+        work is logged and done)."""
+        found = self.search_runs(f"tags.`mlflow.parentRunId` = '{parent}' and attributes.run_name = '{name}'")
+        if not found:
+            return self.start_run(name, tags, parent=parent), ""
+        run = max(found, key=lambda r: r.info.start_time)
+        if run.info.status != "FINISHED":
+            self._client.update_run(run.info.run_id, status="RUNNING")
+        return run.info.run_id, run.info.status
+
+    def output_models(self, run_id: str) -> list[str]:
+        """Ids of the logged models the run lists as outputs."""
+        outputs = self._client.get_run(run_id).outputs
+        return [m.model_id for m in (outputs.model_outputs if outputs else [])]
+
+    def load_dict(self, run_id: str, path: str) -> dict[str, Any]:
+        """A JSON artifact of the run (as `log_dict` wrote it)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            return json.loads(self.download_artifact(run_id, path, tmp).read_text())
+
     # ------------------------------------------------------------ ownership
     def dead_runs(self, filter_string: str) -> list["DeadRun"]:
         """The RUNNING runs matching `filter_string` whose process is gone (`dead_reason`): what
@@ -260,13 +319,17 @@ class Tracker:
         for lo in range(0, len(fresh), 100):
             self._client.log_batch(run_id, params=fresh[lo:lo + 100])
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0, model_id: str | None = None,
+                    dataset: tuple[str, str] | None = None) -> None:
+        """Numeric values of `metrics` (nested dicts flattened with '.') at `step`; with `model_id`
+        also the logged model's metrics, measured on `dataset` (MLflow name, digest), which the
+        model page lists as its data."""
         from mlflow.entities import Metric
-        import time
 
         now = int(time.time() * 1000)
-        batch = [Metric(_clean(k), float(v), now, step) for k, v in _flatten(metrics).items()
-                 if isinstance(v, (int, float)) and v is not None]
+        name, digest = dataset or (None, None)
+        batch = [Metric(_clean(k), float(v), now, step, model_id=model_id, dataset_name=name, dataset_digest=digest)
+                 for k, v in _flatten(metrics).items() if isinstance(v, (int, float)) and v is not None]
         for lo in range(0, len(batch), 500):
             self._client.log_batch(run_id, metrics=batch[lo:lo + 500])
 
@@ -285,29 +348,69 @@ class Tracker:
         self._client.log_dict(run_id, obj, file_name)
 
     def log_dataset(self, run_id: str, name: str, version: int, digest: str, uri: str, context: str,
-                    profile: dict[str, Any]) -> None:
+                    profile: dict[str, Any]) -> tuple[str, str]:
+        """Log dataset version `version` as an input of the run; returns its MLflow (name, digest)."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        dataset = Dataset(name=f"{name}@v{version}", digest=digest[:36], source_type="rsir-store",
+        dataset = Dataset(name=dataset_name(name, version), digest=digest[:36], source_type="rsir-store",
                           source=json.dumps({"uri": uri, "version": version, "digest": digest}),
                           schema="", profile=json.dumps(profile, default=float))
         self._client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
+        return dataset.name, dataset.digest
+
+    def log_model(self, run_id: str, name: str, path: str | Path, step: int, model_type: str,
+                  params: dict[str, Any], tags: dict[str, str]) -> str:
+        """Log the file at `path` (a checkpoint) as an MLflow 3 logged model named `name`, made by
+        run `run_id` at `step` (its output), READY once its file is stored; returns the model id.
+        A run that already lists an output model of that name (a resumed iteration) keeps it."""
+        from mlflow.entities import LoggedModelOutput
+
+        for model_id in self.output_models(run_id):
+            if self._client.get_logged_model(model_id).name == name:
+                return model_id
+        model = self._client.create_logged_model(
+            self.experiment_id, name=name, source_run_id=run_id, model_type=model_type,
+            params={k: str(v)[:6000] for k, v in _flatten(params).items()}, tags=tags)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "model"
+            local.mkdir()
+            source = location(str(path))
+            target = local / str(source).rsplit("/", 1)[-1]
+            target.write_bytes(source.read_bytes() if isinstance(source, Path) else read_bytes(source))
+            self._client.log_model_artifacts(model.model_id, str(local))
+        self._client.finalize_logged_model(model.model_id, "READY")
+        self._client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+        return model.model_id
 
     def run_url(self, run_id: str) -> str | None:
         """The run's page in the tracking server's UI, in its model-training view (MLflow 3.17
         opens the GenAI view unless the URL asks otherwise); None without a server."""
+        return self._url(self.run_path(run_id))
+
+    def run_path(self, run_id: str) -> str:
+        """The run page's address relative to any server over this store (`rsir serve --only
+        mlflow` for a SQLite or PostgreSQL store): what to append to the server's URL."""
+        return f"#/experiments/{self.experiment_id}/runs/{run_id}{TRAINING_VIEW}"
+
+    def model_url(self, model_id: str) -> str | None:
+        """The logged model's page (its metrics, datasets, source run and registered versions)."""
+        return self._url(f"#/experiments/{self.experiment_id}/models/{model_id}{TRAINING_VIEW}")
+
+    def _url(self, path: str) -> str | None:
         if not self.uri.startswith(("http://", "https://")):
             return None
-        return (f"{redact_uri(self.uri).rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
-                f"?workflowType=machine_learning")
+        return f"{redact_uri(self.uri).rstrip('/')}/{path}"
 
     def artifact_uri(self, run_id: str, artifact_path: str) -> str:
         return f"{self._client.get_run(run_id).info.artifact_uri}/{artifact_path}"
 
-    def register_champion(self, model_name: str, run_id: str, artifact_path: str, tags: dict[str, Any],
-                          alias: str = "champion") -> int:
-        """Register the checkpoint artifact of `run_id` as a new version of `model_name` (with
-        `tags`: what a person reads in the registry) and point `alias` at it."""
+    def register_champion(self, model_name: str, run_id: str, model_id: str, tags: dict[str, Any],
+                          metric: str, base_digest: str, alias: str = "champion") -> "Registration":
+        """Register logged model `model_id` (made by `run_id`) as a new version of `model_name`,
+        tagged with `tags` (what a person reads in the registry; they must hold `valid_<metric>`),
+        the validation metric and the digest of D_0; then point `alias` where `champion_rule` says.
+
+        Raises MlflowException when the registry refuses."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -315,16 +418,41 @@ class Tracker:
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        version = self._client.create_model_version(model_name, source=self.artifact_uri(run_id, artifact_path),
-                                                    run_id=run_id, tags={k: str(v) for k, v in tags.items()})
-        # The alias names the newest registration, also when runs register at once: point it at the
-        # newest version seen, and again if a newer one appeared meanwhile (its run may have set the
-        # alias before this one did).
-        newest = 0
-        while (latest := self._newest_version(model_name)) != newest:
-            newest = latest
-            self._set_alias(model_name, alias, newest)
-        return int(version.version)
+        tags = {**{k: str(v) for k, v in tags.items()}, METRIC_TAG: metric, BASE_DIGEST_TAG: base_digest}
+        # The source `models:/<id>` is what links the version to its logged model (MLflow's SQL
+        # registry keeps no model id of its own).
+        with _global_tracking_uri(self.uri):
+            created = self._client.create_model_version(model_name, source=f"models:/{model_id}", run_id=run_id,
+                                                        tags=tags, model_id=model_id)
+        version = int(created.version)
+        # The model's page lists its registered versions from this tag (as mlflow.register_model sets it).
+        model = self._client.get_logged_model(model_id)
+        listed = [*json.loads(model.tags.get(MODEL_VERSIONS_TAG, "[]")),
+                  {"name": model_name, "version": created.version}]
+        self._client.set_logged_model_tags(model_id, {MODEL_VERSIONS_TAG: json.dumps(listed)})
+        # Runs may register at once: decide again until no version appeared meanwhile, so the last
+        # to decide saw every version (each decision alone is a pure function of the versions).
+        seen: set[int] = set()
+        while True:
+            versions = self._client.search_model_versions(f"name = '{model_name}'")
+            if {int(v.version) for v in versions} == seen:
+                break
+            seen = {int(v.version) for v in versions}
+            current = self.alias_version(model_name, alias)
+            holder = champion_rule([VersionScore.of(v, metric) for v in versions], current, base_digest)
+            if holder is not None and holder != current:
+                self._set_alias(model_name, alias, holder)
+        return Registration(version, self.alias_version(model_name, alias))
+
+    def alias_version(self, model_name: str, alias: str) -> int | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return int(self._client.get_model_version_by_alias(model_name, alias).version)
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            return None
 
     def _set_alias(self, model_name: str, alias: str, version: int, attempts: int = 5) -> None:
         """MLflow's SQL store inserts an alias after reading that there is none, so two runs setting
@@ -341,8 +469,83 @@ class Tracker:
                 if attempt + 1 == attempts or "unique" not in message or "alias" not in message:
                     raise
 
-    def _newest_version(self, model_name: str) -> int:
-        return max(int(v.version) for v in self._client.search_model_versions(f"name = '{model_name}'"))
+
+
+# ---------------------------------------------------------------- the champion
+@dataclass(frozen=True)
+class Registration:
+    """What `register_champion` did: the version it registered, the version holding the alias."""
+
+    version: int
+    champion: int | None
+
+
+@dataclass(frozen=True)
+class VersionScore:
+    """A registered version as the champion rule sees it: its number, the digest of the D_0 its
+    run started from, and its validation score on the metric being compared (None: not recorded)."""
+
+    version: int
+    base_digest: str | None
+    score: float | None
+
+    @classmethod
+    def of(cls, version: Any, metric: str) -> "VersionScore":
+        try:
+            score = float(version.tags[f"valid_{_clean(metric)}"])
+        except (KeyError, ValueError):
+            score = None
+        return cls(int(version.version), version.tags.get(BASE_DIGEST_TAG), score)
+
+
+def champion_rule(versions: list[VersionScore], current: int | None, base_digest: str) -> int | None:
+    """Which version the champion alias names after a registration on D_0 `base_digest`.
+
+    Comparable versions are those trained from the same D_0 (same digest) with a score on the
+    metric. The alias stays where it is unless a comparable version scores strictly higher than
+    the current champion (ties keep it); it moves to the comparable best (the earliest of equals)
+    when the current champion is not comparable (another D_0: the base data was replaced; or a
+    version from before this rule) or there is none. None: nothing comparable."""
+    comparable = [v for v in versions if v.base_digest == base_digest and v.score is not None]
+    if not comparable:
+        return current
+    best = max(comparable, key=lambda v: (v.score, -v.version))
+    held = next((v for v in comparable if v.version == current), None)
+    if held is not None and held.score >= best.score:
+        return current
+    return best.version
+
+
+_GLOBAL_URI_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow 3.17's SQL registry looks a `models:/<id>` source up through the process's global
+    tracking URI, not the client's (a TODO in its create_model_version): make it this store's for
+    the call, then restore the global value and $MLFLOW_TRACKING_URI exactly. A server resolves
+    it on its own side."""
+    if uri.startswith(("http://", "https://")):
+        yield
+        return
+    from mlflow.tracking._tracking_service import utils
+
+    with _GLOBAL_URI_LOCK:
+        before, env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+        utils.set_tracking_uri(uri)
+        try:
+            yield
+        finally:
+            utils._tracking_uri = before
+            if env is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+def dataset_name(name: str, version: int) -> str:
+    """A dataset version's name in MLflow (run inputs, metrics, model pages)."""
+    return f"{name}@v{version}"
 
 
 # ---------------------------------------------------------------- run ownership

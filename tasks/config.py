@@ -219,6 +219,12 @@ class RunConfig(TrainingSettings):
         keep["generator"] = self.generator_model.model_dump(mode="json")
         return json_digest(learned(keep))
 
+    def run_key(self, base_digest: str) -> str:
+        """What makes two runs the same run: the lineage, K, the labels and the content of D_0
+        (`base_digest`, so a replaced base dataset is a new run). A finished run with this key is
+        the answer to a re-submission; a stopped one is resumed."""
+        return json_digest({"lineage": self.lineage_key(), "K": self.K, "labels": self.labels, "base": base_digest})
+
     @classmethod
     def from_parameters(cls, params: dict[str, Any]) -> "RunConfig":
         """Flat run parameters (run_parameters(): the flow's, the deployment's, `rsir run`'s) ->

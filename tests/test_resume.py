@@ -1,6 +1,7 @@
 """Crash-resume: kill the flow process (SIGKILL) in the middle of a run, run it again with the
 same parameters, and get the same dataset digests and metrics as an uninterrupted run; the re-run
-closes what the killed run left open (MLflow KILLED, Prefect CRASHED) and nothing that still runs."""
+closes what the killed run left open (MLflow KILLED, Prefect CRASHED) and nothing that still runs,
+then continues the killed run's MLflow parent (reopened, one parent per run key)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def test_killed_run_resumes_to_the_same_result(prefect_api, tiny_csv, tmp_path):
 
     resumed = rsir(home=str(ws.root), tracking_uri=tracking, **params)
     _assert_only_the_killed_run_was_closed(tracking, killed, live)
+    _assert_one_parent_resumed(tracking, killed, resumed)
     assert _digests(ws, name) == _digests(clean, name)
     assert [r["test"] for r in resumed["iterations"]] == [r["test"] for r in reference["iterations"]]
     assert [r["valid"] for r in resumed["iterations"]] == [r["valid"] for r in reference["iterations"]]
@@ -78,10 +80,6 @@ def _assert_only_the_killed_run_was_closed(tracking, killed, live):
                                                 TaskRunFilterFlowRunId)
 
     client = MlflowClient(tracking)
-    assert client.get_run(killed.info.run_id).info.status == "KILLED"
-    children = client.search_runs([killed.info.experiment_id],
-                                  f"tags.`mlflow.parentRunId` = '{killed.info.run_id}'")
-    assert {c.info.status for c in children} <= {"FINISHED", "KILLED"}
     for run_id in live:
         assert client.get_run(run_id).info.status == "RUNNING"
     with get_client(sync_client=True) as prefect:
@@ -96,6 +94,25 @@ def _assert_only_the_killed_run_was_closed(tracking, killed, live):
             any_=[flow_run.id, *(s.id for s in subflows)])))
         assert tasks and all(t.state.is_final() for t in tasks)
         assert prefect.read_flow_run(live[next(iter(live))]).state.is_running()
+
+
+def _assert_one_parent_resumed(tracking, killed, resumed):
+    """The resume reopened the killed run's parent (closed KILLED first) and finished it: one
+    parent for the run key, counting one resume, with each iteration's child run once."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking)
+    key = killed.data.tags["rsir.run_key"]
+    [parent] = client.search_runs([killed.info.experiment_id], f"tags.`rsir.run_key` = '{key}'")
+    assert parent.info.run_id == killed.info.run_id == resumed["mlflow_run_id"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["rsir.resumes"] == "1"
+    assert parent.data.tags["prefect.flow_run_id"] != killed.data.tags["prefect.flow_run_id"]  # the resume's
+    children = client.search_runs([killed.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == ["iteration-0", "iteration-1", "iteration-2"]
+    assert {c.info.status for c in children} == {"FINISHED"}
+    assert all(len(c.outputs.model_outputs) == 1 for c in children)  # θ_k logged once, also when resumed
+    steps = [m.step for m in client.get_metric_history(parent.info.run_id, "data/density")]
+    assert sorted(set(steps)) == [0, 1, 2]
 
 
 def test_a_flow_run_prefect_cannot_close_is_reported_not_raised(prefect_api, monkeypatch):

@@ -586,6 +586,13 @@ def test_an_unreachable_tracking_uri_error_hides_the_password():
     assert "s3cret" not in str(err.value) and "rsir:***@127.0.0.1:1" in str(err.value)
 
 
+def _registered(tracker, score: float, base: str = "d0"):
+    """A run with a logged model registered as a version of 'm' with validation ndcg@10 `score`."""
+    run_id = tracker.start_run("r", {})
+    model_id = tracker._client.create_logged_model(tracker.experiment_id, name="theta-0", source_run_id=run_id).model_id
+    return tracker.register_champion("m", run_id, model_id, {"valid_ndcg_at_10": score}, "ndcg@10", base)
+
+
 def test_champion_alias_survives_a_concurrent_insert(tmp_path, monkeypatch):
     """Two runs setting `champion` at once on one SQL store: one insert loses to the other's
     unique key. The loser sets it again (now an update) instead of failing its run."""
@@ -594,7 +601,6 @@ def test_champion_alias_survives_a_concurrent_insert(tmp_path, monkeypatch):
     from storage.tracking import Tracker
 
     tracker = Tracker.open(f"sqlite:///{tmp_path / 'mlflow.db'}", "x", tmp_path / "artifacts")
-    run_id = tracker.start_run("r", {})
     client = tracker._client
     real, calls = client.set_registered_model_alias, []
 
@@ -607,12 +613,45 @@ def test_champion_alias_survives_a_concurrent_insert(tmp_path, monkeypatch):
         return real(name, alias, version)
 
     monkeypatch.setattr(client, "set_registered_model_alias", racing)
-    version = tracker.register_champion("m", run_id, "checkpoint", {"k": 1})
-    assert len(calls) == 2 and int(client.get_model_version_by_alias("m", "champion").version) == version
+    registration = _registered(tracker, 0.05)
+    assert len(calls) == 2 and int(client.get_model_version_by_alias("m", "champion").version) == registration.version
     monkeypatch.setattr(client, "set_registered_model_alias", lambda *a: (_ for _ in ()).throw(
         MlflowException("some other failure", error_code="BAD_REQUEST")))
     with pytest.raises(MlflowException, match="some other failure"):
-        tracker.register_champion("m", run_id, "checkpoint", {"k": 2})
+        _registered(tracker, 0.06)  # better: the alias must move, and moving it fails
+
+
+def test_the_champion_alias_moves_only_to_a_better_version_on_the_same_data(tmp_path):
+    """The issue's case: v1 at 0.0518, then a re-run at 0.0397 took the alias. Now a worse or
+    equal version is registered but the alias stays; a better one on the same D_0 takes it; on a
+    replaced D_0 the old scores are not comparable and the best on the new data takes it."""
+    from storage.tracking import Tracker
+
+    tracker = Tracker.open(f"sqlite:///{tmp_path / 'mlflow.db'}", "x", tmp_path / "artifacts")
+    champion = lambda: int(tracker._client.get_model_version_by_alias("m", "champion").version)  # noqa: E731
+    assert _registered(tracker, 0.0518).champion == 1
+    worse = _registered(tracker, 0.0397)
+    assert (worse.version, worse.champion, champion()) == (2, 1, 1)
+    assert _registered(tracker, 0.0518).champion == 1  # a tie keeps the champion
+    assert _registered(tracker, 0.0600).champion == 4
+    version = tracker._client.get_model_version("m", "4")
+    assert version.source.startswith("models:/m-")  # the logged model the version points at
+    assert version.tags["rsir.metric"] == "ndcg@10" and version.tags["rsir.base_digest"] == "d0"
+    assert _registered(tracker, 0.0100, base="d0-replaced").champion == 5  # other data: not comparable
+    assert _registered(tracker, 0.0700).champion == 6  # on d0 again: v5 is not comparable, the best on d0 is v6
+    assert champion() == 6
+
+
+def test_champion_rule():
+    from storage.tracking import VersionScore as V, champion_rule
+
+    same = [V(1, "a", 0.5), V(2, "a", 0.4), V(3, "b", 0.9), V(4, None, 0.99), V(5, "a", None)]
+    assert champion_rule(same, 1, "a") == 1  # nothing on "a" beats v1
+    assert champion_rule(same, None, "a") == 1
+    assert champion_rule(same, 3, "a") == 1  # v3 is on other data: the best on "a" takes the alias
+    assert champion_rule(same, 2, "a") == 1  # someone set it by hand to a worse one: the best takes it
+    assert champion_rule([*same, V(6, "a", 0.5)], 1, "a") == 1  # ties keep the earlier
+    assert champion_rule([V(1, None, 0.3)], 1, "a") == 1  # nothing comparable: unchanged
 
 
 # --------------------------------------------------------------------------- run ownership
