@@ -23,6 +23,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.context import get_run_context
 
 from core.config import with_parameters
+from flows.boundary import boundary, check_environment
 from tasks.config import RunConfig, run_parameters
 from core.workspace import Workspace
 from storage.manifest import VersionRef
@@ -85,7 +86,8 @@ def _rsir(**params: Any) -> dict[str, Any]:
 
     The parameters are RunConfig's (tasks/config.py), flat: the backbones as a name plus a dict
     of settings; a training setting left None comes from the recipe (`default` or `release`)."""
-    return run_rsir(RunConfig.from_parameters(params))
+    with boundary():  # a fault the user can fix: the flow run fails with its one line
+        return run_rsir(RunConfig.from_parameters(params))
 
 
 # The flow's signature (what Prefect shows, validates and deploys) is derived from RunConfig.
@@ -96,6 +98,7 @@ rsir = flow(name="rsir", flow_run_name="rsir-{dataset}-{model}-K{K}", log_prints
 def run_rsir(cfg: RunConfig) -> dict[str, Any]:
     started = time.perf_counter()
     ws = Workspace.at(cfg.home)
+    check_environment(ws, cfg.tracking_uri)
     tracker = Tracker.open(resolve_tracking_uri(cfg.tracking_uri, ws.mlflow_db), cfg.experiment, ws.mlartifacts)
     fetch_builtin_task(cfg.dataset, ws.home)
     lineage = cfg.lineage_key()
