@@ -17,9 +17,11 @@ No import of Prefect, MLflow or an HTTP client at module level: `rsir data list`
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import logging
 import os
+import re
 import socket
 import sqlite3
 import sys
@@ -38,6 +40,7 @@ _PROJECT = tuple(str(_REPO / package) + os.sep for package in ("core", "storage"
 # optional driver (postgresql+psycopg://), a tracking server, Databricks. File stores are refused.
 _TRACKING_SCHEMES = {"sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc", "uc"}
 _CONNECT_TIMEOUT_S = 5.0
+_DB_ERROR = re.compile(r"\((sqlite3|psycopg2?|pymysql|MySQLdb)\.[A-Za-z.]+\) .*")
 
 
 # ------------------------------------------------------------------ environment, before work
@@ -139,6 +142,15 @@ def boundary() -> Iterator[None]:
         raise RsirError(line) from exc
 
 
+_SERVICE: contextvars.ContextVar[str | None] = contextvars.ContextVar("rsir_service", default=None)
+
+
+def naming_service(what: str) -> None:
+    """Name the service a failure from MLflow or its database concerns ('MLflow tracking store
+    sqlite:///...'), for the line `describe` writes; set by a flow once it knows the URI."""
+    _SERVICE.set(what)
+
+
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
@@ -161,13 +173,16 @@ def _os_line(exc: OSError) -> str:
 def _operation(exc: BaseException) -> str:
     """The innermost frame of rsir's own code the exception passed through ('storage.files.
     write_bytes'): what rsir was doing, where the path alone would not say."""
-    found = "a workspace operation"
-    for frame, _ in traceback.walk_tb(exc.__traceback__):
-        filename = frame.f_code.co_filename
-        if filename.startswith(_PROJECT) and not filename.endswith("boundary.py"):
-            module = Path(filename).relative_to(_REPO).with_suffix("").as_posix().replace("/", ".")
-            found = f"{module}.{frame.f_code.co_name}"
-    return found
+    for inner in reversed(list(_chain(exc))):  # the innermost exception first (re-raised ones add frames)
+        found = None
+        for frame, _ in traceback.walk_tb(inner.__traceback__):
+            filename = frame.f_code.co_filename
+            if filename.startswith(_PROJECT) and not filename.endswith("boundary.py"):
+                module = Path(filename).relative_to(_REPO).with_suffix("").as_posix().replace("/", ".")
+                found = f"{module}.{frame.f_code.co_name}"
+        if found:
+            return found
+    return "a workspace operation"
 
 
 def _service_line(exc: BaseException) -> str | None:
@@ -181,12 +196,13 @@ def _service_line(exc: BaseException) -> str | None:
     if module.startswith("botocore"):
         endpoint = getattr(exc, "kwargs", {}).get("endpoint_url") if hasattr(exc, "kwargs") else None
         return f"S3 request{' to ' + endpoint if endpoint else ''} failed: {first}"
-    if module.startswith(("sqlalchemy", "alembic")) or isinstance(exc, sqlite3.DatabaseError):
-        return f"a service database failed: {type(exc).__name__}: {first}"
-    if module.startswith("mlflow"):
+    if module.startswith(("sqlalchemy", "alembic", "mlflow")) or isinstance(exc, sqlite3.DatabaseError):
         from storage.tracking import redact_uri
 
-        return f"MLflow failed: {redact_uri(first)}"
+        # MLflow and SQLAlchemy put the database's own words on a line of their long message.
+        cause = next((m.group(0) for m in map(_DB_ERROR.search, str(exc).splitlines()) if m), first)
+        service = _SERVICE.get() or ("MLflow" if module.startswith("mlflow") else "a service database")
+        return f"{service} failed: {redact_uri(cause)[:300]}"
     if isinstance(exc, RuntimeError) and "ephemeral Prefect API server" in first:
         return (f"the local Prefect server did not start ({first}); its database may be corrupt: "
                 f"move {os.environ.get('PREFECT_HOME', 'PREFECT_HOME')}/prefect.db aside")
@@ -198,10 +214,13 @@ _ENGINE_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 
 
 class _EngineFailures(logging.Filter):
-    """Drops Prefect's engine reports of a failure from the console: the ERROR records with the
-    task's and the flow's tracebacks, and the 'Finished in state Failed' lines."""
+    """Drops the reports of a failure that carry tracebacks from the console: Prefect's engines'
+    ERROR records (the task's and the flow's tracebacks) and 'Finished in state Failed' lines,
+    and MLflow's database errors with theirs."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("mlflow"):
+            return not (record.levelno >= logging.ERROR and record.exc_info)
         if not record.name.startswith(_ENGINE_LOGGERS):
             return True
         if record.levelno >= logging.ERROR or record.exc_info:
@@ -231,11 +250,13 @@ def quiet_engine_failures(ws: Workspace) -> Path:
     handler = _LogFile(log, delay=True)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
-    for name in _ENGINE_LOGGERS:
+    import mlflow  # noqa: F401  (configures MLflow's logger, whose handler this adjusts)
+
+    for name in (*_ENGINE_LOGGERS, "mlflow"):
         logger = logging.getLogger(name)
         if not any(isinstance(h, _LogFile) for h in logger.handlers):
             logger.addHandler(handler)
-    for logger in (logging.getLogger(), logging.getLogger("prefect")):
+    for logger in (logging.getLogger(), logging.getLogger("prefect"), logging.getLogger("mlflow")):
         for h in logger.handlers:
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) \
                     and not any(isinstance(f, _EngineFailures) for f in h.filters):

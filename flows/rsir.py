@@ -23,7 +23,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.context import get_run_context
 
 from core.config import with_parameters
-from flows.boundary import boundary, check_environment
+from flows.boundary import boundary, check_environment, naming_service
 from tasks.config import RunConfig, run_parameters
 from core.workspace import Workspace
 from storage.manifest import VersionRef
@@ -99,7 +99,9 @@ def run_rsir(cfg: RunConfig) -> dict[str, Any]:
     started = time.perf_counter()
     ws = Workspace.at(cfg.home)
     check_environment(ws, cfg.tracking_uri)
-    tracker = Tracker.open(resolve_tracking_uri(cfg.tracking_uri, ws.mlflow_db), cfg.experiment, ws.mlartifacts)
+    uri = resolve_tracking_uri(cfg.tracking_uri, ws.mlflow_db)
+    naming_service(f"MLflow tracking store {redact_uri(uri)}")
+    tracker = Tracker.open(uri, cfg.experiment, ws.mlartifacts)
     fetch_builtin_task(cfg.dataset, ws.home)
     lineage = cfg.lineage_key()
     # The run's own fork of the dataset, named by its parameters: a re-run resumes in it.
