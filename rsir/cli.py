@@ -52,10 +52,11 @@ def _before_flow(ws, tracking_uri: str | None) -> None:
     """Before a flow starts: the environment it will use checked (one line, no work done), and
     Prefect's failure tracebacks sent to the workspace's log instead of the terminal, where the
     failure is the one line `main` prints."""
-    from flows.boundary import check_environment, quiet_engine_failures
+    from flows.boundary import check_environment, quiet_engine_failures, start_local_prefect
 
     check_environment(ws, tracking_uri, prefect=True)
     quiet_engine_failures(ws)
+    start_local_prefect()
 
 
 def _emit(obj: Any, as_json: bool, render) -> None:

@@ -171,3 +171,24 @@ def copy_file(source: Location, target: Location) -> None:
         atomic_copy(source, target)
     else:
         write_bytes(target, read_bytes(source))
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (fcntl) on `path` (created if absent), held while the block
+    runs and released when it ends or the process dies: what makes the first use of a shared
+    local database (MLflow's, Prefect's) happen once when several runs start together. Where
+    fcntl does not exist (Windows) the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover (not POSIX)
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from core.errors import RsirError
-from storage.files import location, read_bytes
+from storage.files import file_lock, location, read_bytes
 
 
 def default_tracking_uri(db: Path) -> str:
@@ -48,7 +48,11 @@ def resolve_tracking_uri(given: str | None, db: Path) -> str:
 # reads these from the environment at request time: the front doors (CLI, `rsir serve`) set them.
 MLFLOW_ENVIRONMENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                       "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-                      "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+                      "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                      # MLflow's telemetry thread read the environment while runs changed it (1 of 12
+                      # concurrent deployment runs failed with KeyError '_MLFLOW_TELEMETRY_SESSION_ID');
+                      # rsir sends no usage data: off unless the user sets it (MLflow 3.17's variable).
+                      "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
 def mlflow_environment_defaults(environ: dict[str, str]) -> None:
@@ -93,11 +97,17 @@ class Tracker:
     def open(cls, tracking_uri: str, experiment: str, artifact_root: Path | str | None = None) -> "Tracker":
         from mlflow import MlflowClient
 
+        lock: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         if tracking_uri.startswith("sqlite:///"):
-            Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        client = MlflowClient(tracking_uri)
+            db = Path(tracking_uri.removeprefix("sqlite:///"))
+            db.parent.mkdir(parents=True, exist_ok=True)
+            # MLflow creates a new database's tables on first use, unguarded: runs starting
+            # together on a new workspace raced ("table latest_metrics already exists").
+            lock = file_lock(db.with_name(db.name + ".lock"))
         try:
-            found = client.get_experiment_by_name(experiment)
+            with lock:
+                client = MlflowClient(tracking_uri)
+                found = client.get_experiment_by_name(experiment)
             experiment_id = found.experiment_id if found else _create_experiment(
                 client, experiment, _artifact_location(tracking_uri, artifact_root))
             if found and not EXPERIMENT_KIND.items() <= found.tags.items():  # created by an older rsir
@@ -108,6 +118,13 @@ class Tracker:
             raise RsirError(f"MLflow tracking URI {redact_uri(tracking_uri)!r} is unreachable or invalid: "
                             f"{reason}") from None
         return cls(client, tracking_uri, experiment, experiment_id)
+
+    @staticmethod
+    def experiment_names(tracking_uri: str) -> list[str]:
+        """The names of the tracking store's active experiments."""
+        from mlflow import MlflowClient
+
+        return [e.name for e in MlflowClient(tracking_uri).search_experiments()]
 
     # ------------------------------------------------------------ queries
     def search_runs(self, filter_string: str = "") -> list[Any]:
