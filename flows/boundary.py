@@ -179,11 +179,13 @@ def naming_service(what: str) -> None:
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and its explicit causes (`raise ... from`): how libraries wrap a fault. Not
+    the implicit context: an error raised while handling another is a bug of the handler."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         yield exc
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__
 
 
 def _os_line(exc: OSError) -> str:
