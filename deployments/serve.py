@@ -10,6 +10,7 @@ Ctrl-C (or SIGTERM) stops every process rsir started, each as a whole process tr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -206,17 +207,25 @@ class Services:
         self.sweeper: subprocess.Popen | None = None
         self.next_sweep = 0.0
 
-    def sweep_dead_runs(self) -> None:
-        """Every SWEEP_SECONDS, one `python -m flows.liveness` with the workers' environment (their
-        Prefect API and tracking URI), in the background; its lines go to liveness.log."""
-        if time.monotonic() < self.next_sweep or (self.sweeper is not None and self.sweeper.poll() is None):
+    def sweep_dead_runs(self, wait: bool = False) -> None:
+        """Every SWEEP_SECONDS (from the start: what an earlier `rsir serve` left open), one
+        `python -m flows.liveness` with the workers' environment (their Prefect API and tracking
+        URI), in the background; its lines go to liveness.log. `wait`: sweep now, to the end."""
+        running = self.sweeper is not None and self.sweeper.poll() is None
+        if not wait and (running or time.monotonic() < self.next_sweep):
             return
+        if running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.sweeper.wait(timeout=2 * SWEEP_SECONDS)
         env = dict(self.env)
         if self.cfg.tracking_of_workers():
             env["MLFLOW_TRACKING_URI"] = self.cfg.tracking_of_workers()
         self.sweeper = _start([sys.executable, "-m", "flows.liveness", "--home", self.ws.home], env,
                               self.logs / "liveness.log")
         self.next_sweep = time.monotonic() + SWEEP_SECONDS
+        if wait:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.sweeper.wait(timeout=2 * SWEEP_SECONDS)
 
     def start_prefect(self) -> None:
         cfg = self.cfg
@@ -303,7 +312,12 @@ def serve(home: str | None, params: dict, ready_file: str | None = None) -> None
         if ready_file:
             Path(ready_file).write_text(json.dumps(ready))
         while not stopping:
-            services.check_alive()
+            try:
+                services.check_alive()
+            except RsirError:
+                if "worker" in cfg.services:  # a killed worker: close its runs while the servers still run
+                    services.sweep_dead_runs(wait=True)
+                raise
             if "worker" in cfg.services:
                 services.sweep_dead_runs()
             time.sleep(0.5)

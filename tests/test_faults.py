@@ -351,11 +351,37 @@ def test_the_liveness_sweep_closes_runs_whose_process_died(tiny, capsys):
     tracker.end_run(live)
 
 
-def test_rsir_serve_sweeps_periodically():
+def test_rsir_serve_sweeps_at_start_then_periodically(tmp_path, monkeypatch):
+    """`rsir serve` runs the sweep at once (what an earlier serve left), then every SWEEP_SECONDS,
+    one at a time, with the workers' environment; and to the end when a worker died."""
     from deployments import serve
 
-    assert 0 < serve.SWEEP_SECONDS <= 300
-    assert "flows.liveness" in Path(serve.__file__).read_text()
+    started = []
+
+    class Done:
+        def poll(self):
+            return 0
+
+        def wait(self, timeout=None):
+            return 0
+
+    def start(cmd, env, log):
+        started.append((cmd, env))
+        return Done()
+
+    monkeypatch.setattr(serve, "_start", start)
+    services = serve.Services(Workspace.at(tmp_path / "ws"), serve.ServeConfig(tracking_uri="sqlite:////x/mlflow.db"))
+    services.sweep_dead_runs()
+    services.sweep_dead_runs()  # within SWEEP_SECONDS: nothing new
+    assert len(started) == 1
+    cmd, env = started[0]
+    assert cmd[1:] == ["-m", "flows.liveness", "--home", str(tmp_path / "ws")]
+    assert env["PREFECT_API_URL"].startswith("http://127.0.0.1:") and env["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    services.sweep_dead_runs(wait=True)  # a worker died: sweep now
+    assert len(started) == 2
+    monkeypatch.setattr(serve.time, "monotonic", lambda: 10 ** 9)
+    services.sweep_dead_runs()
+    assert len(started) == 3 and 0 < serve.SWEEP_SECONDS <= 300
 
 
 # ------------------------------------------------------------------ 9. MLflow's telemetry is off
