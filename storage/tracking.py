@@ -227,15 +227,23 @@ class Tracker:
             self._client.log_batch(run_id, metrics=batch[lo:lo + 500])
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-        """Log a local file, or a copy of a remote one (MLflow uploads local files only)."""
+        """Log a local file, or a copy of a remote one (MLflow uploads local files only). An
+        OSError that names no file (a full disk under the artifact store) gets the destination."""
         source = location(str(path))
-        if isinstance(source, Path):
-            self._client.log_artifact(run_id, str(source), artifact_path)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / source.rsplit("/", 1)[-1]
-            local.write_bytes(read_bytes(source))
-            self._client.log_artifact(run_id, str(local), artifact_path)
+        try:
+            if isinstance(source, Path):
+                self._client.log_artifact(run_id, str(source), artifact_path)
+                return
+            with tempfile.TemporaryDirectory() as tmp:
+                local = Path(tmp) / source.rsplit("/", 1)[-1]
+                local.write_bytes(read_bytes(source))
+                self._client.log_artifact(run_id, str(local), artifact_path)
+        except OSError as exc:
+            if exc.filename is not None or exc.errno is None:
+                raise
+            target = self.artifact_uri(run_id, f"{artifact_path}/{Path(str(path)).name}" if artifact_path
+                                       else Path(str(path)).name)
+            raise type(exc)(exc.errno, exc.strerror or str(exc), target) from exc
 
     def log_dict(self, run_id: str, obj: dict[str, Any], file_name: str) -> None:
         self._client.log_dict(run_id, obj, file_name)
