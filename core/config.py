@@ -7,9 +7,10 @@ from __future__ import annotations
 import inspect
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Literal, TypeVar
+import types
+from typing import Annotated, Any, Callable, Literal, TypeVar, Union, get_args, get_origin
 
-from pydantic import AfterValidator, BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, Field, ValidationError
 
 from core.errors import RsirError
 
@@ -25,6 +26,40 @@ def _check_device(value: str) -> str:
 
 
 Device = Annotated[str, AfterValidator(_check_device)]
+
+
+# Bounds of every numeric knob, declared once: a value outside them would reach numpy or torch as
+# an array size or an index type it cannot hold (`--m 1000000000` asked numpy for 6.86 TiB, `--tau
+# 1e30` overflowed an int64 conversion), so the typed configs refuse it first, in one line naming
+# the parameter. The ceilings are far above any sensible setting and below what the arrays hold.
+INT32_MAX = 2 ** 31 - 1
+# numpy's legacy generators and many libraries take 32-bit seeds; training seeds torch with
+# seed * 1_000_003 + rank and generation uses seed + k, which then stay far below torch's 2**63.
+Seed = Annotated[int, Field(ge=0, le=2 ** 32 - 1)]
+# A rank among the items: item ids are int32 in every partition, so no rank is above INT32_MAX
+# (a threshold at or above the item count means "any rank").
+Rank = Annotated[int, Field(ge=1, le=INT32_MAX)]
+# Rollouts per source sequence: the generator holds sources x m rollouts of max_len int64 items
+# (943 ml-100k users x 1000 x 50 is 377 MB); the paper uses m <= 10.
+Rollouts = Annotated[int, Field(ge=1, le=1000)]
+# Rows scored or trained together: each holds at least max_len x hidden floats, and a generation
+# batch batch x item_chunk scores; 2**20 rows is GiBs at the smallest model.
+BatchSize = Annotated[int, Field(ge=1, le=2 ** 20)]
+# Items scored at once (generation): a step holds batch_size x item_chunk float32 scores.
+ItemChunk = Annotated[int, Field(ge=2, le=2 ** 24)]
+# Training passes and early-stopping patience: loops, not arrays, but the curve keeps one row
+# per epoch; the release recipe's 1000 epochs is the most any recipe asks.
+Epochs = Annotated[int, Field(ge=1, le=100_000)]
+# Sequence lengths: attention holds max_len x max_len scores per head and row.
+SequenceLength = Annotated[int, Field(ge=2, le=4096)]
+# Counts of sequences (generation sources): int32, as the item ids.
+SequenceCount = Annotated[int, Field(ge=1, le=INT32_MAX)]
+# Dataset versions: manifests are named v00000.json..v99999.json.
+Version = Annotated[int, Field(ge=0, le=99_999)]
+# CPU threads or parallel workers of one process or cluster.
+Workers = Annotated[int, Field(ge=1, le=4096)]
+# A real number that must be finite (NaN and infinity pass ge/gt bounds in pydantic).
+Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
 Metric = Literal["ndcg@5", "ndcg@10", "ndcg@20", "recall@5", "recall@10", "recall@20", "mrr@20"]
@@ -46,6 +81,16 @@ def describe_validation_error(exc: ValidationError) -> str:
     value = err.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     return f"invalid parameter {where!r}: {msg}{shown}"
+
+
+def bare(annotation: Any) -> Any:
+    """The annotation without its Annotated bounds (`Seed | None` -> `int | None`): what an entry
+    point declares for a parameter; the typed config checks the bounds, in one line."""
+    if get_origin(annotation) is Annotated:
+        return bare(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, types.UnionType):
+        return Union[tuple(bare(a) for a in get_args(annotation))]
+    return annotation
 
 
 @dataclass(frozen=True)

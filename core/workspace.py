@@ -42,6 +42,22 @@ def check_directory(root: Path) -> None:
             return
 
 
+def check_scheme(url: str) -> None:
+    """A workspace URL's scheme must name a file system fsspec knows and can load (s3 needs
+    s3fs): else every command would fail in its first listing, with a traceback."""
+    import fsspec
+
+    scheme = url.split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ValueError:
+        raise RsirError(f"workspace URL {url!r}: unknown scheme {scheme!r}; use a directory or an fsspec URL "
+                        f"such as s3://bucket/prefix (from --home or $RSIR_HOME)") from None
+    except ImportError as exc:
+        raise RsirError(f"workspace URL {url!r}: scheme {scheme!r} needs a package that is not installed "
+                        f"({' '.join(str(exc).split())})") from None
+
+
 def companion(url: str) -> Path:
     """The local directory of a remote home: the same on every call for the same URL."""
     cache = Path(os.environ.get("RSIR_CACHE") or Path.home() / ".cache" / "rsir").expanduser().resolve()
@@ -58,6 +74,7 @@ class Workspace:
     def at(cls, home: str | os.PathLike | None = None) -> "Workspace":
         resolved = resolve_home(home)
         if isinstance(resolved, str):
+            check_scheme(resolved)
             root = companion(resolved)
             check_directory(root)
             return cls(root, resolved)

@@ -10,6 +10,7 @@ Ctrl-C (or SIGTERM) stops every process rsir started, each as a whole process tr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -32,6 +33,9 @@ REPO = Path(__file__).resolve().parent.parent
 POOL = "rsir-process"
 Service = Literal["prefect", "mlflow", "worker"]
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# How often `rsir serve` closes the runs whose worker died (flows/liveness.py): a killed worker
+# takes its flow-run process with it, and no later run of that lineage may come to close them.
+SWEEP_SECONDS = 60.0
 
 
 class ServeConfig(BaseModel):
@@ -200,6 +204,28 @@ class Services:
         self.env = serve_env(ws, cfg)
         self.logs = ws.root / "prefect" / "logs"
         self.procs: list[subprocess.Popen] = []
+        self.sweeper: subprocess.Popen | None = None
+        self.next_sweep = 0.0
+
+    def sweep_dead_runs(self, wait: bool = False) -> None:
+        """Every SWEEP_SECONDS (from the start: what an earlier `rsir serve` left open), one
+        `python -m flows.liveness` with the workers' environment (their Prefect API and tracking
+        URI), in the background; its lines go to liveness.log. `wait`: sweep now, to the end."""
+        running = self.sweeper is not None and self.sweeper.poll() is None
+        if not wait and (running or time.monotonic() < self.next_sweep):
+            return
+        if running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.sweeper.wait(timeout=2 * SWEEP_SECONDS)
+        env = dict(self.env)
+        if self.cfg.tracking_of_workers():
+            env["MLFLOW_TRACKING_URI"] = self.cfg.tracking_of_workers()
+        self.sweeper = _start([sys.executable, "-m", "flows.liveness", "--home", self.ws.home], env,
+                              self.logs / "liveness.log")
+        self.next_sweep = time.monotonic() + SWEEP_SECONDS
+        if wait:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.sweeper.wait(timeout=2 * SWEEP_SECONDS)
 
     def start_prefect(self) -> None:
         cfg = self.cfg
@@ -254,7 +280,7 @@ class Services:
                                 f"{proc.returncode}; see {self.logs}")
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):
+        for proc in reversed([*self.procs, *([self.sweeper] if self.sweeper else [])]):
             stop_tree(proc)
 
 
@@ -286,7 +312,14 @@ def serve(home: str | None, params: dict, ready_file: str | None = None) -> None
         if ready_file:
             Path(ready_file).write_text(json.dumps(ready))
         while not stopping:
-            services.check_alive()
+            try:
+                services.check_alive()
+            except RsirError:
+                if "worker" in cfg.services:  # a killed worker: close its runs while the servers still run
+                    services.sweep_dead_runs(wait=True)
+                raise
+            if "worker" in cfg.services:
+                services.sweep_dead_runs()
             time.sleep(0.5)
     finally:
         services.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 from prefect import flow
 
 from core.workspace import Workspace
+from flows.boundary import boundary
 from tasks.evaluate import Evaluation, evaluate_task
 
 
@@ -19,9 +20,10 @@ def evaluate(checkpoint: str, dataset: str = "ml-100k", version: int | None = No
     and Recall@10."""
     from storage.dataset import dataset_store
 
-    ws = Workspace.at(home)
-    version = dataset_store(ws).manifest(dataset, version).version
-    result = evaluate_task(ws.home, checkpoint, dataset, version, device).value
+    with boundary():  # a fault the user can fix: the flow run fails with its one line
+        ws = Workspace.at(home)
+        version = dataset_store(ws).manifest(dataset, version).version
+        result = evaluate_task(ws.home, checkpoint, dataset, version, device).value
     print(f"{result.model} on {dataset} v{version}: test ndcg@10 {result.test['ndcg@10']:.4f} "
           f"recall@10 {result.test['recall@10']:.4f} ({result.checkpoint})")
     return result

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flows.rsir import rsir
 from models import get_backbone
-from core.config import Device, parse_config
+from core.config import Device, Epochs, Rank, Rollouts, Seed, SequenceCount, Workers, parse_config
 from core.errors import RsirError
 from core.workspace import Workspace
 from storage.tracking import Tracker, resolve_tracking_uri, redact_uri
@@ -98,18 +98,18 @@ class ExperimentConfig(BaseModel):
 
     suite: SuiteName
     datasets: list[str] | None = Field(None, description="override the suite's datasets")
-    seeds: list[Annotated[int, Field(ge=0)]] = Field([0, 1, 2], min_length=1)
-    K: int = Field(3, ge=1, description="iterations of the main suite's RSIR arms")
-    taus: list[int] = Field([1, 3, 5, 10, 20, 50, 100], min_length=1)
-    ps: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
+    seeds: list[Seed] = Field([0, 1, 2], min_length=1)
+    K: int = Field(3, ge=1, le=100, description="iterations of the main suite's RSIR arms")
+    taus: list[Rank] = Field([1, 3, 5, 10, 20, 50, 100], min_length=1)
+    ps: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field([0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
     grid: list[str] = Field(list(PAPER_GRID), min_length=1, description="the paper suite's trainer grid "
                             "(names of PAPER_GRID; the first is the reference the others must beat)")
-    tau: int = Field(10, ge=1, description="fidelity threshold of the main and backbones suites")
+    tau: Rank = Field(10, description="fidelity threshold of the main and backbones suites")
     p: float = Field(0.5, ge=0.0, le=1.0)
-    m: int = Field(5, ge=1)
-    epochs: int | None = Field(None, ge=1, description="maximum epochs (None: the recipe's)")
-    patience: int | None = Field(None, ge=1, description="early-stopping patience (None: the recipe's)")
-    max_sources: int | None = Field(None, ge=1, description="generation sources per iteration (None: all)")
+    m: Rollouts = 5
+    epochs: Epochs | None = Field(None, description="maximum epochs (None: the recipe's)")
+    patience: Epochs | None = Field(None, description="early-stopping patience (None: the recipe's)")
+    max_sources: SequenceCount | None = Field(None, description="generation sources per iteration (None: all)")
     shard: str | None = Field(None, pattern=r"^\d+/[1-9]\d*$", description="I/N: run only every N-th arm of each "
                               "stage from the I-th (0-based), so N processes share a suite; a stage that needs "
                               "another shard's unfinished arms fails with one line (run it again later)")
@@ -117,7 +117,7 @@ class ExperimentConfig(BaseModel):
     backbone_options: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: dict(TUNED_BACKBONES), description="per-backbone model parameters")
     device: Device = "auto"
-    threads: int | None = Field(None, ge=1)
+    threads: Workers | None = None
     home: str | None = None
     tracking_uri: str | None = None
     experiment: str | None = Field(None, description="MLflow experiment (default: experiment-<suite>)")

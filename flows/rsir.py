@@ -16,6 +16,7 @@ run itself: a re-submission of a finished run returns its summary, a stopped run
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,8 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 from prefect.context import get_run_context
 
 from core.config import with_parameters
+from flows.boundary import boundary, check_environment, naming_service
+from flows.liveness import close_dead_runs
 from tasks.config import RunConfig, run_parameters
 from core.workspace import Workspace
 from storage.manifest import VersionRef
@@ -93,7 +96,8 @@ def _rsir(**params: Any) -> dict[str, Any]:
 
     The parameters are RunConfig's (tasks/config.py), flat: the backbones as a name plus a dict
     of settings; a training setting left None comes from the recipe (`default` or `release`)."""
-    return run_rsir(RunConfig.from_parameters(params))
+    with boundary():  # a fault the user can fix: the flow run fails with its one line
+        return run_rsir(RunConfig.from_parameters(params))
 
 
 # The flow's signature (what Prefect shows, validates and deploys) is derived from RunConfig.
@@ -104,7 +108,10 @@ rsir = flow(name="rsir", flow_run_name="rsir-{dataset}-{model}-K{K}", log_prints
 def run_rsir(cfg: RunConfig) -> dict[str, Any]:
     started = time.perf_counter()
     ws = Workspace.at(cfg.home)
-    tracker = Tracker.open(resolve_tracking_uri(cfg.tracking_uri, ws.mlflow_db), cfg.experiment, ws.mlartifacts)
+    check_environment(ws, cfg.tracking_uri)
+    uri = resolve_tracking_uri(cfg.tracking_uri, ws.mlflow_db)
+    naming_service(f"MLflow tracking store {redact_uri(uri)}")
+    tracker = Tracker.open(uri, cfg.experiment, ws.mlartifacts)
     fetch_builtin_task(cfg.dataset, ws.home)
     lineage = cfg.lineage_key()
     # The run's own fork of the dataset, named by its parameters: a re-run resumes in it.
@@ -230,66 +237,25 @@ def _parent_run(tracker: Tracker, cfg: RunConfig, lineage: str, run_key: str, ba
             **{f"rsir.label.{key}": str(value) for key, value in cfg.labels.items()}}
     run_id = tracker.start_run(f"rsir-{cfg.dataset}-{cfg.model.name}-K{cfg.K}",
                                {**tags, **prefect_tags, **owner_tags()})
-    tracker.log_params(run_id, {**cfg.model_dump(mode="json", exclude={"home", "tracking_uri", "progress"}),
-                                "run_dataset": run_dataset})
-    _log_version(tracker, run_id, dataset_store(Workspace.at(cfg.home)), run_dataset, 0, "input")  # D_0
+    try:
+        tracker.log_params(run_id, {**cfg.model_dump(mode="json", exclude={"home", "tracking_uri", "progress"}),
+                                    "run_dataset": run_dataset})
+        _log_version(tracker, run_id, dataset_store(Workspace.at(cfg.home)), run_dataset, 0, "input")  # D_0
+    except Exception:  # before the heartbeat block: a failed start closes its run too, at once
+        with contextlib.suppress(Exception):
+            tracker.end_run(run_id, "FAILED")
+        raise
     return run_id
 
 
 def _close_killed_runs(tracker: Tracker, lineage: str, this_flow_run: str) -> None:
     """Close what a killed run of this lineage left open: its MLflow parent run (and an iteration
-    cut short) KILLED, its Prefect flow run CRASHED; one log line each. Which runs are dead is
-    decided by their process or heartbeat (`Tracker.dead_runs`), never by the RUNNING state the
-    killed process left: two workers may run one lineage at once, and a live run stays open."""
+    cut short) KILLED, its Prefect flow run CRASHED; one log line each (flows/liveness.py: the
+    same rule `rsir serve` sweeps with). A live run of the lineage stays open."""
     logger = get_run_logger()
-    for dead in tracker.dead_runs(f"tags.`rsir.lineage` = '{lineage}'"):
-        tracker.kill(dead.run_id)
-        flow_run = dead.tags.get("prefect.flow_run_id", "")
-        if not flow_run:
-            prefect = "no Prefect flow run"
-        elif flow_run == this_flow_run:  # Prefect runs a crashed flow run again under its id
-            prefect = f"Prefect flow run {flow_run} runs again as this run"
-        else:
-            prefect = _crash_flow_run(flow_run, f"killed: {dead.reason}; MLflow run {dead.run_id} was marked "
-                                                "KILLED by a later run of its lineage")
+    for closed in close_dead_runs(tracker, f"tags.`rsir.lineage` = '{lineage}'", this_flow_run):
         logger.warning("closed a killed run of lineage %s (%s): MLflow run %s KILLED, %s; this run resumes its work",
-                       lineage, dead.reason, dead.run_id, prefect)
-
-
-def _crash_flow_run(flow_run_id: str, message: str) -> str:
-    """Set a killed Prefect flow run CRASHED, with its subflow runs and task runs that had not
-    ended (the killed process left them Running too); says what became of the flow run. Never
-    raises: the MLflow run is closed all the same, and this run goes on."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter,
-                                                TaskRunFilterFlowRunId, TaskRunFilterState, TaskRunFilterStateType)
-    from prefect.client.schemas.objects import TERMINAL_STATES, StateType
-    from prefect.exceptions import ObjectNotFound
-    from prefect.states import Crashed
-
-    open_states = [t for t in StateType if t not in TERMINAL_STATES]
-    try:
-        with get_client(sync_client=True) as client:
-            root = client.read_flow_run(flow_run_id)
-            pending, outcome = [root], f"Prefect flow run {flow_run_id} had ended ({root.state_name})"
-            while pending:
-                run = pending.pop()
-                if run.state is None or not run.state.is_final():
-                    client.set_flow_run_state(run.id, Crashed(message=message), force=True)
-                    if run.id == root.id:
-                        outcome = f"Prefect flow run {flow_run_id} CRASHED"
-                pending += client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
-                for task_run in client.read_task_runs(task_run_filter=TaskRunFilter(
-                        flow_run_id=TaskRunFilterFlowRunId(any_=[run.id]),
-                        state=TaskRunFilterState(type=TaskRunFilterStateType(any_=open_states)))):
-                    client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
-            return outcome
-    except ObjectNotFound:  # it ran against another Prefect server (or was deleted)
-        return f"Prefect flow run {flow_run_id} unknown to this Prefect server"
-    except Exception as exc:  # the server is unreachable or refused: say so, the run goes on
-        reason = (str(exc).splitlines() or [""])[0][:200]
-        return f"Prefect flow run {flow_run_id} not marked ({type(exc).__name__}: {reason})"
+                       lineage, closed.reason, closed.run_id, closed.prefect)
 
 
 def _log_version(tracker: Tracker, run_id: str, store: DatasetStore, dataset: str, version: int,

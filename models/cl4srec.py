@@ -35,7 +35,7 @@ _EPS = 1e-9  # so that e.g. 0.2 * 15 counts as 3, not 3.0000000000000004
 class CL4SRecOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    ffn_mult: int = Field(1, ge=1, description="FFN inner size = ffn_mult * hidden (as SASRec)")
+    ffn_mult: int = Field(1, ge=1, le=64, description="FFN inner size = ffn_mult * hidden (as SASRec)")
     positions: Positions = Field("oldest", description=POSITIONS_HELP + " (SASRec's default: the same encoder)")
     crop_ratio: float = Field(0.2, gt=0.0, le=1.0, description="share of items kept by crop (eta)")
     mask_ratio: float = Field(0.7, gt=0.0, le=1.0, description="share of items masked (gamma)")

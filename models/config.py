@@ -11,13 +11,13 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = "sasrec"
-    max_len: int = Field(50, ge=2, description="longest input sequence; longer ones are windowed (RecBole default: 50)")
-    hidden: int = Field(64, ge=1)
-    layers: int = Field(2, ge=1)
-    heads: int = Field(1, ge=1)
+    max_len: int = Field(50, ge=2, le=4096, description="longest input sequence; longer ones are windowed (RecBole default: 50)")
+    hidden: int = Field(64, ge=1, le=8192)
+    layers: int = Field(2, ge=1, le=64)
+    heads: int = Field(1, ge=1, le=256)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     loss: Literal["ce", "sampled", "bce"] = "ce"
-    negatives: int = Field(256, ge=1, description="loss=sampled: uniform negatives per sequence, shared by "
+    negatives: int = Field(256, ge=1, le=2 ** 20, description="loss=sampled: uniform negatives per sequence, shared by "
                            "its positions")
     negatives_exclude_input: bool = Field(False, description="loss=sampled: never draw an item of the "
                                           "position's input sequence as a negative (the RSIR release)")

@@ -48,6 +48,17 @@ def _local_prefect(ws):
     return ws
 
 
+def _before_flow(ws, tracking_uri: str | None) -> None:
+    """Before a flow starts: the environment it will use checked (one line, no work done), and
+    Prefect's failure tracebacks sent to the workspace's log instead of the terminal, where the
+    failure is the one line `main` prints."""
+    from flows.boundary import check_environment, quiet_engine_failures, start_local_prefect
+
+    check_environment(ws, tracking_uri, prefect=True)
+    quiet_engine_failures(ws)
+    start_local_prefect()
+
+
 def _emit(obj: Any, as_json: bool, render) -> None:
     """Print a result (a dict or a typed result) as one JSON object or rendered for people."""
     if dataclasses.is_dataclass(obj):
@@ -424,8 +435,8 @@ def run(**params: Any) -> None:
         params["model_params"] = {**model_params, "options": {**model_params.get("options", {}),
                                                               **_options(option, "--option")}}
     params.update(home=ws.home, progress=sys.stderr.isatty())
-    RunConfig.from_parameters(params)  # a bad value: one line, before Prefect is even imported
-    _local_prefect(ws)
+    cfg = RunConfig.from_parameters(params)  # a bad value: one line, before Prefect is even imported
+    _before_flow(_local_prefect(ws), cfg.tracking_uri)
     from flows.rsir import format_table, rsir
 
     summary = rsir(**params)
@@ -470,6 +481,7 @@ def experiment_cmd(
                        device=device,
                        threads=threads)
     parse_config(ExperimentConfig, given)  # a bad value: one line before the flow (and a Prefect server) starts
+    _before_flow(ws, tracking_uri)
     summary = run_experiment(**given, smoke=smoke, home=ws.home, tracking_uri=tracking_uri,
                              experiment_name=experiment, archive=str(archive) if archive else None)
     _emit(summary, as_json, lambda r: print(
@@ -606,10 +618,33 @@ def main(argv: list[str] | None = None) -> None:
 
     mlflow_environment_defaults(os.environ)
     try:
-        app(args=argv)
-    except RsirError as exc:
-        print(f"rsir: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        code = app(args=argv, standalone_mode=False)
+    except typer.TyperException as exc:  # a bad option value, a missing or unknown option (Click's)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `rsir` alone, `rsir data`: the help
+            print(exc.format_message())
+            sys.exit(exc.exit_code)
+        command = f"{exc.ctx.command_path}: " if getattr(exc, "ctx", None) is not None else ""
+        _fail(f"{command}{exc.format_message()}")
+    except typer.Abort:
+        print("Aborted!", file=sys.stderr)
+        sys.exit(1)
+    except Exception as exc:
+        from flows.boundary import describe
+
+        line = describe(exc)  # None: a bug, which keeps its traceback
+        if line is None:
+            raise
+        _fail(line)
+    if isinstance(code, int) and code:  # typer.Exit(code), and 130 for Ctrl-C
+        sys.exit(code)
+
+
+def _fail(line: str) -> None:
+    """The one line of a fault the user can fix, and exit status 2."""
+    from flows.boundary import print_error
+
+    print_error(line)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ previous version or the complete new one, and of two writers of one version exac
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import os
 import re
 import shutil
 import uuid
@@ -128,11 +130,38 @@ class DatasetStore:
         self.fs, self._root_path = filesystem(self.root)
         self.staging = Path(staging)
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        self._real_root = os.path.realpath(self._root_path) if self.is_local else self._root_path
 
     # ---------------------------------------------------------------- paths
     def _path(self, name: str, *parts: str) -> str:
-        # Every access to a dataset goes through here: a name like '../x' never leaves the root.
-        return "/".join([self._root_path, check_name(name), *parts])
+        # Every access to a dataset goes through here: a name like '../x' never leaves the root,
+        # and a local dataset directory never resolves into another dataset's (_own_directory).
+        path = "/".join([self._root_path, check_name(name), *parts])
+        if self.is_local:
+            self._own_directory(name)
+        return path
+
+    def _own_directory(self, name: str) -> str:
+        """The real path of a local dataset's directory. A directory that is a link into another
+        dataset of this root is refused: a run writing through it would add versions to that
+        dataset (the base dataset is never modified). A link elsewhere (another disk) is fine."""
+        own = os.path.join(self._real_root, name)
+        real = os.path.realpath(own)
+        if real != own and (real + os.sep).startswith(self._real_root + os.sep):
+            raise RsirError(f"dataset {name!r}: its directory {own} resolves to {real}, inside another dataset "
+                            f"of {self.root}; refusing to read or write through it (remove the link)")
+        return real
+
+    def _check_write(self, name: str, path: str) -> None:
+        """A local write's real path must lie inside its dataset's real directory (a link inside
+        the dataset, e.g. `sequences`, must not lead a write into another one)."""
+        if not self.is_local:
+            return
+        own = self._own_directory(name)
+        real = os.path.realpath(path)
+        if not real.startswith(own + os.sep):
+            raise RsirError(f"dataset {name!r}: writing {path} would write {real}, outside the dataset's "
+                            f"directory {own}; refusing (a symbolic link inside the dataset?)")
 
     def _frame(self, name: str, rel: str) -> pl.LazyFrame:
         """One Parquet file of a dataset: scanned lazily locally; through fsspec elsewhere, read
@@ -149,29 +178,44 @@ class DatasetStore:
 
     # ---------------------------------------------------------------- reading
     def names(self) -> list[str]:
+        """Every dataset of the root: a directory with committed versions, and one that cannot be
+        read (its `manifests` is not a readable directory, its directory links into another
+        dataset), so that `rsir data list` reports it on its own line instead of omitting it.
+        A directory without any committed version (a dataset set aside) is not listed."""
         if not self.fs.exists(self._root_path):
             return []
         found = []
         for entry in self.fs.ls(self._root_path, detail=False):
             name = entry.rstrip("/").rsplit("/", 1)[-1]
-            if valid_name(name) and self.versions(name):  # skips e.g. a replaced dataset set aside
+            if not valid_name(name):
+                continue
+            try:
+                if self.versions(name):
+                    found.append(name)
+            except RsirError:  # unreadable: listed, and `manifest` says why
                 found.append(name)
         return sorted(found)
 
     def lineage(self, name: str) -> int | None:
         """The dataset's current lineage: 0 for its first import, one more per replacement
-        (`--force`); the highest one whose version 0 is committed. None: no such dataset."""
+        (`--force`); the highest one whose version 0 is committed. None: no such dataset.
+        RsirError when the manifests cannot be listed (not a directory, no permission)."""
         mdir = self._path(name, "manifests")
-        if not self.fs.exists(mdir):
-            return None
-        found = []
-        for entry in self.fs.ls(mdir, detail=False):
-            base = entry.rstrip("/").rsplit("/", 1)[-1]
-            m = _LINEAGE_RE.fullmatch(base)
-            if base == "v00000.json":
-                found.append(0)
-            elif m and self.fs.exists(f"{entry.rstrip('/')}/v00000.json"):
-                found.append(int(m.group(1)))
+        try:
+            if not self.fs.exists(mdir):
+                return None
+            if not self.fs.isdir(mdir):
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", mdir)
+            found = []
+            for entry in self.fs.ls(mdir, detail=False):
+                base = entry.rstrip("/").rsplit("/", 1)[-1]
+                m = _LINEAGE_RE.fullmatch(base)
+                if base == "v00000.json":
+                    found.append(0)
+                elif m and self.fs.exists(f"{entry.rstrip('/')}/v00000.json"):
+                    found.append(int(m.group(1)))
+        except OSError as exc:
+            raise RsirError(f"dataset {name!r}: cannot list its manifests {mdir}: {exc.strerror or _one_line(exc)}") from None
         return max(found) if found else None
 
     def versions(self, name: str) -> list[int]:
@@ -430,6 +474,7 @@ class DatasetStore:
         with _io(name, f"copying staged files into {self._path(name)}"):
             for src in sorted(p for p in stage.rglob("*") if p.is_file()):
                 dst = self._path(name, src.relative_to(stage).as_posix())
+                self._check_write(name, dst)
                 self.fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
                 published.append(dst)
                 if self.is_local:
@@ -442,6 +487,7 @@ class DatasetStore:
         (FileExistsError otherwise). Data files are durable before it."""
         final = self._path(name, _manifest_dir(manifest.lineage), f"v{manifest.version:05d}.json")
         body = manifest.model_dump_json(indent=2).encode()
+        self._check_write(name, final)
         with _io(name, f"committing the manifest of version {manifest.version}"):
             self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
             if not self.is_local:  # S3: a conditional PutObject (If-None-Match: *); memory: exclusive

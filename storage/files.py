@@ -59,12 +59,25 @@ def exclusive_create(path: Path, data: bytes) -> None:
 @contextmanager
 def atomic_temp(path: Path) -> Iterator[Path]:
     """A unique temporary path beside `path`, removed when the block ends."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            yield tmp
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def naming(path: Path | str) -> Iterator[None]:
+    """An OSError without a file name (a write to an open file on a full disk says only "No
+    space left on device") gets `path`: the one-line error then names the file at fault."""
     try:
-        yield tmp
-    finally:
-        tmp.unlink(missing_ok=True)
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise type(exc)(exc.errno, exc.strerror or str(exc), str(path)) from exc
 
 
 # ---------------------------------------------------------------- locations: a Path or a URL
@@ -158,3 +171,24 @@ def copy_file(source: Location, target: Location) -> None:
         atomic_copy(source, target)
     else:
         write_bytes(target, read_bytes(source))
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (fcntl) on `path` (created if absent), held while the block
+    runs and released when it ends or the process dies: what makes the first use of a shared
+    local database (MLflow's, Prefect's) happen once when several runs start together. Where
+    fcntl does not exist (Windows) the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover (not POSIX)
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+

@@ -33,7 +33,7 @@ from typing import Any, Iterator
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import RsirError
-from storage.files import location, read_bytes
+from storage.files import file_lock, location, read_bytes
 
 
 def default_tracking_uri(db: Path) -> str:
@@ -57,7 +57,11 @@ MLFLOW_ENVIRONMENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUE
                       "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
                       # MLflow's own "View run … at" lines link the GenAI view (no workflowType in
                       # the URL); rsir prints and publishes `Tracker.run_url`, the model-training view.
-                      "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+                      "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+                      # MLflow's telemetry thread read the environment while runs changed it (1 of 12
+                      # concurrent deployment runs failed with KeyError '_MLFLOW_TELEMETRY_SESSION_ID');
+                      # rsir sends no usage data: off unless the user sets it (MLflow 3.17's variable).
+                      "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
 def mlflow_environment_defaults(environ: dict[str, str]) -> None:
@@ -142,11 +146,17 @@ class Tracker:
     def open(cls, tracking_uri: str, experiment: str, artifact_root: Path | str | None = None) -> "Tracker":
         from mlflow import MlflowClient
 
+        lock: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         if tracking_uri.startswith("sqlite:///"):
-            Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        client = MlflowClient(tracking_uri)
+            db = Path(tracking_uri.removeprefix("sqlite:///"))
+            db.parent.mkdir(parents=True, exist_ok=True)
+            # MLflow creates a new database's tables on first use, unguarded: runs starting
+            # together on a new workspace raced ("table latest_metrics already exists").
+            lock = file_lock(db.with_name(db.name + ".lock"))
         try:
-            found = client.get_experiment_by_name(experiment)
+            with lock:
+                client = MlflowClient(tracking_uri)
+                found = client.get_experiment_by_name(experiment)
             experiment_id = found.experiment_id if found else _create_experiment(
                 client, experiment, _artifact_location(tracking_uri, artifact_root))
             if found and not EXPERIMENT_KIND.items() <= found.tags.items():  # created by an older rsir
@@ -157,6 +167,13 @@ class Tracker:
             raise RsirError(f"MLflow tracking URI {redact_uri(tracking_uri)!r} is unreachable or invalid: "
                             f"{reason}") from None
         return cls(client, tracking_uri, experiment, experiment_id)
+
+    @staticmethod
+    def experiment_names(tracking_uri: str) -> list[str]:
+        """The names of the tracking store's active experiments."""
+        from mlflow import MlflowClient
+
+        return [e.name for e in MlflowClient(tracking_uri).search_experiments()]
 
     # ------------------------------------------------------------ queries
     def search_runs(self, filter_string: str = "") -> list[Any]:
@@ -334,15 +351,23 @@ class Tracker:
             self._client.log_batch(run_id, metrics=batch[lo:lo + 500])
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-        """Log a local file, or a copy of a remote one (MLflow uploads local files only)."""
+        """Log a local file, or a copy of a remote one (MLflow uploads local files only). An
+        OSError that names no file (a full disk under the artifact store) gets the destination."""
         source = location(str(path))
-        if isinstance(source, Path):
-            self._client.log_artifact(run_id, str(source), artifact_path)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / source.rsplit("/", 1)[-1]
-            local.write_bytes(read_bytes(source))
-            self._client.log_artifact(run_id, str(local), artifact_path)
+        try:
+            if isinstance(source, Path):
+                self._client.log_artifact(run_id, str(source), artifact_path)
+                return
+            with tempfile.TemporaryDirectory() as tmp:
+                local = Path(tmp) / source.rsplit("/", 1)[-1]
+                local.write_bytes(read_bytes(source))
+                self._client.log_artifact(run_id, str(local), artifact_path)
+        except OSError as exc:
+            if exc.filename is not None or exc.errno is None:
+                raise
+            target = self.artifact_uri(run_id, f"{artifact_path}/{Path(str(path)).name}" if artifact_path
+                                       else Path(str(path)).name)
+            raise type(exc)(exc.errno, exc.strerror or str(exc), target) from exc
 
     def log_dict(self, run_id: str, obj: dict[str, Any], file_name: str) -> None:
         self._client.log_dict(run_id, obj, file_name)

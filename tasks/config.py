@@ -7,7 +7,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.config import Device, Metric, Parameter, parse_config
+from core.config import (BatchSize, bare, Device, Epochs, Finite, Metric, Parameter, Rank, Rollouts, Seed,
+                         SequenceCount, SequenceLength, Version, Workers, parse_config)
 from core.hashing import json_digest
 from models.config import ModelConfig
 from tasks.executor import Executor
@@ -70,21 +71,21 @@ class TrainingSettings(BaseModel):
 
     recipe: Recipe = Field("default", description="preset that fills the settings left unset: default "
                            "(ours) or release (the authors' RSIR release)")
-    epochs: int = Field(200, ge=1, description="maximum epochs")
-    patience: int = Field(10, ge=1, description="epochs without a gain of the early-stopping metric before stopping")
+    epochs: Epochs = Field(200, description="maximum epochs")
+    patience: Epochs = Field(10, description="epochs without a gain of the early-stopping metric before stopping")
     early_stop: Metric = Field("ndcg@10", description="validation metric of early stopping and model selection")
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
-    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
-    batch_size: int = Field(128, ge=1, description="training batch size (windows)")
+    lr: Finite = Field(1e-3, gt=0, description="Adam learning rate")
+    weight_decay: Finite = Field(0.0, ge=0, description="Adam weight decay")
+    batch_size: BatchSize = Field(128, description="training batch size (windows)")
     batching: Batching = Field(
         "length", description="length: windows of similar length batched together (less padding); "
         "random: plain random batches (the release)")
     weighting: Weighting = Field(
         "position", description="position: every target position of an epoch weighs the same, whatever "
         "batch it falls in (the paper's objective); batch: each batch's mean (the trainer before issue 10)")
-    synthetic_weight: float = Field(1.0, ge=0.0, description="λ: weight of a synthetic target position "
+    synthetic_weight: Finite = Field(1.0, ge=0.0, description="λ: weight of a synthetic target position "
                                     "relative to a real one (1 = alike, the paper's L_k + λ·L_gen by counts)")
-    stride: int | None = Field(None, ge=1, description="pairs between overlapping training windows of long "
+    stride: int | None = Field(None, ge=1, le=4096, description="pairs between overlapping training windows of long "
                                "sequences (a window predicts only its newest `stride` targets, so each target "
                                "keeps >= max_len - stride items of context): unset = max_len // 2 (half a "
                                "window; no recipe sets it), max_len = disjoint windows (the trainer before "
@@ -124,12 +125,12 @@ class TrainConfig(TrainingSettings):
     """One training: a dataset version, a backbone, the training settings and the runtime."""
 
     dataset: str = "ml-100k"
-    version: int | None = Field(None, ge=0, description="dataset version; latest when omitted")
+    version: Version | None = Field(None, description="dataset version; latest when omitted")
     model: ModelConfig = Field(default_factory=ModelConfig)
-    eval_batch_size: int = Field(512, ge=1)
-    seed: int = Field(0, ge=0, description="random seed (numpy's generators take non-negative seeds)")
+    eval_batch_size: BatchSize = 512
+    seed: Seed = Field(0, description="random seed (numpy's generators take non-negative seeds)")
     device: Device = "auto"
-    threads: int | None = Field(None, ge=1, description="torch CPU threads; torch's default when omitted")
+    threads: Workers | None = Field(None, description="torch CPU threads; torch's default when omitted")
     exclude_history: bool = True
     progress: bool = True
 
@@ -152,27 +153,27 @@ class RunConfig(TrainingSettings):
     K: int = Field(3, ge=0, le=100, description="self-improving iterations")
     model: ModelConfig = Field(default_factory=ModelConfig, description="the student: trained and evaluated")
     generator: ModelConfig | None = Field(None, description="generator backbone (weak-to-strong); default: the student")
-    tau: int = Field(10, ge=1, description="fidelity rank threshold")
+    tau: Rank = Field(10, description="fidelity rank threshold")
     p: float = Field(0.5, ge=0.0, le=1.0, description="probability of the local pool")
-    m: int = Field(5, ge=1, description="rollouts per source sequence")
-    min_len: int = Field(3, ge=2, description="shortest synthetic sequence kept")
+    m: Rollouts = Field(5, description="rollouts per source sequence")
+    min_len: SequenceLength = Field(3, description="shortest synthetic sequence kept")
     fidelity: bool = Field(True, description="fidelity control (off: the paper's ablation)")
-    generation_tau: int | None = Field(None, ge=1, description="generate at this looser threshold and filter at "
+    generation_tau: Rank | None = Field(None, description="generate at this looser threshold and filter at "
                                        "tau (equivalent, by the fidelity trace): lets runs that differ only "
                                        "in tau share one generation")
-    max_sources: int | None = Field(None, ge=1, description="generate from at most this many training "
+    max_sources: SequenceCount | None = Field(None, description="generate from at most this many training "
                                     "sequences per iteration (seeded sample); None = all, as the paper")
-    gen_batch_size: int = Field(1024, ge=1, description="rollouts scored together")
+    gen_batch_size: BatchSize = Field(1024, description="rollouts scored together")
     retrieval: Literal["exact", "ivf"] = Field("exact", description="generation's item scoring: exact (every "
                                                "item), or ivf (approximate candidates from a faiss index, "
                                                "extra 'ann')")
-    seed: int = Field(0, ge=0, description="random seed of training and generation (iteration k uses seed + k)")
+    seed: Seed = Field(0, description="random seed of training and generation (iteration k uses seed + k)")
     device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
+    threads: Workers | None = Field(None, description="torch CPU threads (default: torch's)")
     executor: Literal["local", "ray"] = Field("local", description="where generation and evaluation shards run: "
                                              "this process, or a Ray cluster (identical results)")
     ray_address: str | None = Field(None, description="executor ray: the cluster to join (default: start a local one)")
-    ray_workers: int | None = Field(None, ge=1, description="executor ray: parallel tasks per step (default: the cluster's CPUs)")
+    ray_workers: Workers | None = Field(None, description="executor ray: parallel tasks per step (default: the cluster's CPUs)")
     home: str | None = Field(None, description="workspace directory (default $RSIR_HOME or ./workspace)")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite in the workspace)")
     experiment: str = Field("rsir", description="MLflow experiment")
@@ -263,7 +264,7 @@ def run_parameters() -> list[Parameter]:
         name, field = item, fields[item]
         unset = name in recipe_decides or field.default_factory is not None
         default = None if unset else field.default
-        annotation = Optional[field.annotation] if default is None else field.annotation
+        annotation = Optional[bare(field.annotation)] if default is None else bare(field.annotation)
         out.append(Parameter(name, annotation, default, (field.description or "") + (
             " (default: the recipe's)" if name in recipe_decides else "")))
     return out

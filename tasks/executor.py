@@ -35,7 +35,7 @@ class Executor(BaseModel):
     kind: Literal["local", "ray"] = "local"
     address: str | None = Field(None, description="Ray cluster to join (ray://… or HOST:PORT); "
                                                   "None: a local one, started on first use")
-    workers: int | None = Field(None, ge=1, description="Ray tasks per sharded step (default: the cluster's CPUs, "
+    workers: int | None = Field(None, ge=1, le=4096, description="Ray tasks per sharded step (default: the cluster's CPUs, "
                                                         "or GPUs when the step runs on CUDA)")
 
 

@@ -30,7 +30,7 @@ import torch
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.config import Device
+from core.config import BatchSize, Device, ItemChunk, Rank, Rollouts, Seed, SequenceCount, SequenceLength, Workers
 from core.errors import RsirError
 from core.hashing import json_digest
 from core.workspace import Workspace
@@ -60,24 +60,24 @@ NO_REAL_ITEM = 0
 class GenerationParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    m: int = Field(5, ge=1, description="rollouts per source (extension mode: most items added)")
-    tau: int | None = Field(10, ge=1, description="rank threshold; None = fidelity off (no rank limit)")
+    m: Rollouts = Field(5, description="rollouts per source (extension mode: most items added)")
+    tau: Rank | None = Field(10, description="rank threshold; None = fidelity off (no rank limit)")
     p: float = Field(0.5, ge=0.0, le=1.0, description="probability of the local pool (the user's items)")
-    min_len: int = Field(3, ge=2, description="shortest synthetic sequence kept by the filter")
-    max_len: int | None = Field(None, ge=2, description="longest rollout; default the model's max_len")
-    seed: int = 0
-    batch_size: int = Field(1024, ge=1, description="rollouts scored together")
+    min_len: SequenceLength = Field(3, description="shortest synthetic sequence kept by the filter")
+    max_len: SequenceLength | None = Field(None, description="longest rollout; default the model's max_len")
+    seed: Seed = 0
+    batch_size: BatchSize = Field(1024, description="rollouts scored together")
     device: Device = "cpu"
-    max_sources: int | None = Field(None, ge=1, description="generate from at most this many training "
+    max_sources: SequenceCount | None = Field(None, description="generate from at most this many training "
                                     "sequences, a uniform sample seeded by `seed`; None = all (the paper)")
     incremental: bool = Field(True, description="cache each layer's keys and values and encode only the newest "
                               "item per step (models whose positions allow it); False: the full forward")
-    item_chunk: int = Field(2 ** 18, ge=2, description="score at most this many items at once: a step holds "
+    item_chunk: ItemChunk = Field(2 ** 18, description="score at most this many items at once: a step holds "
                             "batch_size x item_chunk scores (more items: two passes over the item table)")
     retrieval: Literal["exact", "ivf"] = Field("exact", description="exact: score every item; ivf: an "
                                                "approximate index (faiss, extra 'ann') proposes candidates")
-    candidates: int = Field(256, ge=1, description="retrieval=ivf: candidates per step, re-scored exactly")
-    nprobe: int = Field(16, ge=1, description="retrieval=ivf: inverted lists searched per query")
+    candidates: Rank = Field(256, description="retrieval=ivf: candidates per step, re-scored exactly")
+    nprobe: Workers = Field(16, description="retrieval=ivf: inverted lists searched per query")
 
 
     @model_validator(mode="after")

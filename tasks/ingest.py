@@ -106,7 +106,7 @@ class ImportSpec(BaseModel):
     id_type: Literal["int", "str"] | None = Field(None, description="default 'str' for amazon, else 'int'. "
                                                   "int: ids are integers, so '007' and '7' are one id; "
                                                   "str: ids are kept as written, '007' and '7' differ")
-    kcore: int | None = Field(None, ge=0, description="k-core filter; default 5 for amazon, 0 (off) otherwise")
+    kcore: int | None = Field(None, ge=0, le=2 ** 31 - 1, description="k-core filter; default 5 for amazon, 0 (off) otherwise")
     min_seq_len: int = Field(3, ge=3)
 
     @field_validator("sep")

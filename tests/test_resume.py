@@ -122,7 +122,7 @@ def test_a_flow_run_prefect_cannot_close_is_reported_not_raised(prefect_api, mon
 
     import prefect.client.orchestration
 
-    from flows.rsir import _crash_flow_run
+    from flows.liveness import crash_flow_run as _crash_flow_run
 
     missing = str(uuid.uuid4())
     assert _crash_flow_run(missing, "killed") == f"Prefect flow run {missing} unknown to this Prefect server"

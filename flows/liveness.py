@@ -1,0 +1,130 @@
+"""Liveness: close the runs whose process died, by one rule (`storage.tracking.dead_reason`: the
+run's process is gone on this machine, or its heartbeat is stale elsewhere), never by the
+RUNNING state a killed process leaves behind.
+
+A run of a lineage closes its lineage's dead runs when it starts (flows/rsir.py). A run that no
+later run resumes (a worker killed with its flow-run process) is closed by the sweep, which
+`rsir serve` runs periodically and anyone can run:
+
+    python -m flows.liveness [--home DIR] [--tracking-uri URI]
+
+It marks every dead rsir parent run of every experiment KILLED (and its iteration cut short),
+and its Prefect flow run CRASHED (with its open subflow and task runs) on the Prefect API of
+$PREFECT_API_URL; one line per run closed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+
+from core.errors import RsirError
+from core.workspace import Workspace
+from storage.tracking import Tracker, mlflow_environment_defaults, redact_uri, resolve_tracking_uri
+
+# Every rsir flow's parent run carries its lineage tag; iterations and other runs do not.
+PARENT_RUNS = "tags.`rsir.lineage` LIKE '%'"
+
+
+@dataclass(frozen=True)
+class Closed:
+    """A dead run that was closed: its MLflow run id, why it is dead, what became of its Prefect flow run."""
+
+    run_id: str
+    reason: str
+    prefect: str
+    experiment: str = ""
+
+
+def close_dead_runs(tracker: Tracker, filter_string: str, this_flow_run: str = "") -> list[Closed]:
+    """Close the dead runs matching `filter_string`: the MLflow run (and its RUNNING children)
+    KILLED, its Prefect flow run CRASHED. `this_flow_run`: the flow run of the caller, which
+    Prefect may be running again under the dead run's id (then it is not crashed)."""
+    closed = []
+    for dead in tracker.dead_runs(filter_string):
+        tracker.kill(dead.run_id)
+        flow_run = dead.tags.get("prefect.flow_run_id", "")
+        if not flow_run:
+            prefect = "no Prefect flow run"
+        elif flow_run == this_flow_run:  # Prefect runs a crashed flow run again under its id
+            prefect = f"Prefect flow run {flow_run} runs again as this run"
+        else:
+            prefect = crash_flow_run(flow_run, f"killed: {dead.reason}; MLflow run {dead.run_id} was marked "
+                                               "KILLED by rsir's liveness rule")
+        closed.append(Closed(dead.run_id, dead.reason, prefect, tracker.experiment_name))
+    return closed
+
+
+def sweep(tracking_uri: str) -> list[Closed]:
+    """Close every dead rsir parent run of every experiment of the tracking store."""
+    closed = []
+    for name in Tracker.experiment_names(tracking_uri):
+        closed += close_dead_runs(Tracker.open(tracking_uri, name), PARENT_RUNS)
+    return closed
+
+
+def crash_flow_run(flow_run_id: str, message: str) -> str:
+    """Set a killed Prefect flow run CRASHED, with its subflow runs and task runs that had not
+    ended (the killed process left them Running too); says what became of the flow run. Never
+    raises: the MLflow run is closed all the same, and this run goes on."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter,
+                                                TaskRunFilterFlowRunId, TaskRunFilterState, TaskRunFilterStateType)
+    from prefect.client.schemas.objects import TERMINAL_STATES, StateType
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    open_states = [t for t in StateType if t not in TERMINAL_STATES]
+    try:
+        with get_client(sync_client=True) as client:
+            root = client.read_flow_run(flow_run_id)
+            pending, outcome = [root], f"Prefect flow run {flow_run_id} had ended ({root.state_name})"
+            while pending:
+                run = pending.pop()
+                if run.state is None or not run.state.is_final():
+                    client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+                    if run.id == root.id:
+                        outcome = f"Prefect flow run {flow_run_id} CRASHED"
+                pending += client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
+                for task_run in client.read_task_runs(task_run_filter=TaskRunFilter(
+                        flow_run_id=TaskRunFilterFlowRunId(any_=[run.id]),
+                        state=TaskRunFilterState(type=TaskRunFilterStateType(any_=open_states)))):
+                    client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
+            return outcome
+    except ObjectNotFound:  # it ran against another Prefect server (or was deleted)
+        return f"Prefect flow run {flow_run_id} unknown to this Prefect server"
+    except Exception as exc:  # the server is unreachable or refused: say so, the run goes on
+        reason = (str(exc).splitlines() or [""])[0][:200]
+        return f"Prefect flow run {flow_run_id} not marked ({type(exc).__name__}: {reason})"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m flows.liveness`: one sweep; one line per closed run on stdout, a fault in one
+    line on stderr (exit 2)."""
+    from flows.boundary import describe, print_error
+
+    mlflow_environment_defaults(os.environ)
+    parser = argparse.ArgumentParser(prog="python -m flows.liveness", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--home", help="workspace (default $RSIR_HOME or ./workspace)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else the workspace's)")
+    args = parser.parse_args(argv)
+    try:
+        ws = Workspace.at(args.home)
+        uri = resolve_tracking_uri(args.tracking_uri, ws.mlflow_db)
+        closed = sweep(uri)
+    except Exception as exc:
+        line = describe(exc)
+        if line is None:
+            raise
+        print_error(line)
+        sys.exit(2)
+    for run in closed:
+        print(f"closed MLflow run {run.run_id} of experiment {run.experiment!r} KILLED ({run.reason}); {run.prefect}")
+    print(f"liveness sweep of {redact_uri(uri)}: {len(closed)} dead run(s) closed", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
