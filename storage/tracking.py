@@ -289,18 +289,20 @@ class Tracker:
                 dead.append(DeadRun(run.info.run_id, tags, reason))
         return dead
 
-    def kill(self, run_id: str) -> None:
-        """End a dead run and its RUNNING child runs (an iteration cut short) as KILLED."""
+    def kill(self, run_id: str, status: str = "KILLED") -> None:
+        """End a run that stopped (a dead process: KILLED; a failed block: FAILED) and its RUNNING
+        child runs (the iteration it cut short) with `status`."""
         for child in self.search_runs(f"tags.`mlflow.parentRunId` = '{run_id}' and attributes.status = 'RUNNING'"):
-            self.end_run(child.info.run_id, "KILLED")
-        self.end_run(run_id, "KILLED")
+            self.end_run(child.info.run_id, status)
+        self.end_run(run_id, status)
 
     @contextlib.contextmanager
     def heartbeat(self, run_id: str, every: float = HEARTBEAT_SECONDS) -> Iterator[None]:
         """While the block runs, refresh the run's heartbeat tag every `every` seconds (a daemon
         thread: a step may take longer than `STALE_AFTER_SECONDS`, the process is alive all the
-        same). A block that raises ends the run FAILED, or KILLED when it was interrupted (Ctrl-C,
-        Prefect's cancellation), so only a killed process leaves a run RUNNING. A failed beat is
+        same). A block that raises ends the run and the iteration it cut short FAILED, or KILLED
+        when it was interrupted (Ctrl-C, Prefect's cancellation), so only a killed process leaves a
+        run RUNNING. A failed beat is
         logged and retried at the next one: tracking trouble must not fail the run."""
         stop = threading.Event()
 
@@ -321,7 +323,7 @@ class Tracker:
             status = "FAILED" if isinstance(exc, Exception) else "KILLED"
             with contextlib.suppress(Exception):  # the block's own error is the one to report
                 if self._client.get_run(run_id).info.status == "RUNNING":
-                    self.end_run(run_id, status)
+                    self.kill(run_id, status)  # the iteration it cut short too
             raise
         finally:
             stop.set()

@@ -284,6 +284,18 @@ def test_release_recipe_fills_only_what_is_not_given():
     assert TrainConfig().weighting == "position" and TrainConfig().synthetic_weight == 1.0
 
 
+def test_sparse_recipe_is_the_default_with_the_grid_winner():
+    """`sparse` changes only what the paper suite's grid found better on sparse data (hidden 128);
+    an explicit setting still wins, and it trains a different checkpoint than the default."""
+    sparse, default = TrainConfig(recipe="sparse"), TrainConfig()
+    assert sparse.model.hidden == 128 and default.model.hidden != 128
+    assert sparse.model.model_copy(update={"hidden": default.model.hidden}) == default.model
+    assert (sparse.batch_size, sparse.patience, sparse.epochs, sparse.early_stop) == (
+        default.batch_size, default.patience, default.epochs, default.early_stop)
+    assert TrainConfig(recipe="sparse", model={"hidden": 32}).model.hidden == 32
+    assert content_key(sparse, "d") != content_key(default, "d")
+
+
 def test_early_stop_metrics_are_the_metrics_evaluation_computes():
     from typing import get_args
 
