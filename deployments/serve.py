@@ -187,6 +187,45 @@ def _run(cmd: list[str], env: dict[str, str]) -> None:
                         f"{redact_uri((done.stderr or done.stdout).strip()[-500:])}")
 
 
+def _deployments(api: str) -> list[dict]:
+    import httpx
+
+    resp = httpx.post(f"{api}/deployments/filter", json={}, timeout=30)
+    resp.raise_for_status()
+    return resp.json()
+
+
+def schedule_states(api: str) -> dict[tuple[str, str], bool]:
+    """(deployment id, schedule slug) -> active, for every schedule with a slug on the server
+    (empty on a new server). Deploying again keeps a deployment's id (its flow and name)."""
+    return {(d["id"], s["slug"]): s["active"] for d in _deployments(api) for s in d["schedules"] if s.get("slug")}
+
+
+def restore_schedule_states(api: str, before: dict[tuple[str, str], bool]) -> list[str]:
+    """Give every schedule that existed before `prefect deploy` its earlier active state (a
+    schedule resumed or paused with `prefect deployment schedule` stays so when `rsir serve`
+    restarts; prefect.yaml's `active` is the state of a new schedule only). One line per
+    schedule: its deployment, slug, state and id."""
+    import httpx
+
+    lines = []
+    flows: dict[str, str] = {}
+    for d in _deployments(api):
+        if d["schedules"] and d["flow_id"] not in flows:
+            flows[d["flow_id"]] = httpx.get(f"{api}/flows/{d['flow_id']}", timeout=30).json()["name"]
+        for s in d["schedules"]:
+            active = before.get((d["id"], s.get("slug")), s["active"])
+            if active != s["active"]:
+                resp = httpx.patch(f"{api}/deployments/{d['id']}/schedules/{s['id']}", json={"active": active},
+                                   timeout=30)
+                resp.raise_for_status()
+            name = f"{flows[d['flow_id']]}/{d['name']}"
+            lines.append(f"schedule {s.get('slug') or s['id']} of {name}: {'active' if active else 'paused'}; "
+                         f"{'pause' if active else 'resume'} it with: prefect deployment schedule "
+                         f"{'pause' if active else 'resume'} {name} {s['id']}")
+    return lines
+
+
 def _artifacts_destination(ws: Workspace) -> str:
     root = ws.mlartifacts
     return root if isinstance(root, str) else root.resolve().as_uri()
@@ -234,7 +273,11 @@ class Services:
         if tracking:
             env["MLFLOW_TRACKING_URI"] = tracking  # the flows' default (storage.tracking.resolve_tracking_uri)
         _run([prefect_bin(), "work-pool", "create", POOL, "--type", "process", "--overwrite"], env)
+        api = env["PREFECT_API_URL"]
+        states = schedule_states(api)  # before deploying: `prefect deploy` sets each schedule to prefect.yaml's state
         _run([prefect_bin(), "--no-prompt", "deploy", "--all"], env)
+        for line in restore_schedule_states(api, states):
+            print(line, file=sys.stderr)
         host = socket.gethostname()
         for i in range(cfg.workers):
             self._spawn([prefect_bin(), "worker", "start", "--pool", POOL, "--name", f"rsir-{host}-{os.getpid()}-{i}"],
