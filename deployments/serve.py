@@ -140,11 +140,22 @@ def _check_port_free(host: str, port: int, what: str) -> None:
             raise RsirError(f"port {port} on {host} is already in use; choose another {what}")
 
 
-def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+def start_process(cmd: list[str], env: dict[str, str], log: Path, die_with_parent: bool = False
+                  ) -> subprocess.Popen:
+    """Start `cmd` in a session of its own (a terminal's Ctrl-C does not reach it; stopping its
+    group stops its children too: the servers run uvicorn, services, job runners), its output
+    appended to `log`. `die_with_parent`: on Linux it gets SIGTERM when this process dies, even
+    by SIGKILL, so that no orphan outlives the command that needed it."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    # Own session: stopping it stops its children too (the servers run uvicorn, services, job runners).
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log.open("ab"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=_term_on_parent_death if die_with_parent and sys.platform == "linux" else None)
+
+
+def _term_on_parent_death() -> None:
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def stop_tree(proc: subprocess.Popen, grace: float = 15.0) -> None:
@@ -286,7 +297,7 @@ class Services:
               f"{redact_uri(tracking) if tracking else 'SQLite in the workspace'}", file=sys.stderr)
 
     def _spawn(self, cmd: list[str], log: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        proc = _start(cmd, env or self.env, self.logs / log)
+        proc = start_process(cmd, env or self.env, self.logs / log)
         self.procs.append(proc)
         return proc
 

@@ -3,10 +3,14 @@ and then prints exactly one JSON object on stdout (progress and logs go to stder
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
+import time
+import uuid
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
@@ -424,12 +428,73 @@ def run(**params: Any) -> None:
         params["model_params"] = {**model_params, "options": {**model_params.get("options", {}),
                                                               **_options(option, "--option")}}
     params.update(home=ws.home, progress=sys.stderr.isatty())
-    RunConfig.from_parameters(params)  # a bad value: one line, before Prefect is even imported
+    cfg = RunConfig.from_parameters(params)  # a bad value: one line, before Prefect is even imported
     _local_prefect(ws)
+    from deployments.temporary import prefect_api
     from flows.rsir import format_table, rsir
 
-    summary = rsir(**params)
+    started = time.perf_counter()
+    # The flow run is found by this tag when it is interrupted (it has no id the CLI knows).
+    tag = f"rsir-cli-{uuid.uuid4().hex[:12]}"
+    with prefect_api(Path(os.environ["PREFECT_HOME"])), _interrupts() as received:
+        try:
+            import prefect
+
+            with prefect.tags(tag):
+                summary = rsir(**params)
+        except BaseException as exc:
+            if not received and not isinstance(exc, KeyboardInterrupt):
+                raise
+            signum = received[0] if received else signal.SIGINT
+            print(_close_interrupted(cfg, ws, tag, signum, time.perf_counter() - started), file=sys.stderr)
+            sys.exit(128 + signum)
     _emit(summary, as_json, lambda r: print(format_table(r)))
+
+
+@contextlib.contextmanager
+def _interrupts():
+    """While the block runs, SIGTERM interrupts it as Ctrl-C (SIGINT) does: KeyboardInterrupt
+    in the main thread. Yields the list of the signals received (Prefect's own SIGTERM handler,
+    active inside a flow, raises its TerminationSignal and then signals again: this handler sees
+    it then)."""
+    received: list[int] = []
+
+    def interrupt(signum: int, _frame: object) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _close_interrupted(cfg, ws, tag: str, signum: int, seconds: float) -> str:
+    """After an interrupt: the run's Prefect flow run CANCELLED (with its open subflow and task
+    runs) and its MLflow parent run KILLED (the flow's own handler ends it so; here it is only
+    checked). Returns the one line that says so and how to resume. Never raises."""
+    from flows.rsir import cancel_tagged_flow_runs
+    from storage.tracking import Tracker, resolve_tracking_uri
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the closing short
+    reason = f"interrupted by {signal.Signals(signum).name}"
+    flow_runs = cancel_tagged_flow_runs(tag, f"{reason}; the same command resumes it")
+    closed = [outcome for _, outcome in flow_runs]
+    try:
+        tracker = Tracker.open(resolve_tracking_uri(cfg.tracking_uri, ws.mlflow_db), cfg.experiment, ws.mlartifacts)
+        for flow_run in filter(None, (f for f, _ in flow_runs)):
+            for run in tracker.search_runs(f"tags.`prefect.flow_run_id` = '{flow_run}'"):
+                status = run.info.status
+                if status == "RUNNING":  # interrupted before the flow's handler could end it
+                    tracker.end_run(run.info.run_id, "KILLED")
+                    status = "KILLED"
+                closed.append(f"MLflow run {run.info.run_id} {status}")
+    except Exception as exc:  # tracking unreachable: the line says so, the exit status stays
+        closed.append(f"MLflow not checked ({type(exc).__name__})")
+    closed = closed or ["no run had started"]
+    return f"rsir: {reason} after {seconds:.1f} s; {', '.join(closed)}; run the same command again to resume"
 
 
 app.command("run")(with_parameters(run, _run_options()))
@@ -465,8 +530,11 @@ def experiment_cmd(
                        device=device,
                        threads=threads)
     parse_config(ExperimentConfig, given)  # a bad value: one line before the flow (and a Prefect server) starts
-    summary = run_experiment(**given, smoke=smoke, home=ws.home, tracking_uri=tracking_uri,
-                             experiment_name=experiment)
+    from deployments.temporary import prefect_api
+
+    with prefect_api(Path(os.environ["PREFECT_HOME"])):
+        summary = run_experiment(**given, smoke=smoke, home=ws.home, tracking_uri=tracking_uri,
+                                 experiment_name=experiment)
     _emit(summary, as_json, lambda r: print(
         f"suite {r['suite']}: {len(r['ran'])} arms run, {len(r['skipped'])} already finished, "
         f"{r['wall_seconds']:.0f} s; MLflow experiment {r['experiment']!r} ({r['tracking_uri']})"
