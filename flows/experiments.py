@@ -103,7 +103,7 @@ class ExperimentConfig(BaseModel):
     backbone_options: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: dict(TUNED_BACKBONES), description="per-backbone model parameters")
     device: Device = "auto"
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=0, description="every run's torch CPU threads (default: a run's own)")
     home: str | None = None
     tracking_uri: str | None = None
     experiment: str | None = Field(None, description="MLflow experiment (default: experiment-<suite>)")

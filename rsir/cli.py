@@ -204,7 +204,7 @@ def train(
     recipe: Recipe = "default", synthetic_weight: SyntheticWeight = None, batching: Batching = None,
     weighting: Weighting = None, stride: Stride = None, early_stop: EarlyStop = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads")] = None,
+    threads: Threads = None,
     include_history: Annotated[bool, typer.Option("--include-history", help="rank the user's own history items too")] = False,
     checkpoint: Annotated[Optional[str], typer.Option(help="where to write the checkpoint (a path or a URL)")] = None,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="progress bars on stderr")] = None,
@@ -397,6 +397,18 @@ Stride = _training_setting("stride")
 EarlyStop = _training_setting("early_stop")
 
 
+def _threads_option() -> Any:
+    """`--threads` of `rsir train` and `rsir experiment`: its help from the one declaration
+    (tasks/config.py CpuThreads); unset = that declaration's default."""
+    from tasks.config import CpuThreads
+
+    field = CpuThreads.model_fields["threads"]
+    return Annotated[Optional[int], typer.Option(help=f"{field.description} [default: {field.default}]")]
+
+
+Threads = _threads_option()
+
+
 def _nested_pairs(pairs: list[str] | None, flag: str) -> dict[str, Any] | None:
     """['hidden=32', 'options.positions=newest'] -> {'hidden': 32, 'options': {'positions': 'newest'}}."""
     flat = _options(pairs, flag)
@@ -514,7 +526,7 @@ def experiment_cmd(
     backbone_option: Annotated[Optional[list[str]], typer.Option(
         "--backbone-option", help="BACKBONE.KEY=VALUE or BACKBONE.options.KEY=VALUE (repeatable)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads")] = None,
+    threads: Threads = None,
     tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: SQLite in the workspace)")] = None,
     experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default experiment-SUITE)")] = None,
     home: Home = None, as_json: Json = False,
