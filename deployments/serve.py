@@ -312,6 +312,20 @@ class Services:
             stop_tree(proc)
 
 
+def ready_lines(cfg: ServeConfig, logs: Path) -> list[str]:
+    """What `rsir serve` prints once ready: the services, what to try with each (only the
+    services this command runs), and where their logs are."""
+    lines = [f"ready: {', '.join(cfg.services)}; service logs in {logs}/"]
+    if "prefect" in cfg.services or "worker" in cfg.services:
+        lines.append(f"try: PREFECT_API_URL={cfg.api_of_workers} prefect deployment run rsir/iterate --param K=1")
+    if "prefect" in cfg.services:
+        lines.append(f"Prefect UI: http://{_client_host(cfg.host)}:{cfg.port}")
+    if "mlflow" in cfg.services:
+        lines.append(f"MLflow UI: http://{_client_host(cfg.host)}:{cfg.mlflow_port}/#/experiments"
+                     f"?workflowType=machine_learning")
+    return lines
+
+
 def serve(home: str | None, params: dict, ready_file: str | None = None) -> None:
     cfg = parse_config(ServeConfig, params)
     ws = Workspace.at(home)
@@ -335,8 +349,8 @@ def serve(home: str | None, params: dict, ready_file: str | None = None) -> None
             starters[name]()
         ready = {"prefect_api": cfg.api_of_workers, "tracking_uri": cfg.tracking_of_workers(),
                  "services": cfg.services}
-        print(f"ready: {', '.join(cfg.services)}; try: PREFECT_API_URL={cfg.api_of_workers} "
-              f"prefect deployment run rsir/iterate --param K=1", file=sys.stderr)
+        for line in ready_lines(cfg, services.logs):
+            print(line, file=sys.stderr)
         if ready_file:
             Path(ready_file).write_text(json.dumps(ready))
         while not stopping:

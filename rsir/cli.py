@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origi
 import typer
 
 from core.config import Parameter, with_parameters
+from core.hashing import short_digest
 from core.errors import RsirError
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -48,6 +49,9 @@ def _local_prefect(ws):
     in a new workspace Prefect's server would otherwise fail to create its database."""
     os.environ.setdefault("PREFECT_HOME", str(ws.root / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's own temporary server (where rsir does not start one) gets more than its 20 s: the
+    # first start migrates a new database, which took longer on a busy machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     return ws
 
@@ -151,7 +155,7 @@ def _list_row(store, name: str) -> dict[str, Any]:
 def _render_ingest(r: dict[str, Any]) -> None:
     s = r.get("stats", {})
     status = " (already present)" if r.get("status") == "exists" else ""
-    print(f"dataset {r['dataset']} v{r['version']}{status}  digest {r['digest'][:12]}")
+    print(f"dataset {r['dataset']} v{r['version']}{status}  digest {short_digest(r['digest'])}")
     print(f"  users {r.get('users', s.get('real_sequences'))}  items {r.get('items', s.get('num_items'))}  "
           f"interactions {s.get('interactions')}  mean length {s.get('mean_length')}  density {s.get('density', 0):.5f}")
     if "derived_from" in r:
@@ -171,12 +175,13 @@ def _describe_view(view: dict[str, Any]) -> str:
 def _render_list(r: dict[str, Any]) -> None:
     if not r["datasets"]:
         print("no datasets; try `rsir data fetch ml-100k`")
+    width = max((len(d["dataset"]) for d in r["datasets"]), default=0)  # forks: <name>--<lineage key>
     for d in r["datasets"]:
         if "error" in d:
-            print(f"{d['dataset']:<24} error: {d['error']}")
+            print(f"{d['dataset']:<{width}}  error: {d['error']}")
             continue
-        print(f"{d['dataset']:<24} v{d['version']:<3} sequences {d.get('sequences'):<7} "
-              f"interactions {d.get('interactions'):<8} density {d.get('density', 0):.5f}")
+        print(f"{d['dataset']:<{width}}  v{d['version']:<3} sequences {d.get('sequences'):>7}  "
+              f"interactions {d.get('interactions'):>8}  density {d.get('density', 0):.5f}")
 
 
 # ------------------------------------------------------------------ train / evaluate
@@ -317,7 +322,7 @@ def versions(
 
 def _render_version(r: dict[str, Any]) -> None:
     s = r["stats"]
-    print(f"dataset {r['dataset']} v{r['version']} (from v{r['parent_version']})  digest {r['digest'][:12]}")
+    print(f"dataset {r['dataset']} v{r['version']} (from v{r['parent_version']})  digest {short_digest(r['digest'])}")
     for key in ("sequences", "real_sequences", "synthetic_sequences", "interactions", "density", "pair_density",
                 "item_entropy", "item_entropy_normalised", "item_gini", "apen_real", "apen_synthetic",
                 "acceptance_rate", "mean_new_length", "mean_synthetic_length", "stop_reasons"):
@@ -335,7 +340,7 @@ def _render_versions(r: dict[str, Any]) -> None:
         print(f"{v['version']:>3} {parent:>6} {s.get('sequences', 0):>9} {s.get('synthetic_sequences', 0):>9} "
               f"{s.get('interactions', 0):>12} {s.get('density', 0):>8.5f} {s.get('item_entropy', 0):>7.3f} "
               f"{s.get('item_gini', 0):>5.3f} {_opt(s.get('acceptance_rate')):>6} {_opt(s.get('mean_new_length')):>7}"
-              f"  {v['digest'][:12]}")
+              f"  {short_digest(v['digest'])}")
 
 
 def _opt(value: Any) -> str:
@@ -441,6 +446,7 @@ def run(**params: Any) -> None:
                                                               **_options(option, "--option")}}
     params.update(home=ws.home, progress=sys.stderr.isatty())
     cfg = RunConfig.from_parameters(params)  # a bad value: one line, before Prefect is even imported
+    _require_dataset(ws, cfg.dataset)
     _local_prefect(ws)
     from deployments.temporary import prefect_api
     from flows.rsir import format_table, rsir
@@ -449,6 +455,7 @@ def run(**params: Any) -> None:
     # The flow run is found by this tag when it is interrupted (it has no id the CLI knows).
     tag = f"rsir-cli-{uuid.uuid4().hex[:12]}"
     with prefect_api(Path(os.environ["PREFECT_HOME"])), _interrupts() as received:
+        server_start = time.perf_counter() - started
         try:
             import prefect
 
@@ -460,7 +467,19 @@ def run(**params: Any) -> None:
             signum = received[0] if received else signal.SIGINT
             print(_close_interrupted(cfg, ws, tag, signum, time.perf_counter() - started), file=sys.stderr)
             sys.exit(128 + signum)
+    summary.update(command_seconds=time.perf_counter() - started, server_start_seconds=server_start)
     _emit(summary, as_json, lambda r: print(format_table(r)))
+
+
+def _require_dataset(ws, name: str) -> None:
+    """A run's dataset must be in the workspace or built in (fetched by the run): checked before
+    a Prefect server starts, so a mistyped name costs one line, not a server start and retries."""
+    from storage.dataset import dataset_store
+    from tasks.ingest import BUILTIN
+
+    if name not in BUILTIN and not dataset_store(ws).versions(name):
+        raise RsirError(f"dataset {name!r} is neither in the workspace {ws.home} (see `rsir data list`) nor "
+                        f"built in ({', '.join(BUILTIN)})")
 
 
 @contextlib.contextmanager
@@ -542,6 +561,8 @@ def experiment_cmd(
                        device=device,
                        threads=threads)
     parse_config(ExperimentConfig, given)  # a bad value: one line before the flow (and a Prefect server) starts
+    for name in dataset or []:
+        _require_dataset(ws, name)
     from deployments.temporary import prefect_api
 
     with prefect_api(Path(os.environ["PREFECT_HOME"])):
@@ -657,7 +678,7 @@ def _metric_table(valid: dict[str, float], test: dict[str, float]) -> None:
 
 
 def _render_train(r: dict[str, Any]) -> None:
-    print(f"{r['model']} on {r['dataset']} v{r['version']} (digest {r['digest'][:12]}), seed {r['seed']}, "
+    print(f"{r['model']} on {r['dataset']} v{r['version']} (digest {short_digest(r['digest'])}), seed {r['seed']}, "
           f"device {r['device']}")
     _metric_table(r["valid"], r["test"])
     print(f"  epochs {r['epochs']}  best epoch {r['best_epoch']}  {r['seconds_per_epoch']:.2f} s/epoch  "

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from core.errors import RsirError
+from core.hashing import short_digest
 from storage.files import location, read_bytes
 
 
@@ -227,7 +228,7 @@ class Tracker:
                     profile: dict[str, Any]) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        dataset = Dataset(name=f"{name}@v{version}", digest=digest[:36], source_type="rsir-store",
+        dataset = Dataset(name=f"{name}@v{version}", digest=short_digest(digest), source_type="rsir-store",
                           source=json.dumps({"uri": uri, "version": version, "digest": digest}),
                           schema="", profile=json.dumps(profile, default=float))
         self._client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
