@@ -454,18 +454,27 @@ def run(**params: Any) -> None:
     started = time.perf_counter()
     # The flow run is found by this tag when it is interrupted (it has no id the CLI knows).
     tag = f"rsir-cli-{uuid.uuid4().hex[:12]}"
-    with prefect_api(Path(os.environ["PREFECT_HOME"])), _interrupts() as received:
-        server_start = time.perf_counter() - started
+    closed = ""  # the line that says what an interrupt closed
+    with _interrupts() as received:
         try:
-            import prefect
+            with prefect_api(Path(os.environ["PREFECT_HOME"])):  # stopped after the run's last report
+                server_start = time.perf_counter() - started
+                try:
+                    import prefect
 
-            with prefect.tags(tag):
-                summary = rsir(**params)
+                    with prefect.tags(tag):
+                        summary = rsir(**params)
+                except BaseException as exc:
+                    if received or isinstance(exc, KeyboardInterrupt):
+                        closed = _close_interrupted(cfg, ws, tag, received[0] if received else signal.SIGINT,
+                                                    time.perf_counter() - started)
+                    raise
         except BaseException as exc:
-            if not received and not isinstance(exc, KeyboardInterrupt):
+            if not (received or isinstance(exc, KeyboardInterrupt)):
                 raise
             signum = received[0] if received else signal.SIGINT
-            print(_close_interrupted(cfg, ws, tag, signum, time.perf_counter() - started), file=sys.stderr)
+            print(closed or f"rsir: interrupted by {signal.Signals(signum).name} while the Prefect server "
+                            f"started; nothing ran", file=sys.stderr)
             sys.exit(128 + signum)
     summary.update(command_seconds=time.perf_counter() - started, server_start_seconds=server_start)
     _emit(summary, as_json, lambda r: print(format_table(r)))
@@ -509,7 +518,8 @@ def _close_interrupted(cfg, ws, tag: str, signum: int, seconds: float) -> str:
     from flows.rsir import cancel_tagged_flow_runs
     from storage.tracking import Tracker, resolve_tracking_uri
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the closing short
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the closing short
+        signal.signal(sig, signal.SIG_IGN)
     reason = f"interrupted by {signal.Signals(signum).name}"
     flow_runs = cancel_tagged_flow_runs(tag, f"{reason}; the same command resumes it")
     closed = [outcome for _, outcome in flow_runs]
