@@ -11,3 +11,11 @@ from typing import Any
 def json_digest(obj: Any) -> str:
     """64 hex digits; callers that shorten it say so where they cut."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+SHOWN_DIGITS = 12  # a digest as people see it (CLI output, MLflow's dataset column): one length everywhere
+
+
+def short_digest(digest: str) -> str:
+    """The first SHOWN_DIGITS hex digits of a digest, for people (machines keep all 64)."""
+    return digest[:SHOWN_DIGITS]

@@ -144,11 +144,22 @@ def _check_port_free(host: str, port: int, what: str) -> None:
             raise RsirError(f"port {port} on {host} is already in use; choose another {what}")
 
 
-def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+def start_process(cmd: list[str], env: dict[str, str], log: Path, die_with_parent: bool = False
+                  ) -> subprocess.Popen:
+    """Start `cmd` in a session of its own (a terminal's Ctrl-C does not reach it; stopping its
+    group stops its children too: the servers run uvicorn, services, job runners), its output
+    appended to `log`. `die_with_parent`: on Linux it gets SIGTERM when this process dies, even
+    by SIGKILL, so that no orphan outlives the command that needed it."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    # Own session: stopping it stops its children too (the servers run uvicorn, services, job runners).
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log.open("ab"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=_term_on_parent_death if die_with_parent and sys.platform == "linux" else None)
+
+
+def _term_on_parent_death() -> None:
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def stop_tree(proc: subprocess.Popen, grace: float = 15.0) -> None:
@@ -191,6 +202,45 @@ def _run(cmd: list[str], env: dict[str, str]) -> None:
                         f"{redact_uri((done.stderr or done.stdout).strip()[-500:])}")
 
 
+def _deployments(api: str) -> list[dict]:
+    import httpx
+
+    resp = httpx.post(f"{api}/deployments/filter", json={}, timeout=30)
+    resp.raise_for_status()
+    return resp.json()
+
+
+def schedule_states(api: str) -> dict[tuple[str, str], bool]:
+    """(deployment id, schedule slug) -> active, for every schedule with a slug on the server
+    (empty on a new server). Deploying again keeps a deployment's id (its flow and name)."""
+    return {(d["id"], s["slug"]): s["active"] for d in _deployments(api) for s in d["schedules"] if s.get("slug")}
+
+
+def restore_schedule_states(api: str, before: dict[tuple[str, str], bool]) -> list[str]:
+    """Give every schedule that existed before `prefect deploy` its earlier active state (a
+    schedule resumed or paused with `prefect deployment schedule` stays so when `rsir serve`
+    restarts; prefect.yaml's `active` is the state of a new schedule only). One line per
+    schedule: its deployment, slug, state and id."""
+    import httpx
+
+    lines = []
+    flows: dict[str, str] = {}
+    for d in _deployments(api):
+        if d["schedules"] and d["flow_id"] not in flows:
+            flows[d["flow_id"]] = httpx.get(f"{api}/flows/{d['flow_id']}", timeout=30).json()["name"]
+        for s in d["schedules"]:
+            active = before.get((d["id"], s.get("slug")), s["active"])
+            if active != s["active"]:
+                resp = httpx.patch(f"{api}/deployments/{d['id']}/schedules/{s['id']}", json={"active": active},
+                                   timeout=30)
+                resp.raise_for_status()
+            name = f"{flows[d['flow_id']]}/{d['name']}"
+            lines.append(f"schedule {s.get('slug') or s['id']} of {name}: {'active' if active else 'paused'}; "
+                         f"{'pause' if active else 'resume'} it with: prefect deployment schedule "
+                         f"{'pause' if active else 'resume'} {name} {s['id']}")
+    return lines
+
+
 def _artifacts_destination(ws: Workspace) -> str:
     root = ws.mlartifacts
     return root if isinstance(root, str) else root.resolve().as_uri()
@@ -220,8 +270,8 @@ class Services:
         env = dict(self.env)
         if self.cfg.tracking_of_workers():
             env["MLFLOW_TRACKING_URI"] = self.cfg.tracking_of_workers()
-        self.sweeper = _start([sys.executable, "-m", "flows.liveness", "--home", self.ws.home], env,
-                              self.logs / "liveness.log")
+        self.sweeper = start_process([sys.executable, "-m", "flows.liveness", "--home", self.ws.home], env,
+                                     self.logs / "liveness.log")
         self.next_sweep = time.monotonic() + SWEEP_SECONDS
         if wait:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -260,7 +310,11 @@ class Services:
         if tracking:
             env["MLFLOW_TRACKING_URI"] = tracking  # the flows' default (storage.tracking.resolve_tracking_uri)
         _run([prefect_bin(), "work-pool", "create", POOL, "--type", "process", "--overwrite"], env)
+        api = env["PREFECT_API_URL"]
+        states = schedule_states(api)  # before deploying: `prefect deploy` sets each schedule to prefect.yaml's state
         _run([prefect_bin(), "--no-prompt", "deploy", "--all"], env)
+        for line in restore_schedule_states(api, states):
+            print(line, file=sys.stderr)
         host = socket.gethostname()
         for i in range(cfg.workers):
             self._spawn([prefect_bin(), "worker", "start", "--pool", POOL, "--name", f"rsir-{host}-{os.getpid()}-{i}"],
@@ -269,7 +323,7 @@ class Services:
               f"{redact_uri(tracking) if tracking else 'SQLite in the workspace'}", file=sys.stderr)
 
     def _spawn(self, cmd: list[str], log: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        proc = _start(cmd, env or self.env, self.logs / log)
+        proc = start_process(cmd, env or self.env, self.logs / log)
         self.procs.append(proc)
         return proc
 
@@ -282,6 +336,20 @@ class Services:
     def stop(self) -> None:
         for proc in reversed([*self.procs, *([self.sweeper] if self.sweeper else [])]):
             stop_tree(proc)
+
+
+def ready_lines(cfg: ServeConfig, logs: Path) -> list[str]:
+    """What `rsir serve` prints once ready: the services, what to try with each (only the
+    services this command runs), and where their logs are."""
+    lines = [f"ready: {', '.join(cfg.services)}; service logs in {logs}/"]
+    if "prefect" in cfg.services or "worker" in cfg.services:
+        lines.append(f"try: PREFECT_API_URL={cfg.api_of_workers} prefect deployment run rsir/iterate --param K=1")
+    if "prefect" in cfg.services:
+        lines.append(f"Prefect UI: http://{_client_host(cfg.host)}:{cfg.port}")
+    if "mlflow" in cfg.services:
+        lines.append(f"MLflow UI: http://{_client_host(cfg.host)}:{cfg.mlflow_port}/#/experiments"
+                     f"?workflowType=machine_learning")
+    return lines
 
 
 def serve(home: str | None, params: dict, ready_file: str | None = None) -> None:
@@ -307,8 +375,8 @@ def serve(home: str | None, params: dict, ready_file: str | None = None) -> None
             starters[name]()
         ready = {"prefect_api": cfg.api_of_workers, "tracking_uri": cfg.tracking_of_workers(),
                  "services": cfg.services}
-        print(f"ready: {', '.join(cfg.services)}; try: PREFECT_API_URL={cfg.api_of_workers} "
-              f"prefect deployment run rsir/iterate --param K=1", file=sys.stderr)
+        for line in ready_lines(cfg, services.logs):
+            print(line, file=sys.stderr)
         if ready_file:
             Path(ready_file).write_text(json.dumps(ready))
         while not stopping:

@@ -40,7 +40,6 @@ _PROJECT = tuple(str(_REPO / package) + os.sep for package in ("core", "storage"
 # optional driver (postgresql+psycopg://), a tracking server, Databricks. File stores are refused.
 _TRACKING_SCHEMES = {"sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc", "uc"}
 _CONNECT_TIMEOUT_S = 5.0
-_PREFECT_STARTUP_S = 180
 _DB_ERROR = re.compile(r"\((sqlite3|psycopg2?|pymysql|MySQLdb)\.[A-Za-z.]+\) .*")
 
 
@@ -108,32 +107,6 @@ def check_reachable(url: str, what: str) -> None:
     except OSError as exc:
         raise RsirError(f"{what} {url} is unreachable: connecting to {parts.hostname}:{port} failed "
                         f"({exc.strerror or exc})") from None
-
-
-def start_local_prefect() -> None:
-    """Without $PREFECT_API_URL, start Prefect's temporary server now, once per $PREFECT_HOME at
-    a time: its first start creates and migrates the database, and servers of runs started
-    together on a new workspace raced there. A marker written after the first start that
-    succeeded lets later runs start without waiting. The flow then uses this server (Prefect
-    keeps one per process)."""
-    if os.environ.get("PREFECT_API_URL"):
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    from storage.files import file_lock
-
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
-
-    # Prefect waits 20 s by default; a busy machine (runs starting together) needs longer.
-    timeout = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), _PREFECT_STARTUP_S)
-    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
-    ready = home / "prefect.db.ready"
-    if ready.exists():
-        SubprocessASGIServer().start(timeout=timeout)
-        return
-    with file_lock(home / "prefect.db.lock"):
-        SubprocessASGIServer().start(timeout=timeout)
-        ready.touch()
 
 
 # ------------------------------------------------------------------ escaped exceptions

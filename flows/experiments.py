@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flows.rsir import rsir
 from models import get_backbone
-from core.config import Device, Epochs, Rank, Rollouts, Seed, SequenceCount, Workers, parse_config
+from core.config import Device, Epochs, Rank, Rollouts, Seed, SequenceCount, parse_config
 from core.errors import RsirError
 from core.workspace import Workspace
 from storage.tracking import Tracker, resolve_tracking_uri, redact_uri
@@ -117,7 +117,7 @@ class ExperimentConfig(BaseModel):
     backbone_options: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: dict(TUNED_BACKBONES), description="per-backbone model parameters")
     device: Device = "auto"
-    threads: Workers | None = None
+    threads: int | None = Field(None, ge=0, le=4096, description="every run's torch CPU threads (default: a run's own)")
     home: str | None = None
     tracking_uri: str | None = None
     experiment: str | None = Field(None, description="MLflow experiment (default: experiment-<suite>)")

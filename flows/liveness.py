@@ -19,8 +19,8 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
+from typing import Any
 
-from core.errors import RsirError
 from core.workspace import Workspace
 from storage.tracking import Tracker, mlflow_environment_defaults, redact_uri, resolve_tracking_uri
 
@@ -65,10 +65,28 @@ def sweep(tracking_uri: str) -> list[Closed]:
     return closed
 
 
-def crash_flow_run(flow_run_id: str, message: str) -> str:
-    """Set a killed Prefect flow run CRASHED, with its subflow runs and task runs that had not
-    ended (the killed process left them Running too); says what became of the flow run. Never
-    raises: the MLflow run is closed all the same, and this run goes on."""
+def cancel_tagged_flow_runs(tag: str, message: str) -> list[tuple[str, str]]:
+    """After an interrupt: every flow run tagged `tag` (the runs of one interrupted command) that
+    did not complete, CANCELLED with its open subflow and task runs. (flow run id, what became of
+    it) for each; never raises."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.states import Cancelled
+
+    try:
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])))
+    except Exception as exc:  # the server is unreachable: say so
+        return [("", f"Prefect flow runs not marked ({type(exc).__name__})")]
+    return [(str(run.id), crash_flow_run(str(run.id), message, Cancelled)) for run in runs
+            if run.parent_task_run_id is None and not (run.state and run.state.is_completed())]  # subflows: below
+
+
+def crash_flow_run(flow_run_id: str, message: str, final: Any = None) -> str:
+    """Set a killed Prefect flow run CRASHED (or the state `final` makes: an interrupted one
+    CANCELLED), with its subflow runs and task runs that had not ended (the killed process left
+    them Running too); says what became of the flow run. Never raises: the MLflow run is closed
+    all the same, and this run goes on."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter,
                                                 TaskRunFilterFlowRunId, TaskRunFilterState, TaskRunFilterStateType)
@@ -76,6 +94,7 @@ def crash_flow_run(flow_run_id: str, message: str) -> str:
     from prefect.exceptions import ObjectNotFound
     from prefect.states import Crashed
 
+    final = final or Crashed
     open_states = [t for t in StateType if t not in TERMINAL_STATES]
     try:
         with get_client(sync_client=True) as client:
@@ -83,16 +102,17 @@ def crash_flow_run(flow_run_id: str, message: str) -> str:
             pending, outcome = [root], f"Prefect flow run {flow_run_id} had ended ({root.state_name})"
             while pending:
                 run = pending.pop()
-                if run.state is None or not run.state.is_final():
-                    client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+                # An interrupt may find a run Prefect already marked CRASHED: it becomes `final`.
+                if run.state is None or not run.state.is_final() or (final is not Crashed and run.state.is_crashed()):
+                    state = client.set_flow_run_state(run.id, final(message=message), force=True).state
                     if run.id == root.id:
-                        outcome = f"Prefect flow run {flow_run_id} CRASHED"
+                        outcome = f"Prefect flow run {flow_run_id} {state.name.upper() if state else 'not marked'}"
                 pending += client.read_flow_runs(flow_run_filter=FlowRunFilter(
                     parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
                 for task_run in client.read_task_runs(task_run_filter=TaskRunFilter(
                         flow_run_id=TaskRunFilterFlowRunId(any_=[run.id]),
                         state=TaskRunFilterState(type=TaskRunFilterStateType(any_=open_states)))):
-                    client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
+                    client.set_task_run_state(task_run.id, final(message=message), force=True)
             return outcome
     except ObjectNotFound:  # it ran against another Prefect server (or was deleted)
         return f"Prefect flow run {flow_run_id} unknown to this Prefect server"

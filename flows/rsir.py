@@ -101,7 +101,7 @@ def _rsir(**params: Any) -> dict[str, Any]:
 
 
 # The flow's signature (what Prefect shows, validates and deploys) is derived from RunConfig.
-rsir = flow(name="rsir", flow_run_name="rsir-{dataset}-{model}-K{K}", log_prints=True)(
+rsir = flow(name="rsir", flow_run_name="rsir-{dataset}-{model}-K{K}-seed{seed}", log_prints=True)(
     with_parameters(_rsir, run_parameters()))
 
 
@@ -235,7 +235,7 @@ def _parent_run(tracker: Tracker, cfg: RunConfig, lineage: str, run_key: str, ba
         return run_id
     tags = {"rsir.lineage": lineage[:16], "rsir.K": str(cfg.K), RUN_KEY_TAG: run_key, BASE_DIGEST_TAG: base,
             **{f"rsir.label.{key}": str(value) for key, value in cfg.labels.items()}}
-    run_id = tracker.start_run(f"rsir-{cfg.dataset}-{cfg.model.name}-K{cfg.K}",
+    run_id = tracker.start_run(f"rsir-{cfg.dataset}-{cfg.model.name}-K{cfg.K}-seed{cfg.seed}",
                                {**tags, **prefect_tags, **owner_tags()})
     try:
         tracker.log_params(run_id, {**cfg.model_dump(mode="json", exclude={"home", "tracking_uri", "progress"}),
@@ -363,15 +363,33 @@ def _flat_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
              **{f"test {m}": round(r["test"][m], 4) for m in keys}} for r in rows]
 
 
+def _cell(column: str, value: Any) -> str:
+    """A table cell: '-' for a value that does not apply (no generation after the last
+    iteration), floats at one precision per column (density 5 decimals, the rest 4)."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.5f}" if column == "density" else f"{value:.4f}"
+    return str(value)
+
+
 def format_table(summary: dict[str, Any]) -> str:
-    """The per-iteration table the CLI and `make run` print."""
+    """The per-iteration table the CLI and `make run` print. `command_seconds` and
+    `server_start_seconds`, when the CLI adds them, count the Prefect server's start too."""
     rows = _flat_rows(summary["iterations"])
     cols = list(rows[0])
-    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
+    cells = [[_cell(c, r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(str(r[c]).rjust(w) for c, w in zip(cols, widths)) for r in rows]
-    lines.append(f"wall {summary['wall_seconds']:.1f} s, steps {summary['step_seconds']:.1f} s, "
-                 f"orchestration+tracking overhead {100 * summary['overhead_fraction']:.1f}%")
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    wall = f"wall {summary['wall_seconds']:.1f} s"
+    if "command_seconds" in summary:
+        wall = (f"wall {summary['command_seconds']:.1f} s (Prefect server start {summary['server_start_seconds']:.1f} s, "
+                f"flow {summary['wall_seconds']:.1f} s)")
+    lines.append(f"{wall}, steps {summary['step_seconds']:.1f} s, "
+                 f"orchestration+tracking overhead {100 * summary['overhead_fraction']:.1f}% of the flow")
+    lines.append(f"data: D_0..D_{summary['K']} in dataset {summary['run_dataset']}, this run's fork of "
+                 f"{summary['dataset']} (`rsir versions --dataset {summary['run_dataset']}`)")
     lines.append(f"champion: {_champion_line(summary)}; "
                  f"MLflow run {summary['mlflow_run_id']} ({summary['tracking_uri']})")
     if summary.get("mlflow_url"):

@@ -3,10 +3,14 @@ and then prints exactly one JSON object on stdout (progress and logs go to stder
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
+import time
+import uuid
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
@@ -14,6 +18,7 @@ from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origi
 import typer
 
 from core.config import Parameter, with_parameters
+from core.hashing import short_digest
 from core.errors import RsirError
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -44,6 +49,9 @@ def _local_prefect(ws):
     in a new workspace Prefect's server would otherwise fail to create its database."""
     os.environ.setdefault("PREFECT_HOME", str(ws.root / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's own temporary server (where rsir does not start one) gets more than its 20 s: the
+    # first start migrates a new database, which took longer on a busy machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     return ws
 
@@ -52,11 +60,10 @@ def _before_flow(ws, tracking_uri: str | None) -> None:
     """Before a flow starts: the environment it will use checked (one line, no work done), and
     Prefect's failure tracebacks sent to the workspace's log instead of the terminal, where the
     failure is the one line `main` prints."""
-    from flows.boundary import check_environment, quiet_engine_failures, start_local_prefect
+    from flows.boundary import check_environment, quiet_engine_failures
 
     check_environment(ws, tracking_uri, prefect=True)
     quiet_engine_failures(ws)
-    start_local_prefect()
 
 
 def _emit(obj: Any, as_json: bool, render) -> None:
@@ -158,7 +165,7 @@ def _list_row(store, name: str) -> dict[str, Any]:
 def _render_ingest(r: dict[str, Any]) -> None:
     s = r.get("stats", {})
     status = " (already present)" if r.get("status") == "exists" else ""
-    print(f"dataset {r['dataset']} v{r['version']}{status}  digest {r['digest'][:12]}")
+    print(f"dataset {r['dataset']} v{r['version']}{status}  digest {short_digest(r['digest'])}")
     print(f"  users {r.get('users', s.get('real_sequences'))}  items {r.get('items', s.get('num_items'))}  "
           f"interactions {s.get('interactions')}  mean length {s.get('mean_length')}  density {s.get('density', 0):.5f}")
     if "derived_from" in r:
@@ -178,12 +185,13 @@ def _describe_view(view: dict[str, Any]) -> str:
 def _render_list(r: dict[str, Any]) -> None:
     if not r["datasets"]:
         print("no datasets; try `rsir data fetch ml-100k`")
+    width = max((len(d["dataset"]) for d in r["datasets"]), default=0)  # forks: <name>--<lineage key>
     for d in r["datasets"]:
         if "error" in d:
-            print(f"{d['dataset']:<24} error: {d['error']}")
+            print(f"{d['dataset']:<{width}}  error: {d['error']}")
             continue
-        print(f"{d['dataset']:<24} v{d['version']:<3} sequences {d.get('sequences'):<7} "
-              f"interactions {d.get('interactions'):<8} density {d.get('density', 0):.5f}")
+        print(f"{d['dataset']:<{width}}  v{d['version']:<3} sequences {d.get('sequences'):>7}  "
+              f"interactions {d.get('interactions'):>8}  density {d.get('density', 0):.5f}")
 
 
 # ------------------------------------------------------------------ train / evaluate
@@ -211,7 +219,7 @@ def train(
     recipe: Recipe = "default", synthetic_weight: SyntheticWeight = None, batching: Batching = None,
     weighting: Weighting = None, stride: Stride = None, early_stop: EarlyStop = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads")] = None,
+    threads: Threads = None,
     include_history: Annotated[bool, typer.Option("--include-history", help="rank the user's own history items too")] = False,
     checkpoint: Annotated[Optional[str], typer.Option(help="where to write the checkpoint (a path or a URL)")] = None,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="progress bars on stderr")] = None,
@@ -324,7 +332,7 @@ def versions(
 
 def _render_version(r: dict[str, Any]) -> None:
     s = r["stats"]
-    print(f"dataset {r['dataset']} v{r['version']} (from v{r['parent_version']})  digest {r['digest'][:12]}")
+    print(f"dataset {r['dataset']} v{r['version']} (from v{r['parent_version']})  digest {short_digest(r['digest'])}")
     for key in ("sequences", "real_sequences", "synthetic_sequences", "interactions", "density", "pair_density",
                 "item_entropy", "item_entropy_normalised", "item_gini", "apen_real", "apen_synthetic",
                 "acceptance_rate", "mean_new_length", "mean_synthetic_length", "stop_reasons"):
@@ -342,7 +350,7 @@ def _render_versions(r: dict[str, Any]) -> None:
         print(f"{v['version']:>3} {parent:>6} {s.get('sequences', 0):>9} {s.get('synthetic_sequences', 0):>9} "
               f"{s.get('interactions', 0):>12} {s.get('density', 0):>8.5f} {s.get('item_entropy', 0):>7.3f} "
               f"{s.get('item_gini', 0):>5.3f} {_opt(s.get('acceptance_rate')):>6} {_opt(s.get('mean_new_length')):>7}"
-              f"  {v['digest'][:12]}")
+              f"  {short_digest(v['digest'])}")
 
 
 def _opt(value: Any) -> str:
@@ -404,6 +412,18 @@ Stride = _training_setting("stride")
 EarlyStop = _training_setting("early_stop")
 
 
+def _threads_option() -> Any:
+    """`--threads` of `rsir train` and `rsir experiment`: its help from the one declaration
+    (tasks/config.py CpuThreads); unset = that declaration's default."""
+    from tasks.config import CpuThreads
+
+    field = CpuThreads.model_fields["threads"]
+    return Annotated[Optional[int], typer.Option(help=f"{field.description} [default: {field.default}]")]
+
+
+Threads = _threads_option()
+
+
 def _nested_pairs(pairs: list[str] | None, flag: str) -> dict[str, Any] | None:
     """['hidden=32', 'options.positions=newest'] -> {'hidden': 32, 'options': {'positions': 'newest'}}."""
     flat = _options(pairs, flag)
@@ -436,11 +456,96 @@ def run(**params: Any) -> None:
                                                               **_options(option, "--option")}}
     params.update(home=ws.home, progress=sys.stderr.isatty())
     cfg = RunConfig.from_parameters(params)  # a bad value: one line, before Prefect is even imported
+    _require_dataset(ws, cfg.dataset)
     _before_flow(_local_prefect(ws), cfg.tracking_uri)
+    from deployments.temporary import prefect_api
     from flows.rsir import format_table, rsir
 
-    summary = rsir(**params)
+    started = time.perf_counter()
+    # The flow run is found by this tag when it is interrupted (it has no id the CLI knows).
+    tag = f"rsir-cli-{uuid.uuid4().hex[:12]}"
+    closed = ""  # the line that says what an interrupt closed
+    with _interrupts() as received:
+        try:
+            with prefect_api(Path(os.environ["PREFECT_HOME"])):  # stopped after the run's last report
+                server_start = time.perf_counter() - started
+                try:
+                    import prefect
+
+                    with prefect.tags(tag):
+                        summary = rsir(**params)
+                except BaseException as exc:
+                    if received or isinstance(exc, KeyboardInterrupt):
+                        closed = _close_interrupted(cfg, ws, tag, received[0] if received else signal.SIGINT,
+                                                    time.perf_counter() - started)
+                    raise
+        except BaseException as exc:
+            if not (received or isinstance(exc, KeyboardInterrupt)):
+                raise
+            signum = received[0] if received else signal.SIGINT
+            print(closed or f"rsir: interrupted by {signal.Signals(signum).name} while the Prefect server "
+                            f"started; nothing ran", file=sys.stderr)
+            sys.exit(128 + signum)
+    summary.update(command_seconds=time.perf_counter() - started, server_start_seconds=server_start)
     _emit(summary, as_json, lambda r: print(format_table(r)))
+
+
+def _require_dataset(ws, name: str) -> None:
+    """A run's dataset must be in the workspace or built in (fetched by the run): checked before
+    a Prefect server starts, so a mistyped name costs one line, not a server start and retries."""
+    from storage.dataset import dataset_store
+    from tasks.ingest import BUILTIN
+
+    if name not in BUILTIN and not dataset_store(ws).versions(name):
+        raise RsirError(f"dataset {name!r} is neither in the workspace {ws.home} (see `rsir data list`) nor "
+                        f"built in ({', '.join(BUILTIN)})")
+
+
+@contextlib.contextmanager
+def _interrupts():
+    """While the block runs, SIGTERM interrupts it as Ctrl-C (SIGINT) does: KeyboardInterrupt
+    in the main thread. Yields the list of the signals received (Prefect's own SIGTERM handler,
+    active inside a flow, raises its TerminationSignal and then signals again: this handler sees
+    it then)."""
+    received: list[int] = []
+
+    def interrupt(signum: int, _frame: object) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _close_interrupted(cfg, ws, tag: str, signum: int, seconds: float) -> str:
+    """After an interrupt: the run's Prefect flow run CANCELLED (with its open subflow and task
+    runs) and its MLflow parent run KILLED (the flow's own handler ends it so; here it is only
+    checked). Returns the one line that says so and how to resume. Never raises."""
+    from flows.liveness import cancel_tagged_flow_runs
+    from storage.tracking import Tracker, resolve_tracking_uri
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the closing short
+        signal.signal(sig, signal.SIG_IGN)
+    reason = f"interrupted by {signal.Signals(signum).name}"
+    flow_runs = cancel_tagged_flow_runs(tag, f"{reason}; the same command resumes it")
+    closed = [outcome for _, outcome in flow_runs]
+    try:
+        tracker = Tracker.open(resolve_tracking_uri(cfg.tracking_uri, ws.mlflow_db), cfg.experiment, ws.mlartifacts)
+        for flow_run in filter(None, (f for f, _ in flow_runs)):
+            for run in tracker.search_runs(f"tags.`prefect.flow_run_id` = '{flow_run}'"):
+                status = run.info.status
+                if status == "RUNNING":  # interrupted before the flow's handler could end it
+                    tracker.end_run(run.info.run_id, "KILLED")
+                    status = "KILLED"
+                closed.append(f"MLflow run {run.info.run_id} {status}")
+    except Exception as exc:  # tracking unreachable: the line says so, the exit status stays
+        closed.append(f"MLflow not checked ({type(exc).__name__})")
+    closed = closed or ["no run had started"]
+    return f"rsir: {reason} after {seconds:.1f} s; {', '.join(closed)}; run the same command again to resume"
 
 
 app.command("run")(with_parameters(run, _run_options()))
@@ -464,7 +569,7 @@ def experiment_cmd(
     backbone_option: Annotated[Optional[list[str]], typer.Option(
         "--backbone-option", help="BACKBONE.KEY=VALUE or BACKBONE.options.KEY=VALUE (repeatable)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads")] = None,
+    threads: Threads = None,
     tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: SQLite in the workspace)")] = None,
     experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default experiment-SUITE)")] = None,
     archive: Annotated[Optional[Path], typer.Option(help=_ARCHIVE_HELP)] = None,
@@ -481,9 +586,14 @@ def experiment_cmd(
                        device=device,
                        threads=threads)
     parse_config(ExperimentConfig, given)  # a bad value: one line before the flow (and a Prefect server) starts
+    for name in dataset or []:
+        _require_dataset(ws, name)
     _before_flow(ws, tracking_uri)
-    summary = run_experiment(**given, smoke=smoke, home=ws.home, tracking_uri=tracking_uri,
-                             experiment_name=experiment, archive=str(archive) if archive else None)
+    from deployments.temporary import prefect_api
+
+    with prefect_api(Path(os.environ["PREFECT_HOME"])):
+        summary = run_experiment(**given, smoke=smoke, home=ws.home, tracking_uri=tracking_uri,
+                                 experiment_name=experiment, archive=str(archive) if archive else None)
     _emit(summary, as_json, lambda r: print(
         f"suite {r['suite']}: {len(r['ran'])} arms run, {len(r['skipped'])} already finished, "
         f"{r['wall_seconds']:.0f} s; MLflow experiment {r['experiment']!r} ({r['tracking_uri']})"
@@ -599,7 +709,7 @@ def _metric_table(valid: dict[str, float], test: dict[str, float]) -> None:
 
 
 def _render_train(r: dict[str, Any]) -> None:
-    print(f"{r['model']} on {r['dataset']} v{r['version']} (digest {r['digest'][:12]}), seed {r['seed']}, "
+    print(f"{r['model']} on {r['dataset']} v{r['version']} (digest {short_digest(r['digest'])}), seed {r['seed']}, "
           f"device {r['device']}")
     _metric_table(r["valid"], r["test"])
     print(f"  epochs {r['epochs']}  best epoch {r['best_epoch']}  {r['seconds_per_epoch']:.2f} s/epoch  "

@@ -33,6 +33,7 @@ from typing import Any, Iterator
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import RsirError
+from core.hashing import short_digest
 from storage.files import file_lock, location, read_bytes
 
 
@@ -379,7 +380,7 @@ class Tracker:
         """Log dataset version `version` as an input of the run; returns its MLflow (name, digest)."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        dataset = Dataset(name=dataset_name(name, version), digest=digest[:36], source_type="rsir-store",
+        dataset = Dataset(name=dataset_name(name, version), digest=short_digest(digest), source_type="rsir-store",
                           source=json.dumps({"uri": uri, "version": version, "digest": digest}),
                           schema="", profile=json.dumps(profile, default=float))
         self._client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])

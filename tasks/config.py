@@ -115,6 +115,17 @@ class TrainingSettings(BaseModel):
             raise ValueError(f"stride={self.stride} exceeds the {model.name} model's max_len={model.max_len}")
 
 
+class CpuThreads(BaseModel):
+    """The torch CPU threads of a process that trains, evaluates or generates (not a training
+    setting: it changes the speed, not θ)."""
+
+    # Why 1 (benchmarks/threads.py; figures in README, "Threads"): torch's default is one thread
+    # per core, and on busy cores its threads wait for each other.
+    threads: int = Field(1, ge=0, le=4096, description="torch CPU threads; 0 = torch's default (one per core). "
+                         "Default 1: on 2 busy cores torch's default trained 6-7 times slower than one "
+                         "thread (benchmarks/threads.py)")
+
+
 # Settings added after keys existed, with the value that keeps the old behaviour: left out of
 # content keys at that value, so checkpoints and lineages made before them keep their keys.
 _KEYED_ONLY_WHEN_NOT = {"train_workers": 1, "retrieval": "exact"}
@@ -127,7 +138,7 @@ def learned(settings: dict[str, Any]) -> dict[str, Any]:
             if not (k in _KEYED_ONLY_WHEN_NOT and v == _KEYED_ONLY_WHEN_NOT[k])}
 
 
-class TrainConfig(TrainingSettings):
+class TrainConfig(CpuThreads, TrainingSettings):
     """One training: a dataset version, a backbone, the training settings and the runtime."""
 
     dataset: str = "ml-100k"
@@ -136,7 +147,6 @@ class TrainConfig(TrainingSettings):
     eval_batch_size: BatchSize = 512
     seed: Seed = Field(0, description="random seed (numpy's generators take non-negative seeds)")
     device: Device = "auto"
-    threads: Workers | None = Field(None, description="torch CPU threads; torch's default when omitted")
     exclude_history: bool = True
     progress: bool = True
 
@@ -152,7 +162,7 @@ class TrainConfig(TrainingSettings):
         return self
 
 
-class RunConfig(TrainingSettings):
+class RunConfig(CpuThreads, TrainingSettings):
     """Everything an RSIR run depends on; built from the flow's (deployment's) parameters."""
 
     dataset: str = Field("ml-100k", description="dataset name (built-ins are fetched when missing)")
@@ -175,7 +185,6 @@ class RunConfig(TrainingSettings):
                                                "extra 'ann')")
     seed: Seed = Field(0, description="random seed of training and generation (iteration k uses seed + k)")
     device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
-    threads: Workers | None = Field(None, description="torch CPU threads (default: torch's)")
     executor: Literal["local", "ray"] = Field("local", description="where generation and evaluation shards run: "
                                              "this process, or a Ray cluster (identical results)")
     ray_address: str | None = Field(None, description="executor ray: the cluster to join (default: start a local one)")

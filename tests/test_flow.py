@@ -9,6 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 from core.errors import RsirError
+from core.hashing import SHOWN_DIGITS
 from storage.dataset import dataset_store
 from tests.conftest import TINY_FLOW, make_tiny_home
 
@@ -52,6 +53,7 @@ def test_mlflow_lineage_and_registry(run):
     client = MlflowClient(uri)
     parent = client.get_run(summary["mlflow_run_id"])
     assert parent.info.status == "FINISHED"
+    assert parent.info.run_name == "rsir-tiny-sasrec-K2-seed0"  # runs of other seeds are told apart
     assert parent.data.tags["prefect.flow_run_id"]
     assert parent.data.params["synthetic_weight"] == "1.0" and parent.data.params["recipe"] == "default"
     assert parent.data.params["weighting"] == "position"
@@ -62,9 +64,9 @@ def test_mlflow_lineage_and_registry(run):
     store = dataset_store(ws)
     for k, child in enumerate(children):
         inputs = {tag.value: di.dataset for di in child.inputs.dataset_inputs for tag in di.tags}
-        assert inputs["training"].digest == store.manifest(summary["run_dataset"], k).digest[:36]
+        assert inputs["training"].digest == store.manifest(summary["run_dataset"], k).digest[:SHOWN_DIGITS]
         if k < 2:
-            assert inputs["output"].digest == store.manifest(summary["run_dataset"], k + 1).digest[:36]
+            assert inputs["output"].digest == store.manifest(summary["run_dataset"], k + 1).digest[:SHOWN_DIGITS]
         assert "valid/ndcg_at_10" in child.data.metrics and "data/density" in child.data.metrics
         curve = client.get_metric_history(child.info.run_id, "train/loss")
         assert len(curve) == summary["iterations"][k]["epochs"]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from core.hashing import SHOWN_DIGITS
 from core.workspace import Workspace
 from storage.dataset import dataset_store
 from storage.tracking import Tracker
@@ -140,9 +141,9 @@ def test_concurrent_runs_are_all_tracked_once_with_complete_lineages(team):
         digests = {v: store.manifest(dataset, v).digest for v in store.versions(dataset)}
         for k, child in enumerate(children):
             inputs = {(d.dataset.name, d.tags[0].value): d.dataset.digest for d in child.inputs.dataset_inputs}
-            assert inputs[(f"{dataset}@v{k}", "training")] == digests[k][:36]
+            assert inputs[(f"{dataset}@v{k}", "training")] == digests[k][:SHOWN_DIGITS]
             if k < K:
-                assert inputs[(f"{dataset}@v{k + 1}", "output")] == digests[k + 1][:36]
+                assert inputs[(f"{dataset}@v{k + 1}", "output")] == digests[k + 1][:SHOWN_DIGITS]
             assert [f.path for f in client.list_artifacts(child.info.run_id, "checkpoint")]
         parent_inputs = {(d.dataset.name, d.tags[0].value) for d in parent.inputs.dataset_inputs}
         assert parent_inputs == {(f"{dataset}@v0", "input"), (f"{dataset}@v{K}", "output")}
@@ -194,7 +195,7 @@ def test_mlflow_ui_shows_the_lineage(team, browser):
     exp, parent, children = _parent_of(team, seed=1)
     dataset = parent.data.params["run_dataset"]
     store = dataset_store(Workspace.at(team.home))
-    digest = {v: store.manifest(dataset, v).digest[:36] for v in (0, 1)}
+    digest = {v: store.manifest(dataset, v).digest[:SHOWN_DIGITS] for v in (0, 1)}
     ui = f"{team.tracking_uri}/#/experiments/{exp}"
     view = "?workflowType=machine_learning"  # MLflow 3.17 picks the view from the URL or a toggle
 

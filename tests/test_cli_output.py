@@ -1,0 +1,70 @@
+"""What people read (issue 23's smaller frictions): a mistyped dataset fails in one line before a
+Prefect server starts; the run table (no `None`, one precision per column, the fork's name, a wall
+time that counts the server's start); `rsir data list` aligned with forks; digests at one length;
+`rsir serve`'s hints only for the services it runs, and where their logs are."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from core.config import parse_config
+from core.hashing import SHOWN_DIGITS
+from deployments.serve import ServeConfig, ready_lines
+from flows.rsir import format_table
+from storage.dataset import dataset_store
+from tests.conftest import make_tiny_home
+
+
+def test_an_unknown_dataset_fails_in_one_line_before_any_prefect_server(cli, ws, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    started = time.monotonic()
+    result = cli("run", "--dataset", "ml-100k-sprase", "--home", ws.root)
+    assert result.code == 2 and time.monotonic() - started < 30
+    assert result.err.count("\n") == 1 and "'ml-100k-sprase'" in result.err and "ml-100k-sparse" in result.err
+    assert not (ws.root / "prefect").exists()  # no Prefect home, no server, no database
+
+
+def _row(k: int, acceptance: float | None) -> dict:
+    metrics = {"ndcg@10": 0.05, "ndcg@20": 0.0712345, "recall@10": 0.1, "recall@20": 0.2}
+    return {"iteration": k, "sequences": 100 + k, "interactions": 1000, "density": 0.05, "item_entropy": 7.5,
+            "acceptance_rate": acceptance, "valid": metrics, "test": metrics}
+
+
+SUMMARY = {"dataset": "tiny", "run_dataset": "tiny--0123456789", "K": 1, "iterations": [_row(0, 0.25), _row(1, None)],
+           "wall_seconds": 40.0, "step_seconds": 30.0, "overhead_fraction": 0.25,
+           "champion": {"iteration": 0, "registered_model": "rsir-tiny-sasrec", "version": 1},
+           "mlflow_run_id": "abc", "tracking_uri": "sqlite:///x"}
+
+
+def test_the_run_table_has_one_precision_per_column_and_no_none():
+    lines = format_table({**SUMMARY, "command_seconds": 65.0, "server_start_seconds": 25.0}).splitlines()
+    header, first, last = lines[0].split(), lines[1].split(), lines[2].split()
+    assert "None" not in "\n".join(lines)
+    column = header.index("acceptance")
+    assert first[column] == "0.2500" and last[column] == "-"  # no generation after the last iteration
+    assert first[header.index("density")] == "0.05000" and first[header.index("entropy")] == "7.5000"
+    assert {len(cell.split(".")[1]) for cell in first[header.index("ndcg@10"):]} == {4}  # "valid ndcg@10"...
+    assert len({len(line) for line in lines[:3]}) == 1  # the columns line up
+    assert "wall 65.0 s (Prefect server start 25.0 s, flow 40.0 s)" in lines[3]
+    assert "dataset tiny--0123456789, this run's fork of tiny" in lines[4]
+
+
+def test_data_list_aligns_forks_and_digests_have_one_length(cli, tiny_csv, tmp_path):
+    ws = make_tiny_home(tmp_path / "workspace", tiny_csv)
+    dataset_store(ws).fork("tiny", "tiny--0123456789abcdef0123")  # longer than the old 24-character column
+    lines = cli("data", "list", "--home", ws.root).out.splitlines()
+    assert len(lines) == 2 and len({line.index(" v0 ") for line in lines}) == 1, lines
+    assert len({line.index("interactions") for line in lines}) == 1, lines
+    shown = re.search(r"  ([0-9a-f]+)$", cli("versions", "--dataset", "tiny", "--home", ws.root).out.splitlines()[1])
+    assert shown and len(shown.group(1)) == SHOWN_DIGITS
+
+
+def test_serve_hints_only_for_its_services_and_names_the_log_folder(tmp_path):
+    only_mlflow = ready_lines(parse_config(ServeConfig, {"services": ["mlflow"]}), tmp_path / "logs")
+    assert not any("PREFECT_API_URL" in line for line in only_mlflow)
+    assert only_mlflow[0].endswith(f"service logs in {tmp_path / 'logs'}/")
+    assert any("MLflow UI: http://127.0.0.1:5000/" in line for line in only_mlflow)
+    both = ready_lines(parse_config(ServeConfig, {"services": ["prefect", "worker"], "port": 4321}), tmp_path)
+    assert any("PREFECT_API_URL=http://127.0.0.1:4321/api prefect deployment run" in line for line in both)
+    assert not any("MLflow" in line for line in both)

@@ -1,0 +1,122 @@
+"""Ctrl-C (SIGINT to the command's process group, as a terminal sends it) and SIGTERM of a real
+`rsir run` mid-training: it stops within seconds, closes its MLflow parent run (KILLED) and its
+Prefect flow run (CANCELLED) on the temporary server, which outlives that report and is stopped
+after it; it prints one line saying the same command resumes, and exits 130 (143)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import make_tiny_home
+
+pytestmark = pytest.mark.prefect
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_home(tiny_csv, tmp_path_factory):
+    """One workspace for both signals: the second run resumes the lineage the first left."""
+    return make_tiny_home(tmp_path_factory.mktemp("interrupt") / "workspace", tiny_csv)
+
+
+def _servers_of(prefect_home: Path) -> list[psutil.Process]:
+    """Running Prefect servers whose state is `prefect_home` (the temporary server of a run)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if "prefect.server.api.server:create_app" in " ".join(proc.info["cmdline"] or []) and \
+                    proc.environ().get("PREFECT_HOME") == str(prefect_home):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_run_stops_within_seconds_and_closes_its_runs(tiny_home, sig):
+    ws = tiny_home
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    # Many epochs and no early stop: the run is still training when it is interrupted.
+    cmd = [sys.executable, "-m", "rsir.cli", "run", "--dataset", "tiny", "-K", "1", "--epochs", "5000",
+           "--patience", "5000", "--threads", "1", "--device", "cpu", "--model-params", "hidden=16",
+           "--model-params", "max_len=20", "--model-params", "layers=1", "--home", str(ws.root)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines: list[str] = []
+    training = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if "Beginning subflow run 'iteration-0'" in line:  # its first step is training θ_0
+                training.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert training.wait(300), "training never started:\n" + "".join(lines[-30:])
+        time.sleep(5)  # inside the training loop (5000 epochs take minutes)
+        assert proc.poll() is None, "".join(lines[-30:])
+        before = len(lines)
+        sent = time.monotonic()
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)  # the whole foreground group, as Ctrl-C in a terminal
+        else:
+            proc.send_signal(sig)
+        proc.wait(timeout=120)
+        seconds = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    reader.join(timeout=10)
+    after = lines[before:]
+    assert proc.returncode == 128 + sig, "".join(after)
+    assert seconds < 60, f"{seconds:.1f} s from the signal to the exit"
+    assert len(after) < 15, "".join(after)  # no tracebacks, no retries of a dead API
+
+    (told,) = [line for line in after if line.startswith("rsir: interrupted")]
+    assert f"interrupted by {signal.Signals(sig).name}" in told and told.rstrip().endswith(
+        "run the same command again to resume"), told
+    flow_run = re.search(r"Prefect flow run ([0-9a-f-]{36}) CANCELLED", told)
+    mlflow_run = re.search(r"MLflow run ([0-9a-f]{32}) KILLED", told)
+    assert flow_run and mlflow_run, told
+
+    # What the line says is what the stores hold.
+    with sqlite3.connect(ws.root / "mlflow.db") as db:
+        (status,) = db.execute("select status from runs where run_uuid = ?", (mlflow_run.group(1),)).fetchone()
+        (tagged,) = db.execute("select value from tags where run_uuid = ? and key = 'prefect.flow_run_id'",
+                               (mlflow_run.group(1),)).fetchone()
+    assert status == "KILLED" and tagged == flow_run.group(1)
+    with sqlite3.connect(ws.root / "prefect" / "prefect.db") as db:
+        (state,) = db.execute("select state_type from flow_run where id = ?", (flow_run.group(1),)).fetchone()
+    assert state == "CANCELLED"
+    assert not _servers_of(ws.root / "prefect"), "the temporary Prefect server outlived the command"
+
+
+def test_the_temporary_server_dies_with_a_killed_command():
+    # What the temporary server is started with: a command killed by SIGKILL (nothing of it runs
+    # any more) leaves no server behind, although the server is in a session of its own.
+    parent = ("import sys, time; from pathlib import Path; from deployments.serve import start_process; "
+              "p = start_process([sys.executable, '-c', 'import time; time.sleep(600)'], {}, "
+              "Path(sys.argv[1]), die_with_parent=True); print(p.pid, flush=True); time.sleep(600)")
+    log = Path(os.environ["RSIR_HOME"]) / "child.log"
+    proc = subprocess.Popen([sys.executable, "-c", parent, str(log)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    child = psutil.Process(int(proc.stdout.readline()))
+    assert child.is_running() and os.getsid(child.pid) != os.getsid(proc.pid)
+    proc.kill()
+    proc.wait()
+    gone, _ = psutil.wait_procs([child], timeout=30)
+    assert gone, "the server outlived the killed command"
