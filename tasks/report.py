@@ -574,9 +574,13 @@ def _short_version(version: str) -> str:
 def _header(tracker: Tracker, suite: str, rows: list[dict[str, Any]], command: str | None) -> str:
     arms = {r["parent_run_id"]: r.get("arm_wall_seconds") or 0.0 for r in rows}
     suite_runs = tracker.search_runs("tags.`rsir.suite_run` = '1'")
+    # Invocations that ran no arm (a shard waiting on another's stage, a re-run) are counted, not listed.
+    working = [r for r in suite_runs if r.data.metrics.get("arms_run", 0) > 0]
     walls = [f"{r.data.metrics.get('wall_seconds', 0) / 60:.1f} min ({int(r.data.metrics.get('arms_run', 0))} arms run, "
              f"code {_short_version(r.data.tags.get('rsir.code_version', 'not recorded'))})"
-             for r in sorted(suite_runs, key=lambda r: r.info.start_time)]
+             for r in sorted(working, key=lambda r: r.info.start_time)]
+    if len(working) < len(suite_runs):
+        walls.append(f"{len(suite_runs) - len(working)} that ran no arm")
     return "\n".join([
         f"# RSIR experiment report: `{suite}`\n",
         f"Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} from MLflow experiment "

@@ -33,7 +33,8 @@ def _row(k: int, acceptance: float | None) -> dict:
 
 SUMMARY = {"dataset": "tiny", "run_dataset": "tiny--0123456789", "K": 1, "iterations": [_row(0, 0.25), _row(1, None)],
            "wall_seconds": 40.0, "step_seconds": 30.0, "overhead_fraction": 0.25,
-           "champion": {"iteration": 0, "registered_model": "rsir-tiny-sasrec", "version": 1},
+           "champion": {"iteration": 0, "registered_model": "rsir-tiny-sasrec", "version": 1, "alias": "champion",
+                        "champion_version": 1},
            "mlflow_run_id": "abc", "tracking_uri": "sqlite:///x"}
 
 
@@ -48,6 +49,7 @@ def test_the_run_table_has_one_precision_per_column_and_no_none():
     assert len({len(line) for line in lines[:3]}) == 1  # the columns line up
     assert "wall 65.0 s (Prefect server start 25.0 s, flow 40.0 s)" in lines[3]
     assert "dataset tiny--0123456789, this run's fork of tiny" in lines[4]
+    assert lines[5].startswith("champion: iteration 0 registered as rsir-tiny-sasrec v1 @champion; MLflow run abc")
 
 
 def test_data_list_aligns_forks_and_digests_have_one_length(cli, tiny_csv, tmp_path):
