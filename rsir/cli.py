@@ -456,8 +456,11 @@ def run(**params: Any) -> None:
                                                               **_options(option, "--option")}}
     params.update(home=ws.home, progress=sys.stderr.isatty())
     cfg = RunConfig.from_parameters(params)  # a bad value: one line, before Prefect is even imported
+    # The environment first (the dataset check reads the workspace), then the dataset, and only
+    # then anything Prefect writes: a mistyped name costs one line and leaves no Prefect home.
+    _before_flow(ws, cfg.tracking_uri)
     _require_dataset(ws, cfg.dataset)
-    _before_flow(_local_prefect(ws), cfg.tracking_uri)
+    _local_prefect(ws)
     from deployments.temporary import prefect_api
     from flows.rsir import format_table, rsir
 
@@ -586,9 +589,9 @@ def experiment_cmd(
                        device=device,
                        threads=threads)
     parse_config(ExperimentConfig, given)  # a bad value: one line before the flow (and a Prefect server) starts
+    _before_flow(ws, tracking_uri)
     for name in dataset or []:
         _require_dataset(ws, name)
-    _before_flow(ws, tracking_uri)
     from deployments.temporary import prefect_api
 
     with prefect_api(Path(os.environ["PREFECT_HOME"])):

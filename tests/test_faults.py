@@ -369,7 +369,7 @@ def test_rsir_serve_sweeps_at_start_then_periodically(tmp_path, monkeypatch):
         started.append((cmd, env))
         return Done()
 
-    monkeypatch.setattr(serve, "_start", start)
+    monkeypatch.setattr(serve, "start_process", start)
     services = serve.Services(Workspace.at(tmp_path / "ws"), serve.ServeConfig(tracking_uri="sqlite:////x/mlflow.db"))
     services.sweep_dead_runs()
     services.sweep_dead_runs()  # within SWEEP_SECONDS: nothing new
