@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from core.hashing import short_digest
 from storage.dataset import dataset_store
 from tests.conftest import TINY_FLOW, make_tiny_home
 from tests.test_e2e_deployment import _free_port, stop_serve
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 class Ui:
     url: str  # the MLflow server's
     summary: dict
-    digests: list[str]  # D_0..D_K, as MLflow shows them (36 characters)
+    digests: list[str]  # D_0..D_K, as MLflow shows them (core.hashing.short_digest)
     shots: Path
 
 
@@ -44,7 +45,7 @@ def ui(prefect_api, tiny_csv, tmp_path_factory):
     summary = rsir(K=2, home=str(ws.root), tracking_uri=f"sqlite:///{ws.mlflow_db}",
                    **{**TINY_FLOW, "dataset": dataset})
     store = dataset_store(ws)
-    digests = [store.manifest(summary["run_dataset"], k).digest[:36] for k in range(3)]
+    digests = [short_digest(store.manifest(summary["run_dataset"], k).digest) for k in range(3)]
     ready = root / "mlflow.ready"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
     proc = subprocess.Popen([sys.executable, "-m", "rsir.cli", "serve", "--only", "mlflow", "--home", str(ws.root),
