@@ -306,7 +306,7 @@ def _log_iteration(tracker: Tracker, parent: str, child: str, cfg: RunConfig, da
     scores = {**{f"valid/{key}": v for key, v in evaluation.valid.items()},
               **{f"test/{key}": v for key, v in evaluation.test.items()}}
     tracker.log_metrics(child, scores, step=k, model_id=model_id,
-                        dataset=(dataset_name(dataset, k), manifest.digest[:36]))
+                        dataset=(dataset_name(dataset, k), manifest.digest))
     rest = {**{f"data/{key}": v for key, v in manifest.stats.items() if isinstance(v, (int, float))},
             **{f"time/{key}": v for key, v in result.times.items()},
             "train/epochs": student.epochs,

@@ -343,11 +343,11 @@ class Tracker:
                     dataset: tuple[str, str] | None = None) -> None:
         """Numeric values of `metrics` (nested dicts flattened with '.') at `step`; with `model_id`
         also the logged model's metrics, measured on `dataset` (MLflow name, digest), which the
-        model page lists as its data."""
+        model page lists as its data (`digest` in full: shown as `log_dataset` shows it)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        name, digest = dataset or (None, None)
+        name, digest = (dataset[0], short_digest(dataset[1])) if dataset else (None, None)
         batch = [Metric(_clean(k), float(v), now, step, model_id=model_id, dataset_name=name, dataset_digest=digest)
                  for k, v in _flatten(metrics).items() if isinstance(v, (int, float)) and v is not None]
         for lo in range(0, len(batch), 500):
