@@ -19,6 +19,7 @@ from core.hashing import short_digest
 from storage.dataset import dataset_store
 from tests.conftest import TINY_FLOW, make_tiny_home
 from tests.test_e2e_deployment import _free_port, stop_serve
+from tests.test_services import _page
 
 pytestmark = pytest.mark.prefect
 REPO = Path(__file__).resolve().parent.parent
@@ -64,17 +65,6 @@ def ui(prefect_api, tiny_csv, tmp_path_factory):
         stop_serve(proc)
 
 
-def _open(browser, url: str, expect: str):
-    """A fresh page at `url` once `expect` shows, MLflow's assistant panel closed."""
-    page = browser.new_page(viewport={"width": 1600, "height": 1000})
-    page.goto(url)
-    page.get_by_text(expect, exact=False).first.wait_for(timeout=90_000)
-    close = page.get_by_role("button", name="Close")
-    if close.count():
-        close.first.click()
-    return page
-
-
 def _children(ui: Ui) -> dict:
     from mlflow import MlflowClient
 
@@ -101,7 +91,7 @@ def test_the_parent_run_charts_the_trend_over_k(ui, browser):
     """The link rsir publishes opens the model-training view; its metrics tab draws density and
     the validation metric as lines through K + 1 points, one per iteration."""
     link = f"{ui.url}/{ui.summary['mlflow_path']}"
-    page = _open(browser, link, "Model metrics")
+    page = _page(browser, link, "Model metrics")
     text = page.inner_text("body")
     assert "Model registry" in text and "Evaluation runs" not in text and "Observability" not in text, text[:800]
     page.get_by_text("Model metrics", exact=True).first.click()
@@ -123,7 +113,7 @@ def test_an_iteration_run_shows_d_k_and_d_k_plus_1_and_theta_k(ui, browser):
     child = _children(ui)["iteration-0"]
     dataset = ui.summary["run_dataset"]
     url = f"{ui.url}/#/experiments/{child.info.experiment_id}/runs/{child.info.run_id}?workflowType=machine_learning"
-    page = _open(browser, url, f"{dataset}@v0 ({ui.digests[0]})")
+    page = _page(browser, url, f"{dataset}@v0 ({ui.digests[0]})")
     page.get_by_text("+1").first.click()  # MLflow lists a run's second dataset behind "+1"
     page.get_by_text(f"{dataset}@v1 ({ui.digests[1]})").first.wait_for(timeout=60_000)
     text = page.inner_text("body")
@@ -137,7 +127,7 @@ def test_theta_k_has_a_model_page_with_its_data_metrics_and_run(ui, browser):
     [model_id] = [m.model_id for m in child.outputs.model_outputs]
     dataset = f"{ui.summary['run_dataset']}@v0"
     url = f"{ui.url}/#/experiments/{child.info.experiment_id}/models/{model_id}?workflowType=machine_learning"
-    page = _open(browser, url, "Datasets used")
+    page = _page(browser, url, "Datasets used")
     page.get_by_text("valid/ndcg_at_10").first.wait_for(timeout=60_000)
     text = page.inner_text("body")
     assert "theta-0" in text and "Ready" in text and "iteration-0" in text, text[:3000]
@@ -147,7 +137,7 @@ def test_theta_k_has_a_model_page_with_its_data_metrics_and_run(ui, browser):
     page.screenshot(path=str(ui.shots / "mlflow-model-theta-0.png"), full_page=True)
     # The registered θ's page names its version in the registry.
     champion = ui.summary["champion"]
-    page = _open(browser, url.replace(model_id, champion["model_id"]), "Datasets used")
+    page = _page(browser, url.replace(model_id, champion["model_id"]), "Datasets used")
     page.get_by_text(f"{champion['registered_model']}").first.wait_for(timeout=60_000)
     text = page.inner_text("body")
     assert f"{champion['registered_model']}\nv{champion['version']}" in text or \

@@ -168,7 +168,7 @@ def _page(browser, url: str, expect: str, shot: Path | None = None):
     covers a third of the window) and take a screenshot."""
     page = browser.new_page(viewport={"width": 1600, "height": 1000})
     page.goto(url)
-    page.get_by_text(expect, exact=False).first.wait_for(timeout=60_000)
+    page.get_by_text(expect, exact=False).first.wait_for(timeout=90_000)  # a loaded machine
     close = page.get_by_role("button", name="Close")
     if close.count():
         close.first.click()
