@@ -53,33 +53,48 @@ def table(header: list[str], body: list[list[str]]) -> str:
 
 
 class Paired:
-    """Paired comparisons between two sets of iteration runs (matched by seed), rank files cached."""
+    """Paired comparisons between two sets of iteration runs (matched by seed), rank files cached.
+    A run without a rank file (an archive that lost it) still gives its seed's change, from the
+    logged metrics, but no interval: an interval over the other seeds alone would not be the one
+    the verdict rule asks for."""
 
     def __init__(self, tracker: Tracker):
         self.tracker, self._ranks = tracker, {}
 
-    def ranks(self, run_id: str, split: str) -> np.ndarray:
+    def ranks(self, run_id: str, split: str) -> np.ndarray | None:
+        """Per-user ranks (users,), or None when the run logged no rank file."""
         if (run_id, split) not in self._ranks:
-            self._ranks[(run_id, split)] = user_ranks(self.tracker, run_id, split)
+            has = len(self.tracker.artifact_files(run_id, "ranks")) == 1
+            self._ranks[(run_id, split)] = user_ranks(self.tracker, run_id, split) if has else None
         return self._ranks[(run_id, split)]
 
     def compare(self, arm: list[dict[str, Any]], base: list[dict[str, Any]], metric: str,
                 split: str = "test") -> dict[str, Any]:
         by_seed = {r["seed"]: r for r in base}
         pairs = [(a, by_seed[a["seed"]]) for a in arm if a["seed"] in by_seed]
-        if not pairs:
-            return {"relative_change": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"),
-                    "per_seed": []}
-        arms = [per_user_metric(self.ranks(x["run_id"], split), metric) for x, _ in pairs]
-        bases = [per_user_metric(self.ranks(y["run_id"], split), metric) for _, y in pairs]
-        per_seed = [a.mean() / b.mean() - 1.0 if b.mean() > 0 else float("nan") for a, b in zip(arms, bases)]
-        return {**paired_bootstrap(np.mean(arms, axis=0), np.mean(bases, axis=0)), "per_seed": per_seed}
+        key = f"{split}/{metric}"
+        per_seed = [x[key] / y[key] - 1.0 if y[key] > 0 else float("nan") for x, y in pairs]
+        unranked = sorted(x["seed"] for x, y in pairs
+                          if self.ranks(x["run_id"], split) is None or self.ranks(y["run_id"], split) is None)
+        out = {"relative_change": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"),
+               "per_seed": per_seed, "unranked_seeds": unranked}
+        if pairs and not unranked:
+            arms = [per_user_metric(self.ranks(x["run_id"], split), metric) for x, _ in pairs]
+            bases = [per_user_metric(self.ranks(y["run_id"], split), metric) for _, y in pairs]
+            out.update(paired_bootstrap(np.mean(arms, axis=0), np.mean(bases, axis=0)))
+        elif pairs:  # the same point change, of the seed means, without an interval
+            out["relative_change"] = np.mean([x[key] for x, _ in pairs]) / np.mean([y[key] for _, y in pairs]) - 1.0
+        return out
 
 
 def change(c: dict[str, Any], seeds: bool = True) -> str:
     if not np.isfinite(c["relative_change"]):
         return "–"
-    out = f"{pct(c['relative_change'])} [{pct(c['ci_low'])}, {pct(c['ci_high'])}]"
+    if c.get("unranked_seeds"):
+        interval = "[no interval: seed " + ", ".join(map(str, c["unranked_seeds"])) + " lacks per-user ranks]"
+    else:
+        interval = f"[{pct(c['ci_low'])}, {pct(c['ci_high'])}]"
+    out = f"{pct(c['relative_change'])} {interval}"
     if seeds and c.get("per_seed"):
         out += " (seeds " + " ".join(pct(x) for x in c["per_seed"]) + ")"
     return out

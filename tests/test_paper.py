@@ -161,3 +161,37 @@ def test_a_damaged_archive_is_one_line_naming_the_file(tmp_path):
     tracker = Tracker.open(f"sqlite:///{tmp_path / 'mlflow.db'}", "x")
     with pytest.raises(RsirError, match=r"archived run .*abc\.json cannot be read"):
         restore_runs(tracker, folder)
+
+
+def test_a_run_whose_ranks_were_lost_reports_its_change_without_an_interval(paper, tmp_path):
+    """An archive that lost a rank file (git ignored *.parquet until 2026-11-30) still reports the
+    seed's change from the logged metrics, says which seed lacks ranks, and gives no verdict."""
+    from tasks.archive import archive_runs, restore_runs
+    from tasks.report import write_report
+
+    _, uri, summary = paper
+    folder = tmp_path / "archive"
+    archive_runs(Tracker.open(uri, summary["experiment"]), folder)
+    rows = [r for r in collect_runs(Tracker.open(uri, summary["experiment"])) if r.get("stage") == "table1"]
+    # An arm whose θ_0 scored above zero (a smoke model may score nothing: no change to report then).
+    lost = next(r for r in rows if r["k"] == 1 and any(
+        b["k"] == 0 and b["parent_run_id"] == r["parent_run_id"] and b["test/ndcg@10"] > 0 for b in rows))
+    removed = list(folder.glob(f"{lost['run_id']}.*.parquet"))
+    assert len(removed) == 1, sorted(p.name for p in folder.iterdir())
+    removed[0].unlink()
+    new = Workspace.at(tmp_path / "new")
+    tracker = Tracker.open(f"sqlite:///{new.root / 'mlflow.db'}", summary["experiment"])
+    restore_runs(tracker, folder)
+    text = Path(write_report(tracker, "paper", tmp_path / "report")["report"]).read_text()
+    table1 = text.split("## Table 1")[1].split("\n## ")[0]
+    assert f"[no interval: seed {lost['seed']} lacks per-user ranks]" in table1, table1
+    assert "not measured" in table1
+
+
+def test_the_committed_archive_keeps_its_rank_files_in_git():
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    probe = "docs/results/paper/runs/0123.ranks-sasrec-v0-seed0-abc.parquet"
+    ignored = subprocess.run(["git", "check-ignore", "-q", probe], cwd=repo).returncode == 0
+    assert not ignored, f"{probe} is ignored by .gitignore: archived per-user ranks would never reach git"
