@@ -36,7 +36,7 @@ def train_seconds(threads: int, batches: int) -> dict:
     from models import build_model
     from storage.dataset import dataset_store
     from tasks.config import TrainConfig
-    from tasks.ingest import fetch_builtin
+    from tasks.builtin import fetch_builtin
     from tasks.runtime import seed_everything
     from tasks.split import TargetWeights, leave_one_out, training_windows
     from tasks.train import epoch_batches, plan_epoch

@@ -22,7 +22,7 @@ from benchmarks._common import bench_workspace, peak_rss_mib, print_json_last, p
 from models import backbone_names, build_model  # noqa: E402
 from tasks.config import TrainConfig  # noqa: E402
 from tasks.evaluate import rank_users  # noqa: E402
-from tasks.ingest import fetch_builtin  # noqa: E402
+from tasks.builtin import fetch_builtin  # noqa: E402
 from storage.dataset import dataset_store
 from tasks.split import TargetWeights, leave_one_out, training_windows  # noqa: E402
 from tasks.train import epoch_batches, plan_epoch  # noqa: E402

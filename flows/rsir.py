@@ -37,8 +37,9 @@ from storage.tracking import (BASE_DIGEST_TAG, RUN_KEY_TAG, Tracker, dataset_nam
 from tasks.evaluate import Evaluation, evaluate_task
 from tasks.expand import expand_task
 from tasks.filter import Filtered, filter_task
-from tasks.generate import Generation, GenerationParams, generate_task
-from tasks.ingest import fetch_builtin_task
+from tasks.generate import Generation, generate_task
+from tasks.rollout import GenerationParams
+from tasks.builtin import fetch_builtin_task
 from storage.dataset import DatasetStore, dataset_store
 from tasks.plots import plot_run_task
 from tasks.runtime import torch_threads

@@ -88,7 +88,7 @@ def data_fetch(
     home: Home = None, as_json: Json = False,
 ) -> None:
     """Download a built-in dataset and build its version 0 (D_0)."""
-    from tasks.ingest import fetch_builtin
+    from tasks.builtin import fetch_builtin
 
     result = fetch_builtin(_workspace(home), name, replace=force, mirror=mirror)
     _emit(result, as_json, _render_ingest)
@@ -295,7 +295,8 @@ def generate(
     from core.config import parse_config
     from tasks.expand import expand_step
     from tasks.filter import filter_step
-    from tasks.generate import GenerationParams, generate_step
+    from tasks.generate import generate_step
+    from tasks.rollout import GenerationParams
     from storage.dataset import dataset_store
 
     params = parse_config(GenerationParams, dict(m=m, tau=tau if fidelity else None, p=p, min_len=min_len,
@@ -497,7 +498,7 @@ def _require_dataset(ws, name: str) -> None:
     """A run's dataset must be in the workspace or built in (fetched by the run): checked before
     a Prefect server starts, so a mistyped name costs one line, not a server start and retries."""
     from storage.dataset import dataset_store
-    from tasks.ingest import BUILTIN
+    from tasks.builtin import BUILTIN
 
     if name not in BUILTIN and not dataset_store(ws).versions(name):
         raise RsirError(f"dataset {name!r} is neither in the workspace {ws.home} (see `rsir data list`) nor "

@@ -1,6 +1,6 @@
 """One decoding step of many rollouts: what the generator needs from the next-item scores.
 
-Per step and active rollout the generator needs (see tasks/generate.py): the scores of some
+Per step and active rollout the generator needs (see tasks/rollout.py): the scores of some
 listed items (the user's items for the fidelity check and the local pool), the best rank of a
 score among all N items (the rank rule of tasks/ranking.py: ties count against), and the best
 item outside a used list (the global pool). Two ways:

@@ -25,7 +25,8 @@ from storage.dataset import dataset_store
 from tasks.executor import LOCAL, Executor, map_shards
 from tasks.ranking import target_ranks
 from tasks.runtime import Timed, resolve_device, timed
-from tasks.split import LeaveOneOut, Ragged, leave_one_out
+from tasks.ragged import Ragged
+from tasks.split import LeaveOneOut, leave_one_out
 
 KS = (5, 10, 20)
 MRR_K = 20

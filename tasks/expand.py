@@ -22,7 +22,7 @@ from storage.dataset import SEQUENCE_SCHEMA, DatasetStore
 from storage.manifest import Manifest, VersionRef
 from storage.dataset import dataset_store
 from tasks.runtime import Timed, timed
-from tasks.split import Ragged
+from tasks.ragged import Ragged
 from tasks.statistics import version_statistics
 
 

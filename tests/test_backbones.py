@@ -634,8 +634,9 @@ def test_cuda_matches_cpu(name):
 # --------------------------------------------------------------------------- generation
 @pytest.mark.parametrize("name", BACKBONES)
 def test_generation_runs(name):
-    from tasks.generate import GenerationParams, generate_rollouts
-    from tasks.split import Ragged
+    from tasks.generate import generate_rollouts
+    from tasks.rollout import GenerationParams
+    from tasks.ragged import Ragged
 
     model = make(name, seed=2)
     sources = Ragged.from_series(pl.Series([[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12], [30, 29, 1]]))

@@ -18,9 +18,8 @@ from models.losses import draw_negatives, full_softmax_ce, is_member, sampled_so
 from core.config import parse_config
 from tasks.config import RECIPES, RunConfig, TrainConfig
 from core.errors import RsirError
-from tasks.split import (Ragged, TargetWeights, batch_scales, leave_one_out, synthetic_position_share,
-                         synthetic_weight_share, training_windows,
-                         window_tensors)
+from tasks.ragged import Ragged
+from tasks.split import TargetWeights, batch_scales, leave_one_out, synthetic_position_share, synthetic_weight_share, training_windows, window_tensors
 from tasks.train import content_key, epoch_batches, plan_epoch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
