@@ -37,7 +37,7 @@ from core.workspace import Workspace
 from storage.tracking import Tracker, resolve_tracking_uri, redact_uri
 from tasks.archive import archive_runs, restore_runs
 from tasks.config import RunConfig
-from tasks.results import best_on_validation, collect_runs, finished_lineages
+from reporting.results import best_on_validation, collect_runs, finished_lineages
 
 SuiteName = Literal["main", "sensitivity", "backbones", "faithful", "paper"]
 SUITE_DATASETS: dict[str, list[str]] = {"main": ["ml-100k-sparse", "ml-100k"], "sensitivity": ["ml-100k-sparse"],

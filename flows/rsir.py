@@ -41,7 +41,7 @@ from tasks.generate import Generation, generate_task
 from tasks.rollout import GenerationParams
 from tasks.builtin import fetch_builtin_task
 from storage.dataset import DatasetStore, dataset_store
-from tasks.plots import plot_run_task
+from reporting.plots import plot_run_task
 from tasks.runtime import torch_threads
 from tasks.train import TrainResult, train_task
 

@@ -8,14 +8,16 @@ override (HSTU: L2-normalised vectors and a temperature)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
 
-from models.config import ModelConfig
 from models.losses import sequence_loss
 from models.padding import length_groups, spans, splits_pay
+
+if TYPE_CHECKING:  # annotations only: models.config's validators import the registry (no circle)
+    from models.config import ModelConfig
 
 
 @runtime_checkable

@@ -620,7 +620,7 @@ def report_cmd(
     from flows.experiments import ExperimentConfig
     from core.config import parse_config
     from storage.tracking import Tracker, resolve_tracking_uri
-    from tasks.report import write_report
+    from reporting.report import write_report
 
     ws = _workspace(home)
     cfg = parse_config(ExperimentConfig, _drop_none(suite=suite, smoke=smoke, experiment=experiment))
