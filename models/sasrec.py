@@ -8,8 +8,8 @@ dot products with every item embedding).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn

@@ -31,8 +31,18 @@ from tasks.checkpoints import load_checkpoint
 from tasks.executor import LOCAL, Executor, map_shards
 from tasks.ragged import Ragged, concat, slices
 from tasks.retrieval import ItemIndex
-from tasks.rollout import (EXTEND_REASONS, STOP_REASONS, Extensions, GenerationParams, Rollouts, check_sources,
-                           extend_batch, frozen, resolve_params, rollout_batch)
+from tasks.rollout import (
+    EXTEND_REASONS,
+    STOP_REASONS,
+    Extensions,
+    GenerationParams,
+    Rollouts,
+    check_sources,
+    extend_batch,
+    frozen,
+    resolve_params,
+    rollout_batch,
+)
 from tasks.runtime import Timed, resolve_device, timed
 from tasks.split import leave_one_out
 

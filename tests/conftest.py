@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from rsir.cli import main
 from core.workspace import Workspace
+from rsir.cli import main
 
 
 @pytest.fixture(scope="session", autouse=True)

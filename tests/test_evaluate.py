@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from tasks.evaluate import (
-    KS, MRR_K, evaluate_split, metric_names, metrics_from_ranks, rank_users, target_ranks,
+    KS,
+    MRR_K,
+    evaluate_split,
+    metric_names,
+    metrics_from_ranks,
+    rank_users,
+    target_ranks,
 )
 from tasks.ragged import Ragged
 from tasks.split import LeaveOneOut

@@ -10,8 +10,8 @@ import pytest
 from mlflow import MlflowClient
 
 from core.errors import RsirError
-from storage.tracking import Tracker
 from reporting.results import collect_runs
+from storage.tracking import Tracker
 from tests.conftest import make_tiny_home
 
 pytestmark = pytest.mark.prefect

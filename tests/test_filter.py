@@ -8,9 +8,8 @@ import pytest
 from core.errors import RsirError
 from tasks.filter import filter_extensions, filter_rollouts
 from tasks.generate import extend_sequences, generate_rollouts
-from tasks.rollout import ACCEPTED, EXHAUSTED, Extensions, FIDELITY, GenerationParams, MAX_LEN, REJECTED, Rollouts
-from test_generate import TieModel, random_sources, ragged, row, tiny_sasrec
-
+from tasks.rollout import ACCEPTED, EXHAUSTED, FIDELITY, MAX_LEN, REJECTED, Extensions, GenerationParams, Rollouts
+from test_generate import TieModel, ragged, random_sources, row, tiny_sasrec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

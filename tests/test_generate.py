@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import sys
-from types import SimpleNamespace
-
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import polars as pl
@@ -14,12 +13,20 @@ import torch
 from pydantic import ValidationError
 
 import oracle
+from core.errors import RsirError
 from models import SequentialRecommender, build_model
 from models.config import ModelConfig
-from core.errors import RsirError
 from tasks.generate import extend_sequences, generate_rollouts
-from tasks.rollout import EXTEND_REASONS, GenerationParams, MAX_LEN, NO_REAL_ITEM, STOP_REASONS, pool_uniform, stop_reason_counts
 from tasks.ragged import Ragged
+from tasks.rollout import (
+    EXTEND_REASONS,
+    MAX_LEN,
+    NO_REAL_ITEM,
+    STOP_REASONS,
+    GenerationParams,
+    pool_uniform,
+    stop_reason_counts,
+)
 
 MAX_LEN_MODEL = 12
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from core.workspace import Workspace
-from storage.tracking import Tracker
 from reporting.results import best_on_validation, collect_runs
+from storage.tracking import Tracker
 
 pytestmark = pytest.mark.prefect
 
@@ -122,8 +122,8 @@ def test_an_archive_carries_finished_arms_to_a_new_workspace(paper, tmp_path):
     new workspace where the suite skips every finished arm and the report reads the same rows and
     per-user ranks. Restoring or archiving twice adds nothing."""
     from flows.experiments import experiment
-    from tasks.archive import archive_runs, restore_runs
     from reporting.report import write_report
+    from tasks.archive import archive_runs, restore_runs
 
     _, uri, summary = paper
     original = Tracker.open(uri, summary["experiment"])

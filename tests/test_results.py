@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.evaluate import metric_names, metrics_from_ranks, per_user_metric
 from reporting.report import verdict
 from reporting.results import paired_bootstrap
+from tasks.evaluate import metric_names, metrics_from_ranks, per_user_metric
 
 
 def test_per_user_metrics_average_to_the_reported_metrics():

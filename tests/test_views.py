@@ -9,9 +9,8 @@ import polars as pl
 import pytest
 
 from core.workspace import Workspace
-from tasks.builtin import BENCHMARKS, BUILTIN, fetch_builtin
 from storage.dataset import dataset_store
-from tasks.builtin import BUILTIN_VIEWS
+from tasks.builtin import BENCHMARKS, BUILTIN, BUILTIN_VIEWS, fetch_builtin
 from tasks.views import derive_view, kept_interactions, last_n, last_view, sparse, sparse_positions
 from tests.conftest import make_tiny_home, workspace_files
 
