@@ -20,7 +20,10 @@ run: $(STAMP)
 	$(BIN)/rsir data fetch ml-100k
 	$(BIN)/rsir run --dataset ml-100k --model sasrec -K 3
 
+# Lint first (pyflakes rules and import order, [tool.ruff] in pyproject.toml; `ruff check --fix`
+# sorts imports), then the suite.
 test: $(STAMP) browser
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 # The UI tests drive Debian's chromium (Playwright never downloads a browser here). Installed where
@@ -37,4 +40,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_speed.py
 
 clean:
-	rm -rf $(VENV) workspace .pytest_cache
+	rm -rf $(VENV) workspace .pytest_cache .ruff_cache

@@ -49,12 +49,14 @@ from models import build_model  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from storage.dataset import dataset_store  # noqa: E402
 from storage.manifest import ItemTable  # noqa: E402
+from tasks.builtin import fetch_builtin  # noqa: E402
 from tasks.checkpoints import load_checkpoint  # noqa: E402
 from tasks.config import TrainConfig  # noqa: E402
 from tasks.filter import filter_rollouts  # noqa: E402
-from tasks.generate import STOP_REASONS, GenerationParams, generate_rollouts  # noqa: E402
-from tasks.ingest import fetch_builtin  # noqa: E402
-from tasks.split import Ragged, leave_one_out  # noqa: E402
+from tasks.generate import generate_rollouts  # noqa: E402
+from tasks.ragged import Ragged  # noqa: E402
+from tasks.rollout import STOP_REASONS, GenerationParams  # noqa: E402
+from tasks.split import leave_one_out  # noqa: E402
 from tasks.train import train_model  # noqa: E402
 
 MiB = 2 ** 20

@@ -46,8 +46,9 @@ from models import build_model  # noqa: E402
 from models.losses import bce_one_negative, draw_negatives, reduce_positions  # noqa: E402
 from tasks.config import TrainConfig  # noqa: E402
 from tasks.evaluate import metrics_from_ranks, rank_users  # noqa: E402
+from tasks.ragged import Ragged  # noqa: E402
 from tasks.runtime import seed_everything  # noqa: E402
-from tasks.split import LeaveOneOut, Ragged, TargetWeights, leave_one_out, training_windows  # noqa: E402
+from tasks.split import LeaveOneOut, TargetWeights, leave_one_out, training_windows  # noqa: E402
 from tasks.train import epoch_batches, plan_epoch  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "Beauty.txt"

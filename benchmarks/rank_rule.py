@@ -26,12 +26,14 @@ from benchmarks._common import bench_workspace, print_json_last, print_table  # 
 from models import build_model  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from storage.dataset import dataset_store  # noqa: E402
+from tasks.builtin import fetch_builtin  # noqa: E402
 from tasks.config import TrainConfig  # noqa: E402
 from tasks.evaluate import metrics_from_ranks  # noqa: E402
-from tasks.generate import GenerationParams, generate_rollouts  # noqa: E402
-from tasks.ingest import fetch_builtin  # noqa: E402
+from tasks.generate import generate_rollouts  # noqa: E402
+from tasks.ragged import Ragged  # noqa: E402
+from tasks.rollout import GenerationParams  # noqa: E402
 from tasks.runtime import torch_threads  # noqa: E402
-from tasks.split import Ragged, leave_one_out  # noqa: E402
+from tasks.split import leave_one_out  # noqa: E402
 from tasks.train import fit  # noqa: E402
 
 

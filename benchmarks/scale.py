@@ -32,8 +32,9 @@ from models import build_model  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from tasks.evaluate import rank_users  # noqa: E402
 from tasks.executor import Executor, map_shards  # noqa: E402
-from tasks.generate import GenerationParams, generate_rollouts  # noqa: E402
-from tasks.split import Ragged  # noqa: E402
+from tasks.generate import generate_rollouts  # noqa: E402
+from tasks.ragged import Ragged  # noqa: E402
+from tasks.rollout import GenerationParams  # noqa: E402
 
 
 def synthetic_sequences(n: int, items: int, seed: int) -> Ragged:

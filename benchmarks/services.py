@@ -41,7 +41,7 @@ def tiny_workspace(root: Path, users: int) -> Path:
     sys.path.insert(0, str(REPO))
     from core.workspace import Workspace
     from storage.dataset import dataset_store
-    from tasks.ingest import fetch_builtin
+    from tasks.builtin import fetch_builtin
 
     source = Workspace.at(root / "source")
     fetch_builtin(source, "ml-100k-sparse")

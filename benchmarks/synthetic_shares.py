@@ -20,8 +20,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import bench_workspace, print_json_last, print_table  # noqa: E402
 from storage.dataset import dataset_store  # noqa: E402
-from tasks.split import (BATCHINGS, TargetWeights, batch_scales, leave_one_out,  # noqa: E402
-                         synthetic_position_share, synthetic_weight_share, training_windows)
+from tasks.split import (  # noqa: E402
+    BATCHINGS,
+    TargetWeights,
+    batch_scales,
+    leave_one_out,
+    synthetic_position_share,
+    synthetic_weight_share,
+    training_windows,
+)
 
 # (label, batching, weighting, stride, batch size)
 TRAINERS = [

@@ -35,8 +35,8 @@ def train_seconds(threads: int, batches: int) -> dict:
     from benchmarks._common import bench_workspace
     from models import build_model
     from storage.dataset import dataset_store
+    from tasks.builtin import fetch_builtin
     from tasks.config import TrainConfig
-    from tasks.ingest import fetch_builtin
     from tasks.runtime import seed_everything
     from tasks.split import TargetWeights, leave_one_out, training_windows
     from tasks.train import epoch_batches, plan_epoch

@@ -20,13 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import bench_workspace, peak_rss_mib, print_json_last, print_table  # noqa: E402
 from models import backbone_names, build_model  # noqa: E402
+from storage.dataset import dataset_store
+from tasks.builtin import fetch_builtin  # noqa: E402
 from tasks.config import TrainConfig  # noqa: E402
 from tasks.evaluate import rank_users  # noqa: E402
-from tasks.ingest import fetch_builtin  # noqa: E402
-from storage.dataset import dataset_store
+from tasks.runtime import resolve_device, seed_everything  # noqa: E402
 from tasks.split import TargetWeights, leave_one_out, training_windows  # noqa: E402
 from tasks.train import epoch_batches, plan_epoch  # noqa: E402
-from tasks.runtime import resolve_device, seed_everything  # noqa: E402
 
 
 def bench_model(name: str, split, num_items: int, epochs: int, device: torch.device, stride: int | None = None) -> dict:

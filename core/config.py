@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import inspect
 import re
-from dataclasses import dataclass
 import types
+from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import AfterValidator, BaseModel, Field, ValidationError

@@ -254,13 +254,13 @@ def quiet_engine_failures(ws: Workspace) -> Path:
     handler = _LogFile(log, delay=True)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
-    import mlflow  # noqa: F401  (configures MLflow's logger, whose handler this adjusts)
+    from storage.tracking import mlflow_logger
 
-    for name in (*_ENGINE_LOGGERS, "mlflow"):
-        logger = logging.getLogger(name)
+    mlflow_log = mlflow_logger()  # MLflow sets its handler up on import: first, so it is the one adjusted
+    for logger in (*map(logging.getLogger, _ENGINE_LOGGERS), mlflow_log):
         if not any(isinstance(h, _LogFile) for h in logger.handlers):
             logger.addHandler(handler)
-    for logger in (logging.getLogger(), logging.getLogger("prefect"), logging.getLogger("mlflow")):
+    for logger in (logging.getLogger(), logging.getLogger("prefect"), mlflow_log):
         for h in logger.handlers:
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) \
                     and not any(isinstance(f, _EngineFailures) for f in h.filters):

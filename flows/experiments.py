@@ -29,15 +29,15 @@ from typing import Annotated, Any, Callable, Literal
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from flows.rsir import rsir
-from models import get_backbone
 from core.config import Device, Epochs, Rank, Rollouts, Seed, SequenceCount, parse_config
 from core.errors import RsirError
 from core.workspace import Workspace
-from storage.tracking import Tracker, resolve_tracking_uri, redact_uri
+from flows.rsir import rsir
+from models import get_backbone
+from reporting.results import best_on_validation, collect_runs, finished_lineages
+from storage.tracking import Tracker, redact_uri, resolve_tracking_uri
 from tasks.archive import archive_runs, restore_runs
 from tasks.config import RunConfig
-from tasks.results import best_on_validation, collect_runs, finished_lineages
 
 SuiteName = Literal["main", "sensitivity", "backbones", "faithful", "paper"]
 SUITE_DATASETS: dict[str, list[str]] = {"main": ["ml-100k-sparse", "ml-100k"], "sensitivity": ["ml-100k-sparse"],

@@ -88,8 +88,14 @@ def crash_flow_run(flow_run_id: str, message: str, final: Any = None) -> str:
     them Running too); says what became of the flow run. Never raises: the MLflow run is closed
     all the same, and this run goes on."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter,
-                                                TaskRunFilterFlowRunId, TaskRunFilterState, TaskRunFilterStateType)
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        TaskRunFilter,
+        TaskRunFilterFlowRunId,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
     from prefect.client.schemas.objects import TERMINAL_STATES, StateType
     from prefect.exceptions import ObjectNotFound
     from prefect.states import Crashed

@@ -22,28 +22,39 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
-                               update_progress_artifact)
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.context import get_run_context
 
 from core.config import with_parameters
+from core.workspace import Workspace
 from flows.boundary import boundary, check_environment, naming_service
 from flows.liveness import close_dead_runs
-from tasks.config import RunConfig, run_parameters
-from core.workspace import Workspace
+from reporting.plots import plot_run_task
+from storage.dataset import DatasetStore, dataset_store
 from storage.manifest import VersionRef
-from storage.tracking import (BASE_DIGEST_TAG, RUN_KEY_TAG, Tracker, dataset_name, owner_tags, redact_uri,
-                              resolve_tracking_uri)
+from storage.tracking import (
+    BASE_DIGEST_TAG,
+    RUN_KEY_TAG,
+    Tracker,
+    dataset_name,
+    owner_tags,
+    redact_uri,
+    resolve_tracking_uri,
+)
+from tasks.builtin import fetch_builtin_task
+from tasks.config import RunConfig, run_parameters
 from tasks.evaluate import Evaluation, evaluate_task
 from tasks.expand import expand_task
 from tasks.filter import Filtered, filter_task
-from tasks.generate import Generation, GenerationParams, generate_task
-from tasks.ingest import fetch_builtin_task
-from storage.dataset import DatasetStore, dataset_store
-from tasks.plots import plot_run_task
+from tasks.generate import Generation, generate_task
+from tasks.rollout import GenerationParams
 from tasks.runtime import torch_threads
 from tasks.train import TrainResult, train_task
-
 
 
 @dataclass(frozen=True)

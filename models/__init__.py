@@ -4,12 +4,14 @@ models/base.py for the declared interface) plus one line in `_registry`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from pydantic import BaseModel
 
 from models.base import SequenceModel, SequentialRecommender
-from models.config import ModelConfig
+
+if TYPE_CHECKING:  # annotations only: models.config's validators import the registry (no circle)
+    from models.config import ModelConfig
 
 __all__ = ["Backbone", "SequenceModel", "SequentialRecommender", "backbone_names", "build_model", "get_backbone"]
 

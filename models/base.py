@@ -8,14 +8,16 @@ override (HSTU: L2-normalised vectors and a temperature)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
 
-from models.config import ModelConfig
 from models.losses import sequence_loss
 from models.padding import length_groups, spans, splits_pay
+
+if TYPE_CHECKING:  # annotations only: models.config's validators import the registry (no circle)
+    from models.config import ModelConfig
 
 
 @runtime_checkable
@@ -82,25 +84,6 @@ def _grown(buffer: torch.Tensor, filled: int, limit: int) -> torch.Tensor:
     return grown
 
 
-@runtime_checkable
-class IncrementalDecoder(Protocol):
-    """A model that can extend sequences one item at a time from cached keys and values, giving
-    the hidden state encode() would give for the newest item (up to float rounding)."""
-
-    def decodes_incrementally(self) -> bool:
-        """False where the cache cannot be reused (positions counted from the newest item shift
-        every earlier item's input as the sequence grows): callers then run the full forward."""
-        ...
-
-    def new_cache(self, batch: int, device: torch.device) -> DecodeCache:
-        ...
-
-    def decode_next(self, items: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
-        """(B,) the next item of every cached sequence -> (B, d) hidden state after it; appends
-        it to the cache."""
-        ...
-
-
 class SequentialRecommender(nn.Module):
     """Base of the backbones: config, item count, the shared item embedding (input and output)."""
 
@@ -151,13 +134,19 @@ class SequentialRecommender(nn.Module):
         order = torch.cat([group.rows for group in groups])
         return torch.cat(last)[torch.argsort(order)]
 
+    # Incremental decoding: extend sequences one item at a time from cached keys and values,
+    # giving the hidden state encode() would give for the newest item (up to float rounding).
     def decodes_incrementally(self) -> bool:
+        """False where the cache cannot be reused (positions counted from the newest item shift
+        every earlier item's input as the sequence grows): callers then run the full forward."""
         return False
 
     def new_cache(self, batch: int, device: torch.device) -> DecodeCache:
         raise NotImplementedError(f"{type(self).__name__} has no incremental decoding")
 
     def decode_next(self, items: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
+        """(B,) the next item of every cached sequence -> (B, d) hidden state after it; appends
+        it to the cache."""
         raise NotImplementedError(f"{type(self).__name__} has no incremental decoding")
 
     def empty_cache(self, batch: int, layers: int, heads: int, device: torch.device) -> DecodeCache:

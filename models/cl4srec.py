@@ -17,16 +17,18 @@ hidden state at the last (newest) position.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.config import ModelConfig
 from models.layers import POSITIONS_HELP, Positions
 from models.losses import info_nce
 from models.sasrec import SASRec
+
+if TYPE_CHECKING:  # annotations only: models.config's validators import the registry (no circle)
+    from models.config import ModelConfig
 
 CROP, MASK, REORDER = 0, 1, 2
 _EPS = 1e-9  # so that e.g. 0.2 * 15 counts as 3, not 3.0000000000000004

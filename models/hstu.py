@@ -23,15 +23,18 @@ Inputs are left-padded with 0; dense padded tensors only (CPU and CUDA).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.config import ModelConfig
-from models.layers import POSITIONS_HELP, Dropout, Positions, position_ids
 from models.base import DecodeCache, SequentialRecommender
+from models.layers import POSITIONS_HELP, Dropout, Positions, position_ids
+
+if TYPE_CHECKING:  # annotations only: models.config's validators import the registry (no circle)
+    from models.config import ModelConfig
 
 
 class HSTUOptions(BaseModel):

@@ -9,6 +9,7 @@ dot products with every item embedding).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -16,8 +17,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.base import DecodeCache, SequentialRecommender
-from models.config import ModelConfig
 from models.layers import POSITIONS_HELP, Dropout, Positions, position_ids
+
+if TYPE_CHECKING:  # annotations only: models.config's validators import the registry (no circle)
+    from models.config import ModelConfig
 
 
 class SASRecOptions(BaseModel):

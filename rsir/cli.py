@@ -18,16 +18,14 @@ from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origi
 import typer
 
 from core.config import Parameter, with_parameters
-from core.hashing import short_digest
 from core.errors import RsirError
+from core.hashing import short_digest
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Fetch, import and inspect datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 Home = Annotated[Optional[str], typer.Option("--home", help="workspace: a directory or an fsspec URL such as s3://bucket/prefix (default $RSIR_HOME or ./workspace)")]
-# `rsir train`'s training settings (Recipe, SyntheticWeight, Batching, Weighting, Stride,
-# EarlyStop) are derived from tasks/config.py below `_as_option`, exactly as `rsir run`'s.
 Json = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
 
 
@@ -88,7 +86,7 @@ def data_fetch(
     home: Home = None, as_json: Json = False,
 ) -> None:
     """Download a built-in dataset and build its version 0 (D_0)."""
-    from tasks.ingest import fetch_builtin
+    from tasks.builtin import fetch_builtin
 
     result = fetch_builtin(_workspace(home), name, replace=force, mirror=mirror)
     _emit(result, as_json, _render_ingest)
@@ -293,10 +291,11 @@ def generate(
 ) -> None:
     """Generate with fidelity control, filter and expand: publish the dataset's next version."""
     from core.config import parse_config
+    from storage.dataset import dataset_store
     from tasks.expand import expand_step
     from tasks.filter import filter_step
-    from tasks.generate import GenerationParams, generate_step
-    from storage.dataset import dataset_store
+    from tasks.generate import generate_step
+    from tasks.rollout import GenerationParams
 
     params = parse_config(GenerationParams, dict(m=m, tau=tau if fidelity else None, p=p, min_len=min_len,
                                                  max_len=max_len, seed=seed, batch_size=batch_size, device=device,
@@ -358,8 +357,9 @@ def _opt(value: Any) -> str:
 
 
 # `rsir run`'s options are the flow's parameters (tasks/config.py run_parameters), derived here
-# once: a dict parameter is given as repeatable KEY=VALUE pairs (dotted keys nest), a bool as
-# --name/--no-name, a literal as its name. The CLI sets the workspace and progress bars itself.
+# once: a parameter `some_name` is the option --some-name (K also -K); a dict parameter is given as
+# repeatable KEY=VALUE pairs (dotted keys nest), a bool as --name/--no-name, a literal as one of
+# its values (listed in the help). The CLI sets the workspace and progress bars itself.
 _RUN_SET_BY_CLI = {"home", "progress"}
 
 
@@ -404,6 +404,8 @@ def _training_setting(name: str) -> Any:
     return _as_option(parameter).annotation
 
 
+# `rsir train`'s training-setting options, typed and explained by `_as_option` from the fields of
+# tasks/config.py as `rsir run`'s are; their defaults are train's own (None: the recipe's value).
 Recipe = _training_setting("recipe")
 SyntheticWeight = _training_setting("synthetic_weight")
 Batching = _training_setting("batching")
@@ -497,7 +499,7 @@ def _require_dataset(ws, name: str) -> None:
     """A run's dataset must be in the workspace or built in (fetched by the run): checked before
     a Prefect server starts, so a mistyped name costs one line, not a server start and retries."""
     from storage.dataset import dataset_store
-    from tasks.ingest import BUILTIN
+    from tasks.builtin import BUILTIN
 
     if name not in BUILTIN and not dataset_store(ws).versions(name):
         raise RsirError(f"dataset {name!r} is neither in the workspace {ws.home} (see `rsir data list`) nor "
@@ -616,10 +618,10 @@ def report_cmd(
     home: Home = None, as_json: Json = False,
 ) -> None:
     """Write report.md and PNG figures from a suite's MLflow runs, and log them to MLflow."""
-    from flows.experiments import ExperimentConfig
     from core.config import parse_config
+    from flows.experiments import ExperimentConfig
+    from reporting.report import write_report
     from storage.tracking import Tracker, resolve_tracking_uri
-    from tasks.report import write_report
 
     ws = _workspace(home)
     cfg = parse_config(ExperimentConfig, _drop_none(suite=suite, smoke=smoke, experiment=experiment))

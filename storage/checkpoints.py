@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from core.errors import RsirError, warn
 from storage.files import Location, create_bytes, exists, location, read_bytes, write_bytes
 from storage.manifest import ItemTable

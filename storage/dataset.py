@@ -29,10 +29,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from fsspec.implementations.local import LocalFileSystem
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 from pydantic import ValidationError
 
 from core.errors import RsirError

@@ -72,6 +72,14 @@ def mlflow_environment_defaults(environ: dict[str, str]) -> None:
         environ.setdefault(key, value)
 
 
+def mlflow_logger() -> logging.Logger:
+    """MLflow's logger as MLflow sets it up when first imported (its own console handler), for a
+    caller that adjusts its handlers: importing MLflow later would set them up anew."""
+    import mlflow  # noqa: F401  (the import configures the logger)
+
+    return logging.getLogger("mlflow")
+
+
 # Without this tag MLflow's UI guesses the experiment's kind and opens it in the GenAI view
 # (traces, evaluation runs); rsir's experiments are model training.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}

@@ -9,13 +9,13 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
+from core.errors import RsirError
 from models import build_model
 from models.config import ModelConfig
-from core.errors import RsirError
-from tasks.ranking import require_finite
 from storage.checkpoints import check_compatible, read_checkpoint, write_checkpoint
 from storage.files import Location
 from storage.manifest import ItemTable
+from tasks.ranking import require_finite
 
 
 def save_checkpoint(path: Location, model: torch.nn.Module, config: ModelConfig, num_items: int,

@@ -7,8 +7,23 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.config import (BatchSize, bare, Device, Epochs, Finite, Metric, Parameter, Rank, Rollouts, Seed,
-                         SequenceCount, SequenceLength, Version, Workers, parse_config)
+from core.config import (
+    BatchSize,
+    Device,
+    Epochs,
+    Finite,
+    Metric,
+    Parameter,
+    Rank,
+    Rollouts,
+    Seed,
+    SequenceCount,
+    SequenceLength,
+    Version,
+    Workers,
+    bare,
+    parse_config,
+)
 from core.hashing import json_digest
 from models.config import ModelConfig
 from tasks.executor import Executor
@@ -88,14 +103,14 @@ class TrainingSettings(BaseModel):
         "random: plain random batches (the release)")
     weighting: Weighting = Field(
         "position", description="position: every target position of an epoch weighs the same, whatever "
-        "batch it falls in (the paper's objective); batch: each batch's mean (the trainer before issue 10)")
+        "batch it falls in (the paper's objective); batch: each batch's own mean (a batch of short "
+        "sequences weighs as much as one of long ones)")
     synthetic_weight: Finite = Field(1.0, ge=0.0, description="λ: weight of a synthetic target position "
                                     "relative to a real one (1 = alike, the paper's L_k + λ·L_gen by counts)")
     stride: int | None = Field(None, ge=1, le=4096, description="pairs between overlapping training windows of long "
                                "sequences (a window predicts only its newest `stride` targets, so each target "
                                "keeps >= max_len - stride items of context): unset = max_len // 2 (half a "
-                               "window; no recipe sets it), max_len = disjoint windows (the trainer before "
-                               "issue 10)")
+                               "window; no recipe sets it), max_len = disjoint windows")
 
     train_workers: int = Field(1, ge=1, le=256, description="data-parallel training processes on Ray (each "
                                "computes the gradient of its share of every batch; the gradients are summed, "

@@ -1,6 +1,6 @@
 """One decoding step of many rollouts: what the generator needs from the next-item scores.
 
-Per step and active rollout the generator needs (see tasks/generate.py): the scores of some
+Per step and active rollout the generator needs (see tasks/rollout.py): the scores of some
 listed items (the user's items for the fidelity check and the local pool), the best rank of a
 score among all N items (the rank rule of tasks/ranking.py: ties count against), and the best
 item outside a used list (the global pool). Two ways:
@@ -12,8 +12,8 @@ item outside a used list (the global pool). Two ways:
   call, so an item's score is the same number in both (a listed item counts itself once).
 
 `Decoder` gives the step's hidden states: from cached keys and values (the model encodes only
-the newest item; models/base.py `IncrementalDecoder`) where the model allows it, else the full
-forward over each rollout's prefix. Pure computation, no file IO.
+the newest item; `SequentialRecommender.decode_next`, models/base.py) where the model allows it,
+else the full forward over each rollout's prefix. Pure computation, no file IO.
 """
 
 from __future__ import annotations

@@ -19,13 +19,14 @@ from prefect import task
 
 from core.workspace import Workspace
 from storage.artifacts import write_table
+from storage.dataset import dataset_store
 from storage.files import join, location
 from tasks.checkpoints import load_checkpoint
-from storage.dataset import dataset_store
 from tasks.executor import LOCAL, Executor, map_shards
+from tasks.ragged import Ragged
 from tasks.ranking import target_ranks
 from tasks.runtime import Timed, resolve_device, timed
-from tasks.split import LeaveOneOut, Ragged, leave_one_out
+from tasks.split import LeaveOneOut, leave_one_out
 
 KS = (5, 10, 20)
 MRR_K = 20

@@ -18,11 +18,10 @@ from prefect import task
 from core.errors import RsirError
 from core.workspace import Workspace
 from storage.artifacts import read_table
-from storage.dataset import SEQUENCE_SCHEMA, DatasetStore
+from storage.dataset import SEQUENCE_SCHEMA, DatasetStore, dataset_store
 from storage.manifest import Manifest, VersionRef
-from storage.dataset import dataset_store
+from tasks.ragged import Ragged
 from tasks.runtime import Timed, timed
-from tasks.split import Ragged
 from tasks.statistics import version_statistics
 
 

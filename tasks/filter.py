@@ -14,13 +14,15 @@ import pyarrow as pa
 from prefect import task
 
 from core.errors import RsirError
+from core.hashing import json_digest
 from core.workspace import Workspace
 from storage.artifacts import read_table, write_table
-from storage.files import join
-from tasks.generate import (EXTEND_REASONS, STOP_REASONS, Extensions, GenerationParams, Rollouts, generation_key)
 from storage.dataset import dataset_store
+from storage.files import join
+from tasks.ragged import Ragged
+from tasks.rollout import EXTEND_REASONS, STOP_REASONS, Extensions, GenerationParams, Rollouts
 from tasks.runtime import Timed, timed
-from tasks.split import Ragged, leave_one_out
+from tasks.split import leave_one_out
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ def filter_rollouts(rollouts: Rollouts, tau: int | None, min_len: int, fidelity:
     too_short = keep_len < min_len
     order = np.argsort(rollouts.rollout_id, kind="stable")  # "first" = lowest rollout id
     kept = order[~too_short[order]]
-    seqs = truncate(rollouts.items, kept, keep_len[kept])
+    seqs = rollouts.items.take(kept, keep_len[kept])
     return _deduplicate(seqs, kept, existing, rollouts.source_index, rollouts.rollout_id, {
         "generated": len(rollouts), "cut_by_tau": int(by_tau.sum()), "too_short": int(too_short.sum())})
 
@@ -74,7 +76,7 @@ def filter_extensions(extensions: Extensions, min_len: int, existing: Ragged | N
     taken = extensions.accepted
     too_short = taken & (lengths < min_len)
     kept = np.flatnonzero(taken & ~too_short)
-    seqs = truncate(extensions.items, kept, lengths[kept])
+    seqs = extensions.items.take(kept, lengths[kept])
     return _deduplicate(seqs, kept, existing, extensions.source_index, extensions.source_index, {
         "generated": len(extensions), "rejected": int((~taken).sum()), "too_short": int(too_short.sum())})
 
@@ -88,7 +90,7 @@ def _deduplicate(seqs: Ragged, kept: np.ndarray, existing: Ragged | None, source
     counts = {**counts, "duplicate_in_batch": int(in_batch.sum()),
               "duplicate_of_existing": int(of_existing.sum()), "accepted": int(ok.sum())}
     counts["acceptance_rate"] = counts["accepted"] / counts["generated"] if counts["generated"] else 0.0
-    return Accepted(select(seqs, ok), source_index[chosen], ids[chosen].copy(), counts)
+    return Accepted(seqs.take(np.flatnonzero(ok)), source_index[chosen], ids[chosen].copy(), counts)
 
 
 def fidelity_cut(items: Ragged, trace: Ragged, tau: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -98,9 +100,7 @@ def fidelity_cut(items: Ragged, trace: Ragged, tau: int | None) -> tuple[np.ndar
     ends_by_tau = np.zeros(len(keep), dtype=bool)
     if tau is None or len(trace.values) == 0:
         return keep, ends_by_tau
-    lengths = trace.lengths
-    row = np.repeat(np.arange(len(lengths)), lengths)
-    check = np.arange(len(trace.values)) - np.repeat(trace.offsets[:-1], lengths)
+    row, check = trace.coordinates()
     failed = np.flatnonzero(trace.values > tau)  # the NO_REAL_ITEM sentinel (0) never fails
     rows, first = np.unique(row[failed], return_index=True)  # row-major: first failure per row
     keep[rows] = np.minimum(keep[rows], check[failed[first]] + 1)
@@ -108,31 +108,13 @@ def fidelity_cut(items: Ragged, trace: Ragged, tau: int | None) -> tuple[np.ndar
     return keep, ends_by_tau
 
 
-def truncate(items: Ragged, rows: np.ndarray, lengths: np.ndarray) -> Ragged:
-    """The first lengths[b] items of row rows[b], as a new Ragged."""
-    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    idx = np.repeat(items.offsets[rows] - offsets[:-1], lengths) + np.arange(offsets[-1])
-    return Ragged(items.values[idx], offsets)
-
-
-def select(seqs: Ragged, mask: np.ndarray) -> Ragged:
-    rows = np.flatnonzero(mask)
-    return truncate(seqs, rows, seqs.lengths[rows])
-
-
-def as_list_series(seqs: Ragged) -> pl.Series:
-    """Ragged -> polars list[i64] series without copying row by row."""
-    return pl.Series("items", seqs.to_arrow(large=True))
-
-
 def duplicates(seqs: Ragged, existing: Ragged | None) -> tuple[np.ndarray, np.ndarray]:
     """(identical to a sequence of `existing`, repeat of an earlier row of `seqs` that is not)."""
     if len(seqs) == 0:
         return np.zeros(0, dtype=bool), np.zeros(0, dtype=bool)
-    series = as_list_series(seqs)
+    series = seqs.to_series()
     if existing is not None and len(existing):
-        of_existing = series.is_in(as_list_series(existing).implode()).to_numpy()
+        of_existing = series.is_in(existing.to_series().implode()).to_numpy()
     else:
         of_existing = np.zeros(len(seqs), dtype=bool)
     in_batch = np.zeros(len(seqs), dtype=bool)
@@ -195,7 +177,7 @@ def filter_step(home: str, dataset: str, version: int, rollouts_path: str, tau: 
     ids = generated.rollout_id if isinstance(generated, Rollouts) else generated.source_index
     parents = parent_ids[np.searchsorted(ids, accepted.rollout_id)]
     filter_params = {"tau": tau, "min_len": min_len, "fidelity": fidelity}
-    name = Path(rollouts_path).stem.replace("rollouts-", "accepted-") + f"-{generation_key(filter_params)[:8]}"
+    name = Path(rollouts_path).stem.replace("rollouts-", "accepted-") + f"-{json_digest([filter_params])[:8]}"
     path = join(ws.runs, dataset, f"v{version}", f"{name}.parquet")
     table = pa.table({"parent_seq_id": pa.array(parents, pa.int64()),
                       "rollout_id": pa.array(accepted.rollout_id, pa.int64()),

@@ -1,4 +1,5 @@
-"""Leave-one-out split and padded batches built with array ops (no per-row Python loops)."""
+"""Leave-one-out split and padded batches built with array ops (no per-row Python loops; the
+ragged-array operations are tasks/ragged.py's)."""
 
 from __future__ import annotations
 
@@ -6,73 +7,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 import torch
 
-from tasks.config import Weighting
 from core.errors import RsirError
-
-
-@dataclass(frozen=True)
-class Ragged:
-    """Variable-length integer sequences stored flat: row r is values[offsets[r]:offsets[r+1]]."""
-
-    values: np.ndarray
-    offsets: np.ndarray
-
-    @classmethod
-    def from_series(cls, lists: pl.Series) -> "Ragged":
-        lengths = lists.list.len().to_numpy().astype(np.int64)
-        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        values = lists.explode().drop_nulls().to_numpy().astype(np.int64) if offsets[-1] else np.zeros(0, np.int64)
-        return cls(values, offsets)
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    def to_arrow(self, large: bool = False) -> pa.Array:
-        """One list per row, without a per-row copy: list<int32> (the dataset schema's items), or
-        with `large` large_list<int64> (what polars reads back from its own list columns)."""
-        if large:
-            return pa.LargeListArray.from_arrays(pa.array(self.offsets.astype(np.int64)),
-                                                 pa.array(self.values.astype(np.int64)))
-        return pa.ListArray.from_arrays(pa.array(self.offsets.astype(np.int32)),
-                                        pa.array(self.values.astype(np.int32), type=pa.int32()))
-
-    def tails(self, rows: np.ndarray, width: int) -> torch.Tensor:
-        """Left-padded (len(rows), <=width) tensor of the newest `width` items of each row."""
-        ends = self.offsets[rows + 1]
-        starts = np.maximum(self.offsets[rows], ends - width)
-        return gather_padded(self.values, starts, ends - starts)
-
-    def pairs(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(b, value) for every value of row rows[b], flat and without padding: memory is the
-        rows' total length, whatever the longest row."""
-        starts = self.offsets[rows]
-        lengths = self.offsets[rows + 1] - starts
-        return np.repeat(np.arange(len(rows)), lengths), self.values[flat_index(starts, lengths)]
-
-
-def flat_index(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Indices of the slices [starts[b], starts[b] + lengths[b]), concatenated (vectorized)."""
-    first = np.cumsum(lengths) - lengths
-    return np.repeat(starts - first, lengths) + np.arange(int(lengths.sum()))
-
-
-def gather_padded(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray, shift: int = 0) -> torch.Tensor:
-    """values[starts[b] + shift : starts[b] + lengths[b] + shift], left-padded with 0 to max(lengths)."""
-    width = max(int(lengths.max(initial=0)), 1)
-    col = np.arange(width)[None, :]
-    pad = (width - lengths)[:, None]
-    idx = starts[:, None] + shift + col - pad
-    real = col >= pad
-    out = np.where(real, values[np.clip(idx, 0, max(len(values) - 1, 0))] if len(values) else 0, 0)
-    return torch.from_numpy(out.astype(np.int64))
+from tasks.config import Weighting
+from tasks.ragged import Ragged, gather_padded
 
 
 @dataclass(frozen=True)

@@ -18,21 +18,32 @@ import torch
 from prefect import task
 from tqdm import tqdm
 
-from models import build_model
-from tasks.config import TrainConfig, TrainingSettings, learned
 from core.errors import RsirError
-from core.workspace import Workspace
 from core.hashing import json_digest
+from core.workspace import Workspace
+from models import build_model
 from storage.checkpoints import read_checkpoint
+from storage.dataset import dataset_store
 from storage.files import Location, copy_file, exists, join
 from tasks.checkpoints import commit_checkpoint, save_checkpoint
+from tasks.config import TrainConfig, TrainingSettings, learned
 from tasks.evaluate import evaluate_split
 from tasks.executor import LOCAL, Executor, report_result, run_data_parallel
-from storage.dataset import dataset_store
 from tasks.ranking import NonFiniteScores
 from tasks.runtime import Timed, resolve_device, seed_everything, timed, torch_threads
-from tasks.split import (BATCHINGS, LeaveOneOut, TargetWeights, Windows, batch_scales, leave_one_out,
-                         synthetic_position_share, synthetic_weight_share, training_windows, window_tensors)
+from tasks.split import (
+    BATCHINGS,
+    LeaveOneOut,
+    TargetWeights,
+    Windows,
+    batch_scales,
+    leave_one_out,
+    synthetic_position_share,
+    synthetic_weight_share,
+    training_windows,
+    window_tensors,
+)
+
 
 @dataclass
 class TrainResult:

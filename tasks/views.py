@@ -11,17 +11,15 @@ interactions dropped and counted) and records in the manifest where it came from
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import polars as pl
 
 from core.errors import RsirError
 from core.workspace import Workspace
-from storage.dataset import DatasetStore, check_name
+from storage.dataset import DatasetStore, check_name, dataset_store
 from storage.manifest import Manifest
-from tasks.ingest import build_sequences, existing_result, fetch_builtin, publish
-from storage.dataset import dataset_store
+from tasks.ingest import build_sequences, publish
 
 MIN_VIEW_ITEMS = 3  # leave-one-out needs a training, a validation and a test item
 SPARSE_STRIDE = 5
@@ -72,12 +70,6 @@ def sparse_view() -> View:
                            "description": SPARSE_RULE})
 
 
-# Built-in views: name -> (source dataset, view).
-BUILTIN_VIEWS: dict[str, tuple[str, Callable[[], View]]] = {
-    "ml-100k-sparse": ("ml-100k", sparse_view),
-    "ml-100k-last50": ("ml-100k", partial(last_view, 50)),
-}
-
 
 # ------------------------------------------------------------------ derivation
 def kept_interactions(real: pl.DataFrame, keep: pl.Expr) -> pl.DataFrame:
@@ -121,19 +113,9 @@ def derive_view(ws: Workspace, source: str, name: str, view: View, replace: bool
     # Item metadata (title, year, genres, ...) follows the raw id.
     items = item_map.join(base_items.drop("item_id"), on="raw_id", how="left").sort("item_id")
     lineage = {"derived_from": source, "parent_digest": parent.digest, "view": view.record}
-    return {**publish(store, name, seqs, items, lineage, report, replace), **_lineage_fields(lineage)}
+    return {**publish(store, name, seqs, items, lineage, report, replace), **lineage_fields(lineage)}
 
 
-def _lineage_fields(source: dict[str, Any]) -> dict[str, Any]:
+def lineage_fields(source: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a manifest's `source` that say a dataset is a view, and of what."""
     return {k: source[k] for k in ("derived_from", "view") if k in source}
-
-
-def fetch_builtin_view(ws: Workspace, name: str, replace: bool = False) -> dict[str, Any]:
-    """A built-in view; its source is fetched first when missing."""
-    source, make_view = BUILTIN_VIEWS[name]
-    store = dataset_store(ws)
-    if store.versions(name) and not replace:
-        return {**existing_result(store, name), **_lineage_fields(store.manifest(name, 0).source)}
-    if not store.versions(source):
-        fetch_builtin(ws, source)
-    return derive_view(ws, source, name, make_view(), replace)

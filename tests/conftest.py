@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from rsir.cli import main
 from core.workspace import Workspace
+from rsir.cli import main
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -47,7 +47,7 @@ def ws(tmp_path) -> Workspace:
 @pytest.fixture(scope="session")
 def ml100k_ws(tmp_path_factory) -> Workspace:
     """A workspace with the real ml-100k and ml-100k-sparse, built once per session (read-only)."""
-    from tasks.ingest import fetch_builtin
+    from tasks.builtin import fetch_builtin
 
     ws = Workspace.at(tmp_path_factory.mktemp("ml100k") / "workspace")
     fetch_builtin(ws, "ml-100k")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from tasks.generate import pool_uniform
+from tasks.rollout import pool_uniform
 
 NO_REAL_ITEM = 0
 

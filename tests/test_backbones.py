@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
+from core.errors import RsirError
 from models import backbone_names, build_model, get_backbone
-from models.cl4srec import CL4SRec, CROP, MASK, REORDER, augment, crop, mask_items, reorder
+from models.cl4srec import CROP, MASK, REORDER, CL4SRec, augment, crop, mask_items, reorder
 from models.config import ModelConfig
 from models.hstu import HSTU
 from models.losses import draw_negatives, info_nce
 from models.padding import Group, length_groups, spans
 from models.sasrec import SASRec
-from core.errors import RsirError
 from tasks.checkpoints import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -634,8 +634,9 @@ def test_cuda_matches_cpu(name):
 # --------------------------------------------------------------------------- generation
 @pytest.mark.parametrize("name", BACKBONES)
 def test_generation_runs(name):
-    from tasks.generate import GenerationParams, generate_rollouts
-    from tasks.split import Ragged
+    from tasks.generate import generate_rollouts
+    from tasks.ragged import Ragged
+    from tasks.rollout import GenerationParams
 
     model = make(name, seed=2)
     sources = Ragged.from_series(pl.Series([[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12], [30, 29, 1]]))

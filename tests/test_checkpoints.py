@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.errors import RsirError
 from models import build_model
 from models.config import ModelConfig
-from core.errors import RsirError
 from storage.checkpoints import CHECKPOINT_FORMAT, read_checkpoint
 from tasks.checkpoints import load_checkpoint, save_checkpoint
 

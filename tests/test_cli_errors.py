@@ -353,7 +353,7 @@ def beauty_copy(tmp_path):
 def test_benchmark_checksum_mismatch(cli, ws, beauty_copy, monkeypatch):
     import hashlib
 
-    from tasks.ingest import BENCHMARKS
+    from tasks.builtin import BENCHMARKS
 
     path = beauty_copy / "Beauty.txt"
     actual = hashlib.sha256(path.read_bytes()).hexdigest()

@@ -7,8 +7,8 @@ import pytest
 
 from models import build_model
 from models.config import ModelConfig
-from tasks.checkpoints import save_checkpoint
 from storage.dataset import dataset_store
+from tasks.checkpoints import save_checkpoint
 from tests.conftest import make_tiny_home
 
 TINY_MODEL = ["--hidden", "16", "--layers", "1", "--max-len", "20"]

@@ -12,8 +12,8 @@ import pytest
 import racers
 from conftest import make_tiny_home
 from core.errors import RsirError
-from storage.dataset import DatasetStore
 from storage.checkpoints import read_checkpoint
+from storage.dataset import DatasetStore
 
 WRITERS = 4
 TRIALS = 5

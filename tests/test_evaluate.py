@@ -10,9 +10,16 @@ import pytest
 import torch
 
 from tasks.evaluate import (
-    KS, MRR_K, evaluate_split, metric_names, metrics_from_ranks, rank_users, target_ranks,
+    KS,
+    MRR_K,
+    evaluate_split,
+    metric_names,
+    metrics_from_ranks,
+    rank_users,
+    target_ranks,
 )
-from tasks.split import LeaveOneOut, Ragged
+from tasks.ragged import Ragged
+from tasks.split import LeaveOneOut
 
 
 # --------------------------------------------------------------------------- references
@@ -287,20 +294,20 @@ def test_evaluate_split_uses_the_right_inputs():
 def test_rank_users_memory_does_not_grow_with_the_longest_history(monkeypatch):
     """One user with 200,000 interactions among short ones: history exclusion works on the flat
     ragged values, so no (batch, longest history) tensor is built, and the ranks are unchanged."""
-    import tasks.split
+    import tasks.ragged
 
     rng = np.random.default_rng(5)
     table = rng.integers(0, 4, size=(TABLE_ROWS, NUM_ITEMS + 1)).astype(np.float32)
     rows, targets = make_users(rng, 40)
     rows[17] = [int(x) for x in rng.integers(1, NUM_ITEMS + 1, size=200_000)]
     inputs, max_len = ragged(rows), 6
-    real_gather = tasks.split.gather_padded
+    real_gather = tasks.ragged.gather_padded
 
     def bounded(values, starts, lengths, shift=0):
         assert int(lengths.max(initial=0)) <= max_len, "a padded tensor wider than max_len"
         return real_gather(values, starts, lengths, shift)
 
-    monkeypatch.setattr(tasks.split, "gather_padded", bounded)
+    monkeypatch.setattr(tasks.ragged, "gather_padded", bounded)
     model = StubModel(table)
     for exclude in (True, False):
         want = ref_rank_users(table, rows, targets, max_len, exclude)

@@ -10,8 +10,8 @@ import pytest
 from mlflow import MlflowClient
 
 from core.errors import RsirError
+from reporting.results import collect_runs
 from storage.tracking import Tracker
-from tasks.results import collect_runs
 from tests.conftest import make_tiny_home
 
 pytestmark = pytest.mark.prefect
@@ -67,7 +67,7 @@ def test_sensitivity_shares_theta0_and_one_generation_per_seed(suites):
     taus = {(r["tau"], r["seed"]) for r in rows if r["sweep"] == "tau"}
     assert taus == {(t, s) for t in ("1", "10") for s in ("0", "1")}
     # The p sweep ran at the τ with the best mean validation NDCG@10 of the τ sweep.
-    from tasks.results import best_on_validation
+    from reporting.results import best_on_validation
 
     chosen = best_on_validation(rows, "tiny", "tau")
     assert {r["tau"] for r in rows if r["sweep"] == "p"} == {chosen}
@@ -83,7 +83,7 @@ def test_sensitivity_shares_theta0_and_one_generation_per_seed(suites):
 
 
 def test_report_tables_figures_and_mlflow(suites, tmp_path):
-    from tasks.report import write_report
+    from reporting.report import write_report
 
     ws, uri, runs = suites
     for name in ("main", "sensitivity", "backbones", "faithful"):
@@ -113,7 +113,7 @@ def test_report_tables_figures_and_mlflow(suites, tmp_path):
 
 
 def test_faithful_suite_compares_trainers_then_iterates_under_the_one_validation_prefers(suites):
-    from tasks.results import best_on_validation
+    from reporting.results import best_on_validation
 
     ws, uri, runs = suites
     rows = _rows(uri, runs["faithful"]["experiment"])
@@ -139,7 +139,7 @@ def test_faithful_suite_compares_trainers_then_iterates_under_the_one_validation
 
 
 def test_report_of_an_empty_experiment_is_a_clear_error(suites, tmp_path):
-    from tasks.report import write_report
+    from reporting.report import write_report
 
     _, uri, _ = suites
     with pytest.raises(RsirError, match="no finished arm of suite 'main'"):

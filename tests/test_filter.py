@@ -7,10 +7,9 @@ import pytest
 
 from core.errors import RsirError
 from tasks.filter import filter_extensions, filter_rollouts
-from tasks.generate import (ACCEPTED, EXHAUSTED, FIDELITY, MAX_LEN, REJECTED, Extensions, GenerationParams,
-                            Rollouts, extend_sequences, generate_rollouts)
-from test_generate import TieModel, random_sources, ragged, row, tiny_sasrec
-
+from tasks.generate import extend_sequences, generate_rollouts
+from tasks.rollout import ACCEPTED, EXHAUSTED, FIDELITY, MAX_LEN, REJECTED, Extensions, GenerationParams, Rollouts
+from test_generate import TieModel, ragged, random_sources, row, tiny_sasrec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

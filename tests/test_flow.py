@@ -142,8 +142,12 @@ def test_iteration_runs_exist_from_their_start(run):
 
 def test_prefect_draws_the_data_dependencies_and_publishes_the_summary(run):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, FlowRunFilter,
-                                                FlowRunFilterParentFlowRunId)
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
 
     _, uri, summary = run
     flow_run_id = MlflowClient(uri).get_run(summary["mlflow_run_id"]).data.tags["prefect.flow_run_id"]

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import sys
-from types import SimpleNamespace
-
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import polars as pl
@@ -14,12 +13,20 @@ import torch
 from pydantic import ValidationError
 
 import oracle
+from core.errors import RsirError
 from models import SequentialRecommender, build_model
 from models.config import ModelConfig
-from core.errors import RsirError
-from tasks.generate import (EXTEND_REASONS, MAX_LEN, NO_REAL_ITEM, STOP_REASONS, GenerationParams,
-                            extend_sequences, generate_rollouts, pool_uniform, stop_reason_counts)
-from tasks.split import Ragged
+from tasks.generate import extend_sequences, generate_rollouts
+from tasks.ragged import Ragged
+from tasks.rollout import (
+    EXTEND_REASONS,
+    MAX_LEN,
+    NO_REAL_ITEM,
+    STOP_REASONS,
+    GenerationParams,
+    pool_uniform,
+    stop_reason_counts,
+)
 
 MAX_LEN_MODEL = 12
 
@@ -297,14 +304,14 @@ def test_extension_memory_does_not_grow_with_the_longest_prefix(monkeypatch):
     """A 3,000-interaction source among short ones: extension's buffers are at most
     max_len + m (the model's window) or N (distinct items) wide, and the result matches the
     oracle, which sees the whole prefix."""
-    import tasks.generate
-    import tasks.split
+    import tasks.ragged
+    import tasks.rollout
 
     model, num_items = model_named("sasrec")
     seqs = random_sources(num_items, 5, seed=8, max_len=12)
     seqs[1] = np.random.default_rng(8).integers(1, num_items + 1, size=3_000).tolist()
     params = GenerationParams(m=3, tau=3, p=0.5, max_len=6, batch_size=3, seed=8)
-    real_aligned, real_gather = tasks.generate._left_aligned, tasks.split.gather_padded
+    real_aligned, real_gather = tasks.ragged.left_aligned, tasks.ragged.gather_padded
 
     def aligned(values, starts, lengths, width):
         assert width <= params.max_len + params.m, f"a buffer {width} wide"
@@ -314,8 +321,8 @@ def test_extension_memory_does_not_grow_with_the_longest_prefix(monkeypatch):
         assert int(lengths.max(initial=0)) <= num_items, "a tensor as wide as the longest prefix"
         return real_gather(values, starts, lengths, shift)
 
-    monkeypatch.setattr(tasks.generate, "_left_aligned", aligned)
-    monkeypatch.setattr(tasks.generate, "gather_padded", gathered)
+    monkeypatch.setattr(tasks.rollout, "left_aligned", aligned)
+    monkeypatch.setattr(tasks.ragged, "gather_padded", gathered)
     ext = extend_sequences(model, ragged(seqs), params, 2)
     assert 1 in ext.source_index.tolist()
     assert_extensions_match_oracle(model, seqs, ext, 2, 3, 3, 0.5, 6, 8)
@@ -371,21 +378,19 @@ def test_max_len_stop_code():
 def test_long_sources_do_not_widen_the_item_lists(monkeypatch):
     """A source of 3,000 interactions among short ones: the per-source item lists hold each
     distinct item once (width <= N), not one column per interaction; rollouts are unchanged."""
-    import tasks.generate
-    import tasks.split
-    from tasks.generate import membership, sorted_rows
+    import tasks.ragged
+    from tasks.ragged import membership, sorted_rows
 
     model, num_items = model_named("ties")
     seqs = random_sources(num_items, 6, seed=21)
     seqs[2] = np.random.default_rng(21).integers(1, num_items + 1, size=3_000).tolist()
-    real_gather = tasks.split.gather_padded
+    real_gather = tasks.ragged.gather_padded
 
     def bounded(values, starts, lengths, shift=0):
         assert int(lengths.max(initial=0)) <= num_items, "a tensor as wide as the longest source"
         return real_gather(values, starts, lengths, shift)
 
-    monkeypatch.setattr(tasks.split, "gather_padded", bounded)
-    monkeypatch.setattr(tasks.generate, "gather_padded", bounded)
+    monkeypatch.setattr(tasks.ragged, "gather_padded", bounded)
     sources, index = ragged(seqs), np.array([2, 0, 5, 2])
     own = sorted_rows(sources, index, torch.device("cpu"))
     assert own.shape[1] <= num_items

@@ -10,8 +10,8 @@ import pytest
 
 from core.errors import RsirError
 from storage.dataset import dataset_store
-from tasks.ingest import (BENCHMARKS, ML100K_INTER_SHA256, ImportSpec, build_sequences, import_dataset,
-                          read_interactions)
+from tasks.builtin import BENCHMARKS, ML100K_INTER_SHA256
+from tasks.ingest import ImportSpec, build_sequences, import_dataset, read_interactions
 from tasks.views import sparse_positions
 from tests.conftest import write
 
@@ -124,7 +124,7 @@ def test_sparse_view_rule(ml100k_ws):
 
 def test_fetch_is_reproducible(ml100k_ws, tmp_path):
     from core.workspace import Workspace
-    from tasks.ingest import fetch_builtin
+    from tasks.builtin import fetch_builtin
 
     other = Workspace.at(tmp_path / "again")
     other.downloads.mkdir(parents=True)
@@ -148,7 +148,7 @@ def test_movielens_download_takes_a_wheel_only_and_gives_up_in_bounded_time(tmp_
 
     from core.errors import RsirError
     from core.workspace import Workspace
-    from tasks import ingest
+    from tasks import builtin
 
     seen = {}
 
@@ -156,13 +156,13 @@ def test_movielens_download_takes_a_wheel_only_and_gives_up_in_bounded_time(tmp_
         seen.update(cmd=cmd, timeout=kwargs.get("timeout"))
         raise subprocess.TimeoutExpired(cmd, kwargs.get("timeout"))
 
-    monkeypatch.setattr(ingest.subprocess, "run", silent_index)
+    monkeypatch.setattr(builtin.subprocess, "run", silent_index)
     with pytest.raises(RsirError) as err:
-        ingest.download_ml100k(Workspace.at(tmp_path / "ws"))
+        builtin.download_ml100k(Workspace.at(tmp_path / "ws"))
     assert "--only-binary=:all:" in seen["cmd"] and "--timeout" in seen["cmd"]
-    assert seen["timeout"] == ingest.PIP_DOWNLOAD_TIMEOUT_S
+    assert seen["timeout"] == builtin.PIP_DOWNLOAD_TIMEOUT_S
     assert str(err.value) == (f"could not download recbole==1.2.1: no answer from the package index within "
-                              f"{ingest.PIP_DOWNLOAD_TIMEOUT_S} s")
+                              f"{builtin.PIP_DOWNLOAD_TIMEOUT_S} s")
 
 
 # ------------------------------------------------------------------ issue 21: duplicates, timestamps, blank lines
@@ -363,7 +363,7 @@ def test_fetch_beauty_from_the_mirror(cli, ws):
 @needs_mirror
 @pytest.mark.parametrize("name", ["amazon-sports", "amazon-toys", "yelp"])
 def test_fetch_benchmark_from_the_mirror_variable(name, ws, monkeypatch):
-    from tasks.ingest import fetch_builtin
+    from tasks.builtin import fetch_builtin
 
     monkeypatch.setenv("RSIR_DATA_MIRROR", str(MIRROR))
     result = fetch_builtin(ws, name)
@@ -376,7 +376,7 @@ def test_fetch_benchmark_from_the_mirror_variable(name, ws, monkeypatch):
 def test_benchmark_download_is_verified_and_cached(ws, monkeypatch):
     import io
 
-    from tasks import ingest
+    from tasks import builtin
 
     monkeypatch.delenv("RSIR_DATA_MIRROR", raising=False)
     good = (MIRROR / "Toys_and_Games.txt").read_bytes()
@@ -388,16 +388,16 @@ def test_benchmark_download_is_verified_and_cached(ws, monkeypatch):
             return io.BytesIO(body)
         return urlopen
 
-    monkeypatch.setattr(ingest.urllib.request, "urlopen", answer(good[:-1] + b"7"))
+    monkeypatch.setattr(builtin.urllib.request, "urlopen", answer(good[:-1] + b"7"))
     with pytest.raises(RsirError) as err:
-        ingest.fetch_builtin(ws, "amazon-toys")
+        builtin.fetch_builtin(ws, "amazon-toys")
     assert "Toys_and_Games.txt: sha256 " in str(err.value) and BENCHMARKS["amazon-toys"].sha256 in str(err.value)
     assert not (ws.downloads / "s3rec" / "Toys_and_Games.txt").exists() and not dataset_store(ws).names()
-    monkeypatch.setattr(ingest.urllib.request, "urlopen", answer(good))
-    assert ingest.fetch_builtin(ws, "amazon-toys")["interactions"] == 167_597
-    assert asked[-1] == (ingest.S3REC_URL + "Toys_and_Games.txt", ingest.DOWNLOAD_TIMEOUT_S)
-    assert ingest.S3REC_URL == ("https://raw.githubusercontent.com/aHuiWang/CIKM2020-S3Rec/"
+    monkeypatch.setattr(builtin.urllib.request, "urlopen", answer(good))
+    assert builtin.fetch_builtin(ws, "amazon-toys")["interactions"] == 167_597
+    assert asked[-1] == (builtin.S3REC_URL + "Toys_and_Games.txt", builtin.DOWNLOAD_TIMEOUT_S)
+    assert builtin.S3REC_URL == ("https://raw.githubusercontent.com/aHuiWang/CIKM2020-S3Rec/"
                                 "49a890dcb516c9ed3126564495234ea74d5cd566/data/")
     # The verified download is cached: a rebuild reads it without asking again.
-    ingest.fetch_builtin(ws, "amazon-toys", replace=True)
+    builtin.fetch_builtin(ws, "amazon-toys", replace=True)
     assert len(asked) == 2

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from core.workspace import Workspace
+from reporting.results import best_on_validation, collect_runs
 from storage.tracking import Tracker
-from tasks.results import best_on_validation, collect_runs
 
 pytestmark = pytest.mark.prefect
 
@@ -81,7 +81,7 @@ def test_paper_suite_stages_and_choices(paper):
 
 
 def test_paper_report_sets_the_papers_figures_beside_ours(paper, tmp_path):
-    from tasks.report import write_report
+    from reporting.report import write_report
 
     _, uri, summary = paper
     out = write_report(Tracker.open(uri, summary["experiment"]), "paper", tmp_path, command="rsir experiment paper")
@@ -122,8 +122,8 @@ def test_an_archive_carries_finished_arms_to_a_new_workspace(paper, tmp_path):
     new workspace where the suite skips every finished arm and the report reads the same rows and
     per-user ranks. Restoring or archiving twice adds nothing."""
     from flows.experiments import experiment
+    from reporting.report import write_report
     from tasks.archive import archive_runs, restore_runs
-    from tasks.report import write_report
 
     _, uri, summary = paper
     original = Tracker.open(uri, summary["experiment"])

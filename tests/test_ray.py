@@ -13,9 +13,10 @@ from models import build_model
 from models.config import ModelConfig
 from tasks.evaluate import rank_users
 from tasks.executor import Executor, map_shards
-from tasks.generate import GenerationParams, extend_sequences, generate_rollouts
+from tasks.generate import extend_sequences, generate_rollouts
+from tasks.rollout import GenerationParams
 from tests.conftest import TINY_FLOW, make_tiny_home
-from tests.test_generate import random_sources, ragged
+from tests.test_generate import ragged, random_sources
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from reporting.report import verdict
+from reporting.results import paired_bootstrap
 from tasks.evaluate import metric_names, metrics_from_ranks, per_user_metric
-from tasks.report import verdict
-from tasks.results import paired_bootstrap
 
 
 def test_per_user_metrics_average_to_the_reported_metrics():
@@ -51,7 +51,7 @@ def test_verdict_needs_the_interval_and_every_seed(ci, seeds, direction, expecte
 
 
 def test_epoch_column_counts_only_trainings_the_cap_cut():
-    from tasks.report import _epochs
+    from reporting.report import _epochs
 
     def row(epochs, best, cap=30, patience=10):
         return {"train/epochs": epochs, "train/best_epoch": best, "max_epochs": cap, "patience": patience}

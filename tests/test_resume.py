@@ -5,7 +5,6 @@ then continues the killed run's MLflow parent (reopened, one parent per run key)
 
 from __future__ import annotations
 
-
 import pytest
 
 from storage.dataset import dataset_store
@@ -76,8 +75,12 @@ def _killed_and_live_runs(tracking):
 def _assert_only_the_killed_run_was_closed(tracking, killed, live):
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter,
-                                                TaskRunFilterFlowRunId)
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        TaskRunFilter,
+        TaskRunFilterFlowRunId,
+    )
 
     client = MlflowClient(tracking)
     for run_id in live:

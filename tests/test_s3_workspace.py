@@ -4,7 +4,6 @@ staging, Prefect's state and the default MLflow database stay in a local compani
 
 from __future__ import annotations
 
-
 import pytest
 
 from core.workspace import Workspace

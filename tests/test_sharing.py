@@ -7,13 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.config import RunConfig, TrainConfig
 from core.errors import RsirError
 from storage.artifacts import read_table
+from storage.dataset import dataset_store
+from tasks.config import RunConfig, TrainConfig
 from tasks.expand import expand_step
 from tasks.filter import filter_step
-from tasks.generate import GenerationParams, generate_step, sample_sources
-from storage.dataset import dataset_store
+from tasks.generate import generate_step, sample_sources
+from tasks.rollout import GenerationParams
 from tasks.train import train_model
 from tests.conftest import TINY_FLOW, make_tiny_home
 

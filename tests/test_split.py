@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from core.errors import RsirError
-from tasks.split import Ragged, gather_padded, leave_one_out, training_windows, window_batches, window_tensors
+from tasks.ragged import Ragged, gather_padded
+from tasks.split import leave_one_out, training_windows, window_batches, window_tensors
 
 
 def random_rows(rng: np.random.Generator, n: int, max_items: int = 30, max_len: int = 25, min_len: int = 0):

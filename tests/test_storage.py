@@ -643,7 +643,8 @@ def test_the_champion_alias_moves_only_to_a_better_version_on_the_same_data(tmp_
 
 
 def test_champion_rule():
-    from storage.tracking import VersionScore as V, champion_rule
+    from storage.tracking import VersionScore as V
+    from storage.tracking import champion_rule
 
     same = [V(1, "a", 0.5), V(2, "a", 0.4), V(3, "b", 0.9), V(4, None, 0.99), V(5, "a", None)]
     assert champion_rule(same, 1, "a") == 1  # nothing on "a" beats v1

@@ -84,12 +84,14 @@ def test_a_diverged_training_stops_at_its_first_non_finite_loss_and_keeps_nothin
 
 
 def test_generation_refuses_a_model_whose_hidden_states_are_nan():
-    from tasks.generate import GenerationParams, generate_rollouts
-    from tasks.ranking import NonFiniteScores
+    import polars as pl
+
     from models import build_model
     from models.config import ModelConfig
-    from tasks.split import Ragged
-    import polars as pl
+    from tasks.generate import generate_rollouts
+    from tasks.ragged import Ragged
+    from tasks.ranking import NonFiniteScores
+    from tasks.rollout import GenerationParams
 
     model = build_model(ModelConfig(name="sasrec", hidden=8, layers=1, max_len=5), 6)
     with torch.no_grad():

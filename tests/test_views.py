@@ -9,9 +9,9 @@ import polars as pl
 import pytest
 
 from core.workspace import Workspace
-from tasks.ingest import BENCHMARKS, BUILTIN, fetch_builtin
 from storage.dataset import dataset_store
-from tasks.views import BUILTIN_VIEWS, derive_view, kept_interactions, last_n, last_view, sparse, sparse_positions
+from tasks.builtin import BENCHMARKS, BUILTIN, BUILTIN_VIEWS, fetch_builtin
+from tasks.views import derive_view, kept_interactions, last_n, last_view, sparse, sparse_positions
 from tests.conftest import make_tiny_home, workspace_files
 
 LAST = 50

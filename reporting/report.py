@@ -19,9 +19,9 @@ from typing import Any, Callable
 import numpy as np
 
 from core.errors import RsirError
+from reporting.results import best_on_validation, collect_runs, paired_bootstrap, user_ranks
 from storage.tracking import Tracker
 from tasks.evaluate import per_user_metric
-from tasks.results import best_on_validation, collect_runs, paired_bootstrap, user_ranks
 
 METRICS = ("ndcg@10", "ndcg@20", "recall@10", "recall@20")
 ARM_STYLE = {"fidelity": ("tab:blue", "with fidelity (τ=10)"), "no-fidelity": ("tab:red", "without fidelity")}
