@@ -166,8 +166,8 @@ def test_a_damaged_archive_is_one_line_naming_the_file(tmp_path):
 def test_a_run_whose_ranks_were_lost_reports_its_change_without_an_interval(paper, tmp_path):
     """An archive that lost a rank file (git ignored *.parquet until 2026-11-30) still reports the
     seed's change from the logged metrics, says which seed lacks ranks, and gives no verdict."""
+    from reporting.report import write_report
     from tasks.archive import archive_runs, restore_runs
-    from tasks.report import write_report
 
     _, uri, summary = paper
     folder = tmp_path / "archive"
