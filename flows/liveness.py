@@ -57,6 +57,18 @@ def close_dead_runs(tracker: Tracker, filter_string: str, this_flow_run: str = "
     return closed
 
 
+def close_killed_lineage(tracker: Tracker, lineage: str, this_flow_run: str) -> None:
+    """What a run does first: close what a killed run of its lineage left open, its MLflow
+    parent run (and an iteration cut short) KILLED, its Prefect flow run CRASHED; one log line
+    each (the same rule `rsir serve` sweeps with). A live run of the lineage stays open."""
+    from prefect import get_run_logger
+
+    logger = get_run_logger()
+    for closed in close_dead_runs(tracker, f"tags.`rsir.lineage` = '{lineage}'", this_flow_run):
+        logger.warning("closed a killed run of lineage %s (%s): MLflow run %s KILLED, %s; this run resumes its work",
+                       lineage, closed.reason, closed.run_id, closed.prefect)
+
+
 def sweep(tracking_uri: str) -> list[Closed]:
     """Close every dead rsir parent run of every experiment of the tracking store."""
     closed = []

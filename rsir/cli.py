@@ -464,7 +464,7 @@ def run(**params: Any) -> None:
     _require_dataset(ws, cfg.dataset)
     _local_prefect(ws)
     from deployments.temporary import prefect_api
-    from flows.rsir import format_table, rsir
+    from flows.rsir import rsir
 
     started = time.perf_counter()
     # The flow run is found by this tag when it is interrupted (it has no id the CLI knows).
@@ -493,6 +493,42 @@ def run(**params: Any) -> None:
             sys.exit(128 + signum)
     summary.update(command_seconds=time.perf_counter() - started, server_start_seconds=server_start)
     _emit(summary, as_json, lambda r: print(format_table(r)))
+
+
+def _cell(column: str, value: Any) -> str:
+    """A table cell: '-' for a value that does not apply (no generation after the last
+    iteration), floats at one precision per column (density 5 decimals, the rest 4)."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.5f}" if column == "density" else f"{value:.4f}"
+    return str(value)
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The per-iteration table `rsir run` and `make run` print. `command_seconds` and
+    `server_start_seconds`, when `run` adds them, count the Prefect server's start too."""
+    from tasks.runlog import champion_line, table_rows
+
+    rows = table_rows(summary["iterations"])
+    cols = list(rows[0])
+    cells = [[_cell(c, r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    wall = f"wall {summary['wall_seconds']:.1f} s"
+    if "command_seconds" in summary:
+        wall = (f"wall {summary['command_seconds']:.1f} s (Prefect server start {summary['server_start_seconds']:.1f} s, "
+                f"flow {summary['wall_seconds']:.1f} s)")
+    lines.append(f"{wall}, steps {summary['step_seconds']:.1f} s, "
+                 f"orchestration+tracking overhead {100 * summary['overhead_fraction']:.1f}% of the flow")
+    lines.append(f"data: D_0..D_{summary['K']} in dataset {summary['run_dataset']}, this run's fork of "
+                 f"{summary['dataset']} (`rsir versions --dataset {summary['run_dataset']}`)")
+    lines.append(f"champion: {champion_line(summary)}; "
+                 f"MLflow run {summary['mlflow_run_id']} ({summary['tracking_uri']})")
+    if summary.get("mlflow_url"):
+        lines.append(f"lineage: {summary['mlflow_url']}")
+    return "\n".join(lines)
 
 
 def _require_dataset(ws, name: str) -> None:

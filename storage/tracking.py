@@ -361,23 +361,28 @@ class Tracker:
         for lo in range(0, len(batch), 500):
             self._client.log_batch(run_id, metrics=batch[lo:lo + 500])
 
-    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-        """Log a local file, or a copy of a remote one (MLflow uploads local files only). An
-        OSError that names no file (a full disk under the artifact store) gets the destination."""
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None,
+                     name: str | None = None) -> None:
+        """Log a local file, or a copy of a remote one (MLflow uploads local files only), as
+        `name` (default: its own file name; a local file renamed travels as a link, not a copy).
+        An OSError that names no file (a full disk under the artifact store) gets the destination."""
         source = location(str(path))
+        name = name or str(source).rsplit("/", 1)[-1]
         try:
-            if isinstance(source, Path):
+            if isinstance(source, Path) and name == source.name:
                 self._client.log_artifact(run_id, str(source), artifact_path)
                 return
             with tempfile.TemporaryDirectory() as tmp:
-                local = Path(tmp) / source.rsplit("/", 1)[-1]
-                local.write_bytes(read_bytes(source))
+                local = Path(tmp) / name
+                if isinstance(source, Path):
+                    local.symlink_to(source.resolve())  # MLflow's uploads read through the link
+                else:
+                    local.write_bytes(read_bytes(source))
                 self._client.log_artifact(run_id, str(local), artifact_path)
         except OSError as exc:
             if exc.filename is not None or exc.errno is None:
                 raise
-            target = self.artifact_uri(run_id, f"{artifact_path}/{Path(str(path)).name}" if artifact_path
-                                       else Path(str(path)).name)
+            target = self.artifact_uri(run_id, f"{artifact_path}/{name}" if artifact_path else name)
             raise type(exc)(exc.errno, exc.strerror or str(exc), target) from exc
 
     def log_dict(self, run_id: str, obj: dict[str, Any], file_name: str) -> None:
@@ -395,10 +400,11 @@ class Tracker:
         return dataset.name, dataset.digest
 
     def log_model(self, run_id: str, name: str, path: str | Path, step: int, model_type: str,
-                  params: dict[str, Any], tags: dict[str, str]) -> str:
+                  params: dict[str, Any], tags: dict[str, str], file_name: str | None = None) -> str:
         """Log the file at `path` (a checkpoint) as an MLflow 3 logged model named `name`, made by
-        run `run_id` at `step` (its output), READY once its file is stored; returns the model id.
-        A run that already lists an output model of that name (a resumed iteration) keeps it."""
+        run `run_id` at `step` (its output), READY once its file is stored (as `file_name`,
+        default its own name); returns the model id. A run that already lists an output model
+        of that name (a resumed iteration) keeps it."""
         from mlflow.entities import LoggedModelOutput
 
         for model_id in self.output_models(run_id):
@@ -411,7 +417,7 @@ class Tracker:
             local = Path(tmp) / "model"
             local.mkdir()
             source = location(str(path))
-            target = local / str(source).rsplit("/", 1)[-1]
+            target = local / (file_name or str(source).rsplit("/", 1)[-1])
             target.write_bytes(source.read_bytes() if isinstance(source, Path) else read_bytes(source))
             self._client.log_model_artifacts(model.model_id, str(local))
         self._client.finalize_logged_model(model.model_id, "READY")

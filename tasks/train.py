@@ -60,6 +60,7 @@ class TrainResult:
     device: str
     curve: list[dict[str, float]] = field(default_factory=list)
     reused: bool = False
+    name: str = ""  # <model>-v<k>-seed<s>-<content key>.pt: θ's file name where people read it (MLflow)
     synthetic_position_share: float = 0.0  # synthetic target positions / all, per epoch
     synthetic_weight_share: float = 0.0  # their share of the gradient weight (mean over epochs)
 
@@ -70,10 +71,6 @@ class TrainResult:
 # Settings that change how fast a training runs or what it prints, never what it learns (a
 # recipe only names the settings it filled in, which are keyed themselves).
 _NOT_LEARNED = {"progress", "threads", "device", "eval_batch_size", "recipe"}
-
-
-def config_hash(cfg: TrainConfig) -> str:
-    return json_digest(learned(cfg.model_dump(mode="json", exclude=_NOT_LEARNED)))[:10]
 
 
 @dataclass(frozen=True)
@@ -214,19 +211,27 @@ def _diverged(epoch: int, cfg: TrainConfig, what: str) -> str:
     return f"training diverged in epoch {epoch}: {what} (lr={cfg.lr:g}); nothing was saved: lower --lr or check the data"
 
 
+KEY_DIGITS = 20  # a checkpoint's content key: the one hash length of checkpoint names
+
+
 def content_key(cfg: TrainConfig, digest: str) -> str:
-    """What a training depends on: the data (digest, not the dataset's name) and the config."""
+    """What a training depends on: the data (digest, not the dataset's name) and the config;
+    KEY_DIGITS hex digits of their SHA-256."""
     keep = learned(cfg.model_dump(mode="json", exclude=_NOT_LEARNED | {"dataset", "version"}))
-    return json_digest([digest, keep])[:20]
+    return json_digest([digest, keep])[:KEY_DIGITS]
 
 
-def shared_checkpoint_path(ws: Workspace, key: str) -> Location:
+def checkpoint_path(ws: Workspace, key: str) -> Location:
+    """The one stored copy of a training: `checkpoints/by-content/<content key>.pt`, found again
+    by a resumed run (same lineage) and by any run training the same data and config (the common
+    θ_0 of an experiment's arms)."""
     return join(ws.checkpoints, "by-content", f"{key}.pt")
 
 
-def checkpoint_path(cfg: TrainConfig, ws: Workspace, version: int) -> Location:
-    """Deterministic for (dataset, version, config): lets a resumed flow find a finished training."""
-    return join(ws.checkpoints, cfg.dataset, f"{cfg.model.name}-v{version}-seed{cfg.seed}-{config_hash(cfg)}.pt")
+def checkpoint_name(cfg: TrainConfig, version: int, key: str) -> str:
+    """θ's readable name, `<model>-v<k>-seed<s>-<content key>.pt`: the file name it has in
+    MLflow (a run's `checkpoint` artifact, its logged model); no second copy on disk."""
+    return f"{cfg.model.name}-v{version}-seed{cfg.seed}-{key}.pt"
 
 
 def fit_data_parallel(model: torch.nn.Module, split: LeaveOneOut, cfg: TrainConfig, executor: Executor,
@@ -268,15 +273,20 @@ def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Location | None = N
                 evaluate: bool = True, reuse: bool = False, executor: Executor = LOCAL) -> TrainResult:
     """Load D_k, train from scratch, evaluate the best epoch on validation and test, save it.
 
-    With `reuse`, a checkpoint already committed at the same path (same dataset version and
-    config) is returned with its stored result instead of training again (crash-resume)."""
+    The checkpoint goes to the store by content key (`checkpoint_path`), or to `checkpoint`
+    when given (a file the caller names; the store keeps its own copy for later reuse). With
+    `reuse`, a training of the same data and config already in the store is returned with its
+    stored result instead of training again (crash-resume, trainings shared between runs)."""
     store = dataset_store(ws)
     manifest = store.manifest(cfg.dataset, cfg.version)  # clear error for unknown names/versions
-    path = checkpoint or checkpoint_path(cfg, ws, manifest.version)
-    shared = shared_checkpoint_path(ws, content_key(cfg, manifest.digest))
-    if reuse:
-        if _reusable(path, shared, manifest.digest):
-            return _stored_result(path, cfg, manifest)
+    key = content_key(cfg, manifest.digest)
+    stored = checkpoint_path(ws, key)
+    path = checkpoint or stored
+    name = checkpoint_name(cfg, manifest.version, key)
+    if reuse and _reusable(stored, manifest.digest):
+        if path != stored:
+            copy_file(stored, path)
+        return _stored_result(path, cfg, manifest, name)
     device = resolve_device(cfg.device)
     started = time.perf_counter()
     split = leave_one_out(store.load(cfg.dataset, manifest.version), manifest.num_items)
@@ -297,42 +307,37 @@ def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Location | None = N
         valid=valid, test=test, epochs=fitted.epochs, best_epoch=fitted.best_epoch,
         seconds_per_epoch=sum(p["seconds"] for p in fitted.curve) / max(len(fitted.curve), 1),
         seconds_total=time.perf_counter() - started, checkpoint=str(path), dataset=cfg.dataset,
-        version=manifest.version, digest=manifest.digest, device=str(device), curve=fitted.curve,
+        version=manifest.version, digest=manifest.digest, device=str(device), curve=fitted.curve, name=name,
         synthetic_position_share=fitted.synthetic_position_share,
         synthetic_weight_share=fitted.synthetic_weight_share,
     )
     meta = {"dataset": cfg.dataset, "version": manifest.version, "digest": manifest.digest,
             "seed": cfg.seed, "result": result.to_dict()}
-    # With `reuse` the run's checkpoint path names the θ of its lineage: two runs of one lineage
-    # training it at once (two workers, same parameters) must end with one θ, or their D_{k+1}
-    # would differ by whose bytes each generator read. The first commit wins; the other adopts it.
+    # With `reuse` the content key names the θ of a lineage: two runs training it at once (two
+    # workers, same parameters) must end with one θ, or their D_{k+1} would differ by whose bytes
+    # each generator read. The first commit wins; the other adopts it.
     items_digest = store.item_table(manifest).digest  # what the ids in the weights denote
     if not reuse:
         save_checkpoint(path, model, cfg.model, manifest.num_items, meta, items_digest)
     elif not commit_checkpoint(path, model, cfg.model, manifest.num_items, meta, items_digest):
-        result = _stored_result(path, cfg, manifest)
-    copy_file(path, shared)
+        result = _stored_result(path, cfg, manifest, name)
+    if path != stored:
+        copy_file(path, stored)
     return result
 
 
-def _stored_result(path: Location, cfg: TrainConfig, manifest: Any) -> TrainResult:
+def _stored_result(path: Location, cfg: TrainConfig, manifest: Any, name: str) -> TrainResult:
     stored = read_checkpoint(path)["meta"]["result"]
     return TrainResult(**{**stored, "checkpoint": str(path), "dataset": cfg.dataset, "version": manifest.version,
-                          "reused": True})
+                          "name": name, "reused": True})
 
 
-def _reusable(path: Location, shared: Location, digest: str) -> bool:
-    """Whether a finished training of the same data and config is at `path` (this run's own,
-    crash-resume) or in the content-addressed store (another run trained the same θ, e.g. the
-    common θ_0 of every arm of an experiment), which is then copied to `path`."""
-    for candidate in (path, shared):
-        if exists(candidate):
-            stored = read_checkpoint(candidate)["meta"].get("result")
-            if stored and stored.get("digest") == digest:
-                if candidate != path:
-                    copy_file(candidate, path)
-                return True
-    return False
+def _reusable(path: Location, digest: str) -> bool:
+    """Whether a finished training of the data with this digest is at `path`."""
+    if not exists(path):
+        return False
+    stored = read_checkpoint(path)["meta"].get("result")
+    return bool(stored) and stored.get("digest") == digest
 
 
 @task(name="train", task_run_name="train-{role}-{config.model.name}-v{config.version}")

@@ -11,7 +11,7 @@ import time
 from core.config import parse_config
 from core.hashing import SHOWN_DIGITS
 from deployments.serve import ServeConfig, ready_lines
-from flows.rsir import format_table
+from rsir.cli import format_table
 from storage.dataset import dataset_store
 from tests.conftest import make_tiny_home
 

@@ -66,9 +66,18 @@ def deployment_id(deployment: dict) -> str:
 
 def _tiny_checkpoint(ws: Workspace) -> str:
     """θ_1 of the `iterate` run (trained on D_1 of the run's fork of `tiny`)."""
-    found = sorted(ws.checkpoints.glob("tiny--*/sasrec-v1-*.pt"))
+    found = [path for path in sorted((ws.checkpoints / "by-content").glob("*.pt"))
+             if _trained_on(path)[0].startswith("tiny--") and _trained_on(path)[1] == 1]
     assert len(found) == 1, found
     return str(found[0])
+
+
+def _trained_on(checkpoint: Path) -> tuple[str, int]:
+    """The dataset and version a stored checkpoint was trained on (its meta)."""
+    from storage.checkpoints import read_checkpoint
+
+    meta = read_checkpoint(checkpoint)["meta"]
+    return meta["dataset"], meta["version"]
 
 
 # What each deployment of prefect.yaml runs with here, over its own parameters: tiny data and
@@ -144,7 +153,7 @@ def test_deployment_run_through_server_and_worker(tiny_csv, tmp_path):
         # iterate: the run's lineage in the store and in MLflow (SQLite in the workspace).
         store = dataset_store(ws)
         checkpoint = Path(given["evaluate"]["checkpoint"])
-        fork = checkpoint.parent.name  # the iterate run's fork of tiny (its checkpoints' folder)
+        fork = _trained_on(checkpoint)[0]  # the iterate run's fork of tiny
         assert store.versions(fork) == [0, 1]
 
         def query(sql: str, experiment: str) -> set:

@@ -145,7 +145,7 @@ def test_train_on_a_full_disk(cli, tiny, monkeypatch, one_thread):
     result = cli("train", "--dataset", "tiny", "--epochs", "1", "--hidden", "16", "--max-len", "20", "--threads", "1",
                  "--no-progress")
     monkeypatch.undo()
-    line = assert_refused(result, tiny, before, "No space left on device [ENOSPC]", str(tiny.checkpoints / "tiny"),
+    line = assert_refused(result, tiny, before, "No space left on device [ENOSPC]", str(tiny.checkpoints / "by-content"),
                           "storage.files")
     assert ".pt" in line
 

@@ -10,6 +10,7 @@ from mlflow import MlflowClient
 
 from core.errors import RsirError
 from core.hashing import SHOWN_DIGITS
+from storage.checkpoints import read_checkpoint
 from storage.dataset import dataset_store
 from tests.conftest import TINY_FLOW, make_tiny_home
 
@@ -241,10 +242,13 @@ def test_weak_to_strong_generator(prefect_api, tiny_csv, tmp_path):
     assert summary["generator"] == "hstu" and summary["model"] == "sasrec"
     v1 = dataset_store(ws).manifest(summary["run_dataset"], 1)
     assert v1.generation["generator"]["backbone"] == "hstu"
-    assert "hstu-v0" in v1.generation["checkpoint"]
+    assert read_checkpoint(v1.generation["checkpoint"])["backbone"] == "hstu"  # stored by content key
     client = MlflowClient(uri)
     child = client.search_runs([client.get_run(summary["mlflow_run_id"]).info.experiment_id],
                                f"tags.`mlflow.parentRunId` = '{summary['mlflow_run_id']}' "
                                f"and attributes.run_name = 'iteration-0'")[0]
     names = {f.path for f in client.list_artifacts(child.info.run_id)}
     assert {"checkpoint", "generator_checkpoint"} <= names
+    # In MLflow each file has its readable name: backbone, version, seed, content key.
+    [generator] = [f.path for f in client.list_artifacts(child.info.run_id, "generator_checkpoint")]
+    assert generator.startswith("generator_checkpoint/hstu-v0-seed0-") and generator.endswith(".pt")

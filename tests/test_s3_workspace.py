@@ -63,7 +63,8 @@ def test_killed_run_on_s3_resumes_to_the_local_result(prefect_api, tiny_csv, tmp
     bucket = s3_bucket.removeprefix("s3://")
     s3 = _s3()
     checkpoints = [p for p in s3.find(f"{bucket}/ws/checkpoints") if p.endswith(".pt")]
-    assert any(f"/{name}/" in p and "-v0-" in p for p in checkpoints)
+    theta0 = reference["iterations"][0]["checkpoint"].rsplit("/", 1)[-1]  # stored by content key
+    assert any(p.endswith(f"/checkpoints/by-content/{theta0}") for p in checkpoints)
     assert [p for p in s3.find(f"{bucket}/ws/runs") if p.endswith(".parquet")]
     assert [p for p in s3.find(f"{bucket}/ws/mlartifacts") if p.endswith(".pt")]  # MLflow's copy of θ
     local_files = [p.relative_to(ws.root).as_posix() for p in ws.root.rglob("*") if p.is_file()]

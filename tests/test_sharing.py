@@ -4,6 +4,8 @@ a seeded source budget per iteration."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -40,8 +42,10 @@ def test_same_data_and_config_trains_once(home):
     a = train_model(_cfg("fork-a"), home, reuse=True)
     b = train_model(_cfg("fork-b"), home, reuse=True)
     assert not a.reused and b.reused
-    assert b.dataset == "fork-b" and b.checkpoint != a.checkpoint
-    assert open(a.checkpoint, "rb").read() == open(b.checkpoint, "rb").read()
+    assert b.dataset == "fork-b" and b.checkpoint == a.checkpoint  # one stored copy, by content key
+    assert len(list((home.checkpoints / "by-content").glob("*.pt"))) == 1
+    assert list(home.checkpoints.rglob("*.pt")) == list((home.checkpoints / "by-content").glob("*.pt"))
+    assert a.name.startswith("sasrec-v0-seed0-") and a.name.endswith(f"-{Path(a.checkpoint).stem}.pt")
     assert b.valid == a.valid and b.curve == a.curve
     other_seed = train_model(_cfg("fork-b", seed=1), home, reuse=True)
     assert not other_seed.reused

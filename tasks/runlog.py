@@ -1,0 +1,315 @@
+"""The run log: what an RSIR run tells MLflow, through the tracking adapter (storage/tracking.py's
+`Tracker`, the one module that talks to MLflow), and the tables it reports.
+
+The lineage as the MLflow UI shows it: one parent run per run key, D_0 its input and D_K its
+output, its parameters the run config; one child run per iteration k (`iteration-k`), open from
+the iteration's start with D_k as its training input, θ_k its logged model (whose metrics name
+D_k), D_{k+1} its output; every metric and statistic also on the parent at step k (MLflow draws
+each as a line over k); the run's best θ registered, the champion alias where the registry's
+rule says (storage/tracking.py::champion_rule).
+
+It sits in tasks/, not storage/: it reads the tasks' records (RunConfig, TrainResult,
+Evaluation, Filtered) and the dataset store, which storage may not know."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from prefect import get_run_logger
+
+from storage.dataset import DatasetStore
+from storage.manifest import VersionRef
+from storage.tracking import BASE_DIGEST_TAG, RUN_KEY_TAG, Tracker, dataset_name, owner_tags, redact_uri
+from tasks.config import RunConfig
+from tasks.evaluate import Evaluation
+from tasks.filter import Filtered
+from tasks.generate import Generation
+from tasks.train import TrainResult
+
+
+@dataclass(frozen=True)
+class Iteration:
+    """What one iteration produced: θ_k and its evaluation; unless it was the last, the
+    generation, the filter's counts and D_{k+1}. `times` holds each task's seconds."""
+
+    k: int
+    student: TrainResult
+    evaluation: Evaluation
+    times: dict[str, float]
+    generator: TrainResult | None = None
+    generation: Generation | None = None
+    filtered: Filtered | None = None
+    next: VersionRef | None = None
+
+
+@dataclass(frozen=True)
+class Logged:
+    """One iteration as MLflow holds it: its child run, θ_k's logged model, the table row."""
+
+    k: int
+    run_id: str
+    model_id: str
+    row: dict[str, Any]
+
+
+class RunLog:
+    """The MLflow lineage of one run of `cfg` on its fork `dataset` of a base dataset whose D_0
+    has digest `base`: `start` the parent, `start_iteration` and `log_iteration` each k, pick
+    the `champion`, `finish`. `finished_summary` answers a re-submission of a finished run."""
+
+    def __init__(self, tracker: Tracker, cfg: RunConfig, store: DatasetStore, dataset: str, base: str):
+        self.tracker, self.cfg, self.store, self.dataset, self.base = tracker, cfg, store, dataset, base
+        self.run_key = cfg.run_key(base)[:16]
+        self.parent = ""
+        self.logged: list[Logged] = []
+        self._child = ("", False)  # the current iteration's run, and whether it had finished
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """The per-iteration table so far (summary["iterations"])."""
+        return [item.row for item in self.logged]
+
+    def finished_summary(self) -> dict[str, Any] | None:
+        """The summary of a finished run with this run key (same parameters, same D_0), as it
+        logged it, with this tracker's links and the champion as the registry has it now; None
+        if none finished. Nothing is trained, logged or registered for a re-submission."""
+        finished = [r for r in self.tracker.runs_with_key(self.run_key) if r.info.status == "FINISHED"]
+        if not finished:
+            return None
+        run_id = finished[0].info.run_id
+        summary = self.tracker.load_dict(run_id, "summary.json")
+        champion = summary["champion"]
+        champion["champion_version"] = self.tracker.alias_version(champion["registered_model"], champion["alias"])
+        summary.update(resubmitted=True, mlflow_url=self.tracker.run_url(run_id),
+                       mlflow_path=self.tracker.run_path(run_id))
+        get_run_logger().info("an identical run finished before (MLflow run %s, same parameters and D_0): its "
+                              "summary is the answer; nothing was trained or registered", run_id)
+        return summary
+
+    def start(self, prefect_tags: dict[str, str]) -> str:
+        """The run's MLflow parent: the stopped (KILLED or FAILED) run of this run key reopened,
+        so a resume continues its lineage under one parent, else a new run. A run of this key
+        that still runs (another worker) is left alone: this one gets its own parent."""
+        cfg, tracker = self.cfg, self.tracker
+        stopped = [r for r in tracker.runs_with_key(self.run_key) if r.info.status in ("KILLED", "FAILED")]
+        if stopped:
+            self.parent = stopped[0].info.run_id
+            resumes = tracker.reopen(self.parent, {**prefect_tags, **owner_tags()})
+            get_run_logger().info("resuming MLflow run %s (%s before; resume %d)", self.parent,
+                                  stopped[0].info.status, resumes)
+            return self.parent
+        tags = {"rsir.lineage": cfg.lineage_key()[:16], "rsir.K": str(cfg.K), RUN_KEY_TAG: self.run_key,
+                BASE_DIGEST_TAG: self.base, **{f"rsir.label.{key}": str(value) for key, value in cfg.labels.items()}}
+        self.parent = tracker.start_run(f"rsir-{cfg.dataset}-{cfg.model.name}-K{cfg.K}-seed{cfg.seed}",
+                                        {**tags, **prefect_tags, **owner_tags()})
+        try:
+            tracker.log_params(self.parent, {**cfg.model_dump(mode="json", exclude={"home", "tracking_uri", "progress"}),
+                                             "run_dataset": self.dataset})
+            self._log_version(self.parent, 0, "input")  # D_0
+        except Exception:  # before the heartbeat block: a failed start closes its run too, at once
+            with contextlib.suppress(Exception):
+                tracker.end_run(self.parent, "FAILED")
+            raise
+        return self.parent
+
+    @contextlib.contextmanager
+    def heartbeat(self) -> Iterator[None]:
+        """What tells a later run that this one still runs (Tracker.heartbeat on the parent)."""
+        with self.tracker.heartbeat(self.parent):
+            yield
+
+    def start_iteration(self, k: int) -> str:
+        """Iteration k's child run, open from the iteration's start with D_k as its training
+        input; a resumed parent's own child is reused (and if it had finished, `log_iteration`
+        logs only what it must return: θ_k's model id)."""
+        child, before = self.tracker.child_run(self.parent, f"iteration-{k}",
+                                               {"rsir.iteration": str(k), "rsir.dataset": self.dataset})
+        if before != "FINISHED":
+            self.tracker.log_params(child, {"iteration": k, "dataset_version": k,
+                                            "dataset_digest": self.store.manifest(self.dataset, k).digest,
+                                            "student": self.cfg.model.name,
+                                            "generator": self.cfg.generator_model.name})
+            self._log_version(child, k, "training")
+        self._child = (child, before == "FINISHED")
+        return child
+
+    def log_iteration(self, result: Iteration) -> Logged:
+        """What iteration k produced, on the child run `start_iteration` opened: curves, θ_k (a
+        logged model whose metrics name D_k), statistics, D_{k+1}; and every metric and statistic
+        on the parent at step k. Ends the child run."""
+        child, done = self._child
+        model_id = self._log_theta(child, result) if done else self._log_results(child, result)
+        logged = Logged(result.k, child, model_id, self._row(result))
+        self.logged.append(logged)
+        get_run_logger().info("iteration %d: valid %s %.4f, test ndcg@10 %.4f", result.k, self.cfg.early_stop,
+                              result.evaluation.valid[self.cfg.early_stop], result.evaluation.test["ndcg@10"])
+        return logged
+
+    def champion(self) -> Logged:
+        """The run's best θ by the validation metric of early stopping (cfg.early_stop), the
+        first of equals, as the registry's rule (storage/tracking.champion_rule)."""
+        metric = self.cfg.early_stop
+        return max(self.logged, key=lambda item: (item.row["valid"][metric], -item.k))
+
+    def finish(self, best: Logged, plots: list[str], wall: float) -> dict[str, Any]:
+        """Register `best`, log D_K as the parent's output, the summary, the `plots` (files) and
+        the run's totals; close the parent run. Returns the summary (`wall`: the flow's seconds)."""
+        cfg, tracker, parent, rows = self.cfg, self.tracker, self.parent, self.rows
+        metric = cfg.early_stop
+        model_name = f"rsir-{cfg.dataset}-{cfg.model.name}"
+        registration = tracker.register_champion(model_name, best.run_id, best.model_id, tags={
+            "rsir.iteration": best.k, "rsir.K": cfg.K, "rsir.dataset": self.dataset, "rsir.dataset_version": best.k,
+            "rsir.dataset_digest": self.store.manifest(self.dataset, best.k).digest,
+            "rsir.lineage": cfg.lineage_key()[:16], RUN_KEY_TAG: self.run_key,
+            **{f"{split}_{name.replace('@', '_at_')}": f"{value:.6g}" for split in ("valid", "test")
+               for name, value in best.row[split].items()}}, metric=metric, base_digest=self.base)
+        self._log_version(parent, cfg.K, "output")  # D_K: the parent's lineage ends here
+        step_seconds = sum(sum(r["times"].values()) for r in rows)
+        summary = {"dataset": cfg.dataset, "run_dataset": self.dataset, "model": cfg.model.name,
+                   "generator": cfg.generator_model.name, "K": cfg.K, "iterations": rows,
+                   "champion": {"iteration": best.k, "registered_model": model_name, "version": registration.version,
+                                "alias": "champion", "champion_version": registration.champion,
+                                "metric": metric, "valid": best.row["valid"][metric],
+                                "model_id": best.model_id, "model_url": tracker.model_url(best.model_id)},
+                   "mlflow_run_id": parent, "tracking_uri": redact_uri(tracker.uri),
+                   "mlflow_url": tracker.run_url(parent), "mlflow_path": tracker.run_path(parent),
+                   "wall_seconds": wall, "step_seconds": step_seconds,
+                   "overhead_fraction": max(wall - step_seconds, 0.0) / wall if wall else 0.0}
+        for path in plots:
+            tracker.log_artifact(parent, path, "plots")
+        tracker.log_dict(parent, summary, "summary.json")
+        # `best_valid_ndcg@10` keeps its name (and metric) for the charts and searches that use it.
+        tracker.log_metrics(parent, {"overhead_fraction": summary["overhead_fraction"], "wall_seconds": wall,
+                                     "best_valid_ndcg@10": max(r["valid"]["ndcg@10"] for r in rows)})
+        tracker.end_run(parent)
+        return summary
+
+    # ------------------------------------------------------------ what each call logs
+    def _log_version(self, run_id: str, version: int, context: str) -> tuple[str, str]:
+        """Log version `version` of the run's dataset as an input of `run_id` with the given
+        context; its MLflow (name, digest)."""
+        manifest = self.store.manifest(self.dataset, version)
+        return self.tracker.log_dataset(run_id, self.dataset, version, manifest.digest,
+                                        self.store.root + "/" + self.dataset, context, _profile(manifest.stats))
+
+    def _log_theta(self, child: str, result: Iteration) -> str:
+        """θ_k as an MLflow logged model, output of the iteration's run (one per run: a resumed
+        iteration keeps the one it logged); its id."""
+        k, student = result.k, result.student
+        manifest = self.store.manifest(self.dataset, k)
+        return self.tracker.log_model(child, f"theta-{k}", student.checkpoint, k, self.cfg.model.name,
+                                      params=self.cfg.model.model_dump(mode="json"),
+                                      tags={"rsir.iteration": str(k), "rsir.dataset": dataset_name(self.dataset, k),
+                                            "rsir.dataset_digest": manifest.digest,
+                                            "rsir.checkpoint": student.checkpoint},
+                                      file_name=student.name or None)
+
+    def _log_results(self, child: str, result: Iteration) -> str:
+        """Everything of iteration k on its child run and its metrics on the parent at step k;
+        ends the child run; returns θ_k's model id."""
+        tracker, k, student, evaluation = self.tracker, result.k, result.student, result.evaluation
+        manifest = self.store.manifest(self.dataset, k)
+        for point in student.curve:
+            tracker.log_metrics(child, {f"train/{key}": v for key, v in point.items() if key != "epoch"},
+                                step=int(point["epoch"]))
+        model_id = self._log_theta(child, result)
+        scores = {**{f"valid/{key}": v for key, v in evaluation.valid.items()},
+                  **{f"test/{key}": v for key, v in evaluation.test.items()}}
+        tracker.log_metrics(child, scores, step=k, model_id=model_id,
+                            dataset=(dataset_name(self.dataset, k), manifest.digest))
+        rest = {**{f"data/{key}": v for key, v in manifest.stats.items() if isinstance(v, (int, float))},
+                **{f"time/{key}": v for key, v in result.times.items()},
+                "train/epochs": student.epochs,
+                "train/best_epoch": student.best_epoch,
+                "train/synthetic_position_share": student.synthetic_position_share,
+                "train/synthetic_weight_share": student.synthetic_weight_share}
+        if result.next is not None:
+            rest.update({f"generation/{key}": v for key, v in result.filtered.counts.items()})
+        tracker.log_metrics(child, rest, step=k)
+        tracker.log_metrics(self.parent, {**scores, **rest}, step=k)  # the trend over k
+        tracker.log_artifact(child, student.checkpoint, "checkpoint", name=student.name or None)
+        tracker.log_artifact(child, evaluation.ranks_path, "ranks")  # per-user ranks: paired tests across runs
+        if result.next is not None:
+            self._log_version(child, result.next.version, "output")
+            if result.generator.checkpoint != student.checkpoint:  # weak-to-strong
+                tracker.log_artifact(child, result.generator.checkpoint, "generator_checkpoint",
+                                     name=result.generator.name or None)
+        tracker.end_run(child)
+        return model_id
+
+    def _row(self, result: Iteration) -> dict[str, Any]:
+        """Iteration k's row of the run's table (summary["iterations"])."""
+        stats = self.store.manifest(self.dataset, result.k).stats
+        return {
+            "iteration": result.k,
+            "version": result.k,
+            "sequences": stats["sequences"],
+            "synthetic_sequences": stats["synthetic_sequences"],
+            "interactions": stats["interactions"],
+            "density": stats["density"],
+            "item_entropy": stats["item_entropy"],
+            "acceptance_rate": stats.get("acceptance_rate"),
+            "mean_new_length": stats.get("mean_new_length"),
+            "valid": result.evaluation.valid,
+            "test": result.evaluation.test,
+            "epochs": result.student.epochs,
+            "checkpoint": result.student.checkpoint,
+            "train_seconds": result.student.seconds_total,
+            "reused": result.student.reused,
+            "stats": stats,
+            "times": result.times,
+        }
+
+
+def _profile(stats: dict[str, Any]) -> dict[str, Any]:
+    return {k: stats[k] for k in ("sequences", "synthetic_sequences", "interactions", "density") if k in stats}
+
+
+# ---------------------------------------------------------------- the tables it reports
+TABLE_METRICS = ("ndcg@10", "ndcg@20", "recall@10", "recall@20")
+
+
+def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The per-iteration table as people read it (the Prefect table artifact `rsir-iterations`,
+    the summary's markdown, the CLI's table): one flat row per iteration, rounded."""
+    return [{"k": r["iteration"], "sequences": r["sequences"], "interactions": r["interactions"],
+             "density": round(r["density"], 5), "entropy": round(r["item_entropy"], 4),
+             "acceptance": None if r["acceptance_rate"] is None else round(r["acceptance_rate"], 4),
+             **{f"valid {m}": round(r["valid"][m], 4) for m in TABLE_METRICS},
+             **{f"test {m}": round(r["test"][m], 4) for m in TABLE_METRICS}} for r in rows]
+
+
+def champion_line(summary: dict[str, Any]) -> str:
+    """Which θ this run registered, and whether it took the champion alias."""
+    c = summary["champion"]
+    registered = f"iteration {c['iteration']} registered as {c['registered_model']} v{c['version']}"
+    if summary.get("resubmitted"):
+        registered = f"identical to a finished run, nothing registered: its {registered}"
+    if c.get("champion_version") in (None, c["version"]):
+        return f"{registered} @{c['alias']}"
+    # A summary logged before it recorded its metric was chosen on ndcg@10.
+    return (f"{registered}; @{c['alias']} stays on v{c['champion_version']} (better or equal valid "
+            f"{c.get('metric', 'ndcg@10')} on the same D_0)")
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The run's Prefect markdown artifact (`rsir-summary`): the MLflow run's link (model-training
+    view), the champion and the per-iteration table."""
+    c = summary["champion"]
+    if summary.get("mlflow_url"):
+        run = f"[{summary['mlflow_run_id']}]({summary['mlflow_url']})"
+    else:  # a database, no server: the page's address under any server over it
+        run = (f"`{summary['mlflow_run_id']}` in `{summary['tracking_uri']}`: start `rsir serve --only mlflow` "
+               f"over this store and open `{summary['mlflow_path']}` on its URL")
+    model = f"[{c['model_id']}]({c['model_url']})" if c.get("model_url") else f"`{c.get('model_id')}`"
+    rows = table_rows(summary["iterations"])
+    cols = list(rows[0])
+    lines = [f"## RSIR on {summary['dataset']}: {summary['model']}, K = {summary['K']}", "",
+             f"- **MLflow run**: {run}",
+             f"- **Champion**: {champion_line(summary)} (θ_{c['iteration']}: logged model {model})",
+             f"- **Data**: the run's fork `{summary['run_dataset']}`, versions 0..{summary['K']}", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join("" if r[col] is None else str(r[col]) for col in cols) + " |" for r in rows]
+    return "\n".join(lines)
