@@ -5,11 +5,13 @@ Every target position of an epoch weighs the same in the objective (a synthetic 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import math
 import sys
 import time
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -203,8 +205,13 @@ def _diverged(epoch: int, cfg: TrainConfig, what: str) -> str:
     return f"training diverged in epoch {epoch}: {what} (lr={cfg.lr:g}); nothing was saved: lower --lr or check the data"
 
 
-def content_key(cfg: TrainConfig, digest: str) -> str:
-    """What a training depends on: the data (digest, not the dataset's name) and the config."""
+def content_key(cfg: TrainConfig, digest: str, synthetic: bool = True) -> str:
+    """What a training depends on: the data (digest, not the dataset's name) and the config.
+    On data without synthetic sequences (`synthetic` False) λ weighs no target (TargetWeights):
+    it is keyed at its default, so trainings of θ_0 that differ only in λ (`rsir tune`'s trials)
+    share one checkpoint, and keys made at the default stay as they were."""
+    if not synthetic:
+        cfg = cfg.model_copy(update={"synthetic_weight": TrainingSettings.model_fields["synthetic_weight"].default})
     keep = learned(cfg.model_dump(mode="json", exclude=_NOT_LEARNED | {"dataset", "version"}))
     return json_digest([digest, keep])[:20]
 
@@ -252,6 +259,25 @@ def data_parallel_worker(config: dict[str, Any]) -> None:
                          "fit": asdict(fitted)})
 
 
+# Who watches the epochs of the trainings this context runs (`rsir tune`'s pruner, tasks/tune.py):
+# called after each epoch's validation with the training's config and its curve point; it may
+# raise to stop the training (nothing is then saved). A context variable: Prefect runs a flow's
+# tasks in the flow's context, so only the trainings of the flow that set it see it.
+EpochWatcher = Callable[[TrainConfig, dict[str, float]], None]
+_EPOCH_WATCHER: ContextVar[EpochWatcher | None] = ContextVar("rsir_epoch_watcher", default=None)
+
+
+@contextlib.contextmanager
+def watching_epochs(watcher: EpochWatcher) -> Iterator[None]:
+    """Within the block, every training of this context that runs `fit` in this process (not a
+    data-parallel one on Ray, not a reused checkpoint) calls `watcher(cfg, point)` per epoch."""
+    token = _EPOCH_WATCHER.set(watcher)
+    try:
+        yield
+    finally:
+        _EPOCH_WATCHER.reset(token)
+
+
 def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Location | None = None,
                 on_epoch: Callable[[dict[str, float]], None] | None = None,
                 evaluate: bool = True, reuse: bool = False, executor: Executor = LOCAL) -> TrainResult:
@@ -262,10 +288,14 @@ def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Location | None = N
     store = dataset_store(ws)
     manifest = store.manifest(cfg.dataset, cfg.version)  # clear error for unknown names/versions
     path = checkpoint or checkpoint_path(cfg, ws, manifest.version)
-    shared = shared_checkpoint_path(ws, content_key(cfg, manifest.digest))
+    shared = shared_checkpoint_path(ws, content_key(cfg, manifest.digest,
+                                                    manifest.stats.get("synthetic_sequences", 1) > 0))
     if reuse:
         if _reusable(path, shared, manifest.digest):
             return _stored_result(path, cfg, manifest)
+    watcher = _EPOCH_WATCHER.get()
+    if on_epoch is None and watcher is not None:
+        on_epoch = lambda point: watcher(cfg, point)  # noqa: E731
     device = resolve_device(cfg.device)
     started = time.perf_counter()
     split = leave_one_out(store.load(cfg.dataset, manifest.version), manifest.num_items)
