@@ -22,6 +22,7 @@ own, equivalent by the fidelity trace), and every trial shares θ_0 (content-add
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
@@ -266,12 +267,18 @@ def check_storage(url: str) -> None:
 
     from storage.tracking import redact_uri
 
-    args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
+    opened, probe, args = url, "select 1", {"connect_timeout": 5}
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+        if not os.path.exists(path):  # made by the study's first worker: nothing to check, nothing written
+            return
+        # Read-only, and a query that reads the file (a file that is no database fails here).
+        opened, probe, args = f"sqlite:///file:{path}?mode=ro&uri=true", "select count(*) from sqlite_master", {}
     try:
-        engine = create_engine(url, connect_args=args)
+        engine = create_engine(opened, connect_args=args)
         try:
             with engine.connect() as connection:
-                connection.execute(text("select 1"))
+                connection.execute(text(probe))
         finally:
             engine.dispose()
     except Exception as exc:  # SQLAlchemy and the drivers raise many types

@@ -228,3 +228,13 @@ def test_lambda_does_not_key_a_training_on_real_data_only():
     assert content_key(low, "d", synthetic=False) == content_key(default, "d", synthetic=False) == \
         content_key(default, "d")  # keys made at the default stay as they were
     assert content_key(low, "d") != content_key(default, "d")
+
+
+def test_a_storage_file_that_is_no_database_is_one_line(cli, tiny_csv, tmp_path, monkeypatch):
+    ws = make_tiny_home(tmp_path / "workspace", tiny_csv)
+    (ws.root / "optuna.db").write_text("not a database")  # the default storage
+    monkeypatch.delenv("PREFECT_HOME", raising=False)
+    result = cli("tune", "--dataset", "tiny", "--home", ws.root)
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1
+    assert f"Optuna storage 'sqlite:///{ws.root / 'optuna.db'}' is unreachable or invalid" in result.err
+    assert (ws.root / "optuna.db").read_text() == "not a database" and not (ws.root / "prefect").exists()
