@@ -597,7 +597,9 @@ def _render_tune(r: dict[str, Any]) -> None:
     for row in r["rows"]:
         value = "-" if row["value"] is None else f"{row['value']:.4f}"
         settings = " ".join(f"{k}={v:g}" for k, v in row["settings"].items())
-        print(f"  trial {row['number']:>3} {row['state']:<8} valid {value:>6}  {settings}")
+        stopped = f"  (stopped at step {row['last_report'][0]}: {row['last_report'][1]:.4f})" \
+            if row["state"] == "PRUNED" and row["last_report"] else ""
+        print(f"  trial {row['number']:>3} {row['state']:<8} valid {value:>6}  {settings}{stopped}")
     best = r["best"]
     if best is None:
         print("best: no complete trial yet")

@@ -410,16 +410,24 @@ class TrialRow:
 
     number: int
     state: str  # COMPLETE, PRUNED, FAIL, RUNNING, WAITING
-    value: float | None  # mean validation NDCG@10 of θ_1 (complete trials)
+    value: float | None  # mean validation NDCG@10 of θ_1 (complete trials only)
     settings: dict[str, float]
     worker: str
     runs: list[dict[str, Any]]
+    last_report: tuple[int, float] | None  # (step, θ_1's validation NDCG@10): where a pruned trial stopped
 
 
 def trial_rows(study: Any) -> list[TrialRow]:
-    return [TrialRow(t.number, t.state.name, t.value, dict(t.params), t.user_attrs.get("worker", ""),
-                     [v for k, v in sorted(t.user_attrs.items()) if k.startswith("seed_")])
-            for t in study.trials]
+    """Every trial of the study. Optuna gives a pruned trial its last report as value; here only
+    a complete trial has one (a pruned θ_1 was never scored at its best epoch)."""
+    rows = []
+    for t in study.trials:
+        last = max(t.intermediate_values, default=None)
+        rows.append(TrialRow(t.number, t.state.name, t.value if t.state.name == "COMPLETE" else None, dict(t.params),
+                             t.user_attrs.get("worker", ""),
+                             [v for k, v in sorted(t.user_attrs.items()) if k.startswith("seed_")],
+                             None if last is None else (last, t.intermediate_values[last])))
+    return rows
 
 
 def reuse_figures(rows: list[TrialRow]) -> dict[str, Any]:
