@@ -133,7 +133,8 @@ class TuneConfig(CpuThreads):
                         "is below the median of earlier trials' at that epoch (Optuna's MedianPruner)")
     startup_trials: int = Field(5, ge=0, le=1000, description="trials drawn at random before TPE models the "
                                 "results, and completed before the pruner stops any")
-    warmup_epochs: int = Field(2, ge=0, le=100_000, description="epochs of θ_1 before the pruner may stop it")
+    warmup_epochs: int = Field(2, ge=0, le=100_000, description="the first epoch of θ_1 at which the pruner "
+                               "may stop it (Optuna's n_warmup_steps: earlier epochs are never judged)")
     sampler_seed: int | None = Field(None, ge=0, le=2 ** 32 - 1, description="TPE sampler's seed (default: "
                                      "random; workers of one study should not share one)")
     run_params: dict[str, Any] = Field(default_factory=dict, description="every trial's other run settings: "
