@@ -559,7 +559,10 @@ app.command("run")(with_parameters(run, _run_options()))
 def _tune_options() -> list[Parameter]:
     from tasks.tune import tune_parameters
 
-    return [_as_option(p) for p in tune_parameters() if p.name != "home"] + [
+    # A range's parameter is text or one number; on the command line, text ("5" is one value).
+    text = [Parameter(p.name, Optional[str], p.default, p.help) if str in get_args(p.annotation) else p
+            for p in tune_parameters()]
+    return [_as_option(p) for p in text if p.name != "home"] + [
         Parameter("home", Home, None, ""), Parameter("as_json", Json, False, "")]
 
 

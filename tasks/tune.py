@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -60,6 +60,8 @@ class Range(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _text(cls, data: Any) -> Any:
+        if isinstance(data, (int, float)) and not isinstance(data, bool):  # one value: the setting fixed
+            return {"low": data, "high": data}
         if not isinstance(data, str):
             return data
         found = _RANGE_TEXT.match(data)
@@ -227,13 +229,14 @@ class TuneConfig(CpuThreads):
 
 def tune_parameters() -> list[Parameter]:
     """The flat parameters of a tuning worker, derived from TuneConfig: a range travels as its
-    text (`1..100 log`), None = the declared range."""
+    text (`1..100 log`) or as one number (the setting fixed: what a deployment's `--param m=5`
+    sends), None = the declared range."""
     out = []
     fields = TuneConfig.model_fields
     for name in [*(n for n in fields if n not in ("threads", "home")), "threads", "home"]:
         field = fields[name]
         if field.annotation is Range:
-            out.append(Parameter(name, Optional[str], None, field.description or ""))
+            out.append(Parameter(name, Optional[Union[str, float]], None, field.description or ""))
             continue
         default = None if field.default_factory is not None or field.default is None else field.default
         kind = list[int] if name == "seeds" else bare(field.annotation)  # bare() keeps a list item's bounds

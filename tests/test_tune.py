@@ -236,6 +236,9 @@ def test_the_flow_and_the_command_take_every_tune_config_field(cli):
             assert "--" + name.replace("_", "-") in out, name
     with pytest.raises(RsirError, match="'tau'"):
         TuneConfig.from_parameters({"tau": "5..1"})
+    # A deployment's `--param m=2` arrives as a number: one value, the setting fixed.
+    fixed = TuneConfig.from_parameters(tune.validate_parameters({"m": 2, "p": 0.5, "tau": "5..20 log"}))
+    assert (fixed.m.low, fixed.m.high, fixed.p.low, fixed.p.high, str(fixed.tau)) == (2, 2, 0.5, 0.5, "5..20 log")
 
 
 def test_lambda_does_not_key_a_training_on_real_data_only():
