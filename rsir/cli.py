@@ -592,6 +592,80 @@ def _close_interrupted(cfg, ws, tag: str, signum: int, seconds: float) -> str:
 app.command("run")(with_parameters(run, _run_options()))
 
 
+# `rsir tune`'s options are the tuning flow's parameters (tasks/tune.py tune_parameters), derived
+# as `rsir run`'s are; a range is given as text: --tau "1..50 log", --p "0..1 step 0.5", --m 3.
+def _tune_options() -> list[Parameter]:
+    from tasks.tune import tune_parameters
+
+    # A range's parameter is text or one number; on the command line, text ("5" is one value).
+    text = [Parameter(p.name, Optional[str], p.default, p.help) if str in get_args(p.annotation) else p
+            for p in tune_parameters()]
+    return [_as_option(p) for p in text if p.name != "home"] + [
+        Parameter("home", Home, None, ""), Parameter("as_json", Json, False, "")]
+
+
+def tune(**params: Any) -> None:
+    """Search RSIR's settings (τ, p, m, λ, the generation budget) on validation with an Optuna
+    study: each trial an `rsir` run at K = 1 scored on θ_1's validation NDCG@10; the best θ_1 is
+    registered with its settings. Several `rsir tune` processes (or `rsir/tune` deployment runs)
+    with the same study and storage add trials to one study."""
+    from tasks.tune import TuneConfig, check_storage
+
+    home, as_json = params.pop("home"), params.pop("as_json")
+    ws = _workspace(home)
+    if params.get("run_params") is not None:
+        params["run_params"] = _nested_pairs(params["run_params"], "--run-params")
+    params["home"] = ws.home
+    cfg = TuneConfig.from_parameters(params)  # a bad range or URL: one line, before Prefect is imported
+    _before_flow(ws, cfg.run_config(cfg.seeds[0], cfg.corner()).tracking_uri)
+    _require_dataset(ws, cfg.dataset)
+    check_storage(cfg.storage_url(ws.root))
+    _local_prefect(ws)
+    from deployments.temporary import prefect_api
+    from flows.tune import tune as tune_flow
+
+    started = time.perf_counter()
+    with prefect_api(Path(os.environ["PREFECT_HOME"])):
+        summary = tune_flow(**params)
+    summary["command_seconds"] = time.perf_counter() - started
+    _emit(summary, as_json, _render_tune)
+
+
+def _render_tune(r: dict[str, Any]) -> None:
+    t = r["trials"]
+    print(f"study {r['study']} ({r['storage']}): {t['total']} trials ({t['this_worker']} by this worker): "
+          f"{t['complete']} complete, {t['pruned']} pruned, {t['fail']} failed, {t['running']} running")
+    for row in r["rows"]:
+        value = "-" if row["value"] is None else f"{row['value']:.4f}"
+        settings = " ".join(f"{k}={v:g}" for k, v in row["settings"].items())
+        stopped = f"  (stopped at step {row['last_report'][0]}: {row['last_report'][1]:.4f})" \
+            if row["state"] == "PRUNED" and row["last_report"] else ""
+        print(f"  trial {row['number']:>3} {row['state']:<8} valid {value:>6}  {settings}{stopped}")
+    best = r["best"]
+    if best is None:
+        print("best: no complete trial yet")
+    else:
+        settings = ", ".join(f"{k}={'all' if v is None else format(v, 'g')}" for k, v in best["settings"].items())
+        theta0 = best["theta0_valid_ndcg@10"]
+        change = f"{100 * best['gain'] / theta0:+.1f}%" if theta0 else f"{best['gain']:+.4f}"
+        print(f"best: trial {best['trial']} ({settings}): valid ndcg@10 of θ_1 {best['valid_ndcg@10']:.4f} against "
+              f"θ_0's {theta0:.4f} ({change})")
+        if not best["beats_theta0"]:
+            print("  no setting beat θ_0 on validation: keep θ_0")
+        reg = r["registered"]
+        print(f"registered: θ_1 of trial {reg['trial']} as {reg['model']} v{reg['version']} "
+              f"(@champion v{reg['champion_version']})")
+    u = r["reuse"]
+    print(f"reuse: θ_0 trained {u['theta0_trained']}x, reused {u['theta0_reused']}x (saved "
+          f"{u['theta0_seconds_saved']:.1f} s); {u['generations']} generations for {u['runs']} runs")
+    wall = f"wall {r['command_seconds']:.1f} s (flow {r['wall_seconds']:.1f} s)" if "command_seconds" in r else \
+        f"wall {r['wall_seconds']:.1f} s"
+    print(f"{wall}; MLflow study run {r['mlflow_run_id']} ({r['tracking_uri']})")
+
+
+app.command("tune")(with_parameters(tune, _tune_options()))
+
+
 _ARCHIVE_HELP = ("folder that keeps the suite's finished runs across workspaces (e.g. in git): restored into "
                  "MLflow first; the suite writes each finished arm there")
 

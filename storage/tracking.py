@@ -486,6 +486,10 @@ class Tracker:
                 self._set_alias(model_name, alias, holder)
         return Registration(version, self.alias_version(model_name, alias))
 
+    def model_versions(self, model_name: str) -> list[Any]:
+        """The registered versions of `model_name` (none when it is not registered)."""
+        return list(self._client.search_model_versions(f"name = '{model_name}'"))
+
     def alias_version(self, model_name: str, alias: str) -> int | None:
         from mlflow.exceptions import MlflowException
 

@@ -5,11 +5,13 @@ Every target position of an epoch weighs the same in the objective (a synthetic 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import math
 import sys
 import time
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -214,9 +216,14 @@ def _diverged(epoch: int, cfg: TrainConfig, what: str) -> str:
 KEY_DIGITS = 20  # a checkpoint's content key: the one hash length of checkpoint names
 
 
-def content_key(cfg: TrainConfig, digest: str) -> str:
+def content_key(cfg: TrainConfig, digest: str, synthetic: bool = True) -> str:
     """What a training depends on: the data (digest, not the dataset's name) and the config;
-    KEY_DIGITS hex digits of their SHA-256."""
+    KEY_DIGITS hex digits of their SHA-256. On data without synthetic sequences (`synthetic`
+    False) λ weighs no target (TargetWeights): it is keyed at its default, so trainings of θ_0
+    that differ only in λ (`rsir tune`'s trials) share one checkpoint, and keys made at the
+    default stay as they were."""
+    if not synthetic:
+        cfg = cfg.model_copy(update={"synthetic_weight": TrainingSettings.model_fields["synthetic_weight"].default})
     keep = learned(cfg.model_dump(mode="json", exclude=_NOT_LEARNED | {"dataset", "version"}))
     return json_digest([digest, keep])[:KEY_DIGITS]
 
@@ -268,6 +275,25 @@ def data_parallel_worker(config: dict[str, Any]) -> None:
                          "fit": asdict(fitted)})
 
 
+# Who watches the epochs of the trainings this context runs (`rsir tune`'s pruner, tasks/tune.py):
+# called after each epoch's validation with the training's config and its curve point; it may
+# raise to stop the training (nothing is then saved). A context variable: Prefect runs a flow's
+# tasks in the flow's context, so only the trainings of the flow that set it see it.
+EpochWatcher = Callable[[TrainConfig, dict[str, float]], None]
+_EPOCH_WATCHER: ContextVar[EpochWatcher | None] = ContextVar("rsir_epoch_watcher", default=None)
+
+
+@contextlib.contextmanager
+def watching_epochs(watcher: EpochWatcher) -> Iterator[None]:
+    """Within the block, every training of this context that runs `fit` in this process (not a
+    data-parallel one on Ray, not a reused checkpoint) calls `watcher(cfg, point)` per epoch."""
+    token = _EPOCH_WATCHER.set(watcher)
+    try:
+        yield
+    finally:
+        _EPOCH_WATCHER.reset(token)
+
+
 def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Location | None = None,
                 on_epoch: Callable[[dict[str, float]], None] | None = None,
                 evaluate: bool = True, reuse: bool = False, executor: Executor = LOCAL) -> TrainResult:
@@ -279,7 +305,7 @@ def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Location | None = N
     stored result instead of training again (crash-resume, trainings shared between runs)."""
     store = dataset_store(ws)
     manifest = store.manifest(cfg.dataset, cfg.version)  # clear error for unknown names/versions
-    key = content_key(cfg, manifest.digest)
+    key = content_key(cfg, manifest.digest, manifest.stats.get("synthetic_sequences", 1) > 0)
     stored = checkpoint_path(ws, key)
     path = checkpoint or stored
     name = checkpoint_name(cfg, manifest.version, key)
@@ -287,6 +313,9 @@ def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Location | None = N
         if path != stored:
             copy_file(stored, path)
         return _stored_result(path, cfg, manifest, name)
+    watcher = _EPOCH_WATCHER.get()
+    if on_epoch is None and watcher is not None:
+        on_epoch = lambda point: watcher(cfg, point)  # noqa: E731
     device = resolve_device(cfg.device)
     started = time.perf_counter()
     split = leave_one_out(store.load(cfg.dataset, manifest.version), manifest.num_items)

@@ -89,6 +89,9 @@ TINY_PARAMETERS = {
     # θ_1 of the run's fork, on the base dataset: D_1 shares tiny's item table, so it is accepted.
     "evaluate": lambda ws: {"checkpoint": _tiny_checkpoint(ws), "dataset": "tiny", "device": "cpu"},
     "experiment": lambda ws: {"smoke": True, "datasets": ["tiny"], "seeds": [0], "device": "cpu", "threads": 1},
+    "tune": lambda ws: {"dataset": "tiny", "trials": 2, "threads": 1, "tau": "5..20 log", "m": "2",
+                        "run_params": {**{k: v for k, v in TINY_FLOW.items() if k not in ("dataset", "seed", "threads")},
+                                       "experiment": "tune"}},
 }
 
 
@@ -96,7 +99,7 @@ def test_every_deployment_is_exercised():
     names = [d["name"] for d in deployments()]
     assert names == list(TINY_PARAMETERS), "give a new deployment tiny parameters in TINY_PARAMETERS"
     assert [deployment_id(d) for d in deployments()] == [
-        "rsir/iterate", "rsir-evaluate/evaluate", "rsir-experiment/experiment"]
+        "rsir/iterate", "rsir-evaluate/evaluate", "rsir-experiment/experiment", "rsir-tune/tune"]
 
 
 def _run_deployment(name: str, params: dict, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -179,6 +182,12 @@ def test_deployment_run_through_server_and_worker(tiny_csv, tmp_path):
         arms = query("select value from tags join runs using (run_uuid) where key = 'rsir.label.arm'",
                      "experiment-main-smoke")
         assert "suite-main" in suite and arms == {"fidelity", "no-fidelity"}
+
+        # tune: a study of two trials in the workspace's SQLite storage, nested under its MLflow run.
+        import optuna
+
+        study = optuna.load_study(study_name="rsir-tune-tiny-sasrec-seeds0", storage=f"sqlite:///{ws.root / 'optuna.db'}")
+        assert len(study.trials) == 2 and "rsir-tune-tiny-sasrec-seeds0" in query("select name from runs where 1", "tune")
 
         # A bad parameter submitted through the deployment fails the run at its start, named.
         bad = _run_deployment("iterate", {"tau": 0, "dataset": "tiny"}, cli_env, timeout=120)

@@ -1,0 +1,224 @@
+"""The `rsir tune` flow: one worker of an Optuna study over RSIR's settings (τ, p, m, λ, the
+generation budget), each trial an `rsir` run at K = 1 per seed, scored on validation only.
+
+    open the study (SQLite in the workspace, or PostgreSQL: several workers share it)
+    for each of this worker's trials:
+        draw the settings (TPE)
+        for each seed: rsir(K = 1)        θ_0 shared through the checkpoint store; generation at the
+                                          range's largest τ, shared by trials that agree on p, m and
+                                          the budget; the median pruner may stop θ_1's training
+        value = mean validation NDCG@10 of θ_1
+    register the best trial's θ_1 with its settings; log the study on its MLflow run
+
+MLflow: the worker that creates the study creates its run (tag rsir.tune_study; its id is a user
+attribute of the study, so every worker logs to the one run). Each trial's `rsir` runs carry the
+labels tune_study, tune_trial and tune_seed (tags rsir.label.*) from their start and are nested
+under the study run when they end (mlflow.parentRunId), with rsir.tune_state COMPLETE, PRUNED or
+FAIL; their iterations stay their own children. The best trial's θ_1 is registered as a version of
+the model named after the study, tagged with its settings and scores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import asdict
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from core.config import with_parameters
+from core.workspace import Workspace
+from flows.boundary import boundary, check_environment, naming_service
+from flows.rsir import rsir
+from storage.dataset import dataset_store
+from storage.tracking import Tracker, redact_uri, resolve_tracking_uri
+from tasks.builtin import fetch_builtin_task
+from tasks.train import watching_epochs
+from tasks.tune import (
+    METRIC,
+    TUNED,
+    EpochPruner,
+    OpenedStudy,
+    SeedRun,
+    TrialRow,
+    TuneConfig,
+    mean,
+    open_study,
+    reuse_figures,
+    suggest,
+    trial_rows,
+    tune_parameters,
+)
+
+STUDY_TAG, TRIAL_TAG, SEED_TAG, STATE_TAG = "rsir.tune_study", "rsir.tune_trial", "rsir.tune_seed", "rsir.tune_state"
+_STUDY_RUN_ATTR = "mlflow_run_id"
+
+
+def _tune(**params: Any) -> dict[str, Any]:
+    """An Optuna study over RSIR's settings: this worker's trials, each an `rsir` run per seed at
+    K = 1 scored on θ_1's validation NDCG@10; the study's best θ_1 registered with its settings.
+
+    The parameters are TuneConfig's (tasks/tune.py), flat: a range as text (`1..100 log`)."""
+    with boundary():  # a fault the user can fix: the flow run fails with its one line
+        return run_tune(TuneConfig.from_parameters(params))
+
+
+# The flow's signature (what Prefect shows, validates and deploys) is derived from TuneConfig.
+tune = flow(name="rsir-tune", flow_run_name="tune-{dataset}-{model}", log_prints=True)(
+    with_parameters(_tune, tune_parameters()))
+
+
+def run_tune(cfg: TuneConfig) -> dict[str, Any]:
+    started = time.perf_counter()
+    ws = Workspace.at(cfg.home)
+    cfg = cfg.model_copy(update={"home": ws.home})
+    first = cfg.run_config(cfg.seeds[0], cfg.corner())
+    check_environment(ws, first.tracking_uri)
+    uri = resolve_tracking_uri(first.tracking_uri, ws.mlflow_db)
+    naming_service(f"MLflow tracking store {redact_uri(uri)}")
+    tracker = Tracker.open(uri, first.experiment, ws.mlartifacts)
+    fetch_builtin_task(cfg.dataset, ws.home)
+    base = dataset_store(ws).manifest(cfg.dataset, 0)
+    url = cfg.storage_url(ws.root)
+    opened = open_study(cfg, url)
+    study_run = _study_run(tracker, opened, cfg, url)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    objective = Objective(cfg, ws, tracker, study_run, base.stats["sequences"], worker, first.epochs)
+    opened.study.optimize(objective, n_trials=cfg.trials)
+    return _finish(cfg, tracker, opened.study, study_run, base.digest, url, objective.ran,
+                   time.perf_counter() - started)
+
+
+class Objective:
+    """A trial: its settings drawn, one `rsir` run per seed, the mean validation NDCG@10 of θ_1."""
+
+    def __init__(self, cfg: TuneConfig, ws: Workspace, tracker: Tracker, study_run: str, sequences: int,
+                 worker: str, epochs: int):
+        self.cfg, self.ws, self.tracker, self.study_run = cfg, ws, tracker, study_run
+        self.sequences, self.worker, self.epochs = sequences, worker, epochs
+        self.ran: list[int] = []  # this worker's trials
+
+    def __call__(self, trial: Any) -> float:
+        import optuna
+
+        settings = suggest(trial, self.cfg)
+        trial.set_user_attr("worker", self.worker)
+        trial.set_user_attr("max_sources", settings.max_sources(self.sequences))
+        self.ran.append(trial.number)
+        scores = []
+        for index, seed in enumerate(self.cfg.seeds):
+            labels = {"tune_study": self.cfg.study_name, "tune_trial": str(trial.number), "tune_seed": str(seed)}
+            params = self.cfg.run_parameters(seed, settings, self.sequences, labels)
+            state = "FAIL"
+            try:
+                with watching_epochs(EpochPruner(trial, index * self.epochs)):
+                    summary = rsir.with_options(flow_run_name=f"tune-trial-{trial.number}-seed-{seed}")(**params)
+                state = "COMPLETE"
+            except optuna.TrialPruned:
+                state = "PRUNED"
+                raise
+            finally:
+                self._nest(trial.number, seed, state)
+            run = SeedRun.of(seed, summary, self._generation_key(summary))
+            trial.set_user_attr(f"seed_{seed}", run.to_dict())
+            scores.append(run.valid)
+            get_run_logger().info(
+                "trial %d seed %d (%s): valid %s θ_1 %.4f, θ_0 %.4f", trial.number, seed,
+                ", ".join(f"{k}={v:g}" for k, v in asdict(settings).items()), METRIC, run.valid, run.theta0_valid)
+        value = mean(scores)
+        self.tracker.log_metrics(self.study_run, {f"trial/valid_{METRIC}": value}, step=trial.number)
+        return value
+
+    def _nest(self, number: int, seed: int, state: str) -> None:
+        """The trial's run (found by its labels: a pruned run returned nothing) becomes a child
+        of the study run, tagged with the study, trial, seed and how the trial ended."""
+        found = self.tracker.search_runs(f"tags.`rsir.label.tune_study` = '{self.cfg.study_name}' and "
+                                         f"tags.`rsir.label.tune_trial` = '{number}' and "
+                                         f"tags.`rsir.label.tune_seed` = '{seed}'")
+        for run in found:
+            self.tracker.set_tags(run.info.run_id, {"mlflow.parentRunId": self.study_run,
+                                                    STUDY_TAG: self.cfg.study_name, TRIAL_TAG: number,
+                                                    SEED_TAG: seed, STATE_TAG: state})
+
+    def _generation_key(self, summary: dict[str, Any]) -> str:
+        """The content key of the generation D_1 was filtered from (D_1's key is it plus the
+        filter's parameters): equal keys, one generation."""
+        return dataset_store(self.ws).manifest(summary["run_dataset"], 1).generation["key"].split(":", 1)[0]
+
+
+def _study_run(tracker: Tracker, opened: OpenedStudy, cfg: TuneConfig, url: str, wait_seconds: float = 60.0) -> str:
+    """The study's MLflow run: made by the worker that created the study, its id kept as a user
+    attribute of the study; a joining worker waits for it (a creator that died first: its own)."""
+    study = opened.study
+    deadline = time.monotonic() + (0.0 if opened.created else wait_seconds)
+    while _STUDY_RUN_ATTR not in study.user_attrs and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if _STUDY_RUN_ATTR in study.user_attrs:
+        return study.user_attrs[_STUDY_RUN_ATTR]
+    run_id = tracker.start_run(cfg.study_name, {STUDY_TAG: cfg.study_name, "rsir.tune_storage": redact_uri(url)})
+    tracker.log_params(run_id, {**cfg.model_dump(mode="json", include={"dataset", "model", "seeds", "prune",
+                                                                       "startup_trials", "warmup_epochs"}),
+                                **{name: str(getattr(cfg, name)) for name in TUNED},
+                                "run_params": json.dumps(cfg.run_params, sort_keys=True)})
+    study.set_user_attr(_STUDY_RUN_ATTR, run_id)
+    return run_id
+
+
+def _finish(cfg: TuneConfig, tracker: Tracker, study: Any, study_run: str, base_digest: str, url: str,
+            ran: list[int], wall: float) -> dict[str, Any]:
+    """The study as it stands after this worker's trials: the best trial (registered), the
+    counts, what was reused; logged on the study run."""
+    rows = trial_rows(study)
+    complete = [r for r in rows if r.state == "COMPLETE"]
+    best = max(complete, key=lambda r: (r.value, -r.number)) if complete else None
+    counts = {state.lower(): sum(r.state == state for r in rows) for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
+    summary: dict[str, Any] = {
+        "study": cfg.study_name, "storage": redact_uri(url), "dataset": cfg.dataset, "model": cfg.model,
+        "seeds": cfg.seeds, "metric": f"valid {METRIC} of θ_1 (mean over seeds)",
+        "trials": {"this_worker": len(ran), "total": len(rows), **counts}, "best": None, "registered": None,
+        "reuse": reuse_figures(rows), "rows": [asdict(r) for r in rows], "mlflow_run_id": study_run,
+        "tracking_uri": redact_uri(tracker.uri), "mlflow_url": tracker.run_url(study_run), "wall_seconds": wall}
+    if best is not None:
+        theta0 = mean([run["theta0_valid"] for run in best.runs])
+        summary["best"] = {"trial": best.number, "settings": {**best.settings, "max_sources": _max_sources(study, best)},
+                           f"valid_{METRIC}": best.value, f"theta0_valid_{METRIC}": theta0,
+                           "gain": best.value - theta0, "beats_theta0": best.value > theta0}
+        summary["registered"] = _register_best(cfg, tracker, best, summary["best"], base_digest)
+        tracker.log_metrics(study_run, {f"best_valid_{METRIC}": best.value, f"theta0_valid_{METRIC}": theta0})
+        tracker.set_tags(study_run, {"rsir.tune_best_trial": best.number})
+    tracker.log_metrics(study_run, {f"trials_{k}": v for k, v in counts.items()})
+    tracker.log_dict(study_run, summary, "tune_summary.json")
+    tracker.end_run(study_run)
+    return summary
+
+
+def _max_sources(study: Any, row: TrialRow) -> int | None:
+    return next(t.user_attrs.get("max_sources") for t in study.trials if t.number == row.number)
+
+
+def _register_best(cfg: TuneConfig, tracker: Tracker, best: TrialRow, outcome: dict[str, Any],
+                   base_digest: str) -> dict[str, Any]:
+    """Register θ_1 of the best trial (of its seeds, the one best on validation) as a version of
+    the model named after the study, tagged with the settings and scores; once per trial (a
+    second worker finding the same best trial returns that version)."""
+    name = cfg.study_name
+    for version in tracker.model_versions(name):
+        if version.tags.get(TRIAL_TAG) == str(best.number):
+            return {"model": name, "version": int(version.version), "trial": best.number,
+                    "champion_version": tracker.alias_version(name, "champion")}
+    run = max(best.runs, key=lambda r: r["valid"])
+    (child,) = tracker.search_runs(f"tags.`mlflow.parentRunId` = '{run['mlflow_run_id']}' and "
+                                   f"attributes.run_name = 'iteration-1'")
+    (model_id,) = tracker.output_models(child.info.run_id)
+    tags = {STUDY_TAG: name, TRIAL_TAG: best.number, SEED_TAG: run["seed"], "rsir.iteration": 1,
+            **{f"setting.{k}": v for k, v in outcome["settings"].items()},
+            f"valid_{METRIC.replace('@', '_at_')}": f"{run['valid']:.6g}",
+            f"theta0_valid_{METRIC.replace('@', '_at_')}": f"{run['theta0_valid']:.6g}",
+            "tune_objective": f"{best.value:.6g}"}
+    registration = tracker.register_champion(name, child.info.run_id, model_id, tags, metric=METRIC,
+                                             base_digest=base_digest)
+    return {"model": name, "version": registration.version, "trial": best.number,
+            "champion_version": registration.champion}

@@ -1,0 +1,450 @@
+"""`rsir tune`'s search, apart from the runs it scores: the typed study config (every range
+declared once, here), the settings a trial draws, the Optuna study (TPE sampler, median pruner,
+RDB storage: SQLite in the workspace or PostgreSQL, so several workers add trials to one study),
+the pruner's epoch reports and the study's outcome. The flow (flows/tune.py) runs each trial as
+`rsir` runs at K = 1, one per seed, scored on the validation NDCG@10 of θ_1 (never test).
+
+Ranges (defaults, chosen from the paper's settings and our sweeps, docs/results/sensitivity):
+
+    tau               1..100 log     fidelity rank threshold τ (integers; the paper's grid 1..100)
+    p                 0..1 step 0.25 probability of the local pool (the sensitivity suite's grid)
+    m                 1..10          rollouts per source sequence (the paper uses m <= 10)
+    synthetic_weight  0.1..1 log     λ: a synthetic target position weighs λ times a real one; 1 is
+                                     the paper's, and at 1 every fixed setting we measured lowered
+                                     test NDCG@10 (issue 26), so the search looks below it
+    source_share      0.25..1 step 0.25  the generation budget: max_sources = share × D_0's
+                                     sequences, rounded; 1 = every sequence (the paper)
+
+p and the budget move in steps so that trials agree on them often: trials that agree on p, m and
+the budget share one generation (every trial generates at the range's largest τ and filters at its
+own, equivalent by the fidelity trace), and every trial shares θ_0 (content-addressed checkpoints).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass
+from typing import Any, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from core.config import Parameter, Seed, bare, parse_config
+from core.errors import RsirError
+from core.hashing import json_digest
+from models.config import ModelConfig
+from tasks.config import CpuThreads, RunConfig, TrainConfig
+
+# The run settings a study searches, and those that are integers.
+TUNED = ("tau", "p", "m", "synthetic_weight", "source_share")
+_INTEGER = {"tau", "m"}
+# What the study sets in every trial's run itself: given in run_params they would be overridden.
+_SET_BY_STUDY = {*TUNED, "max_sources", "generation_tau", "K", "seed", "labels", "dataset", "model", "home",
+                 "threads", "progress", "fidelity"}
+METRIC = "ndcg@10"  # the objective: validation NDCG@10 of θ_1 (mean over the seeds)
+_RANGE_TEXT = re.compile(r"^\s*(?P<low>[^\s]+?)(?:\s*\.\.\s*(?P<high>[^\s]+))?"
+                         r"(?:\s+(?P<log>log)|\s+step\s+(?P<step>[^\s]+))?\s*$")
+
+
+class Range(BaseModel):
+    """A setting's search range [low, high], drawn on a log scale or in steps of `step`; low ==
+    high fixes the setting. Written `LOW..HIGH`, `LOW..HIGH log`, `LOW..HIGH step S` or `VALUE`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    low: float = Field(allow_inf_nan=False)
+    high: float = Field(allow_inf_nan=False)
+    log: bool = False
+    step: float | None = Field(None, gt=0, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text(cls, data: Any) -> Any:
+        if isinstance(data, (int, float)) and not isinstance(data, bool):  # one value: the setting fixed
+            return {"low": data, "high": data}
+        if not isinstance(data, str):
+            return data
+        found = _RANGE_TEXT.match(data)
+        if found is None:
+            raise ValueError(f"{data!r} is not a range: write LOW..HIGH, LOW..HIGH log, LOW..HIGH step S or VALUE")
+        low = found["low"]
+        return {"low": low, "high": found["high"] or low, "log": bool(found["log"]), "step": found["step"]}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Range":
+        if self.low > self.high:
+            raise ValueError(f"range {self}: low is above high")
+        if self.log and self.step is not None:
+            raise ValueError(f"range {self}: log and step exclude each other")
+        if self.log and self.low <= 0:
+            raise ValueError(f"range {self}: a log range needs low > 0")
+        if self.step is not None and not _whole((self.high - self.low) / self.step):
+            raise ValueError(f"range {self}: high - low is not a multiple of the step")
+        return self
+
+    def __str__(self) -> str:
+        text = f"{self.low:g}..{self.high:g}"
+        return text + (" log" if self.log else f" step {self.step:g}" if self.step else "")
+
+
+def _whole(x: float) -> bool:
+    return abs(x - round(x)) < 1e-9
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """What one trial runs with (its draw from the ranges)."""
+
+    tau: int
+    p: float
+    m: int
+    synthetic_weight: float
+    source_share: float
+
+    def max_sources(self, sequences: int) -> int | None:
+        """The generation budget for D_0 with `sequences` training sequences (None: all)."""
+        return None if self.source_share >= 1 else max(1, round(self.source_share * sequences))
+
+
+def _range(default: str, description: str) -> Any:
+    return Field(Range.model_validate(default), description=f"{description} (default {default})")
+
+
+class TuneConfig(CpuThreads):
+    """One worker of a study: what it searches (the ranges), with what (the run settings every
+    trial shares), where the study lives, and how many trials this worker adds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field("ml-100k", description="dataset name (built-ins are fetched when missing)")
+    model: str = Field(ModelConfig.model_fields["name"].default, description="student backbone (and generator)")
+    seeds: list[Seed] = Field([0], min_length=1, max_length=100, description="seeds of every trial: one rsir run "
+                              "per seed, the objective is their mean validation NDCG@10 of θ_1")
+    trials: int = Field(20, ge=1, le=100_000, description="trials this worker runs (workers of one study add theirs)")
+    storage: str | None = Field(None, description="Optuna storage: sqlite:////ABSOLUTE/PATH or "
+                                "postgresql://USER@HOST:PORT/DB (default: SQLite WORKSPACE/optuna.db)")
+    study: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$",
+                              description="study name (default: rsir-tune-DATASET-BACKBONE-seedsS1-S2...)")
+    tau: Range = _range("1..100 log", "range of τ, the fidelity rank threshold (integers)")
+    p: Range = _range("0..1 step 0.25", "range of p, the probability of the local pool")
+    m: Range = _range("1..10", "range of m, rollouts per source sequence (integers)")
+    synthetic_weight: Range = _range("0.1..1 log", "range of λ, the weight of a synthetic target position")
+    source_share: Range = _range("0.25..1 step 0.25", "range of the generation budget: max_sources = share "
+                                 "x D_0's sequences (1 = all, the paper)")
+    prune: bool = Field(True, description="stop a trial's θ_1 training when its validation NDCG@10 at an epoch "
+                        "is below the median of earlier trials' at that epoch (Optuna's MedianPruner)")
+    startup_trials: int = Field(5, ge=0, le=1000, description="trials drawn at random before TPE models the "
+                                "results, and completed before the pruner stops any")
+    warmup_epochs: int = Field(2, ge=0, le=100_000, description="the first epoch of θ_1 at which the pruner "
+                               "may stop it (Optuna's n_warmup_steps: earlier epochs are never judged)")
+    sampler_seed: int | None = Field(None, ge=0, le=2 ** 32 - 1, description="TPE sampler's seed (default: "
+                                     "random; workers of one study should not share one)")
+    run_params: dict[str, Any] = Field(default_factory=dict, description="every trial's other run settings: "
+                                       "rsir run parameters (epochs, patience, recipe, model_params, device, "
+                                       "tracking_uri, experiment...)")
+    home: str | None = Field(None, description="workspace directory (default $RSIR_HOME or ./workspace)")
+
+    @field_validator(*TUNED)
+    @classmethod
+    def _within_run_bounds(cls, r: Range, info: Any) -> Range:
+        """Both ends must be settings a run accepts (RunConfig declares the bounds), integers
+        where the setting is one."""
+        name = info.field_name
+        if name in _INTEGER and not (_whole(r.low) and _whole(r.high) and (r.step is None or _whole(r.step))):
+            raise ValueError(f"range {r}: {name} takes integers")
+        if name == "source_share":
+            if r.low <= 0 or r.high > 1:
+                raise ValueError(f"range {r}: a share of the sequences is in (0, 1]")
+            return r
+        for end in (r.low, r.high):
+            try:
+                RunConfig.model_validate({name: int(end) if name in _INTEGER else end})
+            except ValidationError as exc:
+                raise ValueError(f"range {r}: {name} {exc.errors()[0]['msg'].lower()}") from None
+        return r
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return url
+        scheme = url.split("://", 1)[0].split("+", 1)[0] if "://" in url else ""
+        if scheme == "sqlite" and url.startswith("sqlite:////"):
+            return url
+        if scheme == "postgresql" and len(url.split("://", 1)[1].strip("/")) > 0:
+            return url
+        raise ValueError("the Optuna storage must be sqlite:////ABSOLUTE/PATH or postgresql://USER@HOST:PORT/DB")
+
+    @field_validator("run_params")
+    @classmethod
+    def _not_set_by_study(cls, params: dict[str, Any]) -> dict[str, Any]:
+        overridden = sorted(set(params) & _SET_BY_STUDY)
+        if overridden:
+            raise ValueError(f"may not set {', '.join(overridden)}: the study sets it")
+        return params
+
+    @model_validator(mode="after")
+    def _run_settings(self) -> "TuneConfig":
+        self.run_config(self.seeds[0], self.corner())  # every other run setting checked before any trial
+        return self
+
+    # ------------------------------------------------------------ derived
+    @property
+    def study_name(self) -> str:
+        """One study per (dataset, backbone, seed set), unless named."""
+        return self.study or f"rsir-tune-{self.dataset}-{self.model}-seeds{'-'.join(map(str, self.seeds))}"
+
+    def storage_url(self, workspace_root: Any) -> str:
+        return self.storage or f"sqlite:///{workspace_root / 'optuna.db'}"
+
+    def digest(self) -> str:
+        """What makes trials comparable: the ranges and every trial's run settings."""
+        return json_digest(self.model_dump(mode="json", include={"dataset", "model", "seeds", *TUNED,
+                                                                 "run_params"}))[:16]
+
+    def corner(self) -> TrialSettings:
+        """The ranges' low ends: a valid draw, to check run settings before any trial."""
+        return TrialSettings(**{name: int(getattr(self, name).low) if name in _INTEGER else getattr(self, name).low
+                                for name in TUNED})
+
+    def run_parameters(self, seed: int, settings: TrialSettings, sequences: int | None,
+                       labels: dict[str, str]) -> dict[str, Any]:
+        """The flat `rsir` flow parameters of one trial's run at `seed` (K = 1, generation at the
+        largest τ of the range, filtered at the trial's)."""
+        return {**self.run_params, "dataset": self.dataset, "model": self.model, "K": 1, "seed": seed,
+                "tau": settings.tau, "generation_tau": int(self.tau.high), "p": settings.p, "m": settings.m,
+                "synthetic_weight": settings.synthetic_weight,
+                "max_sources": None if sequences is None else settings.max_sources(sequences),
+                "threads": self.threads, "home": self.home, "labels": labels}
+
+    def run_config(self, seed: int, settings: TrialSettings) -> RunConfig:
+        return RunConfig.from_parameters(self.run_parameters(seed, settings, None, {}))
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, Any]) -> "TuneConfig":
+        """Flat parameters (tune_parameters(): the flow's, the deployment's, `rsir tune`'s) -> one
+        typed config; None means the default. A bad value is one line naming the parameter."""
+        return parse_config(cls, {k: v for k, v in params.items() if v is not None})
+
+
+def tune_parameters() -> list[Parameter]:
+    """The flat parameters of a tuning worker, derived from TuneConfig: a range travels as its
+    text (`1..100 log`) or as one number (the setting fixed: what a deployment's `--param m=5`
+    sends), None = the declared range."""
+    out = []
+    fields = TuneConfig.model_fields
+    for name in [*(n for n in fields if n not in ("threads", "home")), "threads", "home"]:
+        field = fields[name]
+        if field.annotation is Range:
+            out.append(Parameter(name, Optional[Union[str, float]], None, field.description or ""))
+            continue
+        default = None if field.default_factory is not None or field.default is None else field.default
+        kind = list[int] if name == "seeds" else bare(field.annotation)  # bare() keeps a list item's bounds
+        annotation = Optional[kind] if default is None else kind
+        out.append(Parameter(name, annotation, default, field.description or ""))
+    return out
+
+
+# ---------------------------------------------------------------- the study
+def suggest(trial: Any, cfg: TuneConfig) -> TrialSettings:
+    """A trial's settings, drawn by the study's sampler from the config's ranges."""
+    drawn: dict[str, Any] = {}
+    for name in TUNED:
+        r: Range = getattr(cfg, name)
+        if name in _INTEGER:
+            drawn[name] = trial.suggest_int(name, int(r.low), int(r.high), step=int(r.step or 1), log=r.log)
+        else:
+            drawn[name] = trial.suggest_float(name, r.low, r.high, step=r.step, log=r.log)
+    return TrialSettings(**drawn)
+
+
+@dataclass(frozen=True)
+class OpenedStudy:
+    study: Any  # optuna.Study
+    created: bool  # this worker created it (and so makes its MLflow run)
+
+
+def check_storage(url: str) -> None:
+    """Connect to the study's storage and leave it as it was (no table is made): refuses, in one
+    line without the password, a server that does not answer or a database that does not open."""
+    from sqlalchemy import create_engine, text
+
+    from storage.tracking import redact_uri
+
+    opened, probe, args = url, "select 1", {"connect_timeout": 5}
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+        if not os.path.exists(path):  # made by the study's first worker: nothing to check, nothing written
+            return
+        # Read-only, and a query that reads the file (a file that is no database fails here).
+        opened, probe, args = f"sqlite:///file:{path}?mode=ro&uri=true", "select count(*) from sqlite_master", {}
+    try:
+        engine = create_engine(opened, connect_args=args)
+        try:
+            with engine.connect() as connection:
+                connection.execute(text(probe))
+        finally:
+            engine.dispose()
+    except Exception as exc:  # SQLAlchemy and the drivers raise many types
+        reason = redact_uri((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:200]
+        raise RsirError(f"Optuna storage {redact_uri(url)!r} is unreachable or invalid: {reason}") from None
+
+
+def open_study(cfg: TuneConfig, url: str) -> OpenedStudy:
+    """Create the study at `url` (maximise; TPE sampler; median pruner unless `prune` is off), or
+    join it when another worker made it. Raises RsirError (one line, the URL without password)
+    when the storage cannot be reached or was made with other ranges or run settings."""
+    import optuna
+
+    from storage.tracking import redact_uri
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # a trial's line is rsir's, not Optuna's
+    # constant_liar: a worker treats the trials others are running as done at a bad value, so two
+    # workers do not draw the same settings at once.
+    sampler = optuna.samplers.TPESampler(n_startup_trials=cfg.startup_trials, seed=cfg.sampler_seed,
+                                         constant_liar=True)
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=cfg.startup_trials, n_warmup_steps=cfg.warmup_epochs)
+              if cfg.prune else optuna.pruners.NopPruner())
+    try:
+        storage = _rdb_storage(url)
+        try:
+            study = optuna.create_study(storage=storage, sampler=sampler, pruner=pruner, study_name=cfg.study_name,
+                                        direction="maximize")
+            created = True
+            study.set_user_attr("config_digest", cfg.digest())
+            study.set_user_attr("config", cfg.model_dump(mode="json", include={"dataset", "model", "seeds", *TUNED,
+                                                                               "run_params"}))
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(study_name=cfg.study_name, storage=storage, sampler=sampler, pruner=pruner)
+            created = False
+    except RsirError:
+        raise
+    except Exception as exc:  # SQLAlchemy and the drivers raise many types for a bad URL or server
+        reason = redact_uri((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:200]
+        raise RsirError(f"Optuna storage {redact_uri(url)!r} is unreachable or invalid: {reason}") from None
+    if not created:
+        _require_same_config(study, cfg)
+    return OpenedStudy(study, created)
+
+
+def _rdb_storage(url: str, attempts: int = 5) -> Any:
+    """Optuna's RDB storage at `url`. Workers starting together on a new database race to create
+    its tables (PostgreSQL: a unique violation in pg_type for the loser): the loser tries again,
+    and then finds them."""
+    import time
+
+    import optuna
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except Exception as exc:
+            text = str(exc).lower()
+            if attempt + 1 == attempts or not ("unique" in text or "already exists" in text):
+                raise
+            time.sleep(0.5 * (attempt + 1))
+
+
+def _require_same_config(study: Any, cfg: TuneConfig, wait_seconds: float = 60.0) -> None:
+    """A worker joins a study only with the ranges and run settings its trials were made with
+    (else their values would not compare). The creator writes them just after creating it."""
+    import time
+
+    deadline = time.monotonic() + wait_seconds
+    while "config_digest" not in study.user_attrs and time.monotonic() < deadline:
+        time.sleep(0.5)
+    found = study.user_attrs.get("config_digest")
+    if found is not None and found != cfg.digest():
+        raise RsirError(f"study {cfg.study_name!r} was made with other ranges or run settings "
+                        f"({study.user_attrs.get('config')}); give the same ones or another --study")
+
+
+class EpochPruner:
+    """Watches θ_1's training (dataset version 1) in one trial's run: reports its validation
+    NDCG@10 at each epoch to the trial (step = seed index x epochs + epoch, so every trial's
+    seed i, epoch e is one step) and stops the training when the pruner says so."""
+
+    def __init__(self, trial: Any, offset: int):
+        self.trial, self.offset = trial, offset
+
+    def __call__(self, cfg: TrainConfig, point: dict[str, float]) -> None:
+        import optuna
+
+        if cfg.version != 1:  # θ_0 (shared by every trial) and the generator: not the objective
+            return
+        step = self.offset + int(point["epoch"])
+        self.trial.report(point[f"valid_{METRIC}"], step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"trial {self.trial.number}: θ_1's validation {METRIC} "
+                                     f"{point[f'valid_{METRIC}']:.4f} at epoch {int(point['epoch'])} is below the median")
+
+
+# ---------------------------------------------------------------- outcomes
+@dataclass(frozen=True)
+class SeedRun:
+    """One trial's run at one seed, as the study keeps it (a trial's user attribute): θ_1's and
+    θ_0's validation NDCG@10, the MLflow parent run, and what the run reused: θ_0 (its training's
+    seconds when trained, the task's seconds now) and the generation (its content key)."""
+
+    seed: int
+    valid: float
+    theta0_valid: float
+    mlflow_run_id: str
+    theta0_reused: bool
+    theta0_train_seconds: float
+    theta0_task_seconds: float
+    generation_key: str
+    generate_seconds: float
+    wall_seconds: float
+
+    @classmethod
+    def of(cls, seed: int, summary: dict[str, Any], generation_key: str) -> "SeedRun":
+        zero, one = summary["iterations"][0], summary["iterations"][1]
+        return cls(seed, one["valid"][METRIC], zero["valid"][METRIC], summary["mlflow_run_id"], bool(zero["reused"]),
+                   zero["train_seconds"], zero["times"]["train"], generation_key, zero["times"]["generate"],
+                   summary["wall_seconds"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    """One trial of the study as the summary lists it."""
+
+    number: int
+    state: str  # COMPLETE, PRUNED, FAIL, RUNNING, WAITING
+    value: float | None  # mean validation NDCG@10 of θ_1 (complete trials only)
+    settings: dict[str, float]
+    worker: str
+    runs: list[dict[str, Any]]
+    last_report: tuple[int, float] | None  # (step, θ_1's validation NDCG@10): where a pruned trial stopped
+
+
+def trial_rows(study: Any) -> list[TrialRow]:
+    """Every trial of the study. Optuna gives a pruned trial its last report as value; here only
+    a complete trial has one (a pruned θ_1 was never scored at its best epoch)."""
+    rows = []
+    for t in study.trials:
+        last = max(t.intermediate_values, default=None)
+        rows.append(TrialRow(t.number, t.state.name, t.value if t.state.name == "COMPLETE" else None, dict(t.params),
+                             t.user_attrs.get("worker", ""),
+                             [v for k, v in sorted(t.user_attrs.items()) if k.startswith("seed_")],
+                             None if last is None else (last, t.intermediate_values[last])))
+    return rows
+
+
+def reuse_figures(rows: list[TrialRow]) -> dict[str, Any]:
+    """What the study's runs shared: θ_0 trainings run against reused (and the seconds the reuse
+    saved: the training's own seconds minus the reusing task's), generations made against runs."""
+    runs = [run for row in rows for run in row.runs]
+    reused = [r for r in runs if r["theta0_reused"]]
+    return {"runs": len(runs), "theta0_trained": len(runs) - len(reused), "theta0_reused": len(reused),
+            "theta0_seconds_saved": sum(max(r["theta0_train_seconds"] - r["theta0_task_seconds"], 0.0) for r in reused),
+            "generations": len({r["generation_key"] for r in runs}),
+            "generation_seconds": sum(r["generate_seconds"] for r in runs)}
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
