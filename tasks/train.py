@@ -18,6 +18,7 @@ import torch
 from prefect import task
 from tqdm import tqdm
 
+from core.config import key_fields
 from core.errors import RsirError
 from core.hashing import json_digest
 from core.workspace import Workspace
@@ -26,7 +27,7 @@ from storage.checkpoints import read_checkpoint
 from storage.dataset import dataset_store
 from storage.files import Location, copy_file, exists, join
 from tasks.checkpoints import commit_checkpoint, save_checkpoint
-from tasks.config import TrainConfig, TrainingSettings, learned
+from tasks.config import TrainConfig, TrainingSettings
 from tasks.evaluate import evaluate_split
 from tasks.executor import LOCAL, Executor, report_result, run_data_parallel
 from tasks.ranking import NonFiniteScores
@@ -67,10 +68,6 @@ class TrainResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-
-# Settings that change how fast a training runs or what it prints, never what it learns (a
-# recipe only names the settings it filled in, which are keyed themselves).
-_NOT_LEARNED = {"progress", "threads", "device", "eval_batch_size", "recipe"}
 
 
 @dataclass(frozen=True)
@@ -217,8 +214,7 @@ KEY_DIGITS = 20  # a checkpoint's content key: the one hash length of checkpoint
 def content_key(cfg: TrainConfig, digest: str) -> str:
     """What a training depends on: the data (digest, not the dataset's name) and the config;
     KEY_DIGITS hex digits of their SHA-256."""
-    keep = learned(cfg.model_dump(mode="json", exclude=_NOT_LEARNED | {"dataset", "version"}))
-    return json_digest([digest, keep])[:KEY_DIGITS]
+    return json_digest([digest, key_fields(cfg)])[:KEY_DIGITS]
 
 
 def checkpoint_path(ws: Workspace, key: str) -> Location:
