@@ -181,8 +181,9 @@ class GenerationParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     m: Rollouts = Field(5, description="rollouts per source sequence (extension mode: most items added)")
+    # None: fidelity off (no threshold), the one encoding below the command line's --no-fidelity.
     tau: Rank | None = Field(10, description="fidelity rank threshold: a rollout ends at its first check with a "
-                             "rank above tau (fidelity off: no threshold; None here)")
+                             "rank above tau")
     p: Probability = Field(0.5, description="probability of the local pool (the user's own items)")
     min_len: SequenceLength = Field(3, description="shortest synthetic sequence kept (by the filter)")
     max_len: SequenceLength | None = Field(None, description="longest rollout (default: the model's max_len)")
