@@ -218,7 +218,7 @@ def compare(model, sources: Ragged, params: GenerationParams, repeat: int, peer_
 
 
 def accepted_figures(rollouts, params: GenerationParams, existing: Ragged) -> dict:
-    kept = filter_rollouts(rollouts, params.tau, params.min_len, True, existing)
+    kept = filter_rollouts(rollouts, params.tau, params.min_len, existing)
     return {"acceptance_rate": round(kept.counts["acceptance_rate"], 4),
             "mean_accepted_len": round(float(kept.items.lengths.mean()) if len(kept.items) else 0.0, 2)}
 

@@ -17,11 +17,12 @@ from core.errors import RsirError
 T = TypeVar("T")
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+DEVICES = "auto, cpu, cuda, cuda:N or mps"  # what a device may be: the validator's message and every help
 
 
 def _check_device(value: str) -> str:
     if not _DEVICE_RE.match(value):
-        raise ValueError("device must be auto, cpu, cuda, cuda:N or mps")
+        raise ValueError(f"device must be {DEVICES}")
     return value
 
 
@@ -58,11 +59,53 @@ SequenceCount = Annotated[int, Field(ge=1, le=INT32_MAX)]
 Version = Annotated[int, Field(ge=0, le=99_999)]
 # CPU threads or parallel workers of one process or cluster.
 Workers = Annotated[int, Field(ge=1, le=4096)]
+# A probability (the local pool's p).
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 # A real number that must be finite (NaN and infinity pass ge/gt bounds in pydantic).
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
 Metric = Literal["ndcg@5", "ndcg@10", "ndcg@20", "recall@5", "recall@10", "recall@20", "mrr@20"]
+
+
+# What enters a content key (checkpoint, generation and lineage keys) is declared on the field:
+# every field does unless its Field says otherwise with one of these (json_schema_extra), and
+# `key_fields` is the one rule that reads them.
+def unkeyed() -> dict[str, Any]:
+    """The field changes where or how fast the work runs, or names it, not what comes out."""
+    return {"keyed": False}
+
+
+def keyed_unless(value: Any) -> dict[str, Any]:
+    """A field added after keys existed, keyed only when not at `value` (the behaviour before
+    it): keys made before it stay valid."""
+    return {"keyed_unless": value}
+
+
+def key_fields(config: BaseModel, **replace: Any) -> dict[str, Any]:
+    """The fields of `config` that enter its content keys, as JSON values (nested configs whole),
+    `replace` laid over them: every field but those marked `unkeyed()`, and one marked
+    `keyed_unless(v)` only when its value is not v."""
+    data = {**config.model_dump(mode="json"), **replace}
+    out = {}
+    for name, field in type(config).model_fields.items():
+        mark = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if mark.get("keyed") is False or ("keyed_unless" in mark and data[name] == mark["keyed_unless"]):
+            continue
+        out[name] = data[name]
+    return out
+
+
+def like(model: type[BaseModel], name: str, **change: Any) -> Any:
+    """The field `name` of `model` (its default and description, unless `change` says otherwise)
+    for another config that carries the same knob: a knob's default and meaning are declared once,
+    in the config of the layer that uses it. The bounds travel with the annotation (core types
+    such as Rank), which the carrying config may narrow (Rank where `model` takes Rank | None)."""
+    field = model.model_fields[name]
+    given = {"default": field.default, "description": field.description}
+    if field.default_factory is not None:
+        given = {"default_factory": field.default_factory, "description": field.description}
+    return Field(**{**given, **change})
 
 
 def parse_config(cls: type[BaseModel], data: dict) -> BaseModel:

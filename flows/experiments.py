@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal
+from typing import Any, Callable, Literal
 
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from core.config import Device, Epochs, Rank, Rollouts, Seed, SequenceCount, parse_config
+from core.config import Device, Epochs, Probability, Rank, Rollouts, Seed, SequenceCount, like, parse_config
 from core.errors import RsirError
 from core.workspace import Workspace
 from flows.rsir import rsir
@@ -37,7 +37,7 @@ from models import get_backbone
 from reporting.results import best_on_validation, collect_runs, finished_lineages
 from storage.tracking import Tracker, redact_uri, resolve_tracking_uri
 from tasks.archive import archive_runs, restore_runs
-from tasks.config import RunConfig
+from tasks.config import GenerationParams, RunConfig
 
 SuiteName = Literal["main", "sensitivity", "backbones", "faithful", "paper"]
 SUITE_DATASETS: dict[str, list[str]] = {"main": ["ml-100k-sparse", "ml-100k"], "sensitivity": ["ml-100k-sparse"],
@@ -101,12 +101,12 @@ class ExperimentConfig(BaseModel):
     seeds: list[Seed] = Field([0, 1, 2], min_length=1)
     K: int = Field(3, ge=1, le=100, description="iterations of the main suite's RSIR arms")
     taus: list[Rank] = Field([1, 3, 5, 10, 20, 50, 100], min_length=1)
-    ps: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field([0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
+    ps: list[Probability] = Field([0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
     grid: list[str] = Field(list(PAPER_GRID), min_length=1, description="the paper suite's trainer grid "
                             "(names of PAPER_GRID; the first is the reference the others must beat)")
-    tau: Rank = Field(10, description="fidelity threshold of the main and backbones suites")
-    p: float = Field(0.5, ge=0.0, le=1.0)
-    m: Rollouts = 5
+    tau: Rank = like(GenerationParams, "tau", description="fidelity threshold of the main and backbones suites")
+    p: Probability = like(GenerationParams, "p")
+    m: Rollouts = like(GenerationParams, "m")
     epochs: Epochs | None = Field(None, description="maximum epochs (None: the recipe's)")
     patience: Epochs | None = Field(None, description="early-stopping patience (None: the recipe's)")
     max_sources: SequenceCount | None = Field(None, description="generation sources per iteration (None: all)")

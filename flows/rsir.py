@@ -36,6 +36,7 @@ from flows.boundary import boundary, check_environment, naming_service
 from flows.liveness import close_killed_lineage
 from reporting.plots import plot_run_task
 from storage.dataset import dataset_store
+from storage.manifest import GeneratorRef
 from storage.tracking import Tracker, redact_uri, resolve_tracking_uri
 from tasks.builtin import fetch_builtin_task
 from tasks.config import RunConfig, run_parameters
@@ -43,8 +44,7 @@ from tasks.evaluate import evaluate_task
 from tasks.expand import expand_task
 from tasks.filter import filter_task
 from tasks.generate import generate_task
-from tasks.rollout import GenerationParams
-from tasks.runlog import Iteration, RunLog, summary_markdown, table_rows
+from tasks.runlog import Iteration, RunLog, RunSummary, summary_markdown, table_rows
 from tasks.runtime import torch_threads
 from tasks.train import train_task
 
@@ -64,15 +64,11 @@ def iteration(cfg: RunConfig, home: str, dataset: str, k: int, last: bool) -> It
         generator = train_task(cfg.train_config(dataset, k, cfg.generator), home, role="generator",
                                executor=cfg.executor_spec())
         times["train_generator"] = generator.seconds
-    params = GenerationParams(m=cfg.m, tau=cfg.generation_threshold, p=cfg.p, min_len=cfg.min_len,
-                              seed=cfg.seed + k, batch_size=cfg.gen_batch_size, device=cfg.device,
-                              max_sources=cfg.max_sources, retrieval=cfg.retrieval)
-    generated = generate_task(home, dataset, k, generator.value.checkpoint, params, executor=cfg.executor_spec(),
-                              wait_for=[generator])
-    accepted = filter_task(home, dataset, k, generated.value.path, cfg.tau if cfg.fidelity else None, cfg.min_len,
-                           cfg.fidelity, wait_for=[generated])
-    expanded = expand_task(home, accepted.value.path, k + 1,
-                           generator={"backbone": cfg.generator_model.name, "checkpoint": generator.value.checkpoint},
+    generated = generate_task(home, dataset, k, generator.value.checkpoint, cfg.generation_params(k),
+                              executor=cfg.executor_spec(), wait_for=[generator])
+    accepted = filter_task(home, dataset, k, generated.value, cfg.filter_params(), wait_for=[generated])
+    expanded = expand_task(home, accepted.value, k + 1,
+                           GeneratorRef(backbone=cfg.generator_model.name, checkpoint=generator.value.checkpoint),
                            wait_for=[accepted, generator])
     times.update(generate=generated.seconds, filter=accepted.seconds, expand=expanded.seconds)
     return Iteration(k, student.value, evaluation.value, times, generator.value, generated.value, accepted.value,
@@ -95,7 +91,8 @@ rsir = flow(name="rsir", flow_run_name="rsir-{dataset}-{model}-K{K}-seed{seed}",
 
 def run_rsir(cfg: RunConfig) -> dict[str, Any]:
     """fork → for each k: iteration → log → champion → finish; a re-submission of a finished
-    run gets its summary."""
+    run gets its summary. Returns the summary's JSON (tasks/runlog.py RunSummary): the flow's
+    result, what `rsir run --json` prints."""
     started = time.perf_counter()
     ws = Workspace.at(cfg.home)
     check_environment(ws, cfg.tracking_uri)
@@ -114,10 +111,10 @@ def run_rsir(cfg: RunConfig) -> dict[str, Any]:
             summary = _iterate(cfg, ws, log, started)
     create_markdown_artifact(summary_markdown(summary), key="rsir-summary",
                              description=f"RSIR on {cfg.dataset}: MLflow run, champion, iterations")
-    return summary
+    return summary.model_dump(mode="json")
 
 
-def _iterate(cfg: RunConfig, ws: Workspace, log: RunLog, started: float) -> dict[str, Any]:
+def _iterate(cfg: RunConfig, ws: Workspace, log: RunLog, started: float) -> RunSummary:
     """Iterations 0..K, each logged as it ends; then the champion and the summary."""
     progress = create_progress_artifact(0.0, key="rsir-progress", description=f"RSIR on {cfg.dataset}")
     # One CPU thread setting for every task of the run (training, evaluation, generation).

@@ -86,7 +86,7 @@ def run_tune(cfg: TuneConfig) -> dict[str, Any]:
     opened = open_study(cfg, url)
     study_run = _study_run(tracker, opened, cfg, url)
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    objective = Objective(cfg, ws, tracker, study_run, base.stats["sequences"], worker, first.epochs)
+    objective = Objective(cfg, ws, tracker, study_run, base.stats.sequences, worker, first.epochs)
     opened.study.optimize(objective, n_trials=cfg.trials)
     return _finish(cfg, tracker, opened.study, study_run, base.digest, url, objective.ran,
                    time.perf_counter() - started)

@@ -12,11 +12,12 @@ class ModelConfig(BaseModel):
 
     name: str = "sasrec"
     max_len: int = Field(50, ge=2, le=4096, description="longest input sequence; longer ones are windowed (RecBole default: 50)")
-    hidden: int = Field(64, ge=1, le=8192)
-    layers: int = Field(2, ge=1, le=64)
-    heads: int = Field(1, ge=1, le=256)
-    dropout: float = Field(0.2, ge=0.0, lt=1.0)
-    loss: Literal["ce", "sampled", "bce"] = "ce"
+    hidden: int = Field(64, ge=1, le=8192, description="hidden size")
+    layers: int = Field(2, ge=1, le=64, description="number of blocks")
+    heads: int = Field(1, ge=1, le=256, description="attention heads")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout in [0, 1)")
+    loss: Literal["ce", "sampled", "bce"] = Field("ce", description="training loss: full softmax (ce), sampled "
+                                                  "softmax over `negatives` (sampled) or binary cross-entropy (bce)")
     negatives: int = Field(256, ge=1, le=2 ** 20, description="loss=sampled: uniform negatives per sequence, shared by "
                            "its positions")
     negatives_exclude_input: bool = Field(False, description="loss=sampled: never draw an item of the "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origi
 
 import typer
 
-from core.config import Parameter, with_parameters
+from core.config import DEVICES, Parameter, bare, with_parameters
 from core.errors import RsirError
 from core.hashing import short_digest
 
@@ -68,10 +69,24 @@ def _emit(obj: Any, as_json: bool, render) -> None:
     """Print a result (a dict or a typed result) as one JSON object or rendered for people."""
     if dataclasses.is_dataclass(obj):
         obj = dataclasses.asdict(obj)
+    obj = _plain(obj)
     if as_json:
         print(json.dumps(obj, default=str))
     else:
         render(obj)
+
+
+def _plain(obj: Any) -> Any:
+    """A result with its typed records (pydantic models) as the dicts they serialize to."""
+    from pydantic import BaseModel
+
+    if isinstance(obj, BaseModel):
+        return obj.model_dump()
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    return obj
 
 
 # ------------------------------------------------------------------ data
@@ -157,7 +172,7 @@ def _list_row(store, name: str) -> dict[str, Any]:
         m = store.manifest(name)
     except RsirError as exc:
         return {"dataset": name, "error": str(exc)}
-    return {"dataset": name, "version": m.version, "digest": m.digest, **m.stats}
+    return {"dataset": name, "version": m.version, "digest": m.digest, **m.stats.model_dump()}
 
 
 def _render_ingest(r: dict[str, Any]) -> None:
@@ -198,25 +213,15 @@ def train(
     dataset: Annotated[str, typer.Option(help="dataset name")] = "ml-100k",
     model: Annotated[str, typer.Option(help="backbone name")] = "sasrec",
     version: Annotated[Optional[int], typer.Option(help="dataset version (default: latest)")] = None,
-    seed: Annotated[int, typer.Option(help="random seed")] = 0,
-    epochs: Annotated[Optional[int], typer.Option(help="maximum epochs")] = None,
-    patience: Annotated[Optional[int], typer.Option(help="early-stopping patience (epochs)")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="training batch size")] = None,
-    max_len: Annotated[Optional[int], typer.Option(help="maximum sequence length")] = None,
-    hidden: Annotated[Optional[int], typer.Option(help="hidden size")] = None,
-    layers: Annotated[Optional[int], typer.Option(help="number of blocks")] = None,
-    heads: Annotated[Optional[int], typer.Option(help="attention heads")] = None,
-    dropout: Annotated[Optional[float], typer.Option(help="dropout in [0, 1)")] = None,
-    loss: Annotated[Optional[str], typer.Option(help="ce, sampled or bce")] = None,
-    negatives: Annotated[Optional[int], typer.Option(help="negatives for loss=sampled")] = None,
-    negatives_exclude_input: Annotated[Optional[bool], typer.Option(
-        "--negatives-exclude-input/--negatives-any", help="loss=sampled: no negative from the input sequence")] = None,
+    seed: TrainSeed = 0,
+    epochs: Epochs = None, patience: Patience = None, lr: LearningRate = None, batch_size: TrainBatch = None,
+    max_len: MaxLen = None, hidden: Hidden = None, layers: Layers = None, heads: Heads = None, dropout: Dropout = None,
+    loss: Loss = None, negatives: Negatives = None, negatives_exclude_input: NegativesExcludeInput = None,
     positions: Annotated[Optional[str], typer.Option(help="newest or oldest: where positions are counted from")] = None,
     option: Annotated[Optional[list[str]], typer.Option("--option", help="backbone option KEY=VALUE (repeatable)")] = None,
     recipe: Recipe = "default", synthetic_weight: SyntheticWeight = None, batching: Batching = None,
     weighting: Weighting = None, stride: Stride = None, early_stop: EarlyStop = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICES)] = "auto",
     threads: Threads = None,
     include_history: Annotated[bool, typer.Option("--include-history", help="rank the user's own history items too")] = False,
     checkpoint: Annotated[Optional[str], typer.Option(help="where to write the checkpoint (a path or a URL)")] = None,
@@ -253,7 +258,7 @@ def evaluate(
     dataset: Annotated[str, typer.Option(help="dataset name")] = "ml-100k",
     version: Annotated[Optional[int], typer.Option(help="dataset version (default: latest)")] = None,
     include_history: Annotated[bool, typer.Option("--include-history", help="rank the user's own history items too")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICES)] = "auto",
     home: Home = None, as_json: Json = False,
 ) -> None:
     """Evaluate a stored checkpoint on a dataset version (validation and test)."""
@@ -264,51 +269,30 @@ def evaluate(
     _emit(result, as_json, _render_eval)
 
 
-@app.command("generate")
-def generate(
-    dataset: Annotated[str, typer.Option(help="dataset to expand")],
-    checkpoint: Annotated[str, typer.Option(help="generator checkpoint (trained on this dataset's items; a path or a URL)")],
-    version: Annotated[Optional[int], typer.Option(help="version to expand (default: latest)")] = None,
-    tau: Annotated[int, typer.Option(help="fidelity rank threshold")] = 10,
-    p: Annotated[float, typer.Option(help="probability of the local pool (the user's own items)")] = 0.5,
-    m: Annotated[int, typer.Option(help="rollouts per source sequence")] = 5,
-    min_len: Annotated[int, typer.Option(help="shortest synthetic sequence kept")] = 3,
-    max_len: Annotated[Optional[int], typer.Option(help="longest rollout (default: the model's max_len)")] = None,
-    fidelity: Annotated[bool, typer.Option("--fidelity/--no-fidelity", help="fidelity control (off = the paper's ablation)")] = True,
-    mode: Annotated[str, typer.Option(help="rollout (the released algorithm) or extend (second reading)")] = "rollout",
-    holdout_h: Annotated[int, typer.Option(help="extend mode: training items held out from the prefix")] = 1,
-    seed: Annotated[int, typer.Option(help="seed of the pool choices")] = 0,
-    batch_size: Annotated[int, typer.Option(help="rollouts scored together")] = 1024,
-    incremental: Annotated[bool, typer.Option("--incremental/--full-forward", help="cache keys and values (models "
-                                              "that allow it) or run the full forward every step")] = True,
-    item_chunk: Annotated[int, typer.Option(help="items scored at once (memory: batch-size x item-chunk scores)")
-                          ] = 2 ** 18,
-    retrieval: Annotated[str, typer.Option(help="exact, or ivf: approximate candidates from a faiss index")] = "exact",
-    candidates: Annotated[int, typer.Option(help="retrieval ivf: candidates per step")] = 256,
-    nprobe: Annotated[int, typer.Option(help="retrieval ivf: inverted lists searched per query")] = 16,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
-    home: Home = None, as_json: Json = False,
-) -> None:
+def generate(**params: Any) -> None:
     """Generate with fidelity control, filter and expand: publish the dataset's next version."""
     from core.config import parse_config
     from storage.dataset import dataset_store
+    from storage.manifest import FilterParams
+    from tasks.config import GenerationParams
     from tasks.expand import expand_step
     from tasks.filter import filter_step
     from tasks.generate import generate_step
-    from tasks.rollout import GenerationParams
 
-    params = parse_config(GenerationParams, dict(m=m, tau=tau if fidelity else None, p=p, min_len=min_len,
-                                                 max_len=max_len, seed=seed, batch_size=batch_size, device=device,
-                                                 incremental=incremental, item_chunk=item_chunk, retrieval=retrieval,
-                                                 candidates=candidates, nprobe=nprobe))
+    dataset, checkpoint, version = params.pop("dataset"), params.pop("checkpoint"), params.pop("version")
+    mode, holdout_h, home, as_json = params.pop("mode"), params.pop("holdout_h"), params.pop("home"), params.pop("as_json")
+    if not params.pop("fidelity"):
+        params["tau"] = None  # fidelity off: no rank threshold (GenerationParams' one encoding)
+    params = parse_config(GenerationParams, params)
     ws = _workspace(home)
     parent = dataset_store(ws).manifest(dataset, version)
     if parent.version != dataset_store(ws).versions(dataset)[-1]:
         raise RsirError(f"dataset {dataset!r}: version {parent.version} is not the latest; expand the latest "
                         f"(versions are a chain) or fork the dataset")
     generated = generate_step(ws.home, dataset, parent.version, str(checkpoint), params, mode, holdout_h)
-    accepted = filter_step(ws.home, dataset, parent.version, generated.path, params.tau, min_len, fidelity)
-    result = expand_step(ws.home, accepted.path)
+    accepted = filter_step(ws.home, dataset, parent.version, generated,
+                           FilterParams(tau=params.tau, min_len=params.min_len))
+    result = expand_step(ws.home, accepted)
     _emit(result, as_json, _render_version)
 
 
@@ -325,7 +309,7 @@ def versions(
     for v in store.versions(dataset) or [store.manifest(dataset).version]:
         m = store.manifest(dataset, v)
         rows.append({"version": v, "parent_version": m.parent_version, "digest": m.digest, "stats": m.stats,
-                     "generation": m.generation})
+                     "generation": m.generation})  # _emit writes the records as their JSON
     _emit({"dataset": dataset, "versions": rows}, as_json, _render_versions)
 
 
@@ -407,11 +391,46 @@ def _training_setting(name: str) -> Any:
 # `rsir train`'s training-setting options, typed and explained by `_as_option` from the fields of
 # tasks/config.py as `rsir run`'s are; their defaults are train's own (None: the recipe's value).
 Recipe = _training_setting("recipe")
+Epochs = _training_setting("epochs")
+Patience = _training_setting("patience")
+LearningRate = _training_setting("lr")
+TrainBatch = _training_setting("batch_size")
 SyntheticWeight = _training_setting("synthetic_weight")
 Batching = _training_setting("batching")
 Weighting = _training_setting("weighting")
 Stride = _training_setting("stride")
 EarlyStop = _training_setting("early_stop")
+
+
+def _model_setting(name: str, flags: str | None = None) -> Any:
+    """`rsir train`'s option for a ModelConfig field (models/config.py): its type and help from
+    the field; unset (None) = the recipe's, else the field's default. `flags`: a bool's two names."""
+    from models.config import ModelConfig
+
+    field = ModelConfig.model_fields[name]
+    if flags is not None:
+        return Annotated[Optional[bool], typer.Option(flags, help=field.description)]
+    return _as_option(Parameter(name, Optional[bare(field.annotation)], None, field.description or "")).annotation
+
+
+MaxLen = _model_setting("max_len")
+Hidden = _model_setting("hidden")
+Layers = _model_setting("layers")
+Heads = _model_setting("heads")
+Dropout = _model_setting("dropout")
+Loss = _model_setting("loss")
+Negatives = _model_setting("negatives")
+NegativesExcludeInput = _model_setting("negatives_exclude_input", "--negatives-exclude-input/--negatives-any")
+
+
+def _train_seed() -> Any:
+    from tasks.config import TrainConfig
+
+    field = TrainConfig.model_fields["seed"]
+    return Annotated[int, typer.Option(help=field.description)]
+
+
+TrainSeed = _train_seed()
 
 
 def _threads_option() -> Any:
@@ -506,28 +525,29 @@ def _cell(column: str, value: Any) -> str:
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    """The per-iteration table `rsir run` and `make run` print. `command_seconds` and
-    `server_start_seconds`, when `run` adds them, count the Prefect server's start too."""
-    from tasks.runlog import champion_line, table_rows
+    """The per-iteration table `rsir run` and `make run` print, from the run's summary (its JSON,
+    tasks/runlog.py RunSummary). `command_seconds` and `server_start_seconds`, when `run` adds
+    them, count the Prefect server's start too."""
+    from tasks.runlog import RunSummary, champion_line, table_rows
 
-    rows = table_rows(summary["iterations"])
+    s = RunSummary.model_validate(summary)
+    rows = table_rows(s.iterations)
     cols = list(rows[0])
     cells = [[_cell(c, r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
-    wall = f"wall {summary['wall_seconds']:.1f} s"
-    if "command_seconds" in summary:
-        wall = (f"wall {summary['command_seconds']:.1f} s (Prefect server start {summary['server_start_seconds']:.1f} s, "
-                f"flow {summary['wall_seconds']:.1f} s)")
-    lines.append(f"{wall}, steps {summary['step_seconds']:.1f} s, "
-                 f"orchestration+tracking overhead {100 * summary['overhead_fraction']:.1f}% of the flow")
-    lines.append(f"data: D_0..D_{summary['K']} in dataset {summary['run_dataset']}, this run's fork of "
-                 f"{summary['dataset']} (`rsir versions --dataset {summary['run_dataset']}`)")
-    lines.append(f"champion: {champion_line(summary)}; "
-                 f"MLflow run {summary['mlflow_run_id']} ({summary['tracking_uri']})")
-    if summary.get("mlflow_url"):
-        lines.append(f"lineage: {summary['mlflow_url']}")
+    wall = f"wall {s.wall_seconds:.1f} s"
+    if s.command_seconds is not None:
+        wall = (f"wall {s.command_seconds:.1f} s (Prefect server start {s.server_start_seconds:.1f} s, "
+                f"flow {s.wall_seconds:.1f} s)")
+    lines.append(f"{wall}, steps {s.step_seconds:.1f} s, "
+                 f"orchestration+tracking overhead {100 * s.overhead_fraction:.1f}% of the flow")
+    lines.append(f"data: D_0..D_{s.K} in dataset {s.run_dataset}, this run's fork of "
+                 f"{s.dataset} (`rsir versions --dataset {s.run_dataset}`)")
+    lines.append(f"champion: {champion_line(s)}; MLflow run {s.mlflow_run_id} ({s.tracking_uri})")
+    if s.mlflow_url:
+        lines.append(f"lineage: {s.mlflow_url}")
     return "\n".join(lines)
 
 
@@ -666,6 +686,49 @@ def _render_tune(r: dict[str, Any]) -> None:
 app.command("tune")(with_parameters(tune, _tune_options()))
 
 
+# `rsir generate`'s generation options are GenerationParams' fields (tasks/config.py), derived as
+# `rsir run`'s are (the defaults, types and help declared once there); `--fidelity` is the run's
+# switch (RunConfig), `--device` defaults to auto; the rest are the command's own.
+_GENERATE_FIELDS = ("tau", "p", "m", "min_len", "max_len")
+_GENERATE_RUNTIME = ("seed", "batch_size", "incremental", "item_chunk", "retrieval", "candidates", "nprobe")
+_FLAGS = {"incremental": "--incremental/--full-forward"}
+
+
+def _generate_options() -> list[Parameter]:
+    from tasks.config import GenerationParams, RunConfig
+
+    def knob(name: str, default: Any = None) -> Parameter:
+        field = GenerationParams.model_fields[name]
+        option = _as_option(Parameter(name, bare(field.annotation), field.default if default is None else default,
+                                      field.description or ""))
+        if name in _FLAGS:
+            return Parameter(name, Annotated[bool, typer.Option(_FLAGS[name], help=field.description)],
+                             field.default, "")
+        return option
+
+    fidelity = RunConfig.model_fields["fidelity"]
+    own = Parameter
+    return [
+        own("dataset", Annotated[str, typer.Option(help="dataset to expand")], inspect.Parameter.empty, ""),
+        own("checkpoint", Annotated[str, typer.Option(help="generator checkpoint (trained on this dataset's items; "
+                                                      "a path or a URL)")], inspect.Parameter.empty, ""),
+        own("version", Annotated[Optional[int], typer.Option(help="version to expand (default: latest)")], None, ""),
+        *(knob(name) for name in _GENERATE_FIELDS),
+        own("fidelity", Annotated[bool, typer.Option("--fidelity/--no-fidelity", help=fidelity.description)],
+            fidelity.default, ""),
+        own("mode", Annotated[str, typer.Option(help="rollout (the released algorithm) or extend (second "
+                                                "reading)")], "rollout", ""),
+        own("holdout_h", Annotated[int, typer.Option(help="extend mode: training items held out from the "
+                                                     "prefix")], 1, ""),
+        *(knob(name) for name in _GENERATE_RUNTIME),
+        knob("device", default="auto"),
+        own("home", Home, None, ""), own("as_json", Json, False, ""),
+    ]
+
+
+app.command("generate")(with_parameters(generate, _generate_options()))
+
+
 _ARCHIVE_HELP = ("folder that keeps the suite's finished runs across workspaces (e.g. in git): restored into "
                  "MLflow first; the suite writes each finished arm there")
 
@@ -683,7 +746,7 @@ def experiment_cmd(
                                                  "I-th (0-based), so N processes share a suite")] = None,
     backbone_option: Annotated[Optional[list[str]], typer.Option(
         "--backbone-option", help="BACKBONE.KEY=VALUE or BACKBONE.options.KEY=VALUE (repeatable)")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICES)] = "auto",
     threads: Threads = None,
     tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: SQLite in the workspace)")] = None,
     experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default experiment-SUITE)")] = None,
@@ -772,17 +835,24 @@ def _serve_help(field: str) -> str:
     return ServeConfig.model_fields[field].description or ""
 
 
+def _serve_default(field: str) -> Any:
+    """`rsir serve`'s default for a ServeConfig field: the field's (declared once there)."""
+    from deployments.serve import ServeConfig
+
+    return ServeConfig.model_fields[field].default
+
+
 @app.command("serve")
 def serve(
     only: Annotated[Optional[list[str]], typer.Option(
         "--only", help="run only this service: prefect, mlflow or worker (repeatable)")] = None,
     mlflow: Annotated[bool, typer.Option("--mlflow", help="also run an MLflow tracking server; workers log to it")] = False,
-    host: Annotated[str, typer.Option(help=_serve_help("host"))] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help=_serve_help("port"))] = 4200,
+    host: Annotated[str, typer.Option(help=_serve_help("host"))] = _serve_default("host"),
+    port: Annotated[int, typer.Option(help=_serve_help("port"))] = _serve_default("port"),
     database: Annotated[Optional[str], typer.Option(help=_serve_help("database"))] = None,
-    workers: Annotated[int, typer.Option(help=_serve_help("workers"))] = 1,
-    mlflow_port: Annotated[int, typer.Option(help=_serve_help("mlflow_port"))] = 5000,
-    mlflow_workers: Annotated[int, typer.Option(help=_serve_help("mlflow_workers"))] = 2,
+    workers: Annotated[int, typer.Option(help=_serve_help("workers"))] = _serve_default("workers"),
+    mlflow_port: Annotated[int, typer.Option(help=_serve_help("mlflow_port"))] = _serve_default("mlflow_port"),
+    mlflow_workers: Annotated[int, typer.Option(help=_serve_help("mlflow_workers"))] = _serve_default("mlflow_workers"),
     tracking_uri: Annotated[Optional[str], typer.Option(help=_serve_help("tracking_uri"))] = None,
     prefect_api: Annotated[Optional[str], typer.Option(help=_serve_help("prefect_api"))] = None,
     ready_file: Annotated[Optional[str], typer.Option(hidden=True, help="write a JSON of the endpoints once ready")] = None,

@@ -39,7 +39,15 @@ from core.errors import RsirError
 from core.hashing import json_digest
 from core.workspace import Workspace
 from storage.files import exclusive_create, filesystem, fsync_path, stream_sha256
-from storage.manifest import FileEntry, ItemTable, Manifest, PartitionEntry, chain_digest
+from storage.manifest import (
+    FileEntry,
+    GenerationRecord,
+    ItemTable,
+    Manifest,
+    PartitionEntry,
+    VersionStats,
+    chain_digest,
+)
 
 SEQUENCE_SCHEMA = pa.schema([
     pa.field("seq_id", pa.int64(), nullable=False),
@@ -318,7 +326,7 @@ class DatasetStore:
 
     # ---------------------------------------------------------------- writing
     def create(self, name: str, sequences: pa.Table, items: pa.Table, source: dict[str, Any],
-               stats: dict[str, Any] | None = None, replace: bool = False) -> Manifest:
+               stats: VersionStats | None = None, replace: bool = False) -> Manifest:
         """Publish version 0 of a new dataset, or with `replace` of a new lineage of an existing
         one: readers see the old lineage until the new version 0 is committed, then only the new
         one. If it cannot be written, the workspace is left as it was."""
@@ -336,24 +344,24 @@ class DatasetStore:
                 dataset=name, version=0, parent_version=None, lineage=lineage, num_items=items.num_rows,
                 items=items_entry, items_digest=table_id, partitions=parts,
                 digest=chain_digest(table_digest(items), part_digests),
-                created_at=datetime.now(timezone.utc).isoformat(), source=source, stats=stats or {},
+                created_at=datetime.now(timezone.utc).isoformat(), source=source, stats=stats or VersionStats(),
             )
             committed = self._write(stage, name, manifest)
         if current is not None:
             self._drop_lineages(name, below=committed.lineage)
         return committed
 
-    def append(self, name: str, parent: Manifest, sequences: pa.Table, generation: dict[str, Any],
-               stats: dict[str, Any] | None = None) -> Manifest:
+    def append(self, name: str, parent: Manifest, sequences: pa.Table, generation: GenerationRecord,
+               stats: VersionStats | None = None) -> Manifest:
         """Publish version parent+1 = parent ∪ one new partition (iteration parent+1). A version
         that exists already is returned when its generation has the same `key` (the same inputs,
         committed by a concurrent writer after the caller looked), else refused."""
         version = parent.version + 1
+        generation = GenerationRecord.model_validate(generation)
         self._check_current(name, parent.lineage, version)
         if version in self.versions(name):
             existing = self.manifest(name, version)
-            key = generation.get("key")
-            if key is not None and (existing.generation or {}).get("key") == key:
+            if generation.key is not None and existing.generation is not None and existing.generation.key == generation.key:
                 return existing
             raise RsirError(f"dataset {name!r} already has version {version}")
         with self._staged(name, version) as stage:
@@ -365,7 +373,7 @@ class DatasetStore:
                 partitions=[*parent.partitions, *parts],
                 digest=chain_digest(parent.digest, part_digests),
                 created_at=datetime.now(timezone.utc).isoformat(), source=parent.source,
-                generation=generation, stats=stats or {},
+                generation=generation, stats=stats or VersionStats(),
             )
             committed = self._write(stage, name, manifest)
         self._check_current(name, parent.lineage, version)

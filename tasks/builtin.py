@@ -199,7 +199,7 @@ def existing_result(store: DatasetStore, name: str) -> dict[str, Any]:
     """What a fetch reports for a dataset that is already present."""
     m = store.manifest(name, 0)
     return {"dataset": name, "status": "exists", "version": m.version, "digest": m.digest,
-            **m.source.get("report", {}), "stats": m.stats}
+            **m.source.get("report", {}), "stats": m.stats.model_dump()}
 
 
 def fetch_builtin(ws: Workspace, name: str, replace: bool = False, mirror: Path | None = None) -> dict[str, Any]:

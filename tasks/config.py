@@ -8,12 +8,15 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.config import (
+    DEVICES,
     BatchSize,
     Device,
     Epochs,
     Finite,
+    ItemChunk,
     Metric,
     Parameter,
+    Probability,
     Rank,
     Rollouts,
     Seed,
@@ -22,10 +25,15 @@ from core.config import (
     Version,
     Workers,
     bare,
+    key_fields,
+    keyed_unless,
+    like,
     parse_config,
+    unkeyed,
 )
 from core.hashing import json_digest
 from models.config import ModelConfig
+from storage.manifest import FilterParams
 from tasks.executor import Executor
 
 _DEFAULT_BACKBONE: str = ModelConfig.model_fields["name"].default
@@ -89,7 +97,7 @@ class TrainingSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    recipe: Recipe = Field("default", description="preset that fills the settings left unset: default "
+    recipe: Recipe = Field("default", json_schema_extra=unkeyed(), description="preset that fills the settings left unset: default "
                            "(ours, chosen on ml-100k), release (the authors' RSIR release) or sparse (ours "
                            "with the settings that won on the paper's sparse data)")
     epochs: Epochs = Field(200, description="maximum epochs")
@@ -112,7 +120,7 @@ class TrainingSettings(BaseModel):
                                "keeps >= max_len - stride items of context): unset = max_len // 2 (half a "
                                "window; no recipe sets it), max_len = disjoint windows")
 
-    train_workers: int = Field(1, ge=1, le=256, description="data-parallel training processes on Ray (each "
+    train_workers: int = Field(1, ge=1, le=256, json_schema_extra=keyed_unless(1), description="data-parallel training processes on Ray (each "
                                "computes the gradient of its share of every batch; the gradients are summed, "
                                "so the global batch stays batch_size); 1 = this process")
 
@@ -136,34 +144,22 @@ class CpuThreads(BaseModel):
 
     # Why 1 (benchmarks/threads.py; figures in README, "Threads"): torch's default is one thread
     # per core, and on busy cores its threads wait for each other.
-    threads: int = Field(1, ge=0, le=4096, description="torch CPU threads; 0 = torch's default (one per core). "
+    threads: int = Field(1, ge=0, le=4096, json_schema_extra=unkeyed(), description="torch CPU threads; 0 = torch's default (one per core). "
                          "Default 1: on 2 busy cores torch's default trained 6-7 times slower than one "
                          "thread (benchmarks/threads.py)")
-
-
-# Settings added after keys existed, with the value that keeps the old behaviour: left out of
-# content keys at that value, so checkpoints and lineages made before them keep their keys.
-_KEYED_ONLY_WHEN_NOT = {"train_workers": 1, "retrieval": "exact"}
-
-
-def learned(settings: dict[str, Any]) -> dict[str, Any]:
-    """Settings as content keys hash them: `train_workers` only when data-parallel, `retrieval`
-    only when approximate (see _KEYED_ONLY_WHEN_NOT)."""
-    return {k: v for k, v in settings.items()
-            if not (k in _KEYED_ONLY_WHEN_NOT and v == _KEYED_ONLY_WHEN_NOT[k])}
 
 
 class TrainConfig(CpuThreads, TrainingSettings):
     """One training: a dataset version, a backbone, the training settings and the runtime."""
 
-    dataset: str = "ml-100k"
-    version: Version | None = Field(None, description="dataset version; latest when omitted")
+    dataset: str = Field("ml-100k", json_schema_extra=unkeyed())  # the data's digest keys a training, not its name
+    version: Version | None = Field(None, json_schema_extra=unkeyed(), description="dataset version; latest when omitted")
     model: ModelConfig = Field(default_factory=ModelConfig)
-    eval_batch_size: BatchSize = 512
+    eval_batch_size: BatchSize = Field(512, json_schema_extra=unkeyed())
     seed: Seed = Field(0, description="random seed (numpy's generators take non-negative seeds)")
-    device: Device = "auto"
+    device: Device = Field("auto", description=DEVICES, json_schema_extra=unkeyed())
     exclude_history: bool = True
-    progress: bool = True
+    progress: bool = Field(True, json_schema_extra=unkeyed())
 
     @property
     def window_stride(self) -> int:
@@ -177,39 +173,76 @@ class TrainConfig(CpuThreads, TrainingSettings):
         return self
 
 
+class GenerationParams(BaseModel):
+    """The generator's parameters (tasks/rollout.py runs them; tasks/generate.py stores them with
+    the rollouts). Declared once here: a run (RunConfig), the suites (flows/experiments.py) and
+    `rsir generate` take their generation knobs, defaults and help from these fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    m: Rollouts = Field(5, description="rollouts per source sequence (extension mode: most items added)")
+    # None: fidelity off (no threshold), the one encoding below the command line's --no-fidelity.
+    tau: Rank | None = Field(10, description="fidelity rank threshold: a rollout ends at its first check with a "
+                             "rank above tau")
+    p: Probability = Field(0.5, description="probability of the local pool (the user's own items)")
+    min_len: SequenceLength = Field(3, description="shortest synthetic sequence kept (by the filter)")
+    max_len: SequenceLength | None = Field(None, description="longest rollout (default: the model's max_len)")
+    seed: Seed = Field(0, description="seed of the pool choices")
+    batch_size: BatchSize = Field(1024, description="rollouts scored together", json_schema_extra=unkeyed())
+    device: Device = Field("cpu", description=DEVICES, json_schema_extra=unkeyed())
+    max_sources: SequenceCount | None = Field(None, description="generate from at most this many training "
+                                              "sequences, a uniform sample seeded by `seed`; None = all (the paper)")
+    incremental: bool = Field(True, description="cache each layer's keys and values and encode only the newest "
+                              "item per step (models whose positions allow it); off: the full forward every step")
+    item_chunk: ItemChunk = Field(2 ** 18, description="items scored at once: a step holds batch_size x "
+                                  "item_chunk scores (more items: two passes over the item table)")
+    retrieval: Literal["exact", "ivf"] = Field("exact", description="exact: score every item; ivf: approximate "
+                                               "candidates from a faiss index (extra 'ann'), re-scored exactly")
+    candidates: Rank = Field(256, description="retrieval ivf: candidates per step, re-scored exactly")
+    nprobe: Workers = Field(16, description="retrieval ivf: inverted lists searched per query")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "GenerationParams":
+        if self.max_len is not None and self.min_len > self.max_len:
+            raise ValueError(f"min_len={self.min_len} exceeds max_len={self.max_len}")
+        if self.retrieval != "exact" and self.tau is not None and self.tau > self.candidates:
+            raise ValueError(f"tau={self.tau} exceeds candidates={self.candidates}: ranks above the candidates "
+                             f"are not known with retrieval={self.retrieval!r}")
+        return self
+
+
 class RunConfig(CpuThreads, TrainingSettings):
     """Everything an RSIR run depends on; built from the flow's (deployment's) parameters."""
 
     dataset: str = Field("ml-100k", description="dataset name (built-ins are fetched when missing)")
-    K: int = Field(3, ge=0, le=100, description="self-improving iterations")
+    K: int = Field(3, ge=0, le=100, json_schema_extra=unkeyed(), description="self-improving iterations")
     model: ModelConfig = Field(default_factory=ModelConfig, description="the student: trained and evaluated")
     generator: ModelConfig | None = Field(None, description="generator backbone (weak-to-strong); default: the student")
-    tau: Rank = Field(10, description="fidelity rank threshold")
-    p: float = Field(0.5, ge=0.0, le=1.0, description="probability of the local pool")
-    m: Rollouts = Field(5, description="rollouts per source sequence")
-    min_len: SequenceLength = Field(3, description="shortest synthetic sequence kept")
+    tau: Rank = like(GenerationParams, "tau")  # fidelity off is `fidelity`, not tau None
+    p: Probability = like(GenerationParams, "p")
+    m: Rollouts = like(GenerationParams, "m")
+    min_len: SequenceLength = like(GenerationParams, "min_len")
     fidelity: bool = Field(True, description="fidelity control (off: the paper's ablation)")
     generation_tau: Rank | None = Field(None, description="generate at this looser threshold and filter at "
                                        "tau (equivalent, by the fidelity trace): lets runs that differ only "
                                        "in tau share one generation")
-    max_sources: SequenceCount | None = Field(None, description="generate from at most this many training "
-                                    "sequences per iteration (seeded sample); None = all, as the paper")
-    gen_batch_size: BatchSize = Field(1024, description="rollouts scored together")
-    retrieval: Literal["exact", "ivf"] = Field("exact", description="generation's item scoring: exact (every "
-                                               "item), or ivf (approximate candidates from a faiss index, "
-                                               "extra 'ann')")
+    max_sources: SequenceCount | None = like(GenerationParams, "max_sources", description="generate from at most "
+                                             "this many training sequences per iteration (seeded sample); None = "
+                                             "all, as the paper")
+    gen_batch_size: BatchSize = like(GenerationParams, "batch_size", json_schema_extra=unkeyed())
+    retrieval: Literal["exact", "ivf"] = like(GenerationParams, "retrieval", json_schema_extra=keyed_unless("exact"))
     seed: Seed = Field(0, description="random seed of training and generation (iteration k uses seed + k)")
-    device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
-    executor: Literal["local", "ray"] = Field("local", description="where generation and evaluation shards run: "
+    device: Device = Field("auto", description=DEVICES, json_schema_extra=unkeyed())
+    executor: Literal["local", "ray"] = Field("local", json_schema_extra=unkeyed(), description="where generation and evaluation shards run: "
                                              "this process, or a Ray cluster (identical results)")
-    ray_address: str | None = Field(None, description="executor ray: the cluster to join (default: start a local one)")
-    ray_workers: Workers | None = Field(None, description="executor ray: parallel tasks per step (default: the cluster's CPUs)")
-    home: str | None = Field(None, description="workspace directory (default $RSIR_HOME or ./workspace)")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite in the workspace)")
-    experiment: str = Field("rsir", description="MLflow experiment")
-    labels: dict[str, str] = Field(default_factory=dict, description="MLflow tags rsir.label.<key> on the "
+    ray_address: str | None = Field(None, json_schema_extra=unkeyed(), description="executor ray: the cluster to join (default: start a local one)")
+    ray_workers: Workers | None = Field(None, json_schema_extra=unkeyed(), description="executor ray: parallel tasks per step (default: the cluster's CPUs)")
+    home: str | None = Field(None, json_schema_extra=unkeyed(), description="workspace directory (default $RSIR_HOME or ./workspace)")
+    tracking_uri: str | None = Field(None, json_schema_extra=unkeyed(), description="MLflow tracking URI (default: SQLite in the workspace)")
+    experiment: str = Field("rsir", json_schema_extra=unkeyed(), description="MLflow experiment")
+    labels: dict[str, str] = Field(default_factory=dict, json_schema_extra=unkeyed(), description="MLflow tags rsir.label.<key> on the "
                                    "parent run (experiment suites use them to find their arms)")
-    progress: bool = Field(False, description="progress bars on stderr")
+    progress: bool = Field(False, json_schema_extra=unkeyed(), description="progress bars on stderr")
 
     @model_validator(mode="after")
     def _generation_tau(self) -> "RunConfig":
@@ -229,6 +262,17 @@ class RunConfig(CpuThreads, TrainingSettings):
         """The rank threshold the generator runs with (None: fidelity off)."""
         return (self.generation_tau or self.tau) if self.fidelity else None
 
+    def generation_params(self, k: int) -> GenerationParams:
+        """The generator's parameters at iteration k (seed + k; the threshold it runs with,
+        `generation_threshold`); the rest are GenerationParams' defaults."""
+        return GenerationParams(m=self.m, tau=self.generation_threshold, p=self.p, min_len=self.min_len,
+                                seed=self.seed + k, batch_size=self.gen_batch_size, device=self.device,
+                                max_sources=self.max_sources, retrieval=self.retrieval)
+
+    def filter_params(self) -> FilterParams:
+        """The filter's parameters: tau when fidelity control is on, else None (fidelity off)."""
+        return FilterParams(tau=self.tau if self.fidelity else None, min_len=self.min_len)
+
     def executor_spec(self) -> Executor:
         return Executor(kind=self.executor, address=self.ray_address, workers=self.ray_workers)
 
@@ -242,13 +286,10 @@ class RunConfig(CpuThreads, TrainingSettings):
                            device=self.device, threads=self.threads, progress=self.progress)
 
     def lineage_key(self) -> str:
-        """What determines the generated data (not K: a K=2 run is the prefix of a K=3 run; not
-        the recipe's name, only the settings it resolved to)."""
-        keep = self.model_dump(mode="json", include={
-            "dataset", "model", "generator", "tau", "p", "m", "min_len", "fidelity", "generation_tau",
-            "max_sources", "retrieval", "seed", *(TrainingSettings.names() - {"recipe"})})
-        keep["generator"] = self.generator_model.model_dump(mode="json")
-        return json_digest(learned(keep))
+        """What determines the generated data: the fields that enter keys (core.config.key_fields;
+        not K: a K=2 run is the prefix of a K=3 run; not the recipe's name, only the settings it
+        resolved to), the generator's backbone as resolved."""
+        return json_digest(key_fields(self, generator=self.generator_model.model_dump(mode="json")))
 
     def run_key(self, base_digest: str) -> str:
         """What makes two runs the same run: the lineage, K, the labels and the content of D_0

@@ -8,8 +8,6 @@ generation key returns the committed version instead of writing a second one.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -19,7 +17,8 @@ from core.errors import RsirError
 from core.workspace import Workspace
 from storage.artifacts import read_table
 from storage.dataset import SEQUENCE_SCHEMA, DatasetStore, dataset_store
-from storage.manifest import Manifest, VersionRef
+from storage.manifest import FilterCounts, GenerationRecord, GeneratorRef, Manifest, VersionRef
+from tasks.filter import Filtered
 from tasks.ragged import Ragged
 from tasks.runtime import Timed, timed
 from tasks.statistics import version_statistics
@@ -37,56 +36,55 @@ def synthetic_table(items: Ragged, parent_seq_ids: np.ndarray, first_seq_id: int
 
 
 def expand_dataset(store: DatasetStore, dataset: str, parent_version: int, items: Ragged,
-                   parent_seq_ids: np.ndarray, generation: dict[str, Any],
-                   generation_stats: dict[str, Any] | None = None) -> Manifest:
-    """Publish version parent_version + 1. `generation` must hold a `key` identifying the inputs
-    (parent digest, checkpoint, parameters): it makes a retried expansion idempotent."""
+                   parent_seq_ids: np.ndarray, generation: GenerationRecord, counts: FilterCounts | None = None,
+                   stop_reasons: dict[str, int] | None = None, generation_seconds: float | None = None
+                   ) -> Manifest:
+    """Publish version parent_version + 1. `generation.key` identifies the inputs (parent digest,
+    checkpoint, parameters): it makes a retried expansion idempotent. The filter's `counts`, the
+    `stop_reasons` and `generation_seconds` join the version's statistics when given. Raises
+    RsirError when that version exists, made from other inputs."""
     parent = store.manifest(dataset, parent_version)
     target = parent.version + 1
     if target in store.versions(dataset):
         existing = store.manifest(dataset, target)
-        if (existing.generation or {}).get("key") == generation.get("key"):
+        if existing.generation is not None and existing.generation.key == generation.key:
             return existing
         raise RsirError(f"dataset {dataset!r} already has version {target}, produced by other inputs "
-                        f"(generation key {(existing.generation or {}).get('key')}); expand from the latest version")
+                        f"(generation key {existing.generation.key if existing.generation else None}); "
+                        f"expand from the latest version")
     current = store.load(dataset, parent.version)
     first = int(current["seq_id"].max()) + 1 if current.height else 0
     new = synthetic_table(items, parent_seq_ids, first)
     union = pl.concat([current.drop("iteration"), pl.from_arrow(new)], how="vertical")
-    stats = {**version_statistics(union, parent.num_items), **(generation_stats or {})}
+    expansion = {"filter_counts": counts, "stop_reasons": stop_reasons, "generation_seconds": generation_seconds}
+    stats = version_statistics(union, parent.num_items).model_copy(
+        update={k: v for k, v in expansion.items() if v is not None})
     return store.append(dataset, parent, new, generation=generation, stats=stats)
 
 
-def expand_step(home: str, accepted_path: str, generator: dict[str, Any] | None = None) -> VersionRef:
-    """Publish D_{k+1} from a filtered generation of D_k; idempotent for the same inputs."""
-    table, meta = read_table(accepted_path)
-    gen = meta["generation"]
+def expand_step(home: str, filtered: Filtered, generator: GeneratorRef | None = None) -> VersionRef:
+    """Publish D_{k+1} from a filtered generation of D_k (`filtered.dataset` v`filtered.version`);
+    idempotent for the same inputs. `generator`: the caller's backbone and copy of the weights."""
+    table, _ = read_table(filtered.path)  # the accepted sequences themselves
     frame = pl.from_arrow(table)
-    generation = {
-        "key": f"{gen['key']}:{meta['filter']}",
+    gen = filtered.generation
+    generation = GenerationRecord(
+        key=f"{gen.key}:{filtered.filter.model_dump()}",
         # A shared generation names whichever run made it first; the caller's copy of the same
         # weights (checkpoint_sha256 says so) is the lineage link of this dataset.
-        "parent_digest": gen["digest"], "checkpoint": (generator or {}).get("checkpoint", gen["checkpoint"]),
-        "checkpoint_sha256": gen["checkpoint_sha256"], "mode": gen["mode"], "params": gen["params"],
-        "filter": meta["filter"], "generator": generator or {},
-    }
-    generation_stats = {
-        "acceptance_rate": meta["counts"]["acceptance_rate"],
-        "accepted": meta["counts"]["accepted"],
-        "generated": meta["counts"]["generated"],
-        "mean_new_length": meta["counts"]["mean_accepted_length"],
-        "filter_counts": meta["counts"],
-        "stop_reasons": gen["stop_reasons"],
-        "generation_seconds": gen["seconds"],
-    }
+        parent_digest=gen.digest, checkpoint=generator.checkpoint if generator else gen.checkpoint,
+        checkpoint_sha256=gen.checkpoint_sha256, mode=gen.mode, params=gen.params.model_dump(mode="json"),
+        filter=filtered.filter, generator=generator or GeneratorRef(),
+    )
     store = dataset_store(Workspace.at(home))
-    manifest = expand_dataset(store, gen["dataset"], gen["version"], Ragged.from_series(frame["items"]),
-                              frame["parent_seq_id"].to_numpy(), generation, generation_stats)
+    manifest = expand_dataset(store, filtered.dataset, filtered.version, Ragged.from_series(frame["items"]),
+                              frame["parent_seq_id"].to_numpy(), generation, filtered.counts, gen.stop_reasons,
+                              gen.seconds)
     return manifest.ref()
 
 
 @task(name="expand", task_run_name="expand-to-v{version}")
-def expand_task(home: str, accepted_path: str, version: int, generator: dict[str, Any] | None = None
+def expand_task(home: str, filtered: Filtered, version: int, generator: GeneratorRef | None = None
                 ) -> Timed[VersionRef]:
     """`version` (the one to be produced) only names the task run in the Prefect UI."""
-    return timed(expand_step, home, accepted_path, generator)
+    return timed(expand_step, home, filtered, generator)

@@ -4,9 +4,8 @@ polars (exact list equality, no per-sequence Python loops)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import polars as pl
@@ -19,8 +18,10 @@ from core.workspace import Workspace
 from storage.artifacts import read_table, write_table
 from storage.dataset import dataset_store
 from storage.files import join
+from storage.manifest import FilterCounts, FilterParams
+from tasks.generate import Generation
 from tasks.ragged import Ragged
-from tasks.rollout import EXTEND_REASONS, STOP_REASONS, Extensions, GenerationParams, Rollouts
+from tasks.rollout import EXTEND_REASONS, STOP_REASONS, Extensions, Rollouts
 from tasks.runtime import Timed, timed
 from tasks.split import leave_one_out
 
@@ -32,33 +33,34 @@ class Accepted:
     items: Ragged
     source_index: np.ndarray
     rollout_id: np.ndarray
-    counts: dict[str, float]
+    counts: FilterCounts  # without mean_accepted_length (the step adds it)
 
     def __len__(self) -> int:
         return len(self.rollout_id)
 
 
-def filter_rollouts(rollouts: Rollouts, tau: int | None, min_len: int, fidelity: bool,
-                    existing: Ragged | None) -> Accepted:
-    """Counts: generated = too_short + duplicate_of_existing + duplicate_in_batch + accepted.
+def filter_rollouts(rollouts: Rollouts, tau: int | None, min_len: int, existing: Ragged | None) -> Accepted:
+    """Cut each rollout at its first failed fidelity check (a rank above `tau`; tau None: fidelity
+    off, no cut), drop those shorter than `min_len` items and duplicates (of `existing` or within
+    the batch). Raises RsirError for tau < 1, min_len < 2, a tau looser than the generation's
+    (its rollouts stopped there) or fidelity off on rollouts generated with a threshold.
+    Counts: generated = too_short + duplicate_of_existing + duplicate_in_batch + accepted.
     cut_by_tau counts rollouts that end at a failed fidelity check (rank > tau), whether the
     generator stopped them there or this filter cut them, so re-filtering a generation at
     tau' <= tau reports exactly what a fresh generation at tau' would."""
     gen_tau = rollouts.params.tau
     if min_len < 2:
         raise RsirError(f"invalid parameter 'min_len': must be >= 2 (got {min_len})")
-    if fidelity:
-        if tau is not None and tau < 1:
+    if tau is not None:
+        if tau < 1:
             raise RsirError(f"invalid parameter 'tau': must be >= 1 (got {tau})")
-        if tau is None:
-            tau = gen_tau  # no tighter threshold than the generator's
-        elif gen_tau is not None and tau > gen_tau:
+        if gen_tau is not None and tau > gen_tau:
             raise RsirError(f"invalid parameter 'tau': {tau} exceeds the generation's tau={gen_tau}; "
                             f"rollouts stopped at tau={gen_tau} cannot be re-filtered more loosely")
     elif gen_tau is not None:
         raise RsirError(f"fidelity off needs rollouts generated without a rank limit (tau=None), "
                         f"these were generated with tau={gen_tau}")
-    keep_len, by_tau = fidelity_cut(rollouts.items, rollouts.trace, tau if fidelity else None)
+    keep_len, by_tau = fidelity_cut(rollouts.items, rollouts.trace, tau)
     too_short = keep_len < min_len
     order = np.argsort(rollouts.rollout_id, kind="stable")  # "first" = lowest rollout id
     kept = order[~too_short[order]]
@@ -82,15 +84,16 @@ def filter_extensions(extensions: Extensions, min_len: int, existing: Ragged | N
 
 
 def _deduplicate(seqs: Ragged, kept: np.ndarray, existing: Ragged | None, source_index: np.ndarray,
-                 ids: np.ndarray, counts: dict[str, float]) -> Accepted:
+                 ids: np.ndarray, counts: dict[str, int]) -> Accepted:
     """Drop sequences of D_k and repeats within the batch; finish the counts."""
     of_existing, in_batch = duplicates(seqs, existing)
     ok = ~of_existing & ~in_batch
     chosen = kept[ok]
     counts = {**counts, "duplicate_in_batch": int(in_batch.sum()),
               "duplicate_of_existing": int(of_existing.sum()), "accepted": int(ok.sum())}
-    counts["acceptance_rate"] = counts["accepted"] / counts["generated"] if counts["generated"] else 0.0
-    return Accepted(seqs.take(np.flatnonzero(ok)), source_index[chosen], ids[chosen].copy(), counts)
+    rate = counts["accepted"] / counts["generated"] if counts["generated"] else 0.0
+    return Accepted(seqs.take(np.flatnonzero(ok)), source_index[chosen], ids[chosen].copy(),
+                    FilterCounts(**counts, acceptance_rate=rate))
 
 
 def fidelity_cut(items: Ragged, trace: Ragged, tau: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -124,21 +127,21 @@ def duplicates(seqs: Ragged, existing: Ragged | None) -> tuple[np.ndarray, np.nd
 
 
 # ------------------------------------------------------------------ the pipeline step (IO)
-def load_generation(path: str) -> tuple[Rollouts | Extensions, dict[str, Any], np.ndarray]:
-    """Rebuild what generate_step wrote: (rollouts or extensions, metadata, parent seq ids)."""
-    table, meta = read_table(path)
+def load_generation(generation: Generation) -> tuple[Rollouts | Extensions, np.ndarray]:
+    """The rollouts (or extensions) of a stored generation, rebuilt from its file with the
+    record's parameters, mode and holdout; and each row's parent seq id."""
+    table, _ = read_table(generation.path)
     frame = pl.from_arrow(table)
-    params = GenerationParams.model_validate(meta["params"])
     items, trace = Ragged.from_series(frame["items"]), Ragged.from_series(frame["trace"])
     source = frame["source_index"].to_numpy()
-    if meta["mode"] == "extend":
+    if generation.mode == "extend":
         codes = _codes(frame["stop_reason"], EXTEND_REASONS)
         out: Rollouts | Extensions = Extensions(items, source, frame["prefix_len"].to_numpy(), codes, trace,
-                                                meta["holdout_h"], params)
+                                                generation.holdout_h, generation.params)
     else:
         codes = _codes(frame["stop_reason"], STOP_REASONS)
-        out = Rollouts(items, source, frame["rollout_id"].to_numpy(), codes, trace, params)
-    return out, meta, frame["parent_seq_id"].to_numpy()
+        out = Rollouts(items, source, frame["rollout_id"].to_numpy(), codes, trace, generation.params)
+    return out, frame["parent_seq_id"].to_numpy()
 
 
 def _codes(names: pl.Series, table: tuple[str, ...]) -> np.ndarray:
@@ -147,49 +150,59 @@ def _codes(names: pl.Series, table: tuple[str, ...]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Filtered:
-    """The accepted sequences' file (its metadata also holds the generation and filter
-    parameters, which expansion records in the new version's manifest) and the counts."""
+    """The accepted sequences' file, the generation they came from (its `dataset` and `version`
+    the caller's: generations are shared between datasets of equal content), the filter's
+    parameters and its counts. The file's metadata also records them (the durable copy)."""
 
     path: str
-    dataset: str
-    version: int
-    counts: dict[str, float]  # generated = too_short + duplicate_of_existing + duplicate_in_batch + accepted
+    generation: Generation
+    filter: FilterParams
+    counts: FilterCounts
+
+    @property
+    def dataset(self) -> str:
+        return self.generation.dataset
+
+    @property
+    def version(self) -> int:
+        return self.generation.version
 
 
-def filter_step(home: str, dataset: str, version: int, rollouts_path: str, tau: int | None, min_len: int,
-                fidelity: bool) -> Filtered:
+def filter_step(home: str, dataset: str, version: int, generation: Generation, params: FilterParams) -> Filtered:
     """Filter a stored generation for `dataset` v`version` (which must hold the data the generation
     was made from: generations are shared between datasets of equal content) and write the
-    accepted sequences with their parent seq ids under it. Returns the file reference and counts."""
-    generated, meta, parent_ids = load_generation(rollouts_path)
+    accepted sequences with their parent seq ids under it. Raises RsirError when the generation
+    was made from other data, or for a bad parameter. Returns the file reference and counts."""
     ws = Workspace.at(home)
     store = dataset_store(ws)
     manifest = store.manifest(dataset, version)
-    if manifest.digest != meta["digest"]:
-        raise RsirError(f"generation {rollouts_path} was made from data {meta['digest'][:12]}, "
+    if manifest.digest != generation.digest:
+        raise RsirError(f"generation {generation.path} was made from data {generation.digest[:12]}, "
                         f"not from {dataset!r} v{version} ({manifest.digest[:12]})")
+    generated, parent_ids = load_generation(generation)
     existing = leave_one_out(store.load(dataset, manifest.version), manifest.num_items).train
     if isinstance(generated, Extensions):
-        accepted = filter_extensions(generated, min_len, existing)
+        accepted = filter_extensions(generated, params.min_len, existing)
     else:
-        accepted = filter_rollouts(generated, tau, min_len, fidelity, existing)
+        accepted = filter_rollouts(generated, params.tau, params.min_len, existing)
     # The file's rows are sorted by id (rollout id, or source index for extensions).
     ids = generated.rollout_id if isinstance(generated, Rollouts) else generated.source_index
     parents = parent_ids[np.searchsorted(ids, accepted.rollout_id)]
-    filter_params = {"tau": tau, "min_len": min_len, "fidelity": fidelity}
-    name = Path(rollouts_path).stem.replace("rollouts-", "accepted-") + f"-{json_digest([filter_params])[:8]}"
+    name = (Path(generation.path).stem.replace("rollouts-", "accepted-")
+            + f"-{json_digest([params.model_dump()])[:8]}")
     path = join(ws.runs, dataset, f"v{version}", f"{name}.parquet")
     table = pa.table({"parent_seq_id": pa.array(parents, pa.int64()),
                       "rollout_id": pa.array(accepted.rollout_id, pa.int64()),
                       "items": accepted.items.to_arrow()})
-    counts = {**accepted.counts, "mean_accepted_length": float(accepted.items.lengths.mean()) if len(accepted) else 0.0}
-    out_meta = {"generation": {**meta, "dataset": dataset, "version": version}, "filter": filter_params,
-                "counts": counts}
-    write_table(path, table, out_meta)
-    return Filtered(str(path), dataset, version, counts)
+    mean = float(accepted.items.lengths.mean()) if len(accepted) else 0.0
+    counts = accepted.counts.model_copy(update={"mean_accepted_length": mean})
+    generation = replace(generation, dataset=dataset, version=version)
+    write_table(path, table, {"generation": generation.file_meta(), "filter": params.model_dump(),
+                              "counts": counts.model_dump()})
+    return Filtered(str(path), generation, params, counts)
 
 
-@task(name="filter", task_run_name="filter-tau{tau}")
-def filter_task(home: str, dataset: str, version: int, rollouts_path: str, tau: int | None, min_len: int,
-                fidelity: bool) -> Timed[Filtered]:
-    return timed(filter_step, home, dataset, version, rollouts_path, tau, min_len, fidelity)
+@task(name="filter", task_run_name="filter-tau{params.tau}")
+def filter_task(home: str, dataset: str, version: int, generation: Generation, params: FilterParams
+                ) -> Timed[Filtered]:
+    return timed(filter_step, home, dataset, version, generation, params)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 from prefect import task
 
+from core.config import key_fields
 from core.errors import RsirError
 from core.hashing import json_digest
 from core.workspace import Workspace
@@ -142,7 +143,7 @@ class Generation:
     checkpoint_sha256: str
     mode: str
     holdout_h: int
-    params: dict[str, Any]
+    params: GenerationParams  # as the generator ran: max_len filled from the model, device resolved
     rollouts: int
     sources: int
     seconds: float
@@ -150,12 +151,16 @@ class Generation:
     reused: bool = False
 
     def file_meta(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in ("path", "reused")}
+        """The file's metadata (JSON): this record without `path` and `reused`."""
+        meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("path", "reused")}
+        return {**meta, "params": self.params.model_dump(mode="json")}
 
     @classmethod
     def from_file(cls, path: str | Path, meta: dict[str, Any], **update: Any) -> "Generation":
         known = {f.name for f in fields(cls)}
-        return cls(**{**{k: v for k, v in meta.items() if k in known}, "path": str(path), **update})
+        given = {k: v for k, v in meta.items() if k in known}
+        return cls(**{**given, "params": GenerationParams.model_validate(meta["params"]), "path": str(path),
+                      **update})
 
 
 def generate_step(home: str, dataset: str, version: int, checkpoint: str, params: GenerationParams,
@@ -174,8 +179,7 @@ def generate_step(home: str, dataset: str, version: int, checkpoint: str, params
     # anything else (a stored generation of these inputs is returned below without loading it).
     check_compatible(checkpoint, read_checkpoint(checkpoint), items=items)
     payload_sha = file_sha256(location(checkpoint))
-    key = generation_key(manifest.digest, payload_sha, params.model_dump(exclude={"device", "batch_size"}),
-                         mode, holdout_h)
+    key = generation_key(manifest.digest, payload_sha, key_fields(params), mode, holdout_h)
     # Content-addressed (data digest, weights, parameters): runs that share D_k and θ_k, such as
     # the arms of a sensitivity sweep, share one generation.
     path = join(ws.runs, "generations", f"rollouts-{key[:16]}.parquet")
@@ -199,7 +203,7 @@ def generate_step(home: str, dataset: str, version: int, checkpoint: str, params
     table = generation_table(out, rollout_id, rows[out.source_index], split.train_seq_ids, reasons)
     names, counts = np.unique(reasons.astype(str), return_counts=True)
     generation = Generation(str(path), key, dataset, version, manifest.digest, str(checkpoint), payload_sha, mode,
-                            holdout_h, params.model_dump(mode="json"), len(table), len(rows), seconds,
+                            holdout_h, params, len(table), len(rows), seconds,
                             {str(n): int(c) for n, c in zip(names, counts)})
     write_table(path, table, generation.file_meta())
     return generation

@@ -370,12 +370,12 @@ def publish(store: DatasetStore, name: str, seqs: pa.Table, items: pl.DataFrame,
             source: dict[str, Any], report: dict[str, Any], replace: bool) -> dict[str, Any]:
     # What the import removed belongs with the data's statistics: a reader of the manifest sees
     # that the interactions counted are distinct events.
-    stats = {**version_statistics(pl.from_arrow(seqs), items.height),
-             "duplicates_removed": report["duplicates_removed"]}
+    stats = version_statistics(pl.from_arrow(seqs), items.height).model_copy(
+        update={"duplicates_removed": report["duplicates_removed"]})
     manifest = store.create(name, seqs, items.to_arrow(), source={**source, "report": report},
                             stats=stats, replace=replace)
     return {"dataset": name, "version": manifest.version, "digest": manifest.digest, **report,
-            "stats": stats}
+            "stats": stats.model_dump()}
 
 
 def import_dataset(ws: Workspace, spec: ImportSpec, replace: bool = False) -> dict[str, Any]:

@@ -12,7 +12,8 @@ Randomness: the only random choice is the pool (local S with probability p, else
 Its uniform is a counter-based hash of (seed, rollout id, step), so results do not depend on
 the batch size, the device, or which other rollouts are active.
 
-Here: the parameters, the counter-based uniforms, the loops (`rollout_batch`, `extend_batch`)
+Here: the parameters' resolution against the model (the parameters themselves, GenerationParams,
+are declared in tasks/config.py), the counter-based uniforms, the loops (`rollout_batch`, `extend_batch`)
 and their records (`Rollouts`, `Extensions`). Pure computation: no file IO, no executor; the
 caller moves the model to `params.device` and freezes it (`frozen`) beforehand. Sharding the
 batches over an executor and storing the result is the generate step's (tasks/generate.py).
@@ -23,16 +24,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.config import BatchSize, Device, ItemChunk, Rank, Seed, SequenceCount, SequenceLength, Workers
-from core.config import Rollouts as RolloutCount
 from core.errors import RsirError
 from models import SequenceModel, SequentialRecommender
+from tasks.config import GenerationParams  # declared with the other knobs; the engine's parameters
 from tasks.decoding import Decoder, best_of_listed
 from tasks.ragged import Ragged, flatten, joined, left_aligned, membership, newest, slices, sorted_rows
 from tasks.retrieval import ItemIndex, require_faiss
@@ -45,38 +43,6 @@ EXTEND_REASONS: tuple[str, ...] = ("accepted", "rejected", "exhausted", "no_cand
 ACCEPTED, REJECTED, EXT_EXHAUSTED, EXT_NO_CANDIDATE = range(4)
 # Trace value of a check that found no real item left (ranks are >= 1, so it never exceeds tau).
 NO_REAL_ITEM = 0
-
-
-class GenerationParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    m: RolloutCount = Field(5, description="rollouts per source (extension mode: most items added)")
-    tau: Rank | None = Field(10, description="rank threshold; None = fidelity off (no rank limit)")
-    p: float = Field(0.5, ge=0.0, le=1.0, description="probability of the local pool (the user's items)")
-    min_len: SequenceLength = Field(3, description="shortest synthetic sequence kept by the filter")
-    max_len: SequenceLength | None = Field(None, description="longest rollout; default the model's max_len")
-    seed: Seed = 0
-    batch_size: BatchSize = Field(1024, description="rollouts scored together")
-    device: Device = "cpu"
-    max_sources: SequenceCount | None = Field(None, description="generate from at most this many training "
-                                    "sequences, a uniform sample seeded by `seed`; None = all (the paper)")
-    incremental: bool = Field(True, description="cache each layer's keys and values and encode only the newest "
-                              "item per step (models whose positions allow it); False: the full forward")
-    item_chunk: ItemChunk = Field(2 ** 18, description="score at most this many items at once: a step holds "
-                            "batch_size x item_chunk scores (more items: two passes over the item table)")
-    retrieval: Literal["exact", "ivf"] = Field("exact", description="exact: score every item; ivf: an "
-                                               "approximate index (faiss, extra 'ann') proposes candidates")
-    candidates: Rank = Field(256, description="retrieval=ivf: candidates per step, re-scored exactly")
-    nprobe: Workers = Field(16, description="retrieval=ivf: inverted lists searched per query")
-
-    @model_validator(mode="after")
-    def _lengths(self) -> "GenerationParams":
-        if self.max_len is not None and self.min_len > self.max_len:
-            raise ValueError(f"min_len={self.min_len} exceeds max_len={self.max_len}")
-        if self.retrieval != "exact" and self.tau is not None and self.tau > self.candidates:
-            raise ValueError(f"tau={self.tau} exceeds candidates={self.candidates}: ranks above the candidates "
-                             f"are not known with retrieval={self.retrieval!r}")
-        return self
 
 
 def resolve_params(params: GenerationParams, model: SequenceModel) -> GenerationParams:

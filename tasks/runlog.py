@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from prefect import get_run_logger
+from pydantic import ConfigDict, Field
 
 from storage.dataset import DatasetStore
-from storage.manifest import VersionRef
+from storage.manifest import Record, VersionRef, VersionStats
 from storage.tracking import BASE_DIGEST_TAG, RUN_KEY_TAG, Tracker, dataset_name, owner_tags, redact_uri
 from tasks.config import RunConfig
 from tasks.evaluate import Evaluation
@@ -44,6 +45,75 @@ class Iteration:
     next: VersionRef | None = None
 
 
+class IterationRow(Record):
+    """Iteration k in the run's table (the summary's `iterations`, `rsir run --json`): D_k's
+    statistics (the acceptance rate and mean length of the sequences D_k gained, None for D_0),
+    θ_k's metrics on D_k and its training."""
+
+    model_config = ConfigDict(extra="allow")  # rows of summaries logged by other versions
+
+    iteration: int
+    version: int
+    sequences: int
+    synthetic_sequences: int
+    interactions: int
+    density: float
+    item_entropy: float
+    acceptance_rate: float | None
+    mean_new_length: float | None
+    valid: dict[str, float]
+    test: dict[str, float]
+    epochs: int
+    checkpoint: str
+    train_seconds: float
+    reused: bool
+    stats: VersionStats
+    times: dict[str, float]
+
+
+class Champion(Record):
+    """The θ a run registered (`version` of `registered_model`) and where the alias is now."""
+
+    model_config = ConfigDict(extra="allow")
+
+    iteration: int
+    registered_model: str
+    version: int | str
+    alias: str = "champion"
+    champion_version: int | str | None = None
+    metric: str = Field("ndcg@10", description="the validation metric it was chosen on (summaries logged "
+                        "before it was recorded: ndcg@10)")
+    valid: float | None = None
+    model_id: str | None = None
+    model_url: str | None = None
+
+
+class RunSummary(Record):
+    """What a run returns and logs (summary.json): the run, its table, its champion, its times.
+    `resubmitted` (a finished run's summary answered again) and the CLI's `command_seconds` and
+    `server_start_seconds` appear only when set."""
+
+    model_config = ConfigDict(extra="allow")  # summaries logged by other versions
+
+    dataset: str
+    run_dataset: str
+    model: str
+    generator: str
+    K: int
+    iterations: list[IterationRow]
+    champion: Champion
+    mlflow_run_id: str
+    tracking_uri: str
+    mlflow_url: str | None = None
+    mlflow_path: str | None = None
+    wall_seconds: float
+    step_seconds: float
+    overhead_fraction: float
+    resubmitted: bool = False
+    command_seconds: float | None = None
+    server_start_seconds: float | None = None
+
+
 @dataclass(frozen=True)
 class Logged:
     """One iteration as MLflow holds it: its child run, θ_k's logged model, the table row."""
@@ -51,7 +121,7 @@ class Logged:
     k: int
     run_id: str
     model_id: str
-    row: dict[str, Any]
+    row: IterationRow
 
 
 class RunLog:
@@ -67,11 +137,11 @@ class RunLog:
         self._child = ("", False)  # the current iteration's run, and whether it had finished
 
     @property
-    def rows(self) -> list[dict[str, Any]]:
-        """The per-iteration table so far (summary["iterations"])."""
+    def rows(self) -> list[IterationRow]:
+        """The per-iteration table so far (the summary's `iterations`)."""
         return [item.row for item in self.logged]
 
-    def finished_summary(self) -> dict[str, Any] | None:
+    def finished_summary(self) -> RunSummary | None:
         """The summary of a finished run with this run key (same parameters, same D_0), as it
         logged it, with this tracker's links and the champion as the registry has it now; None
         if none finished. Nothing is trained, logged or registered for a re-submission."""
@@ -79,11 +149,11 @@ class RunLog:
         if not finished:
             return None
         run_id = finished[0].info.run_id
-        summary = self.tracker.load_dict(run_id, "summary.json")
-        champion = summary["champion"]
-        champion["champion_version"] = self.tracker.alias_version(champion["registered_model"], champion["alias"])
-        summary.update(resubmitted=True, mlflow_url=self.tracker.run_url(run_id),
-                       mlflow_path=self.tracker.run_path(run_id))
+        summary = RunSummary.model_validate(self.tracker.load_dict(run_id, "summary.json"))
+        champion = summary.champion
+        champion.champion_version = self.tracker.alias_version(champion.registered_model, champion.alias)
+        summary.resubmitted = True
+        summary.mlflow_url, summary.mlflow_path = self.tracker.run_url(run_id), self.tracker.run_path(run_id)
         get_run_logger().info("an identical run finished before (MLflow run %s, same parameters and D_0): its "
                               "summary is the answer; nothing was trained or registered", run_id)
         return summary
@@ -151,9 +221,9 @@ class RunLog:
         """The run's best θ by the validation metric of early stopping (cfg.early_stop), the
         first of equals, as the registry's rule (storage/tracking.champion_rule)."""
         metric = self.cfg.early_stop
-        return max(self.logged, key=lambda item: (item.row["valid"][metric], -item.k))
+        return max(self.logged, key=lambda item: (item.row.valid[metric], -item.k))
 
-    def finish(self, best: Logged, plots: list[str], wall: float) -> dict[str, Any]:
+    def finish(self, best: Logged, plots: list[str], wall: float) -> RunSummary:
         """Register `best`, log D_K as the parent's output, the summary, the `plots` (files) and
         the run's totals; close the parent run. Returns the summary (`wall`: the flow's seconds)."""
         cfg, tracker, parent, rows = self.cfg, self.tracker, self.parent, self.rows
@@ -164,25 +234,25 @@ class RunLog:
             "rsir.dataset_digest": self.store.manifest(self.dataset, best.k).digest,
             "rsir.lineage": cfg.lineage_key()[:16], RUN_KEY_TAG: self.run_key,
             **{f"{split}_{name.replace('@', '_at_')}": f"{value:.6g}" for split in ("valid", "test")
-               for name, value in best.row[split].items()}}, metric=metric, base_digest=self.base)
+               for name, value in getattr(best.row, split).items()}}, metric=metric, base_digest=self.base)
         self._log_version(parent, cfg.K, "output")  # D_K: the parent's lineage ends here
-        step_seconds = sum(sum(r["times"].values()) for r in rows)
-        summary = {"dataset": cfg.dataset, "run_dataset": self.dataset, "model": cfg.model.name,
-                   "generator": cfg.generator_model.name, "K": cfg.K, "iterations": rows,
-                   "champion": {"iteration": best.k, "registered_model": model_name, "version": registration.version,
-                                "alias": "champion", "champion_version": registration.champion,
-                                "metric": metric, "valid": best.row["valid"][metric],
-                                "model_id": best.model_id, "model_url": tracker.model_url(best.model_id)},
-                   "mlflow_run_id": parent, "tracking_uri": redact_uri(tracker.uri),
-                   "mlflow_url": tracker.run_url(parent), "mlflow_path": tracker.run_path(parent),
-                   "wall_seconds": wall, "step_seconds": step_seconds,
-                   "overhead_fraction": max(wall - step_seconds, 0.0) / wall if wall else 0.0}
+        step_seconds = sum(sum(r.times.values()) for r in rows)
+        champion = Champion(iteration=best.k, registered_model=model_name, version=registration.version,
+                            alias="champion", champion_version=registration.champion, metric=metric,
+                            valid=best.row.valid[metric], model_id=best.model_id,
+                            model_url=tracker.model_url(best.model_id))
+        summary = RunSummary(dataset=cfg.dataset, run_dataset=self.dataset, model=cfg.model.name,
+                             generator=cfg.generator_model.name, K=cfg.K, iterations=rows, champion=champion,
+                             mlflow_run_id=parent, tracking_uri=redact_uri(tracker.uri),
+                             mlflow_url=tracker.run_url(parent), mlflow_path=tracker.run_path(parent),
+                             wall_seconds=wall, step_seconds=step_seconds,
+                             overhead_fraction=max(wall - step_seconds, 0.0) / wall if wall else 0.0)
         for path in plots:
             tracker.log_artifact(parent, path, "plots")
-        tracker.log_dict(parent, summary, "summary.json")
+        tracker.log_dict(parent, summary.model_dump(mode="json"), "summary.json")
         # `best_valid_ndcg@10` keeps its name (and metric) for the charts and searches that use it.
-        tracker.log_metrics(parent, {"overhead_fraction": summary["overhead_fraction"], "wall_seconds": wall,
-                                     "best_valid_ndcg@10": max(r["valid"]["ndcg@10"] for r in rows)})
+        tracker.log_metrics(parent, {"overhead_fraction": summary.overhead_fraction, "wall_seconds": wall,
+                                     "best_valid_ndcg@10": max(r.valid["ndcg@10"] for r in rows)})
         tracker.end_run(parent)
         return summary
 
@@ -219,14 +289,14 @@ class RunLog:
                   **{f"test/{key}": v for key, v in evaluation.test.items()}}
         tracker.log_metrics(child, scores, step=k, model_id=model_id,
                             dataset=(dataset_name(self.dataset, k), manifest.digest))
-        rest = {**{f"data/{key}": v for key, v in manifest.stats.items() if isinstance(v, (int, float))},
+        rest = {**{f"data/{key}": v for key, v in manifest.stats.metrics().items()},
                 **{f"time/{key}": v for key, v in result.times.items()},
                 "train/epochs": student.epochs,
                 "train/best_epoch": student.best_epoch,
                 "train/synthetic_position_share": student.synthetic_position_share,
                 "train/synthetic_weight_share": student.synthetic_weight_share}
         if result.next is not None:
-            rest.update({f"generation/{key}": v for key, v in result.filtered.counts.items()})
+            rest.update({f"generation/{key}": v for key, v in result.filtered.counts.model_dump().items()})
         tracker.log_metrics(child, rest, step=k)
         tracker.log_metrics(self.parent, {**scores, **rest}, step=k)  # the trend over k
         tracker.log_artifact(child, student.checkpoint, "checkpoint", name=student.name or None)
@@ -239,77 +309,69 @@ class RunLog:
         tracker.end_run(child)
         return model_id
 
-    def _row(self, result: Iteration) -> dict[str, Any]:
-        """Iteration k's row of the run's table (summary["iterations"])."""
+    def _row(self, result: Iteration) -> IterationRow:
+        """Iteration k's row of the run's table (the summary's `iterations`)."""
         stats = self.store.manifest(self.dataset, result.k).stats
-        return {
-            "iteration": result.k,
-            "version": result.k,
-            "sequences": stats["sequences"],
-            "synthetic_sequences": stats["synthetic_sequences"],
-            "interactions": stats["interactions"],
-            "density": stats["density"],
-            "item_entropy": stats["item_entropy"],
-            "acceptance_rate": stats.get("acceptance_rate"),
-            "mean_new_length": stats.get("mean_new_length"),
-            "valid": result.evaluation.valid,
-            "test": result.evaluation.test,
-            "epochs": result.student.epochs,
-            "checkpoint": result.student.checkpoint,
-            "train_seconds": result.student.seconds_total,
-            "reused": result.student.reused,
-            "stats": stats,
-            "times": result.times,
-        }
+        counts = stats.filter_counts  # what the filter gave D_k (None for D_0)
+        return IterationRow(
+            iteration=result.k, version=result.k, sequences=stats.sequences,
+            synthetic_sequences=stats.synthetic_sequences, interactions=stats.interactions, density=stats.density,
+            item_entropy=stats.item_entropy, acceptance_rate=counts.acceptance_rate if counts else None,
+            mean_new_length=counts.mean_accepted_length if counts else None,
+            valid=result.evaluation.valid, test=result.evaluation.test, epochs=result.student.epochs,
+            checkpoint=result.student.checkpoint, train_seconds=result.student.seconds_total,
+            reused=result.student.reused, stats=stats, times=result.times)
 
 
-def _profile(stats: dict[str, Any]) -> dict[str, Any]:
-    return {k: stats[k] for k in ("sequences", "synthetic_sequences", "interactions", "density") if k in stats}
+def _profile(stats: VersionStats) -> dict[str, Any]:
+    """The statistics MLflow shows as a dataset's profile (those the version records)."""
+    return stats.model_dump(include={"sequences", "synthetic_sequences", "interactions", "density"})
 
 
 # ---------------------------------------------------------------- the tables it reports
 TABLE_METRICS = ("ndcg@10", "ndcg@20", "recall@10", "recall@20")
 
 
-def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def table_rows(rows: list[IterationRow]) -> list[dict[str, Any]]:
     """The per-iteration table as people read it (the Prefect table artifact `rsir-iterations`,
-    the summary's markdown, the CLI's table): one flat row per iteration, rounded."""
-    return [{"k": r["iteration"], "sequences": r["sequences"], "interactions": r["interactions"],
-             "density": round(r["density"], 5), "entropy": round(r["item_entropy"], 4),
-             "acceptance": None if r["acceptance_rate"] is None else round(r["acceptance_rate"], 4),
-             **{f"valid {m}": round(r["valid"][m], 4) for m in TABLE_METRICS},
-             **{f"test {m}": round(r["test"][m], 4) for m in TABLE_METRICS}} for r in rows]
+    the summary's markdown, the CLI's table): one flat row per iteration, rounded; column name ->
+    cell."""
+    return [{"k": r.iteration, "sequences": r.sequences, "interactions": r.interactions,
+             "density": round(r.density, 5), "entropy": round(r.item_entropy, 4),
+             "acceptance": None if r.acceptance_rate is None else round(r.acceptance_rate, 4),
+             **{f"valid {m}": round(r.valid[m], 4) for m in TABLE_METRICS},
+             **{f"test {m}": round(r.test[m], 4) for m in TABLE_METRICS}} for r in rows]
 
 
-def champion_line(summary: dict[str, Any]) -> str:
+def champion_line(summary: RunSummary) -> str:
     """Which θ this run registered, and whether it took the champion alias."""
-    c = summary["champion"]
-    registered = f"iteration {c['iteration']} registered as {c['registered_model']} v{c['version']}"
-    if summary.get("resubmitted"):
+    c = summary.champion
+    registered = f"iteration {c.iteration} registered as {c.registered_model} v{c.version}"
+    if summary.resubmitted:
         registered = f"identical to a finished run, nothing registered: its {registered}"
-    if c.get("champion_version") in (None, c["version"]):
-        return f"{registered} @{c['alias']}"
-    # A summary logged before it recorded its metric was chosen on ndcg@10.
-    return (f"{registered}; @{c['alias']} stays on v{c['champion_version']} (better or equal valid "
-            f"{c.get('metric', 'ndcg@10')} on the same D_0)")
+    if c.champion_version in (None, c.version):
+        return f"{registered} @{c.alias}"
+    # A summary logged before it recorded its metric was chosen on ndcg@10 (Champion.metric's default).
+    return (f"{registered}; @{c.alias} stays on v{c.champion_version} (better or equal valid "
+            f"{c.metric} on the same D_0)")
 
 
-def summary_markdown(summary: dict[str, Any]) -> str:
+def summary_markdown(summary: RunSummary) -> str:
     """The run's Prefect markdown artifact (`rsir-summary`): the MLflow run's link (model-training
     view), the champion and the per-iteration table."""
-    c = summary["champion"]
-    if summary.get("mlflow_url"):
-        run = f"[{summary['mlflow_run_id']}]({summary['mlflow_url']})"
+    c = summary.champion
+    if summary.mlflow_url:
+        run = f"[{summary.mlflow_run_id}]({summary.mlflow_url})"
     else:  # a database, no server: the page's address under any server over it
-        run = (f"`{summary['mlflow_run_id']}` in `{summary['tracking_uri']}`: start `rsir serve --only mlflow` "
-               f"over this store and open `{summary['mlflow_path']}` on its URL")
-    model = f"[{c['model_id']}]({c['model_url']})" if c.get("model_url") else f"`{c.get('model_id')}`"
-    rows = table_rows(summary["iterations"])
+        run = (f"`{summary.mlflow_run_id}` in `{summary.tracking_uri}`: start `rsir serve --only mlflow` "
+               f"over this store and open `{summary.mlflow_path}` on its URL")
+    model = f"[{c.model_id}]({c.model_url})" if c.model_url else f"`{c.model_id}`"
+    rows = table_rows(summary.iterations)
     cols = list(rows[0])
-    lines = [f"## RSIR on {summary['dataset']}: {summary['model']}, K = {summary['K']}", "",
+    lines = [f"## RSIR on {summary.dataset}: {summary.model}, K = {summary.K}", "",
              f"- **MLflow run**: {run}",
-             f"- **Champion**: {champion_line(summary)} (θ_{c['iteration']}: logged model {model})",
-             f"- **Data**: the run's fork `{summary['run_dataset']}`, versions 0..{summary['K']}", "",
+             f"- **Champion**: {champion_line(summary)} (θ_{c.iteration}: logged model {model})",
+             f"- **Data**: the run's fork `{summary.run_dataset}`, versions 0..{summary.K}", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join("" if r[col] is None else str(r[col]) for col in cols) + " |" for r in rows]
     return "\n".join(lines)

@@ -16,10 +16,10 @@ Definitions (logs are natural):
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import polars as pl
+
+from storage.manifest import VersionStats
 
 APEN_BINS = 10
 
@@ -75,7 +75,8 @@ def approximate_entropy(seqs: pl.DataFrame, symbol: np.ndarray) -> pl.DataFrame:
         "seq_id", (pl.col("phi1") - pl.col("phi2")).alias("apen"))
 
 
-def version_statistics(seqs: pl.DataFrame, num_items: int) -> dict[str, Any]:
+def version_statistics(seqs: pl.DataFrame, num_items: int) -> VersionStats:
+    """The statistics of a version's sequences (columns items, origin, seq_id; item ids 1..num_items)."""
     lengths = seqs["items"].list.len()
     is_real = seqs["origin"] == "real"
     real, synthetic = seqs.filter(is_real), seqs.filter(~is_real)
@@ -86,7 +87,7 @@ def version_statistics(seqs: pl.DataFrame, num_items: int) -> dict[str, Any]:
     apen = approximate_entropy(seqs, popularity_bins(item_counts(real, num_items)))
     apen = apen.join(seqs.select("seq_id", "origin"), on="seq_id")
     entropy = popularity_entropy(counts)
-    return {
+    return VersionStats.model_validate({
         "sequences": seqs.height,
         "real_sequences": n_real,
         "synthetic_sequences": synthetic.height,
@@ -102,7 +103,7 @@ def version_statistics(seqs: pl.DataFrame, num_items: int) -> dict[str, Any]:
         "item_gini": gini(counts),
         "apen_real": _mean(apen.filter(pl.col("origin") == "real")["apen"]),
         "apen_synthetic": _mean(apen.filter(pl.col("origin") != "real")["apen"]),
-    }
+    })
 
 
 def _mean(values: pl.Series) -> float | None:

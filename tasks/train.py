@@ -20,6 +20,7 @@ import torch
 from prefect import task
 from tqdm import tqdm
 
+from core.config import key_fields
 from core.errors import RsirError
 from core.hashing import json_digest
 from core.workspace import Workspace
@@ -28,7 +29,7 @@ from storage.checkpoints import read_checkpoint
 from storage.dataset import dataset_store
 from storage.files import Location, copy_file, exists, join
 from tasks.checkpoints import commit_checkpoint, save_checkpoint
-from tasks.config import TrainConfig, TrainingSettings, learned
+from tasks.config import TrainConfig, TrainingSettings
 from tasks.evaluate import evaluate_split
 from tasks.executor import LOCAL, Executor, report_result, run_data_parallel
 from tasks.ranking import NonFiniteScores
@@ -69,10 +70,6 @@ class TrainResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-
-# Settings that change how fast a training runs or what it prints, never what it learns (a
-# recipe only names the settings it filled in, which are keyed themselves).
-_NOT_LEARNED = {"progress", "threads", "device", "eval_batch_size", "recipe"}
 
 
 @dataclass(frozen=True)
@@ -224,8 +221,7 @@ def content_key(cfg: TrainConfig, digest: str, synthetic: bool = True) -> str:
     default stay as they were."""
     if not synthetic:
         cfg = cfg.model_copy(update={"synthetic_weight": TrainingSettings.model_fields["synthetic_weight"].default})
-    keep = learned(cfg.model_dump(mode="json", exclude=_NOT_LEARNED | {"dataset", "version"}))
-    return json_digest([digest, keep])[:KEY_DIGITS]
+    return json_digest([digest, key_fields(cfg)])[:KEY_DIGITS]
 
 
 def checkpoint_path(ws: Workspace, key: str) -> Location:
@@ -305,7 +301,7 @@ def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Location | None = N
     stored result instead of training again (crash-resume, trainings shared between runs)."""
     store = dataset_store(ws)
     manifest = store.manifest(cfg.dataset, cfg.version)  # clear error for unknown names/versions
-    key = content_key(cfg, manifest.digest, manifest.stats.get("synthetic_sequences", 1) > 0)
+    key = content_key(cfg, manifest.digest, synthetic=manifest.stats.synthetic_sequences != 0)
     stored = checkpoint_path(ws, key)
     path = checkpoint or stored
     name = checkpoint_name(cfg, manifest.version, key)

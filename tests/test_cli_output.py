@@ -27,11 +27,14 @@ def test_an_unknown_dataset_fails_in_one_line_before_any_prefect_server(cli, ws,
 
 def _row(k: int, acceptance: float | None) -> dict:
     metrics = {"ndcg@10": 0.05, "ndcg@20": 0.0712345, "recall@10": 0.1, "recall@20": 0.2}
-    return {"iteration": k, "sequences": 100 + k, "interactions": 1000, "density": 0.05, "item_entropy": 7.5,
-            "acceptance_rate": acceptance, "valid": metrics, "test": metrics}
+    return {"iteration": k, "version": k, "sequences": 100 + k, "synthetic_sequences": k, "interactions": 1000,
+            "density": 0.05, "item_entropy": 7.5, "acceptance_rate": acceptance, "mean_new_length": None,
+            "valid": metrics, "test": metrics, "epochs": 3, "checkpoint": "x.pt", "train_seconds": 1.0,
+            "reused": False, "stats": {}, "times": {"train": 1.0}}
 
 
-SUMMARY = {"dataset": "tiny", "run_dataset": "tiny--0123456789", "K": 1, "iterations": [_row(0, 0.25), _row(1, None)],
+SUMMARY = {"dataset": "tiny", "run_dataset": "tiny--0123456789", "model": "sasrec", "generator": "sasrec", "K": 1,
+           "iterations": [_row(0, 0.25), _row(1, None)],
            "wall_seconds": 40.0, "step_seconds": 30.0, "overhead_fraction": 0.25,
            "champion": {"iteration": 0, "registered_model": "rsir-tiny-sasrec", "version": 1, "alias": "champion",
                         "champion_version": 1},

@@ -35,34 +35,34 @@ def test_cut_at_first_failed_check_keeps_t_plus_one_items():
         ([7, 8, 9], [1, 1, 0], EXHAUSTED),  # the sentinel 0 never fails
         ([9, 10, 11, 12], [3, 3, 3, 9], FIDELITY),
     ])
-    acc = filter_rollouts(r, tau=4, min_len=2, fidelity=True, existing=None)
+    acc = filter_rollouts(r, tau=4, min_len=2, existing=None)
     assert seqs_of(acc) == [[1, 2], [7, 8, 9], [9, 10, 11, 12]]
-    assert acc.counts["cut_by_tau"] == 2
-    acc = filter_rollouts(r, tau=5, min_len=2, fidelity=True, existing=None)
+    assert acc.counts.cut_by_tau == 2
+    acc = filter_rollouts(r, tau=5, min_len=2, existing=None)
     assert seqs_of(acc) == [[1, 2, 3, 4], [7, 8, 9], [9, 10, 11, 12]]
-    acc = filter_rollouts(r, tau=9, min_len=2, fidelity=True, existing=None)
+    acc = filter_rollouts(r, tau=9, min_len=2, existing=None)
     assert seqs_of(acc) == [[1, 2, 3, 4, 5, 6], [7, 8, 9], [9, 10, 11, 12]]
-    assert acc.counts["cut_by_tau"] == 0
-    acc = filter_rollouts(r, tau=1, min_len=2, fidelity=True, existing=None)
+    assert acc.counts.cut_by_tau == 0
+    acc = filter_rollouts(r, tau=1, min_len=2, existing=None)
     assert seqs_of(acc) == [[7, 8, 9]]  # rows 0 and 2 fail at check 0: one item, too short
-    assert acc.counts["too_short"] == 2 and acc.counts["cut_by_tau"] == 2
+    assert acc.counts.too_short == 2 and acc.counts.cut_by_tau == 2
 
 
 def test_cut_semantics_tau_one():
     r = make_rollouts([([1, 2, 3], [2, 1, 1], FIDELITY), ([4, 5, 6], [1, 1, 2], FIDELITY)])
-    acc = filter_rollouts(r, tau=1, min_len=2, fidelity=True, existing=None)
+    acc = filter_rollouts(r, tau=1, min_len=2, existing=None)
     assert seqs_of(acc) == [[4, 5, 6]]
-    assert acc.counts == {"generated": 2, "cut_by_tau": 2, "too_short": 1, "duplicate_in_batch": 0,
+    assert acc.counts.model_dump() == {"generated": 2, "cut_by_tau": 2, "too_short": 1, "duplicate_in_batch": 0,
                           "duplicate_of_existing": 0, "accepted": 1, "acceptance_rate": 0.5}
 
 
 def test_min_len_and_fidelity_off_keeps_whole_rollouts():
     r = make_rollouts([([1, 2], [9, 9], FIDELITY), ([3, 4, 5], [50, 50, 0], EXHAUSTED),
                        ([6], [0], EXHAUSTED)])
-    acc = filter_rollouts(r, tau=None, min_len=3, fidelity=False, existing=None)
+    acc = filter_rollouts(r, tau=None, min_len=3, existing=None)
     assert seqs_of(acc) == [[3, 4, 5]] and acc.rollout_id.tolist() == [1]
-    assert acc.counts["too_short"] == 2 and acc.counts["cut_by_tau"] == 0
-    acc = filter_rollouts(r, tau=None, min_len=2, fidelity=False, existing=None)
+    assert acc.counts.too_short == 2 and acc.counts.cut_by_tau == 0
+    acc = filter_rollouts(r, tau=None, min_len=2, existing=None)
     assert seqs_of(acc) == [[1, 2], [3, 4, 5]]
 
 
@@ -70,50 +70,50 @@ def test_duplicates_in_batch_keep_lowest_rollout_id():
     rows = [([1, 2, 3], [1, 1, 1], FIDELITY), ([1, 2, 3, 4], [1, 1, 9, 1], FIDELITY),
             ([5, 6], [1, 0], EXHAUSTED), ([1, 2, 3], [1, 1, 1], FIDELITY), ([5, 6], [1, 0], EXHAUSTED)]
     ids = [4, 1, 3, 0, 2]  # given out of order on purpose
-    acc = filter_rollouts(make_rollouts(rows, ids=ids), tau=5, min_len=2, fidelity=True, existing=None)
+    acc = filter_rollouts(make_rollouts(rows, ids=ids), tau=5, min_len=2, existing=None)
     # after the cut: id4 [1,2,3], id1 [1,2,3], id3 [5,6], id0 [1,2,3], id2 [5,6]
     assert acc.rollout_id.tolist() == [0, 2]
     assert seqs_of(acc) == [[1, 2, 3], [5, 6]]
-    assert acc.counts["duplicate_in_batch"] == 3 and acc.counts["accepted"] == 2
+    assert acc.counts.duplicate_in_batch == 3 and acc.counts.accepted == 2
 
 
 def test_duplicates_of_existing_dataset():
     rows = [([1, 2, 3], [1, 1, 0], EXHAUSTED), ([1, 2], [1, 0], EXHAUSTED), ([1, 2, 3], [1, 1, 0], EXHAUSTED),
             ([3, 2, 1], [1, 1, 0], EXHAUSTED)]
     existing = ragged([[1, 2, 3, 4], [1, 2, 3], [9]])
-    acc = filter_rollouts(make_rollouts(rows), tau=None, min_len=2, fidelity=False, existing=existing)
+    acc = filter_rollouts(make_rollouts(rows), tau=None, min_len=2, existing=existing)
     assert seqs_of(acc) == [[1, 2], [3, 2, 1]] and acc.rollout_id.tolist() == [1, 3]
     c = acc.counts
-    assert (c["duplicate_of_existing"], c["duplicate_in_batch"], c["accepted"]) == (2, 0, 2)
-    assert c["generated"] == c["too_short"] + c["duplicate_in_batch"] + c["duplicate_of_existing"] + c["accepted"]
-    empty = filter_rollouts(make_rollouts(rows), tau=None, min_len=2, fidelity=False, existing=ragged([]))
-    assert empty.counts["duplicate_in_batch"] == 1 and empty.counts["accepted"] == 3
+    assert (c.duplicate_of_existing, c.duplicate_in_batch, c.accepted) == (2, 0, 2)
+    assert c.generated == c.too_short + c.duplicate_in_batch + c.duplicate_of_existing + c.accepted
+    empty = filter_rollouts(make_rollouts(rows), tau=None, min_len=2, existing=ragged([]))
+    assert empty.counts.duplicate_in_batch == 1 and empty.counts.accepted == 3
 
 
 def test_parent_source_index_is_carried():
     r = make_rollouts([([1, 2, 3], [1, 1, 0], EXHAUSTED), ([4, 5, 6], [1, 1, 0], EXHAUSTED)])
     r = Rollouts(r.items, np.array([7, 9]), r.rollout_id, r.stop_reason, r.trace, r.params)
-    acc = filter_rollouts(r, tau=None, min_len=2, fidelity=False, existing=None)
+    acc = filter_rollouts(r, tau=None, min_len=2, existing=None)
     assert acc.source_index.tolist() == [7, 9]
 
 
 def test_errors():
     r = make_rollouts([([1, 2, 3], [1, 1, 0], EXHAUSTED)], tau=5)
     with pytest.raises(RsirError, match="tau"):
-        filter_rollouts(r, tau=6, min_len=2, fidelity=True, existing=None)
+        filter_rollouts(r, tau=6, min_len=2, existing=None)
     with pytest.raises(RsirError, match="tau"):
-        filter_rollouts(r, tau=0, min_len=2, fidelity=True, existing=None)
+        filter_rollouts(r, tau=0, min_len=2, existing=None)
     with pytest.raises(RsirError, match="min_len"):
-        filter_rollouts(r, tau=5, min_len=1, fidelity=True, existing=None)
+        filter_rollouts(r, tau=5, min_len=1, existing=None)
     with pytest.raises(RsirError, match="fidelity off"):
-        filter_rollouts(r, tau=None, min_len=2, fidelity=False, existing=None)
-    # tau=None with fidelity on means "the generation's own threshold"
-    assert filter_rollouts(r, tau=None, min_len=2, fidelity=True, existing=None).counts["accepted"] == 1
+        filter_rollouts(r, tau=None, min_len=2, existing=None)
+    # tau=None is fidelity off: refused above for rollouts stopped at tau=5; at their own tau they pass
+    assert filter_rollouts(r, tau=5, min_len=2, existing=None).counts.accepted == 1
 
 
 def test_empty_rollouts():
-    acc = filter_rollouts(make_rollouts([]), tau=None, min_len=2, fidelity=False, existing=ragged([[1, 2]]))
-    assert len(acc) == 0 and acc.counts["generated"] == 0 and acc.counts["acceptance_rate"] == 0.0
+    acc = filter_rollouts(make_rollouts([]), tau=None, min_len=2, existing=ragged([[1, 2]]))
+    assert len(acc) == 0 and acc.counts.generated == 0 and acc.counts.acceptance_rate == 0.0
 
 
 # --------------------------------------------------------------------------- against generation
@@ -130,8 +130,8 @@ def test_refilter_equals_fresh_generation(model_name, gen_tau):
     for tau in [t for t in (1, 2, 3, 5, 10) if gen_tau is None or t <= gen_tau]:
         fresh = generate_rollouts(model, existing, base.model_copy(update={"tau": tau}))
         for min_len in (2, 3):
-            a = filter_rollouts(once, tau, min_len, True, existing)
-            b = filter_rollouts(fresh, tau, min_len, True, existing)
+            a = filter_rollouts(once, tau, min_len, existing)
+            b = filter_rollouts(fresh, tau, min_len, existing)
             assert seqs_of(a) == seqs_of(b)
             assert a.rollout_id.tolist() == b.rollout_id.tolist()
             assert a.source_index.tolist() == b.source_index.tolist()
@@ -143,15 +143,15 @@ def test_filter_output_is_clean():
     seqs = random_sources(30, 30, seed=1)
     r = generate_rollouts(model, ragged(seqs), GenerationParams(m=5, tau=None, p=0.5))
     existing = ragged(seqs)
-    acc = filter_rollouts(r, tau=None, min_len=3, fidelity=False, existing=existing)
+    acc = filter_rollouts(r, tau=None, min_len=3, existing=existing)
     out = [tuple(s) for s in seqs_of(acc)]
     assert len(out) == len(set(out)) and not set(out) & {tuple(s) for s in seqs}
     assert all(len(s) >= 3 for s in out)
     assert np.all(np.diff(acc.rollout_id) > 0)
     c = acc.counts
-    dropped = c["too_short"] + c["duplicate_in_batch"] + c["duplicate_of_existing"]
-    assert c["generated"] == len(r) == dropped + c["accepted"]
-    assert c["acceptance_rate"] == pytest.approx(c["accepted"] / len(r))
+    dropped = c.too_short + c.duplicate_in_batch + c.duplicate_of_existing
+    assert c.generated == len(r) == dropped + c.accepted
+    assert c.acceptance_rate == pytest.approx(c.accepted / len(r))
     for k, rid in enumerate(acc.rollout_id):
         assert row(acc.items, k) == row(r.items, int(rid))
 
@@ -163,10 +163,10 @@ def test_filter_extensions():
                      trace=ragged([[1], [1], [1], [9], [1]]), holdout_h=1, params=GenerationParams(tau=3))
     acc = filter_extensions(ext, min_len=3, existing=ragged([[4, 5, 6]]))
     assert seqs_of(acc) == [[1, 2, 3]] and acc.source_index.tolist() == [0]
-    assert acc.counts == {"generated": 5, "rejected": 1, "too_short": 1, "duplicate_in_batch": 2,
+    assert acc.counts.model_dump() == {"generated": 5, "rejected": 1, "too_short": 1, "duplicate_in_batch": 2,
                           "duplicate_of_existing": 0, "accepted": 1, "acceptance_rate": 0.2}
     model = tiny_sasrec(30, 4)
     seqs = random_sources(30, 12, seed=6)
     real = extend_sequences(model, ragged(seqs), GenerationParams(m=3, tau=5), 1)
     acc = filter_extensions(real, min_len=3, existing=ragged(seqs))
-    assert acc.counts["generated"] == len(real) and set(acc.source_index) <= set(real.source_index[real.accepted])
+    assert acc.counts.generated == len(real) and set(acc.source_index) <= set(real.source_index[real.accepted])

@@ -44,8 +44,8 @@ def test_versions_and_table(run):
     assert 0 < rows[1]["acceptance_rate"] <= 1
     v1, v2 = store.manifest(name, 1), store.manifest(name, 2)
     assert v2.parent_version == 1 and len(v2.partitions) == 3
-    assert v1.generation["checkpoint"] == rows[0]["checkpoint"]  # θ_0 produced D_1
-    assert v2.generation["checkpoint"] == rows[1]["checkpoint"]
+    assert v1.generation.checkpoint == rows[0]["checkpoint"]  # θ_0 produced D_1
+    assert v2.generation.checkpoint == rows[1]["checkpoint"]
     assert 0 <= summary["overhead_fraction"] < 1
 
 
@@ -241,8 +241,8 @@ def test_weak_to_strong_generator(prefect_api, tiny_csv, tmp_path):
                    generator_params={"hidden": 16, "layers": 1, "max_len": 20}, **TINY_FLOW)
     assert summary["generator"] == "hstu" and summary["model"] == "sasrec"
     v1 = dataset_store(ws).manifest(summary["run_dataset"], 1)
-    assert v1.generation["generator"]["backbone"] == "hstu"
-    assert read_checkpoint(v1.generation["checkpoint"])["backbone"] == "hstu"  # stored by content key
+    assert v1.generation.generator.backbone == "hstu"
+    assert read_checkpoint(v1.generation.checkpoint)["backbone"] == "hstu"  # stored by content key
     client = MlflowClient(uri)
     child = client.search_runs([client.get_run(summary["mlflow_run_id"]).info.experiment_id],
                                f"tags.`mlflow.parentRunId` = '{summary['mlflow_run_id']}' "

@@ -186,7 +186,7 @@ def test_exact_duplicate_events_are_collapsed_and_counted(cli, ws, tmp_path):
     assert (out["duplicates_removed"], out["input_interactions"], out["interactions"]) == (3, 9, 6)
     assert out["kcore_removed_interactions"] == 0 and out["stats"]["duplicates_removed"] == 3
     store = dataset_store(ws)
-    assert store.manifest("dup", 0).stats["duplicates_removed"] == 3
+    assert store.manifest("dup", 0).stats.duplicates_removed == 3
     assert store.load("dup").sort("seq_id")["items"].to_list() == [[1, 2, 3], [1, 2, 4]]
     assert _raw_sequences(ws, "dup") == {"1": ["10", "11", "12"], "2": ["10", "11", "13"]}
     shown = cli("data", "import", csv, "--name", "dup2", "--format", "csv")

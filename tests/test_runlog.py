@@ -4,12 +4,12 @@ equals (the registry's rule), not by a fixed metric."""
 from __future__ import annotations
 
 from tasks.config import RunConfig
-from tasks.runlog import Logged, RunLog
+from tasks.runlog import IterationRow, Logged, RunLog
 
 
 def _log(early_stop: str, valid: list[dict[str, float]]) -> RunLog:
     log = RunLog(None, RunConfig(early_stop=early_stop), None, "tiny--0123456789", "0" * 64)
-    log.logged = [Logged(k, f"run-{k}", f"model-{k}", {"valid": scores}) for k, scores in enumerate(valid)]
+    log.logged = [Logged(k, f"run-{k}", f"model-{k}", IterationRow.model_construct(valid=scores)) for k, scores in enumerate(valid)]
     return log
 
 

@@ -12,6 +12,7 @@ import pytest
 from core.errors import RsirError
 from storage.artifacts import read_table
 from storage.dataset import dataset_store
+from storage.manifest import FilterParams
 from tasks.config import RunConfig, TrainConfig
 from tasks.expand import expand_step
 from tasks.filter import filter_step
@@ -58,13 +59,13 @@ def test_generation_is_shared_across_forks_and_checked_against_the_data(home):
     first = generate_step(str(home.root), "fork-a", 0, ckpt, params)
     again = generate_step(str(home.root), "fork-b", 0, ckpt, params)
     assert again.reused and again.path == first.path and again.dataset == "fork-b"
-    accepted = filter_step(str(home.root), "fork-b", 0, first.path, 10, 3, True)
+    accepted = filter_step(str(home.root), "fork-b", 0, first, FilterParams(tau=10, min_len=3))
     assert accepted.dataset == "fork-b" and "/fork-b/" in accepted.path
     assert read_table(accepted.path)[1]["generation"]["dataset"] == "fork-b"
     # Other data (fork-b v1 = v0 plus the accepted sequences) is refused, naming both digests.
-    assert expand_step(str(home.root), accepted.path).version == 1
+    assert expand_step(str(home.root), accepted).version == 1
     with pytest.raises(RsirError, match="was made from data .* not from 'fork-b' v1"):
-        filter_step(str(home.root), "fork-b", 1, first.path, 10, 3, True)
+        filter_step(str(home.root), "fork-b", 1, first, FilterParams(tau=10, min_len=3))
 
 
 def test_source_budget_is_a_seeded_sample(home):
@@ -105,6 +106,6 @@ def test_generating_at_a_looser_tau_then_filtering_gives_the_same_dataset(prefec
     store = dataset_store(ws)
     assert direct["run_dataset"] != loose["run_dataset"]
     d1, l1 = store.manifest(direct["run_dataset"], 1), store.manifest(loose["run_dataset"], 1)
-    assert l1.generation["params"]["tau"] == 100 and d1.generation["params"]["tau"] == 3
+    assert l1.generation.params["tau"] == 100 and d1.generation.params["tau"] == 3
     assert d1.digest == l1.digest
     assert direct["iterations"][1]["test"] == loose["iterations"][1]["test"]  # θ_1: the same training

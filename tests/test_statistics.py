@@ -42,12 +42,12 @@ def test_popularity_bins_are_equal_mass_most_popular_first():
 def test_version_statistics():
     seqs = _seqs([([1, 2, 3], "real"), ([2, 3, 4], "real"), ([1, 1, 2, 3], "synthetic")])
     st = version_statistics(seqs, num_items=4)
-    assert (st["sequences"], st["real_sequences"], st["synthetic_sequences"]) == (3, 2, 1)
-    assert st["interactions"] == 10 and st["synthetic_interactions"] == 4
-    assert st["density"] == pytest.approx(10 / (2 * 4))
-    assert st["pair_density"] == pytest.approx(9 / (2 * 4))  # item 1 twice in one sequence counts once
-    assert st["mean_synthetic_length"] == 4
+    assert (st.sequences, st.real_sequences, st.synthetic_sequences) == (3, 2, 1)
+    assert st.interactions == 10 and st.synthetic_interactions == 4
+    assert st.density == pytest.approx(10 / (2 * 4))
+    assert st.pair_density == pytest.approx(9 / (2 * 4))  # item 1 twice in one sequence counts once
+    assert st.mean_synthetic_length == 4
     counts = np.array([3, 3, 3, 1.0])
-    assert st["item_entropy"] == pytest.approx(popularity_entropy(counts))
-    assert st["item_entropy_normalised"] == pytest.approx(popularity_entropy(counts) / math.log(4))
-    assert st["apen_real"] is not None and st["apen_synthetic"] is not None
+    assert st.item_entropy == pytest.approx(popularity_entropy(counts))
+    assert st.item_entropy_normalised == pytest.approx(popularity_entropy(counts) / math.log(4))
+    assert st.apen_real is not None and st.apen_synthetic is not None

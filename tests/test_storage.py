@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from core.errors import RsirError
 from storage.dataset import SEQUENCE_SCHEMA, DatasetStore, table_digest
-from storage.manifest import ItemTable
+from storage.manifest import ItemTable, Manifest
 
 NAME = "toy"
 
@@ -62,7 +63,7 @@ def test_create_and_load(tmp_path):
     assert store.names() == [] and store.versions(NAME) == []
     m = store.create(NAME, BASE, ITEMS, source={"kind": "test"}, stats={"users": 3})
     assert (m.dataset, m.version, m.parent_version, m.num_items) == (NAME, 0, None, 5)
-    assert m.num_sequences == 3 and m.source == {"kind": "test"} and m.stats == {"users": 3}
+    assert m.num_sequences == 3 and m.source == {"kind": "test"} and m.stats.model_dump() == {"users": 3}
     assert store.names() == [NAME] and store.versions(NAME) == [0]
     df = store.load(NAME)
     assert rows_of(df) == expected(BASE, 0)
@@ -106,7 +107,7 @@ def test_append_is_union_and_keeps_old_version(tmp_path):
     m0 = store.create(NAME, BASE, ITEMS, source={"kind": "test"})
     m1 = store.append(NAME, m0, NEW, generation={"tau": 3}, stats={"kept": 2})
     assert (m1.version, m1.parent_version, m1.num_items) == (1, 0, 5)
-    assert m1.generation == {"tau": 3} and m1.source == {"kind": "test"} and m1.items == m0.items
+    assert m1.generation.model_dump() == {"tau": 3} and m1.source == {"kind": "test"} and m1.items == m0.items
     assert m1.partitions[:len(m0.partitions)] == m0.partitions
     assert m1.num_sequences == 5
     assert store.versions(NAME) == [0, 1]
@@ -772,3 +773,138 @@ def test_heartbeat_is_refreshed_and_a_failed_block_ends_its_run(tmp_path):
             with tracker.heartbeat(run, every=0.05):
                 raise error
         assert tracker._client.get_run(run).info.status == status
+
+
+# A manifest as the code before typed records wrote it (issue 25): stats and generation were
+# plain dicts, the filter's counts written twice (flat and in filter_counts). Trimmed to one partition.
+OLD_MANIFEST = r"""
+{
+  "format": 1,
+  "dataset": "ml-100k-sparse--3728a9b63e",
+  "version": 1,
+  "parent_version": 0,
+  "lineage": 0,
+  "num_items": 1414,
+  "items": {
+    "path": "items-b376c439649fd8d7-eb701e93ce15.parquet",
+    "rows": 1414,
+    "bytes": 30554,
+    "sha256": "b376c439649fd8d73cd9174efa9d5bc736b490b4306a5157939ce673465d1bfe"
+  },
+  "items_digest": "5966188ec2e2c8e0d149da691eefbf1b6044cc991258ebeea48969c0490f0736",
+  "partitions": [
+    {
+      "path": "sequences/iteration=0/bucket=0/part-54784d113a56d4a6-eb701e93ce15.parquet",
+      "rows": 943,
+      "bytes": 38372,
+      "sha256": "54784d113a56d4a6f09401250f8eff3aea27753dcd598af04e0f669d038333ba",
+      "iteration": 0,
+      "bucket": 0
+    }
+  ],
+  "digest": "e720b056d5d5942c4ad9985d6c16ac19524d42fad96103772db84284a07a51d0",
+  "created_at": "2026-11-30T01:36:18.961805+00:00",
+  "source": {
+    "derived_from": "ml-100k",
+    "view": {
+      "rule": "sparse",
+      "stride": 5,
+      "min_items": 5
+    }
+  },
+  "generation": {
+    "key": "0bb2864a392ffae4446f894446e575613ebc8392a0d201cdd509cdcdddeea65c:{'tau': 78, 'min_len': 3, 'fidelity': True}",
+    "parent_digest": "d03615dab72bf2e007faba81c32819ea519a5dd52759f939a4679f05d3de2f11",
+    "checkpoint": "/ws/checkpoints/by-content/023409470b.pt",
+    "checkpoint_sha256": "899d549608bd00ddca036133ef59812413c924142b9a8a0c5d90e512749924e7",
+    "mode": "rollout",
+    "params": {
+      "m": 2,
+      "tau": 100,
+      "p": 0.5,
+      "min_len": 3,
+      "max_len": 50,
+      "seed": 0,
+      "batch_size": 1024,
+      "device": "cpu",
+      "max_sources": 707,
+      "incremental": true,
+      "item_chunk": 262144,
+      "retrieval": "exact",
+      "candidates": 256,
+      "nprobe": 16
+    },
+    "filter": {
+      "tau": 78,
+      "min_len": 3,
+      "fidelity": true
+    },
+    "generator": {
+      "backbone": "sasrec",
+      "checkpoint": "/ws/checkpoints/by-content/023409470b.pt"
+    }
+  },
+  "stats": {
+    "sequences": 2123,
+    "real_sequences": 943,
+    "synthetic_sequences": 1180,
+    "interactions": 36333,
+    "synthetic_interactions": 15831,
+    "mean_length": 17.1139896373057,
+    "mean_synthetic_length": 13.416101694915254,
+    "num_items": 1414,
+    "density": 0.02724834671014443,
+    "pair_density": 0.02724834671014443,
+    "item_entropy": 6.2292062054392385,
+    "item_entropy_normalised": 0.8587060225552712,
+    "item_gini": 0.7045678293014198,
+    "apen_real": 0.6572213334276463,
+    "apen_synthetic": 0.4636104772167924,
+    "acceptance_rate": 0.8345120226308345,
+    "accepted": 1180,
+    "generated": 1414,
+    "mean_new_length": 13.416101694915254,
+    "filter_counts": {
+      "generated": 1414,
+      "cut_by_tau": 1273,
+      "too_short": 193,
+      "duplicate_in_batch": 25,
+      "duplicate_of_existing": 16,
+      "accepted": 1180,
+      "acceptance_rate": 0.8345120226308345,
+      "mean_accepted_length": 13.416101694915254
+    },
+    "stop_reasons": {
+      "exhausted": 145,
+      "fidelity": 1202,
+      "max_len": 67
+    },
+    "generation_seconds": 2.305823908000093
+  }
+}
+"""
+
+
+def test_an_old_manifest_loads_typed_and_writes_back_unchanged():
+    from storage.manifest import FilterCounts, FilterParams, GenerationRecord, VersionStats
+
+    m = Manifest.model_validate_json(OLD_MANIFEST)
+    assert isinstance(m.stats, VersionStats) and isinstance(m.generation, GenerationRecord)
+    assert isinstance(m.stats.filter_counts, FilterCounts) and m.stats.filter_counts.accepted == 1180
+    assert m.stats.filter_counts.acceptance_rate == pytest.approx(1180 / 1414)  # one attribute, not two
+    assert "acceptance_rate" not in m.stats.model_fields_set and not m.stats.model_extra
+    assert m.generation.filter == FilterParams(tau=78, min_len=3) and m.generation.filter.fidelity
+    assert m.generation.generator.backbone == "sasrec" and m.ref().stats is m.stats
+    # The file names and MLflow's data/* metrics are those of the old dict.
+    assert m.stats.metrics()["acceptance_rate"] == m.stats.filter_counts.acceptance_rate
+    assert m.stats.metrics()["mean_new_length"] == m.stats.filter_counts.mean_accepted_length
+    assert m.model_dump_json(indent=2) == OLD_MANIFEST.strip()
+    off = json.loads(OLD_MANIFEST)
+    off["generation"]["filter"] = {"tau": None, "min_len": 3, "fidelity": False}
+    assert not Manifest.model_validate(off).generation.filter.fidelity
+
+
+def test_a_manifest_without_generation_statistics_writes_none():
+    m = Manifest.model_validate({**json.loads(OLD_MANIFEST), "generation": None, "stats": {"sequences": 3}})
+    assert json.loads(m.model_dump_json())["stats"] == {"sequences": 3}
+    assert m.stats.filter_counts is None and m.stats.metrics() == {"sequences": 3}
