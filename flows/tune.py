@@ -146,7 +146,7 @@ class Objective:
     def _generation_key(self, summary: dict[str, Any]) -> str:
         """The content key of the generation D_1 was filtered from (D_1's key is it plus the
         filter's parameters): equal keys, one generation."""
-        return dataset_store(self.ws).manifest(summary["run_dataset"], 1).generation["key"].split(":", 1)[0]
+        return dataset_store(self.ws).manifest(summary["run_dataset"], 1).generation.key.split(":", 1)[0]
 
 
 def _study_run(tracker: Tracker, opened: OpenedStudy, cfg: TuneConfig, url: str, wait_seconds: float = 60.0) -> str:
