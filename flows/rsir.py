@@ -1,7 +1,10 @@
 """The `rsir` flow: K self-improving iterations, each a named sub-flow in the Prefect UI.
 
-    for k in 0..K-1:  train θ_k on D_k → evaluate θ_k → generate → filter → expand → D_{k+1}
-    finally:          train and evaluate θ_K on D_K
+    for k in 0, 1, ...:  train θ_k on D_k → evaluate θ_k → stop? → generate → filter → expand → D_{k+1}
+
+It stops after θ_K for a fixed K; with K auto, after the first θ_k that does not beat the best
+θ before it on validation by more than a tolerance, or at k_max (tasks/stopping.py); the
+summary says why.
 
 Wiring only: every step is a task from tasks/ that takes small references and returns a typed
 one (TrainResult with its checkpoint path, Evaluation, Generation, Filtered, VersionRef) beside
@@ -46,19 +49,22 @@ from tasks.filter import filter_task
 from tasks.generate import generate_task
 from tasks.runlog import Iteration, RunLog, RunSummary, summary_markdown, table_rows
 from tasks.runtime import torch_threads
+from tasks.stopping import stop_reason
 from tasks.train import train_task
 
 
 @flow(name="rsir-iteration", flow_run_name="iteration-{k}", log_prints=True)
-def iteration(cfg: RunConfig, home: str, dataset: str, k: int, last: bool) -> Iteration:
-    """Train and evaluate θ_k on D_k; unless this is the last iteration, produce D_{k+1}."""
+def iteration(cfg: RunConfig, home: str, dataset: str, k: int, valid_before: list[float]) -> Iteration:
+    """Train and evaluate θ_k on D_k; unless the run stops here (tasks/stopping.py, from θ_0..θ_{k-1}'s
+    validation `valid_before` and θ_k's), produce D_{k+1}."""
     student = train_task(cfg.train_config(dataset, k, cfg.model), home, role="student", executor=cfg.executor_spec())
     # wait_for names the upstream result a step reads a field of: Prefect draws the edge.
     evaluation = evaluate_task(home, student.value.checkpoint, dataset, k, cfg.device, cfg.executor_spec(),
                                wait_for=[student])
     times = {"train": student.seconds, "evaluate": evaluation.seconds}
-    if last:
-        return Iteration(k, student.value, evaluation.value, times)
+    stop = stop_reason(cfg, [*valid_before, evaluation.value.valid[cfg.early_stop]])
+    if stop is not None:
+        return Iteration(k, student.value, evaluation.value, times, stop=stop)
     generator = student
     if cfg.generator is not None and cfg.generator != cfg.model:  # weak-to-strong
         generator = train_task(cfg.train_config(dataset, k, cfg.generator), home, role="generator",
@@ -115,14 +121,18 @@ def run_rsir(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _iterate(cfg: RunConfig, ws: Workspace, log: RunLog, started: float) -> RunSummary:
-    """Iterations 0..K, each logged as it ends; then the champion and the summary."""
+    """Iterations 0, 1, ... until one says the run stops, each logged as it ends; then the
+    champion and the summary."""
     progress = create_progress_artifact(0.0, key="rsir-progress", description=f"RSIR on {cfg.dataset}")
     # One CPU thread setting for every task of the run (training, evaluation, generation).
     with torch_threads(cfg.threads):
-        for k in range(cfg.K + 1):
+        for k in range(cfg.max_iterations + 1):  # the rule stops at max_iterations at the latest
             log.start_iteration(k)
-            log.log_iteration(iteration(cfg, ws.home, log.dataset, k, last=k == cfg.K))
-            update_progress_artifact(progress, 100.0 * (k + 1) / (cfg.K + 1))
+            result = iteration(cfg, ws.home, log.dataset, k, log.valid_scores())
+            log.log_iteration(result)
+            update_progress_artifact(progress, 100.0 if result.stop else 100.0 * (k + 1) / (cfg.max_iterations + 1))
+            if result.stop:
+                break
     wall = time.perf_counter() - started
     best = log.champion()
     plots = plot_run_task(log.rows, str(ws.root / "runs" / log.dataset / "plots"))

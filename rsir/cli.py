@@ -366,12 +366,23 @@ def _as_option(p: Parameter) -> Parameter:
     if get_origin(base) is dict:
         help_ = f"{p.help}; KEY=VALUE, repeatable, dotted keys nest"
         return Parameter(p.name, Annotated[Optional[list[str]], typer.Option(*decls, help=help_)], None, "")
+    if get_origin(base) in (Union, UnionType):  # a number or a word (K: 3 or auto): text, the config parses it
+        help_ = f"{p.help} ({' | '.join(_kind_name(a) for a in get_args(base))})"
+        return Parameter(p.name, Annotated[Optional[str] if p.default is None else str,
+                                           typer.Option(*decls, help=help_)], p.default, "")
     if get_origin(base) is Literal:
         help_ = f"{p.help} ({' | '.join(map(str, get_args(base)))})"
         return Parameter(p.name, Annotated[Optional[str] if p.default is None else str,
                                            typer.Option(*decls, help=help_)], p.default, "")
     kind = Optional[base] if p.default is None else base
     return Parameter(p.name, Annotated[kind, typer.Option(*decls, help=p.help)], p.default, "")
+
+
+def _kind_name(annotation: Any) -> str:
+    """A union member as the help lists it: a literal's values, else the type's name."""
+    if get_origin(annotation) is Literal:
+        return " | ".join(map(str, get_args(annotation)))
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def _without_none(annotation: Any) -> Any:
@@ -545,6 +556,8 @@ def format_table(summary: dict[str, Any]) -> str:
                  f"orchestration+tracking overhead {100 * s.overhead_fraction:.1f}% of the flow")
     lines.append(f"data: D_0..D_{s.K} in dataset {s.run_dataset}, this run's fork of "
                  f"{s.dataset} (`rsir versions --dataset {s.run_dataset}`)")
+    if s.stopped:
+        lines.append(f"stopped: {s.stopped}")
     lines.append(f"champion: {champion_line(s)}; MLflow run {s.mlflow_run_id} ({s.tracking_uri})")
     if s.mlflow_url:
         lines.append(f"lineage: {s.mlflow_url}")

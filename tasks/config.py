@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.config import (
     DEVICES,
@@ -215,7 +215,15 @@ class RunConfig(CpuThreads, TrainingSettings):
     """Everything an RSIR run depends on; built from the flow's (deployment's) parameters."""
 
     dataset: str = Field("ml-100k", description="dataset name (built-ins are fetched when missing)")
-    K: int = Field(3, ge=0, le=100, json_schema_extra=unkeyed(), description="self-improving iterations")
+    K: int | Literal["auto"] = Field(
+        3, json_schema_extra=unkeyed(), description="self-improving iterations, or auto: iterate while θ_k's "
+        "validation early_stop metric beats the best θ before it by more than k_tolerance, up to k_max")
+    k_max: int = Field(5, ge=1, le=100, json_schema_extra=unkeyed(), description="K auto: the most iterations")
+    # Default 0: any gain continues; the champion rule (best validation, θ_0 on ties) keeps what a
+    # noise-level gain costs to one iteration's time, never a worse θ.
+    k_tolerance: float = Field(0.0, ge=-1.0, le=1.0, json_schema_extra=unkeyed(), description="K auto: the "
+                               "relative gain over the best validation so far that earns another iteration "
+                               "(0: any gain; 0.005: more than 0.5%; -1: never stop before k_max)")
     model: ModelConfig = Field(default_factory=ModelConfig, description="the student: trained and evaluated")
     generator: ModelConfig | None = Field(None, description="generator backbone (weak-to-strong); default: the student")
     tau: Rank = like(GenerationParams, "tau")  # fidelity off is `fidelity`, not tau None
@@ -243,6 +251,23 @@ class RunConfig(CpuThreads, TrainingSettings):
     labels: dict[str, str] = Field(default_factory=dict, json_schema_extra=unkeyed(), description="MLflow tags rsir.label.<key> on the "
                                    "parent run (experiment suites use them to find their arms)")
     progress: bool = Field(False, json_schema_extra=unkeyed(), description="progress bars on stderr")
+
+    @field_validator("K", mode="before")
+    @classmethod
+    def _k(cls, value: Any) -> Any:
+        """K as text (the CLI's) or a number: a whole number from 0 to 100, or auto; one message
+        for every bad value (the union's own would name its branches)."""
+        if isinstance(value, str) and value.strip() == "auto":
+            return "auto"
+        try:
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise ValueError
+            number = int(value)
+        except ValueError:
+            raise ValueError("K must be a whole number from 0 to 100 or auto") from None
+        if not 0 <= number <= 100:
+            raise ValueError("K must be a whole number from 0 to 100 or auto")
+        return number
 
     @model_validator(mode="after")
     def _generation_tau(self) -> "RunConfig":
@@ -292,10 +317,19 @@ class RunConfig(CpuThreads, TrainingSettings):
         return json_digest(key_fields(self, generator=self.generator_model.model_dump(mode="json")))
 
     def run_key(self, base_digest: str) -> str:
-        """What makes two runs the same run: the lineage, K, the labels and the content of D_0
-        (`base_digest`, so a replaced base dataset is a new run). A finished run with this key is
+        """What makes two runs the same run: the lineage, K (with k_max and k_tolerance when
+        auto), the labels and the content of D_0 (`base_digest`, so a replaced base dataset is a
+        new run). A finished run with this key is
         the answer to a re-submission; a stopped one is resumed."""
-        return json_digest({"lineage": self.lineage_key(), "K": self.K, "labels": self.labels, "base": base_digest})
+        key = {"lineage": self.lineage_key(), "K": self.K, "labels": self.labels, "base": base_digest}
+        if self.K == "auto":  # a fixed K's key as before: its runs are found again
+            key.update(k_max=self.k_max, k_tolerance=self.k_tolerance)
+        return json_digest(key)
+
+    @property
+    def max_iterations(self) -> int:
+        """The most iterations the run may make: K, or k_max when K is auto."""
+        return self.k_max if self.K == "auto" else self.K
 
     @classmethod
     def from_parameters(cls, params: dict[str, Any]) -> "RunConfig":

@@ -33,7 +33,8 @@ from tasks.train import TrainResult
 @dataclass(frozen=True)
 class Iteration:
     """What one iteration produced: θ_k and its evaluation; unless it was the last, the
-    generation, the filter's counts and D_{k+1}. `times` holds each task's seconds."""
+    generation, the filter's counts and D_{k+1}. `times` holds each task's seconds; `stop`, set
+    on the last iteration only, why the run stopped there (tasks/stopping.py)."""
 
     k: int
     student: TrainResult
@@ -43,6 +44,7 @@ class Iteration:
     generation: Generation | None = None
     filtered: Filtered | None = None
     next: VersionRef | None = None
+    stop: str | None = None
 
 
 class IterationRow(Record):
@@ -90,8 +92,9 @@ class Champion(Record):
 
 class RunSummary(Record):
     """What a run returns and logs (summary.json): the run, its table, its champion, its times.
-    `resubmitted` (a finished run's summary answered again) and the CLI's `command_seconds` and
-    `server_start_seconds` appear only when set."""
+    `K`: the iterations it made (with K auto, where it stopped); `stopped`: why it stopped there
+    (None in summaries logged before it was recorded). `resubmitted` (a finished run's summary
+    answered again) and the CLI's `command_seconds` and `server_start_seconds` appear only when set."""
 
     model_config = ConfigDict(extra="allow")  # summaries logged by other versions
 
@@ -102,6 +105,7 @@ class RunSummary(Record):
     K: int
     iterations: list[IterationRow]
     champion: Champion
+    stopped: str | None = None
     mlflow_run_id: str
     tracking_uri: str
     mlflow_url: str | None = None
@@ -135,11 +139,16 @@ class RunLog:
         self.parent = ""
         self.logged: list[Logged] = []
         self._child = ("", False)  # the current iteration's run, and whether it had finished
+        self.stopped: str | None = None  # why the run stopped, once its last iteration is logged
 
     @property
     def rows(self) -> list[IterationRow]:
         """The per-iteration table so far (the summary's `iterations`)."""
         return [item.row for item in self.logged]
+
+    def valid_scores(self) -> list[float]:
+        """θ_0..θ_k's validation early-stopping metric so far (what the stop rule reads)."""
+        return [item.row.valid[self.cfg.early_stop] for item in self.logged]
 
     def finished_summary(self) -> RunSummary | None:
         """The summary of a finished run with this run key (same parameters, same D_0), as it
@@ -215,6 +224,9 @@ class RunLog:
         self.logged.append(logged)
         get_run_logger().info("iteration %d: valid %s %.4f, test ndcg@10 %.4f", result.k, self.cfg.early_stop,
                               result.evaluation.valid[self.cfg.early_stop], result.evaluation.test["ndcg@10"])
+        if result.stop is not None:
+            self.stopped = result.stop
+            get_run_logger().info("%s", result.stop)
         return logged
 
     def champion(self) -> Logged:
@@ -227,22 +239,23 @@ class RunLog:
         """Register `best`, log D_K as the parent's output, the summary, the `plots` (files) and
         the run's totals; close the parent run. Returns the summary (`wall`: the flow's seconds)."""
         cfg, tracker, parent, rows = self.cfg, self.tracker, self.parent, self.rows
-        metric = cfg.early_stop
+        metric, last = cfg.early_stop, self.logged[-1].k
         model_name = f"rsir-{cfg.dataset}-{cfg.model.name}"
         registration = tracker.register_champion(model_name, best.run_id, best.model_id, tags={
-            "rsir.iteration": best.k, "rsir.K": cfg.K, "rsir.dataset": self.dataset, "rsir.dataset_version": best.k,
+            "rsir.iteration": best.k, "rsir.K": last, "rsir.dataset": self.dataset, "rsir.dataset_version": best.k,
             "rsir.dataset_digest": self.store.manifest(self.dataset, best.k).digest,
             "rsir.lineage": cfg.lineage_key()[:16], RUN_KEY_TAG: self.run_key,
             **{f"{split}_{name.replace('@', '_at_')}": f"{value:.6g}" for split in ("valid", "test")
                for name, value in getattr(best.row, split).items()}}, metric=metric, base_digest=self.base)
-        self._log_version(parent, cfg.K, "output")  # D_K: the parent's lineage ends here
+        self._log_version(parent, last, "output")  # D_K: the parent's lineage ends here
         step_seconds = sum(sum(r.times.values()) for r in rows)
         champion = Champion(iteration=best.k, registered_model=model_name, version=registration.version,
                             alias="champion", champion_version=registration.champion, metric=metric,
                             valid=best.row.valid[metric], model_id=best.model_id,
                             model_url=tracker.model_url(best.model_id))
         summary = RunSummary(dataset=cfg.dataset, run_dataset=self.dataset, model=cfg.model.name,
-                             generator=cfg.generator_model.name, K=cfg.K, iterations=rows, champion=champion,
+                             generator=cfg.generator_model.name, K=last, iterations=rows, champion=champion,
+                             stopped=self.stopped,
                              mlflow_run_id=parent, tracking_uri=redact_uri(tracker.uri),
                              mlflow_url=tracker.run_url(parent), mlflow_path=tracker.run_path(parent),
                              wall_seconds=wall, step_seconds=step_seconds,
@@ -371,7 +384,8 @@ def summary_markdown(summary: RunSummary) -> str:
     lines = [f"## RSIR on {summary.dataset}: {summary.model}, K = {summary.K}", "",
              f"- **MLflow run**: {run}",
              f"- **Champion**: {champion_line(summary)} (θ_{c.iteration}: logged model {model})",
-             f"- **Data**: the run's fork `{summary.run_dataset}`, versions 0..{summary.K}", "",
+             f"- **Data**: the run's fork `{summary.run_dataset}`, versions 0..{summary.K}",
+             *([f"- **Stopped**: {summary.stopped}"] if summary.stopped else []), "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join("" if r[col] is None else str(r[col]) for col in cols) + " |" for r in rows]
     return "\n".join(lines)
