@@ -50,6 +50,8 @@ def collect_runs(tracker: Tracker) -> list[dict[str, Any]]:
             rows.append({**labels, "k": int(child.data.tags.get("rsir.iteration", -1)), "run_id": child.info.run_id,
                          "parent_run_id": parent.info.run_id,
                          "arm_wall_seconds": parent.data.metrics.get("wall_seconds"),
+                         # resolved where the run logged it (tag rsir.device), else as requested
+                         "device": child.data.tags.get("rsir.device") or parent.data.params.get("device"),
                          "max_epochs": _number(parent.data.params.get("epochs")),
                          "patience": _number(parent.data.params.get("patience")), **metrics})
     return sorted(rows, key=lambda r: (r["dataset"], r["arm"], int(r["seed"]), r["k"]))

@@ -312,6 +312,9 @@ class RunLog:
             rest.update({f"generation/{key}": v for key, v in result.filtered.counts.model_dump().items()})
         tracker.log_metrics(child, rest, step=k)
         tracker.log_metrics(self.parent, {**scores, **rest}, step=k)  # the trend over k
+        # The device θ_k trained on, resolved (the run's `device` parameter may say only "auto"):
+        # its seconds are only comparable with runs on the same kind of device.
+        tracker.set_tags(child, {"rsir.device": student.device})
         tracker.log_artifact(child, student.checkpoint, "checkpoint", name=student.name or None)
         tracker.log_artifact(child, evaluation.ranks_path, "ranks")  # per-user ranks: paired tests across runs
         if result.next is not None:

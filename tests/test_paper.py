@@ -92,6 +92,9 @@ def test_paper_report_sets_the_papers_figures_beside_ours(paper, tmp_path):
     assert "(i) **Does the release recipe reproduce the paper's baseline?**" in text
     assert "(ii) **Does RSIR improve that baseline" in text and "(iii) **Does RSIR improve a strong baseline?**" in text
     assert "## The strong trainer" in text
+    # Seconds per device as each run resolved it (the suite asked for "cpu"; none ran elsewhere).
+    table1 = text.split("## Table 1")[1].split("\n## ")[0]
+    assert " (cpu) / " in table1 and "(cuda)" not in text and "(auto)" not in text
 
 
 def test_other_datasets_wait_for_the_grid(prefect_api, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from reporting.report import verdict
+from reporting.report import seconds, verdict
 from reporting.results import paired_bootstrap
 from tasks.evaluate import metric_names, metrics_from_ranks, per_user_metric
 
@@ -61,3 +61,12 @@ def test_epoch_column_counts_only_trainings_the_cap_cut():
     assert _epochs([row(30, 28), row(30, 20), row(15, 5)]) == "25 (best 18; cut 1/3)"
     assert _epochs([{**row(30, 28), "max_epochs": None}]) == "30 (best 28)"  # arms logged without a cap
     assert _epochs([]) == "–"
+
+
+def test_train_seconds_are_never_averaged_across_devices():
+    """A table's seconds column keeps CPU and GPU runs apart: one mean per device, named."""
+    rows = [{"device": "cpu", "time/train": 1000.0}, {"device": "cpu", "time/train": 1200.0},
+            {"device": "cuda", "time/train": 40.0}, {"device": "cuda", "time/train": None}]
+    assert seconds(rows) == "1100 ± 141 (cpu); 40 ± 0 (cuda)"
+    assert seconds([{"device": "auto", "time/train": 37.4}]) == "37 ± 0 (auto)"
+    assert seconds([{"device": "cpu"}]) == "–"
