@@ -12,6 +12,10 @@ one MLflow experiment, and found again there (never from memory) by their labels
                  under the strong trainer, four datasets), Table 2 on amazon-sports (K = 3 with
                  and without fidelity under the trainer validation prefers) and weak-to-strong
                  (SASRec → HSTU) on amazon-beauty; Beauty and Sports first
+    tune         self-tuning RSIR (issue 26): per dataset an Optuna study of τ, p, m, λ and the
+                 generation budget on validation (first seed), then on every seed K = 1 at the
+                 study's best settings ("tuned"), K = 1 at the paper's fixed setting ("fixed") and
+                 K auto ("adaptive"), each against θ_0
 
 Re-running a suite skips every arm whose MLflow run finished (same lineage key, same K), and an
 interrupted arm resumes inside the `rsir` flow from its committed versions and checkpoints.
@@ -34,16 +38,18 @@ from core.errors import RsirError
 from core.workspace import Workspace
 from flows.rsir import rsir
 from models import get_backbone
-from reporting.results import best_on_validation, collect_runs, finished_lineages
+from reporting.results import best_on_validation, collect_runs, finished_lineages, study_outcome
 from storage.tracking import Tracker, redact_uri, resolve_tracking_uri
 from tasks.archive import archive_runs, restore_runs
 from tasks.config import GenerationParams, RunConfig
+from tasks.tune import TuneConfig
 
-SuiteName = Literal["main", "sensitivity", "backbones", "faithful", "paper"]
+SuiteName = Literal["main", "sensitivity", "backbones", "faithful", "paper", "tune"]
 SUITE_DATASETS: dict[str, list[str]] = {"main": ["ml-100k-sparse", "ml-100k"], "sensitivity": ["ml-100k-sparse"],
                                         "backbones": ["ml-100k-sparse"],
                                         "faithful": ["ml-100k", "ml-100k-last50", "ml-100k-sparse"],
-                                        "paper": ["amazon-beauty", "amazon-sports", "amazon-toys", "yelp"]}
+                                        "paper": ["amazon-beauty", "amazon-sports", "amazon-toys", "yelp"],
+                                        "tune": ["ml-100k-sparse", "amazon-beauty", "amazon-sports"]}
 # The trainers the faithful suite compares (issue 10): the loss as it was (each batch's mean, so
 # short synthetic sequences in batches of their own weigh several times a real position), the
 # position-faithful loss, and that loss under the authors' release recipe.
@@ -83,6 +89,8 @@ PAPER_RELEASE_TRAINERS: dict[str, dict[str, Any]] = {
 }
 # Table 2 iterates under whichever of these validation prefers (the release as shipped or ours).
 PAPER_TABLE2_TRAINERS = ("release", "strong")
+# The tune suite's fixed arm: the paper's setting (section 5 of ../shared/docs/rsir-method.md).
+PAPER_SETTING: dict[str, Any] = {"tau": 10, "p": 0.5, "m": 5}
 # Tiny models for --smoke: the machinery, not the numbers, is under test.
 SMOKE_MODEL = {"hidden": 16, "layers": 1, "max_len": 20}
 
@@ -123,6 +131,7 @@ class ExperimentConfig(BaseModel):
     experiment: str | None = Field(None, description="MLflow experiment (default: experiment-<suite>)")
     archive: str | None = Field(None, description="folder that keeps the suite's finished runs across workspaces "
                                 "(tasks/archive.py): restored before the first stage, each finished arm written there")
+    trials: int = Field(12, ge=1, le=10_000, description="the tune suite's study budget: trials per dataset")
     smoke: bool = False
 
     @field_validator("backbone_options")
@@ -167,7 +176,7 @@ class ExperimentConfig(BaseModel):
 def smoke_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The trimmed suite the test suite runs: 2 seeds, short grids, 2 epochs, tiny models."""
     return cfg.model_copy(update={"seeds": cfg.seeds[:2], "K": min(cfg.K, 2), "taus": [1, 10], "ps": [0.0, 1.0],
-                                  "grid": cfg.grid[:2], "epochs": 2, "patience": 1,
+                                  "grid": cfg.grid[:2], "epochs": 2, "patience": 1, "trials": 2,
                                   "model_params": {**SMOKE_MODEL, **cfg.model_params}, "smoke": True})
 
 
@@ -183,6 +192,23 @@ class Arm(BaseModel):
     @property
     def id(self) -> str:
         return f"{self.dataset}/{self.arm}/seed{self.seed}"
+
+
+class Study(BaseModel):
+    """A tuning study a suite runs before the arms that use its outcome (the tune suite): the
+    `rsir tune` flow's parameters (tasks/tune.py TuneConfig) but its trial count, and its budget."""
+
+    dataset: str
+    params: dict[str, Any]
+    budget: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.dataset}/study"
+
+    @property
+    def name(self) -> str:
+        return self.params["study"]
 
 
 def _arm(cfg: ExperimentConfig, name: str, dataset: str, seed: int, labels: dict[str, str] | None = None,
@@ -202,7 +228,8 @@ def _arm(cfg: ExperimentConfig, name: str, dataset: str, seed: int, labels: dict
 # ------------------------------------------------------------------ suites
 # A suite is a list of stages; a stage sees the rows collected so far (from MLflow) and returns
 # arms. Only the sensitivity suite needs two: its p sweep runs at the τ chosen on validation.
-Stage = Callable[[ExperimentConfig, list[dict[str, Any]]], list[Arm]]
+# A stage may also return studies (the tune suite), run before any arm.
+Stage = Callable[[ExperimentConfig, list[dict[str, Any]]], list[Arm] | list[Study]]
 
 
 def main_arms(cfg: ExperimentConfig, _: list[dict[str, Any]]) -> list[Arm]:
@@ -364,10 +391,51 @@ def weak_to_strong_arms(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> li
     return arms
 
 
+# ------------------------------------------------------------------ the tune suite (issue 26)
+def _study_name(cfg: ExperimentConfig, dataset: str) -> str:
+    return f"{cfg.experiment_name}-{dataset}"
+
+
+def study_stage(cfg: ExperimentConfig, _: list[dict[str, Any]]) -> list[Study]:
+    """One study per dataset on the first seed (validation only), its trials' runs in the suite's
+    MLflow experiment (they carry no arm label: the tables never read them)."""
+    run_params = {"model_params": cfg.model("sasrec"), "device": cfg.device, "experiment": cfg.experiment_name,
+                  **({"tracking_uri": cfg.tracking_uri} if cfg.tracking_uri else {}),
+                  **{k: v for k, v in dict(epochs=cfg.epochs, patience=cfg.patience).items() if v is not None}}
+    return [Study(dataset=ds, budget=cfg.trials, params={
+        "dataset": ds, "model": "sasrec", "seeds": [cfg.seeds[0]], "study": _study_name(cfg, ds), "sampler_seed": 0,
+        "startup_trials": min(5, max(1, cfg.trials // 2)), "run_params": run_params})
+        for ds in cfg.suite_datasets()]
+
+
+def tune_arms(cfg: ExperimentConfig, _: list[dict[str, Any]]) -> list[Arm]:
+    """On every seed: K = 1 at the paper's setting, K = 1 at the study's best settings, and K auto
+    (up to K iterations) from the paper's setting; θ_0 is iteration 0 of each (trained once).
+    The tuned arm generates at its own τ (the study's runs generate at the range's largest): its
+    lineage is not a trial's, so it runs, and reports, as an arm of the suite."""
+    ws = Workspace.at(cfg.home)
+    tracker = Tracker.open(resolve_tracking_uri(cfg.tracking_uri, ws.mlflow_db), cfg.experiment_name, ws.mlartifacts)
+    arms = []
+    for ds in cfg.suite_datasets():
+        outcome = study_outcome(tracker, _study_name(cfg, ds))
+        if outcome is None or outcome.ended < cfg.trials:
+            raise StageNotReady(f"the tune suite's study on {ds} has not finished its {cfg.trials} trials: run "
+                                f"`rsir experiment tune` (again)")
+        for s in cfg.seeds:
+            arms.append(_arm(cfg, "fixed", ds, s, {"stage": "fixed"}, K=1, **PAPER_SETTING))
+            if outcome.best_trial is not None:
+                arms.append(_arm(cfg, "tuned", ds, s, {"stage": "tuned", "study": outcome.study,
+                                                       "study_run": outcome.run_id, "trial": str(outcome.best_trial)},
+                                 K=1, **outcome.best_settings))
+            arms.append(_arm(cfg, "adaptive", ds, s, {"stage": "adaptive"}, K="auto", k_max=cfg.K, **PAPER_SETTING))
+    return arms
+
+
 SUITES: dict[str, list[Stage]] = {"main": [main_arms], "sensitivity": [tau_arms, p_arms], "backbones": [backbone_arms],
                                   "faithful": [trainer_arms, long_run_arms],
                                   "paper": [grid_arms, combined_arms, table1_arms, table2_arms, weak_to_strong_arms,
-                                            lambda cfg, rows: table1_arms(cfg, rows, first=False)]}
+                                            lambda cfg, rows: table1_arms(cfg, rows, first=False)],
+                                  "tune": [study_stage, tune_arms]}
 
 
 # ------------------------------------------------------------------ the flow
@@ -389,9 +457,11 @@ def experiment(
     tracking_uri: str | None = None,
     experiment_name: str | None = None,
     archive: str | None = None,
+    trials: int | None = None,
 ) -> dict[str, Any]:
     """Run every arm of a suite that has not finished yet; return what ran and what was skipped."""
     given = {k: v for k, v in dict(suite=suite, datasets=datasets, seeds=seeds, epochs=epochs, patience=patience,
+                                   trials=trials,
                                    max_sources=max_sources, shard=shard, model_params=model_params,
                                    backbone_options=backbone_options, device=device, threads=threads, home=home,
                                    tracking_uri=tracking_uri, experiment=experiment_name, archive=archive).items()
@@ -420,6 +490,10 @@ def run_suite(cfg: ExperimentConfig) -> dict[str, Any]:
             logger.warning("%s", waiting)
             pending.append(str(waiting))
             continue
+        studies = [item for item in arms if isinstance(item, Study)]
+        arms = [item for item in arms if isinstance(item, Arm)]
+        for study in studies:
+            (ran if _run_study(cfg, tracker, ws, study) else skipped).append(study.id)
         done = finished_lineages(tracker)
         # Validate every arm's configuration before the first one computes anything.
         planned = []
@@ -428,7 +502,7 @@ def run_suite(cfg: ExperimentConfig) -> dict[str, Any]:
                       "tracking_uri": uri, "experiment": cfg.experiment_name, "labels": arm.labels}
             planned.append((arm, params, RunConfig.from_parameters(params)))
         for arm, params, run_cfg in planned:
-            if (run_cfg.lineage_key()[:16], run_cfg.K) in done:
+            if (run_cfg.lineage_key()[:16], str(run_cfg.K)) in done:
                 skipped.append(arm.id)
                 continue
             logger.info("arm %s", arm.id)
@@ -448,6 +522,22 @@ def run_suite(cfg: ExperimentConfig) -> dict[str, Any]:
         raise StageNotReady(pending[0])
     return {"suite": cfg.suite, "pending": pending, "experiment": cfg.experiment_name, "tracking_uri": redact_uri(uri), "ran": ran,
             "skipped": skipped, "wall_seconds": wall}
+
+
+def _run_study(cfg: ExperimentConfig, tracker: Tracker, ws: Workspace, study: Study) -> bool:
+    """Add the trials a study lacks to its budget (the `rsir tune` flow, one worker); False when
+    it had them all. Its configuration is checked before any trial."""
+    outcome = study_outcome(tracker, study.name)
+    missing = study.budget - (outcome.ended if outcome else 0)
+    if missing <= 0:
+        return False
+    from flows.tune import tune
+
+    params = {**study.params, "trials": missing, "threads": cfg.threads, "home": ws.home}
+    TuneConfig.from_parameters(params)
+    get_run_logger().info("study %s: %d of %d trials to run", study.name, missing, study.budget)
+    tune.with_options(flow_run_name=f"{cfg.suite}-{study.id.replace('/', '-')}")(**params)
+    return True
 
 
 def code_version() -> str:

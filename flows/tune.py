@@ -188,7 +188,10 @@ def _finish(cfg: TuneConfig, tracker: Tracker, study: Any, study_run: str, base_
                            "gain": best.value - theta0, "beats_theta0": best.value > theta0}
         summary["registered"] = _register_best(cfg, tracker, best, summary["best"], base_digest)
         tracker.log_metrics(study_run, {f"best_valid_{METRIC}": best.value, f"theta0_valid_{METRIC}": theta0})
-        tracker.set_tags(study_run, {"rsir.tune_best_trial": best.number})
+        # The outcome in tags, not only in the summary's artifact: an archive (tasks/archive.py)
+        # keeps a run's tags and metrics, and the tune suite reads the study from them.
+        tracker.set_tags(study_run, {"rsir.tune_best_trial": best.number,
+                                     "rsir.tune_best_settings": json.dumps(summary["best"]["settings"], sort_keys=True)})
     tracker.log_metrics(study_run, {f"trials_{k}": v for k, v in counts.items()})
     tracker.log_dict(study_run, summary, "tune_summary.json")
     tracker.end_run(study_run)

@@ -19,9 +19,10 @@ from typing import Any, Callable
 import numpy as np
 
 from core.errors import RsirError
-from reporting.results import best_on_validation, collect_runs, paired_bootstrap, user_ranks
+from reporting.results import best_on_validation, collect_runs, paired_bootstrap, study_outcome, user_ranks
 from storage.tracking import Tracker
 from tasks.evaluate import per_user_metric
+from tasks.tune import StudyOutcome
 
 METRICS = ("ndcg@10", "ndcg@20", "recall@10", "recall@20")
 ARM_STYLE = {"fidelity": ("tab:blue", "with fidelity (τ=10)"), "no-fidelity": ("tab:red", "without fidelity")}
@@ -564,9 +565,123 @@ def _paper_answers(answers: list[tuple]) -> list[str]:
     return out or ["No arm of Table 1 has finished yet.\n"]
 
 
+# ------------------------------------------------------------------ the tune suite (issue 26)
+TUNE_ARMS = {"fixed": "K = 1 at the paper's setting", "tuned": "K = 1 at the study's best settings",
+             "adaptive": "K auto from the paper's setting"}
+_SETTINGS = ("tau", "p", "m", "synthetic_weight", "max_sources")
+
+
+def tune_report(tracker: Tracker, rows: list[dict[str, Any]], folder: Path) -> tuple[list[str], list[Path]]:
+    """Per dataset: the study (budget, outcome, a plot of validation against each setting) and
+    the arms' test changes against θ_0, both for θ_K (the last model) and for the champion, the
+    model the tool hands back (best on validation, θ_0 included); then the answer."""
+    paired, parts, figures, answers = Paired(tracker), [], [], []
+    for ds in sorted({r["dataset"] for r in rows}):
+        study = select(rows, dataset=ds, stage="tuned")
+        outcome = study_outcome(tracker, study[0]["study"]) if study else None
+        parts += _study_section(tracker, ds, outcome, folder, figures)
+        base = {r["seed"]: r for r in sorted(select(rows, dataset=ds, k=0), key=lambda r: r["arm"])}
+        body = []
+        for arm, label in TUNE_ARMS.items():
+            group = select(rows, dataset=ds, arm=arm)
+            if not group:
+                continue
+            seeds = sorted({r["seed"] for r in group}, key=int)
+            last = [max(select(group, seed=s), key=lambda r: r["k"]) for s in seeds]
+            champion = [max(select(group, seed=s), key=lambda r: (r["valid/ndcg@10"], -r["k"])) for s in seeds]
+            bases = [base[s] for s in seeds]
+            c_last, c_champ = paired.compare(last, bases, "ndcg@10"), paired.compare(champion, bases, "ndcg@10")
+            c_recall = paired.compare(champion, bases, "recall@10")
+            valid = np.mean([c["valid/ndcg@10"] / b["valid/ndcg@10"] - 1 for c, b in zip(champion, bases)])
+            taus = "; ".join(",".join(f"{r['generation/tau']:g}" for r in sorted(select(group, seed=s),
+                                                                                  key=lambda r: r["k"])
+                                      if r.get("generation/tau") is not None) or "–" for s in seeds)
+            body.append([f"{arm}: {label}", _arm_settings(arm, outcome), " ".join(f"{r['k']}" for r in last),
+                         taus, f"{change(c_last)} {verdict(c_last)}", " ".join(f"θ_{r['k']}" for r in champion),
+                         pct(valid), f"{change(c_champ)} {verdict(c_champ)}", f"{change(c_recall)} {verdict(c_recall)}",
+                         f"{_arm_wall(group)}"])
+            answers.append((ds, arm, c_champ, [r["k"] for r in champion]))
+        parts += [f"### {ds}: against θ_0, test split\n",
+                  "Per seed (in seed order): the last iteration K reached, τ_k per iteration, and the champion "
+                  "(the θ best on validation NDCG@10, θ_0 included: what the tool hands back). θ_0: "
+                  f"{mean_std(list(base.values()), 'test/ndcg@10')} test NDCG@10, "
+                  f"{mean_std(list(base.values()), 'valid/ndcg@10')} validation.\n",
+                  table(["arm", "settings", "K per seed", "τ_k per seed", "Δ test ndcg@10 θ_K vs θ_0",
+                         "champion per seed", "Δ valid ndcg@10 champion", "Δ test ndcg@10 champion vs θ_0",
+                         "Δ test recall@10 champion vs θ_0", "arm wall s (mean)"], body) + "\n"]
+    return parts + ["## Answer\n", *_tune_answers(answers)], figures
+
+
+def _arm_settings(arm: str, outcome: StudyOutcome | None) -> str:
+    if arm == "tuned" and outcome is not None:
+        return ", ".join(f"{k}={'all' if v is None else format(v, '.3g')}" for k, v in outcome.best_settings.items())
+    return "tau=10, p=0.5, m=5, synthetic_weight=1" + (", K auto" if arm == "adaptive" else "")
+
+
+def _arm_wall(group: list[dict[str, Any]]) -> str:
+    walls = {r["parent_run_id"]: r.get("arm_wall_seconds") for r in group if r.get("arm_wall_seconds") is not None}
+    return f"{np.mean(list(walls.values())):.0f}" if walls else "–"
+
+
+def _study_section(tracker: Tracker, ds: str, outcome: StudyOutcome | None, folder: Path,
+                   figures: list[Path]) -> list[str]:
+    """The study's budget and outcome, and a plot of θ_1's validation NDCG@10 against each
+    setting over its complete trials (their runs: params and metrics in MLflow)."""
+    if outcome is None:
+        return [f"## {ds}\n", "No finished study.\n"]
+    (run,) = [r for r in tracker.search_runs(f"attributes.run_id = '{outcome.run_id}'")]
+    m = run.data.metrics
+    trials = [r for r in tracker.search_runs(f"tags.`rsir.tune_study` = '{outcome.study}' and "
+                                             "tags.`rsir.tune_state` = 'COMPLETE'")]
+    points = [({k: r.data.params.get(k) for k in _SETTINGS}, r.data.metrics.get("valid/ndcg_at_10")) for r in trials]
+    points = [(p, v) for p, v in points if v is not None]
+    theta0 = m.get("theta0_valid_ndcg_at_10", m.get("theta0_valid_ndcg@10"))
+    best = m.get("best_valid_ndcg_at_10", m.get("best_valid_ndcg@10"))
+    span = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else float("nan")
+    text = [f"## {ds}\n", f"Study `{outcome.study}` (Optuna TPE sampler, median pruner; validation only, seed "
+            f"{run.data.params.get('seeds', '?')}): {outcome.ended} trials ended, "
+            f"{int(m.get('trials_complete', 0))} complete, {int(m.get('trials_pruned', 0))} pruned, "
+            f"{int(m.get('trials_fail', 0))} failed; its MLflow run spans {span:.0f} s."]
+    if outcome.best_trial is not None and best is not None and theta0 is not None:
+        text.append(f"Best: trial {outcome.best_trial} ({_arm_settings('tuned', outcome)}), validation NDCG@10 of "
+                    f"θ_1 {best:.4f} against θ_0's {theta0:.4f} ({pct(best / theta0 - 1)}).\n")
+    if points:
+        plt = _plt()
+        fig, axes = plt.subplots(1, len(_SETTINGS), figsize=(3.2 * len(_SETTINGS), 3.0), squeeze=False)
+        for ax, key in zip(axes[0], _SETTINGS):
+            xs = [float(p[key]) if p[key] not in (None, "None") else float("nan") for p, _ in points]
+            ax.scatter(xs, [v for _, v in points], color="tab:blue", label="θ_1 of a complete trial")
+            if theta0 is not None:
+                ax.axhline(theta0, color="tab:gray", linestyle="--", label="θ_0")
+            if key in ("tau", "synthetic_weight"):
+                ax.set_xscale("log")
+            ax.set_xlabel(key + (" (nan: all)" if key == "max_sources" else ""))
+            ax.set_ylabel("valid ndcg@10")
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"{ds}: study {outcome.study}", fontsize=10)
+        fig.tight_layout()
+        figures.append(folder / f"study_{ds}.png")
+        fig.savefig(figures[-1], dpi=100)
+        plt.close(fig)
+    return text
+
+
+def _tune_answers(answers: list[tuple]) -> list[str]:
+    """Does tuned or adaptive RSIR beat θ_0 on test anywhere, and by how much (the champion)."""
+    out = []
+    for ds, arm, c, ks in answers:
+        if arm == "fixed":
+            continue
+        held = verdict(c) == "**held**"
+        picked = "θ_0 kept on every seed" if all(k == 0 for k in ks) else f"champions {' '.join(f'θ_{k}' for k in ks)}"
+        out.append(f"* {ds}, {arm}: {'beats' if held else 'does not beat'} θ_0 on test NDCG@10: {change(c)} "
+                   f"{verdict(c)} ({picked}).")
+    return out or ["No tuned or adaptive arm has finished."]
+
+
 REPORTS: dict[str, Callable[[Tracker, list[dict[str, Any]], Path], tuple[list[str], list[Path]]]] = {
     "main": main_report, "sensitivity": sensitivity_report, "backbones": backbones_report,
-    "faithful": faithful_report, "paper": paper_report}
+    "faithful": faithful_report, "paper": paper_report, "tune": tune_report}
 
 
 def write_report(tracker: Tracker, suite: str, folder: Path, command: str | None = None,

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from storage.tracking import Tracker
+from tasks.tune import StudyOutcome
 
 LABEL = "rsir.label."
 
@@ -20,9 +21,10 @@ def _finished(tracker: Tracker, filter_string: str = "") -> list[Any]:
     return tracker.search_runs(query)
 
 
-def finished_lineages(tracker: Tracker) -> set[tuple[str, int]]:
-    """(lineage key prefix, K) of every finished `rsir` parent run of the experiment."""
-    return {(r.data.tags["rsir.lineage"], int(r.data.tags["rsir.K"])) for r in _finished(tracker)
+def finished_lineages(tracker: Tracker) -> set[tuple[str, str]]:
+    """(lineage key prefix, K as its tag holds it: "3", or "auto") of every finished `rsir` parent
+    run of the experiment."""
+    return {(r.data.tags["rsir.lineage"], r.data.tags["rsir.K"]) for r in _finished(tracker)
             if "rsir.lineage" in r.data.tags and "rsir.K" in r.data.tags}
 
 
@@ -109,3 +111,12 @@ def paired_bootstrap(arm: np.ndarray, base: np.ndarray, resamples: int = 2000, s
     lo, hi = np.nanpercentile(rel, [2.5, 97.5]) if np.isfinite(rel).any() else (float("nan"), float("nan"))
     return {"relative_change": float(point), "ci_low": float(lo), "ci_high": float(hi),
             "diff": float(arm.mean() - base.mean())}
+
+
+def study_outcome(tracker: Tracker, study: str) -> StudyOutcome | None:
+    """A tuning study's outcome as its MLflow run logged it last (of several runs of one name, the
+    one whose trials ended most: a study restarted in a new workspace starts a new run); None
+    before any worker finished."""
+    outcomes = [StudyOutcome.of(r) for r in _finished(tracker, f"tags.`rsir.tune_study` = '{study}'")
+                if "mlflow.parentRunId" not in r.data.tags]  # its trials' runs carry the tag too
+    return max(outcomes, key=lambda o: o.ended, default=None)

@@ -748,13 +748,14 @@ _ARCHIVE_HELP = ("folder that keeps the suite's finished runs across workspaces 
 
 @app.command("experiment")
 def experiment_cmd(
-    suite: Annotated[str, typer.Argument(help="suite: main, sensitivity, backbones, faithful or paper")],
+    suite: Annotated[str, typer.Argument(help="suite: main, sensitivity, backbones, faithful, paper or tune")],
     smoke: Annotated[bool, typer.Option(help="trimmed suite: 2 seeds, short grids, 2 epochs, tiny models")] = False,
     dataset: Annotated[Optional[list[str]], typer.Option("--dataset", help="override the suite's datasets (repeatable)")] = None,
     seed: Annotated[Optional[list[int]], typer.Option("--seed", help="seeds (repeatable; default 0 1 2)")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="maximum epochs per training (every arm)")] = None,
     patience: Annotated[Optional[int], typer.Option(help="early-stopping patience (every arm)")] = None,
     max_sources: Annotated[Optional[int], typer.Option(help="generation sources per iteration (every arm)")] = None,
+    trials: Annotated[Optional[int], typer.Option(help="the tune suite's study budget: trials per dataset")] = None,
     shard: Annotated[Optional[str], typer.Option(help="I/N: this process runs every N-th arm of each stage from the "
                                                  "I-th (0-based), so N processes share a suite")] = None,
     backbone_option: Annotated[Optional[list[str]], typer.Option(
@@ -773,7 +774,7 @@ def experiment_cmd(
     from flows.experiments import experiment as run_experiment
 
     given = _drop_none(suite=suite, datasets=dataset or None, seeds=seed or None, epochs=epochs, patience=patience,
-                       max_sources=max_sources, shard=shard, backbone_options=_backbone_options(backbone_option),
+                       max_sources=max_sources, trials=trials, shard=shard, backbone_options=_backbone_options(backbone_option),
                        device=device,
                        threads=threads)
     parse_config(ExperimentConfig, given)  # a bad value: one line before the flow (and a Prefect server) starts

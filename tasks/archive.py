@@ -99,8 +99,15 @@ def restore_runs(tracker: Tracker, folder: Path) -> list[str]:
         records[record.run_id] = record
     present = {r.data.tags.get(ARCHIVED_ID_TAG, r.info.run_id): r.info.run_id for r in tracker.search_runs()}
     restored = []
-    # Parents first: a child names its parent's new id.
-    for record in sorted(records.values(), key=lambda r: "mlflow.parentRunId" in r.tags):
+    def depth(record: ArchivedRun) -> int:
+        """Ancestors archived above the run (a tuning study nests trial runs, which nest iterations)."""
+        parent, seen = record.tags.get("mlflow.parentRunId"), 0
+        while parent in records and seen <= len(records):
+            parent, seen = records[parent].tags.get("mlflow.parentRunId"), seen + 1
+        return seen + (parent is not None)
+
+    # Ancestors first, at any depth: a child names its parent's new id.
+    for record in sorted(records.values(), key=depth):
         if record.run_id in present:
             continue
         parent = record.tags.get("mlflow.parentRunId")

@@ -22,6 +22,7 @@ own, equivalent by the fidelity trace), and every trial shares θ_0 (content-add
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -448,3 +449,28 @@ def reuse_figures(rows: list[TrialRow]) -> dict[str, Any]:
 def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
+
+
+
+@dataclass(frozen=True)
+class StudyOutcome:
+    """A study as its MLflow run records it after its last worker (flows/tune.py `_finish`): how
+    many trials ended, and the best complete trial's run settings. Read from the run's tags and
+    metrics, not from the Optuna storage, so that a suite archived and restored into another
+    workspace (tasks/archive.py keeps tags and metrics) finds it."""
+
+    study: str
+    run_id: str
+    ended: int  # trials COMPLETE, PRUNED or FAIL
+    best_trial: int | None
+    best_settings: dict[str, float | int | None]  # tau, p, m, synthetic_weight, max_sources (None: all)
+
+    @classmethod
+    def of(cls, run: Any) -> "StudyOutcome":
+        """From a study's MLflow run (an mlflow Run: its tags and latest metrics)."""
+        tags, metrics = run.data.tags, run.data.metrics
+        ended = int(sum(metrics.get(f"trials_{state}", 0) for state in ("complete", "pruned", "fail")))
+        best = tags.get("rsir.tune_best_trial")
+        settings = json.loads(tags.get("rsir.tune_best_settings", "{}"))
+        return cls(tags["rsir.tune_study"], run.info.run_id, ended, None if best is None else int(best),
+                   {k: v for k, v in settings.items() if k != "source_share"})

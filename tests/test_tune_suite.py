@@ -1,0 +1,86 @@
+"""The tune suite (issue 26, `rsir experiment tune --smoke` on tiny real data, a real Prefect test
+server, real MLflow and Optuna on SQLite): a study per dataset on validation, then the paper's
+fixed setting, the study's best settings and K auto on every seed, each against the same θ_0;
+a re-run and a restored archive skip everything; the report tables the changes and plots the study."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from reporting.results import collect_runs, study_outcome
+from storage.tracking import Tracker
+from tests.conftest import make_tiny_home
+
+pytestmark = pytest.mark.prefect
+
+SMOKE = dict(suite="tune", smoke=True, datasets=["tiny"], device="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def tune_suite(prefect_api, tiny_csv, tmp_path_factory):
+    from flows.experiments import experiment
+
+    root = tmp_path_factory.mktemp("tune-suite")
+    ws = make_tiny_home(root / "workspace", tiny_csv)
+    uri = f"sqlite:///{ws.root / 'mlflow.db'}"
+    summary = experiment(home=str(ws.root), tracking_uri=uri, archive=str(root / "archive"), **SMOKE)
+    return ws, uri, summary, root / "archive"
+
+
+def test_study_then_fixed_tuned_and_adaptive_arms_on_every_seed(tune_suite):
+    ws, uri, summary, _ = tune_suite
+    arms = [f"tiny/{arm}/seed{s}" for s in (0, 1) for arm in ("fixed", "tuned", "adaptive")]
+    assert summary["ran"] == ["tiny/study", *arms] and summary["pending"] == []
+    tracker = Tracker.open(uri, summary["experiment"])
+    outcome = study_outcome(tracker, f"{summary['experiment']}-tiny")
+    assert outcome is not None and outcome.ended == 2 and outcome.best_trial is not None
+    assert set(outcome.best_settings) == {"tau", "p", "m", "synthetic_weight", "max_sources"}
+    rows = collect_runs(tracker)
+    assert {r["arm"] for r in rows} == {"fixed", "tuned", "adaptive"}  # the trials' runs are no arm
+    parents = {r["parent_run_id"]: r for r in rows}
+    for parent_id, row in parents.items():
+        params = tracker.search_runs(f"attributes.run_id = '{parent_id}'")[0].data.params
+        if row["arm"] == "tuned":  # the study's best settings, found again from its run's tags
+            assert row["study"] == outcome.study and row["trial"] == str(outcome.best_trial)
+            assert {k: params[k] for k in outcome.best_settings} == {
+                k: str(v) for k, v in outcome.best_settings.items()}
+        else:
+            assert (params["tau"], params["p"], params["m"]) == ("10", "0.5", "5")
+        assert params["K"] == ("auto" if row["arm"] == "adaptive" else "1")
+    for s in ("0", "1"):  # one θ_0 per seed, the same in every arm
+        zero = {r["test/ndcg@10"] for r in rows if r["seed"] == s and r["k"] == 0}
+        assert len([r for r in rows if r["seed"] == s and r["k"] == 0]) == 3 and len(zero) == 1
+        assert max(r["k"] for r in rows if r["seed"] == s and r["arm"] == "adaptive") <= 2  # k_max = K = 2
+
+
+def test_rerun_and_restored_archive_skip_the_study_and_every_arm(tune_suite, tmp_path, tiny_csv):
+    from flows.experiments import experiment
+
+    ws, uri, summary, archive = tune_suite
+    again = experiment(home=str(ws.root), tracking_uri=uri, **SMOKE)
+    assert again["ran"] == [] and sorted(again["skipped"]) == sorted(summary["ran"])
+    # A new workspace (no Optuna database, no checkpoints): the archive's tags carry the study.
+    fresh = make_tiny_home(tmp_path / "workspace", tiny_csv)
+    restored = experiment(home=str(fresh.root), tracking_uri=f"sqlite:///{fresh.root / 'mlflow.db'}",
+                          archive=str(archive), **SMOKE)
+    assert restored["ran"] == [] and sorted(restored["skipped"]) == sorted(summary["ran"])
+    assert not (fresh.root / "optuna.db").exists()
+
+
+def test_tune_report_tables_every_arm_against_theta0_and_plots_the_study(tune_suite, tmp_path):
+    from reporting.report import write_report
+
+    ws, uri, summary, _ = tune_suite
+    out = write_report(Tracker.open(uri, summary["experiment"]), "tune", tmp_path, command="rsir experiment tune")
+    text = Path(out["report"]).read_text()
+    assert "Study `experiment-tune-smoke-tiny`" in text and "2 trials ended" in text
+    section = text.split("### tiny: against θ_0")[1].split("\n## ")[0]
+    for arm in ("fixed: K = 1 at the paper's setting", "tuned: K = 1 at the study's best settings",
+                "adaptive: K auto from the paper's setting"):
+        assert f"| {arm} |" in section
+    assert "## Answer" in text and ("* tiny, tuned: " in text) and ("* tiny, adaptive: " in text)
+    assert [Path(p).name for p in out["figures"]] == ["study_tiny.png"] and Path(out["figures"][0]).stat().st_size > 0
+    assert json.dumps(out)  # the CLI prints it
