@@ -127,12 +127,15 @@ def describe_validation_error(exc: ValidationError) -> str:
 
 
 def bare(annotation: Any) -> Any:
-    """The annotation without its Annotated bounds (`Seed | None` -> `int | None`): what an entry
-    point declares for a parameter; the typed config checks the bounds, in one line."""
+    """The annotation without its Annotated bounds (`Seed | None` -> `int | None`, also inside a
+    list): what an entry point declares for a parameter; the typed config checks the bounds, in
+    one line."""
     if get_origin(annotation) is Annotated:
         return bare(get_args(annotation)[0])
     if get_origin(annotation) in (Union, types.UnionType):
         return Union[tuple(bare(a) for a in get_args(annotation))]
+    if get_origin(annotation) is list:  # list[Rank] -> list[int]
+        return list[bare(get_args(annotation)[0])]
     return annotation
 
 

@@ -1,10 +1,14 @@
 """The `rsir` flow: K self-improving iterations, each a named sub-flow in the Prefect UI.
 
-    for k in 0, 1, ...:  train θ_k on D_k → evaluate θ_k → stop? → generate → filter → expand → D_{k+1}
+    for k in 0, 1, ...:  train θ_k on D_k → leakage → evaluate θ_k → stop? → τ_k → generate → filter
+                         → expand → D_{k+1}
 
 It stops after θ_K for a fixed K; with K auto, after the first θ_k that does not beat the best
 θ before it on validation by more than a tolerance, or at k_max (tasks/stopping.py); the
-summary says why.
+summary says why. τ_k, the fidelity threshold of iteration k, is tau, or chosen per iteration by
+the run's tau_schedule (tasks/tau_schedule.py) from the leakage proxy of the data θ_k was trained
+on (tasks/leakage.py, measured for every schedule) or from candidate θ_{k+1} trained in scratch
+forks (`tau_candidates`, a sub-flow).
 
 Wiring only: every step is a task from tasks/ that takes small references and returns a typed
 one (TrainResult with its checkpoint path, Evaluation, Generation, Filtered, VersionRef) beside
@@ -46,10 +50,12 @@ from tasks.config import RunConfig, run_parameters
 from tasks.evaluate import evaluate_task
 from tasks.expand import expand_task
 from tasks.filter import filter_task
-from tasks.generate import generate_task
+from tasks.generate import Generation, generate_task
+from tasks.leakage import leakage_task
 from tasks.runlog import Iteration, RunLog, RunSummary, summary_markdown, table_rows
-from tasks.runtime import torch_threads
+from tasks.runtime import Timed, torch_threads
 from tasks.stopping import stop_reason
+from tasks.tau_schedule import TauChoice, best_on_validation, candidate_score, fork_candidate_task, leakage_tau
 from tasks.train import train_task
 
 
@@ -59,26 +65,49 @@ def iteration(cfg: RunConfig, home: str, dataset: str, k: int, valid_before: lis
     validation `valid_before` and θ_k's), produce D_{k+1}."""
     student = train_task(cfg.train_config(dataset, k, cfg.model), home, role="student", executor=cfg.executor_spec())
     # wait_for names the upstream result a step reads a field of: Prefect draws the edge.
+    leakage = leakage_task(home, dataset, k, student.value.checkpoint, cfg.tau, cfg.device, wait_for=[student])
     evaluation = evaluate_task(home, student.value.checkpoint, dataset, k, cfg.device, cfg.executor_spec(),
                                wait_for=[student])
-    times = {"train": student.seconds, "evaluate": evaluation.seconds}
+    times = {"train": student.seconds, "leakage": leakage.seconds, "evaluate": evaluation.seconds}
     stop = stop_reason(cfg, [*valid_before, evaluation.value.valid[cfg.early_stop]])
     if stop is not None:
-        return Iteration(k, student.value, evaluation.value, times, stop=stop)
+        return Iteration(k, student.value, evaluation.value, times, stop=stop, leakage=leakage.value)
     generator = student
     if cfg.generator is not None and cfg.generator != cfg.model:  # weak-to-strong
         generator = train_task(cfg.train_config(dataset, k, cfg.generator), home, role="generator",
                                executor=cfg.executor_spec())
         times["train_generator"] = generator.seconds
-    generated = generate_task(home, dataset, k, generator.value.checkpoint, cfg.generation_params(k),
-                              executor=cfg.executor_spec(), wait_for=[generator])
-    accepted = filter_task(home, dataset, k, generated.value, cfg.filter_params(), wait_for=[generated])
-    expanded = expand_task(home, accepted.value, k + 1,
-                           GeneratorRef(backbone=cfg.generator_model.name, checkpoint=generator.value.checkpoint),
-                           wait_for=[accepted, generator])
+    made_by = GeneratorRef(backbone=cfg.generator_model.name, checkpoint=generator.value.checkpoint)
+    choice = None if cfg.tau_schedule == "validation" else leakage_tau(cfg, leakage.value)
+    generated = generate_task(home, dataset, k, generator.value.checkpoint,
+                              cfg.generation_params(k, choice.tau if choice else None),
+                              executor=cfg.executor_spec(), wait_for=[generator, leakage])
+    if choice is None:  # validation: one θ_{k+1} per candidate τ, in scratch forks of D_k
+        chosen = tau_candidates(cfg, home, dataset, k, generated.value, made_by)
+        choice, times["tau_candidates"] = chosen.value, chosen.seconds
+    accepted = filter_task(home, dataset, k, generated.value, cfg.filter_params(choice.tau), wait_for=[generated])
+    expanded = expand_task(home, accepted.value, k + 1, made_by, wait_for=[accepted, generator])
     times.update(generate=generated.seconds, filter=accepted.seconds, expand=expanded.seconds)
     return Iteration(k, student.value, evaluation.value, times, generator.value, generated.value, accepted.value,
-                     expanded.value)
+                     expanded.value, leakage=leakage.value, tau=choice)
+
+
+@flow(name="rsir-tau-candidates", flow_run_name="tau-candidates-{k}", log_prints=True)
+def tau_candidates(cfg: RunConfig, home: str, dataset: str, k: int, generated: Generation,
+                   made_by: GeneratorRef) -> Timed[TauChoice]:
+    """The validation schedule's τ_k: `generated` (at the loosest candidate) filtered at each
+    candidate τ into a scratch fork of D_k, a θ_{k+1} trained on each, the best on validation
+    kept (tasks/tau_schedule.py). The winner's checkpoint is what the next iteration reuses."""
+    valid, seconds = {}, 0.0
+    for tau in cfg.taus_tried:
+        scratch = fork_candidate_task(home, dataset, k, tau)
+        accepted = filter_task(home, scratch, 0, generated, cfg.filter_params(tau))
+        expanded = expand_task(home, accepted.value, 1, made_by, wait_for=[accepted])
+        trained = train_task(cfg.train_config(scratch, 1, cfg.model), home, role=f"candidate-tau{tau}",
+                             executor=cfg.executor_spec(), wait_for=[expanded])
+        valid[tau] = candidate_score(trained.value, cfg.early_stop)
+        seconds += accepted.seconds + expanded.seconds + trained.seconds
+    return Timed(best_on_validation(cfg, valid), seconds)
 
 
 def _rsir(**params: Any) -> dict[str, Any]:

@@ -475,12 +475,13 @@ def _nested_pairs(pairs: list[str] | None, flag: str) -> dict[str, Any] | None:
 
 def run(**params: Any) -> None:
     """Run the RSIR flow locally (no Prefect server needed) and print the per-iteration table."""
-    from tasks.config import RunConfig
+    from tasks.config import RunConfig, run_parameters
 
     home, as_json, option = params.pop("home"), params.pop("as_json"), params.pop("option")
     ws = _workspace(home)
+    pairs = {p.name for p in run_parameters() if get_origin(_without_none(p.annotation)) is dict}
     for name, value in list(params.items()):
-        if isinstance(value, list):
+        if isinstance(value, list) and name in pairs:  # KEY=VALUE pairs; a list parameter stays a list
             params[name] = _nested_pairs(value, "--" + name.replace("_", "-"))
     if option:
         model_params = params.get("model_params") or {}

@@ -379,18 +379,20 @@ class DatasetStore:
         self._check_current(name, parent.lineage, version)
         return committed
 
-    def fork(self, source: str, name: str) -> Manifest:
-        """Start dataset `name` whose version 0 holds exactly the content of `source` v0
-        (same bytes, same digest). A run works on its own fork, so runs with different
-        parameters never write into each other's lineage. Idempotent: an existing fork of the
-        same content is returned."""
+    def fork(self, source: str, name: str, version: int = 0) -> Manifest:
+        """Start dataset `name` whose version 0 holds exactly the content of `source` v`version`
+        (same bytes, same digest; the partitions keep their iteration labels). A run works on its
+        own fork, so runs with different parameters never write into each other's lineage; a fork
+        of a later version is a scratch copy of D_k (an adaptive-fidelity candidate: what it
+        appends has the digest the same append to `source` would have). Idempotent: an existing
+        fork of the same content is returned."""
         check_name(name)
-        src = self.manifest(source, 0)
+        src = self.manifest(source, version)
         if self.versions(name):
             existing = self.manifest(name, 0)
             if existing.digest != src.digest:
                 raise RsirError(f"dataset {name!r} exists with other content (digest {existing.digest[:12]}) "
-                                f"than {source!r} v0 ({src.digest[:12]})")
+                                f"than {source!r} v{src.version} ({src.digest[:12]})")
             return existing
         self.verify(source, src)
         with self._staged(name, 0) as stage:
@@ -403,7 +405,7 @@ class DatasetStore:
                 "dataset": name, "version": 0, "parent_version": None, "lineage": 0, "items": items,
                 "items_digest": self.item_table(src).digest,  # recorded now if `source` predates digests
                 "partitions": parts, "created_at": datetime.now(timezone.utc).isoformat(),
-                "source": {**src.source, "forked_from": {"dataset": source, "version": 0}},
+                "source": {**src.source, "forked_from": {"dataset": source, "version": src.version}},
             })
             return self._write(stage, name, manifest)
 

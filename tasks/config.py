@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from core.config import (
     DEVICES,
+    INT32_MAX,
     BatchSize,
     Device,
     Epochs,
@@ -40,6 +41,7 @@ _DEFAULT_BACKBONE: str = ModelConfig.model_fields["name"].default
 Recipe = Literal["default", "release", "sparse"]
 Batching = Literal["length", "random"]
 Weighting = Literal["position", "batch"]
+TauSchedule = Literal["fixed", "leakage", "validation"]
 
 # Named presets of the training settings. A preset fills only what the caller left unset, so
 # `--recipe release --patience 5` is the release recipe with patience 5.
@@ -237,6 +239,27 @@ class RunConfig(CpuThreads, TrainingSettings):
     max_sources: SequenceCount | None = like(GenerationParams, "max_sources", description="generate from at most "
                                              "this many training sequences per iteration (seeded sample); None = "
                                              "all, as the paper")
+    # Adaptive fidelity (issue 26): added after keys existed, so each is keyed only away from the
+    # behaviour before it (a fixed tau), and the two knobs only under the schedule that reads them
+    # (lineage_key): fixed-tau runs keep their lineage, run keys and dataset digests.
+    tau_schedule: TauSchedule = Field(
+        "fixed", json_schema_extra=keyed_unless("fixed"), description="how the fidelity threshold τ_k of "
+        "iteration k is chosen: fixed (tau every iteration); leakage (τ_0 = tau, then halved whenever the "
+        "leakage proxy of the synthetic data θ_k was trained on exceeds leakage_max); validation (each "
+        "iteration, the threshold of tau_candidates whose θ_{k+1} scores best on validation)")
+    # Why a knob and why 0.5: the paper's bound E(θ_{k+1}) <= (1-λ)E_0 + λ[(1-p̃)ρE(θ_k) + p̃E_max]
+    # (../shared/docs/rsir-method.md §6) breaks down at a leakage p̃* that depends on ρ and E_max,
+    # neither of which a run can measure; 0.5 says "more synthetic items the next model ranks
+    # outside τ than inside", the point past which the data teaches more noise than preference.
+    leakage_max: float = Field(
+        0.5, ge=0.0, le=1.0, allow_inf_nan=False, json_schema_extra=keyed_unless(0.5),
+        description="tau_schedule leakage: the breakdown leakage p̃* of the paper's error bound (a share of "
+        "synthetic items, 0..1); τ is halved when the proxy exceeds it (ρ and E_max of the bound are unknown, "
+        "so p̃* is a knob)")
+    tau_candidates: list[Rank] | None = Field(
+        None, min_length=1, max_length=16, json_schema_extra=keyed_unless(None),
+        description="tau_schedule validation: the thresholds tried at every iteration, one θ_{k+1} trained per "
+        "threshold (repeatable; default: tau // 3, tau and 3 tau)")
     gen_batch_size: BatchSize = like(GenerationParams, "batch_size", json_schema_extra=unkeyed())
     retrieval: Literal["exact", "ivf"] = like(GenerationParams, "retrieval", json_schema_extra=keyed_unless("exact"))
     seed: Seed = Field(0, description="random seed of training and generation (iteration k uses seed + k)")
@@ -275,28 +298,47 @@ class RunConfig(CpuThreads, TrainingSettings):
             self.check_stride(model)
         if self.train_workers > 1 and self.executor != "ray":
             raise ValueError("train_workers > 1 trains data-parallel on Ray: set executor to 'ray'")
+        if self.tau_schedule != "fixed" and not self.fidelity:
+            raise ValueError(f"tau_schedule {self.tau_schedule!r} chooses a fidelity threshold: it needs "
+                             f"fidelity control on")
         if self.generation_tau is not None:
             if not self.fidelity:
                 raise ValueError("generation_tau needs fidelity control on")
-            if self.generation_tau < self.tau:
-                raise ValueError(f"generation_tau={self.generation_tau} must be >= tau={self.tau}")
+            if self.generation_tau < max(self.taus_tried):
+                raise ValueError(f"generation_tau={self.generation_tau} must be >= tau={max(self.taus_tried)}")
         return self
 
     @property
-    def generation_threshold(self) -> int | None:
-        """The rank threshold the generator runs with (None: fidelity off)."""
-        return (self.generation_tau or self.tau) if self.fidelity else None
+    def taus_tried(self) -> list[int]:
+        """The thresholds an iteration may filter at, ascending: the validation schedule's
+        candidates (tau_candidates, or tau // 3, tau and 3 tau), else [tau] (the leakage schedule
+        only ever lowers tau)."""
+        if self.tau_schedule != "validation":
+            return [self.tau]
+        given = self.tau_candidates or [max(1, self.tau // 3), self.tau, min(3 * self.tau, INT32_MAX)]
+        return sorted(set(given))
 
-    def generation_params(self, k: int) -> GenerationParams:
+    @property
+    def generation_threshold(self) -> int | None:
+        """The rank threshold the generator runs with at the loosest tau an iteration may filter
+        at (None: fidelity off)."""
+        return (self.generation_tau or max(self.taus_tried)) if self.fidelity else None
+
+    def generation_params(self, k: int, tau: int | None = None) -> GenerationParams:
         """The generator's parameters at iteration k (seed + k; the threshold it runs with,
-        `generation_threshold`); the rest are GenerationParams' defaults."""
-        return GenerationParams(m=self.m, tau=self.generation_threshold, p=self.p, min_len=self.min_len,
+        `generation_threshold`, or `tau` (τ_k of the leakage schedule) when given and no
+        generation_tau is set); the rest are GenerationParams' defaults."""
+        threshold = self.generation_threshold
+        if tau is not None and self.fidelity and self.generation_tau is None:
+            threshold = tau
+        return GenerationParams(m=self.m, tau=threshold, p=self.p, min_len=self.min_len,
                                 seed=self.seed + k, batch_size=self.gen_batch_size, device=self.device,
                                 max_sources=self.max_sources, retrieval=self.retrieval)
 
-    def filter_params(self) -> FilterParams:
-        """The filter's parameters: tau when fidelity control is on, else None (fidelity off)."""
-        return FilterParams(tau=self.tau if self.fidelity else None, min_len=self.min_len)
+    def filter_params(self, tau: int | None = None) -> FilterParams:
+        """The filter's parameters: `tau` (τ_k of a schedule; default tau) when fidelity control
+        is on, else None (fidelity off)."""
+        return FilterParams(tau=(tau or self.tau) if self.fidelity else None, min_len=self.min_len)
 
     def executor_spec(self) -> Executor:
         return Executor(kind=self.executor, address=self.ray_address, workers=self.ray_workers)
@@ -314,7 +356,11 @@ class RunConfig(CpuThreads, TrainingSettings):
         """What determines the generated data: the fields that enter keys (core.config.key_fields;
         not K: a K=2 run is the prefix of a K=3 run; not the recipe's name, only the settings it
         resolved to), the generator's backbone as resolved."""
-        return json_digest(key_fields(self, generator=self.generator_model.model_dump(mode="json")))
+        # A schedule's knob is keyed only under the schedule that reads it: at its default (so,
+        # by keyed_unless, out of the key) otherwise.
+        idle = {name: RunConfig.model_fields[name].default for name, schedule in
+                (("leakage_max", "leakage"), ("tau_candidates", "validation")) if self.tau_schedule != schedule}
+        return json_digest(key_fields(self, generator=self.generator_model.model_dump(mode="json"), **idle))
 
     def run_key(self, base_digest: str) -> str:
         """What makes two runs the same run: the lineage, K (with k_max and k_tolerance when

@@ -27,6 +27,8 @@ from tasks.config import RunConfig
 from tasks.evaluate import Evaluation
 from tasks.filter import Filtered
 from tasks.generate import Generation
+from tasks.leakage import Leakage
+from tasks.tau_schedule import TauChoice
 from tasks.train import TrainResult
 
 
@@ -34,7 +36,9 @@ from tasks.train import TrainResult
 class Iteration:
     """What one iteration produced: θ_k and its evaluation; unless it was the last, the
     generation, the filter's counts and D_{k+1}. `times` holds each task's seconds; `stop`, set
-    on the last iteration only, why the run stopped there (tasks/stopping.py)."""
+    on the last iteration only, why the run stopped there (tasks/stopping.py); `leakage`, the
+    proxy of the synthetic data θ_k was trained on (None for D_0: tasks/leakage.py); `tau`, the
+    threshold τ_k D_{k+1} was filtered at and why (None on the last iteration)."""
 
     k: int
     student: TrainResult
@@ -45,12 +49,17 @@ class Iteration:
     filtered: Filtered | None = None
     next: VersionRef | None = None
     stop: str | None = None
+    leakage: Leakage | None = None
+    tau: TauChoice | None = None
 
 
 class IterationRow(Record):
     """Iteration k in the run's table (the summary's `iterations`, `rsir run --json`): D_k's
     statistics (the acceptance rate and mean length of the sequences D_k gained, None for D_0),
-    θ_k's metrics on D_k and its training."""
+    θ_k's metrics on D_k and its training; `tau`, the fidelity threshold τ_k iteration k filtered
+    D_{k+1} at (None on the last iteration, which generates nothing); `leakage_proxy`, the share
+    of D_k's newest synthetic items θ_k ranks worse than the threshold they were accepted under
+    (τ_{k-1}; tasks/leakage.py; None for D_0), what the leakage schedule chose τ_k from."""
 
     model_config = ConfigDict(extra="allow")  # rows of summaries logged by other versions
 
@@ -71,6 +80,8 @@ class IterationRow(Record):
     reused: bool
     stats: VersionStats
     times: dict[str, float]
+    tau: int | None = None
+    leakage_proxy: float | None = None
 
 
 class Champion(Record):
@@ -224,6 +235,8 @@ class RunLog:
         self.logged.append(logged)
         get_run_logger().info("iteration %d: valid %s %.4f, test ndcg@10 %.4f", result.k, self.cfg.early_stop,
                               result.evaluation.valid[self.cfg.early_stop], result.evaluation.test["ndcg@10"])
+        if result.tau is not None:
+            get_run_logger().info("iteration %d: fidelity %s", result.k, result.tau.reason)
         if result.stop is not None:
             self.stopped = result.stop
             get_run_logger().info("%s", result.stop)
@@ -310,6 +323,7 @@ class RunLog:
                 "train/synthetic_weight_share": student.synthetic_weight_share}
         if result.next is not None:
             rest.update({f"generation/{key}": v for key, v in result.filtered.counts.model_dump().items()})
+        rest.update(_fidelity_metrics(result))
         tracker.log_metrics(child, rest, step=k)
         tracker.log_metrics(self.parent, {**scores, **rest}, step=k)  # the trend over k
         # The device θ_k trained on, resolved (the run's `device` parameter may say only "auto"):
@@ -336,7 +350,24 @@ class RunLog:
             mean_new_length=counts.mean_accepted_length if counts else None,
             valid=result.evaluation.valid, test=result.evaluation.test, epochs=result.student.epochs,
             checkpoint=result.student.checkpoint, train_seconds=result.student.seconds_total,
-            reused=result.student.reused, stats=stats, times=result.times)
+            reused=result.student.reused, stats=stats, times=result.times,
+            tau=result.tau.tau if result.tau else None,
+            leakage_proxy=result.leakage.proxy if result.leakage else None)
+
+
+def _fidelity_metrics(result: Iteration) -> dict[str, float]:
+    """Adaptive fidelity at step k: `generation/tau` (τ_k), `generation/leakage_proxy` (measured
+    at iteration k, tasks/leakage.py) with the items it ranked, and for the validation schedule
+    each candidate's validation score (`generation/tau_valid_<τ>`)."""
+    out: dict[str, float] = {}
+    if result.leakage is not None:
+        out.update({"generation/leakage_proxy": result.leakage.proxy,
+                    "generation/leakage_ranked": result.leakage.ranked,
+                    "generation/leakage_tau": result.leakage.tau})
+    if result.tau is not None:
+        out["generation/tau"] = result.tau.tau
+        out.update({f"generation/tau_valid_{tau}": value for tau, value in result.tau.valid.items()})
+    return out
 
 
 def _profile(stats: VersionStats) -> dict[str, Any]:
@@ -355,6 +386,7 @@ def table_rows(rows: list[IterationRow]) -> list[dict[str, Any]]:
     return [{"k": r.iteration, "sequences": r.sequences, "interactions": r.interactions,
              "density": round(r.density, 5), "entropy": round(r.item_entropy, 4),
              "acceptance": None if r.acceptance_rate is None else round(r.acceptance_rate, 4),
+             "leakage": None if r.leakage_proxy is None else round(r.leakage_proxy, 4), "tau": r.tau,
              **{f"valid {m}": round(r.valid[m], 4) for m in TABLE_METRICS},
              **{f"test {m}": round(r.test[m], 4) for m in TABLE_METRICS}} for r in rows]
 
