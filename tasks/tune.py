@@ -240,7 +240,7 @@ def tune_parameters() -> list[Parameter]:
             out.append(Parameter(name, Optional[Union[str, float]], None, field.description or ""))
             continue
         default = None if field.default_factory is not None or field.default is None else field.default
-        kind = list[int] if name == "seeds" else bare(field.annotation)  # bare() keeps a list item's bounds
+        kind = bare(field.annotation)  # seeds: list[Seed] -> list[int] (the config checks the bounds)
         annotation = Optional[kind] if default is None else kind
         out.append(Parameter(name, annotation, default, field.description or ""))
     return out
