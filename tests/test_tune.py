@@ -385,25 +385,37 @@ def _training_trial(mlflow_db: Path) -> str | None:
     return found[0] if found else None
 
 
-def test_an_interrupted_tune_closes_what_it_opened_and_the_same_command_continues_the_study(tiny_csv, tmp_path):
-    ws = make_tiny_home(tmp_path / "workspace", tiny_csv)
+def _command_env() -> dict[str, str]:
+    """A terminal's environment: no Prefect server, no tracking URI (the command's own), this code."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
-    cmd = [sys.executable, "-m", "rsir.cli", *TUNE_COMMAND, "--home", str(ws.root)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    return env
+
+
+def _interrupt_tune(root: Path, sig: int) -> tuple[list[str], str]:
+    """`rsir tune` (TUNE_COMMAND) in a process group of its own, sent `sig` while its first trial
+    trains θ_0 (SIGINT to the group, as Ctrl-C in a terminal; SIGTERM to the process). Asserts the
+    exit status (128 + sig), the one line and that the stores hold what it says: the trial FAIL in
+    the study, its run KILLED and nested under the study run (tune_state FAIL), the study run
+    KILLED (no other worker), every flow run CANCELLED. Returns the command and the study run."""
+    cmd = [sys.executable, "-m", "rsir.cli", *TUNE_COMMAND, "--home", str(root)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_command_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
     try:
         deadline = time.monotonic() + 600
-        while (trial_run := _training_trial(ws.root / "mlflow.db")) is None:
+        while (trial_run := _training_trial(root / "mlflow.db")) is None:
             assert proc.poll() is None and time.monotonic() < deadline, "no trial trained:\n" + "".join(lines[-30:])
             time.sleep(0.2)
         time.sleep(1)  # inside θ_0's training loop
         assert proc.poll() is None, "".join(lines[-30:])
         before = len(lines)
-        os.killpg(proc.pid, signal.SIGINT)  # the whole foreground group, as Ctrl-C in a terminal
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
@@ -411,43 +423,54 @@ def test_an_interrupted_tune_closes_what_it_opened_and_the_same_command_continue
             proc.wait()
     reader.join(timeout=10)
     after = lines[before:]
-    assert proc.returncode == 130, "".join(after)
+    assert proc.returncode == 128 + sig, "".join(after)
     assert len(after) < 15 and not any("Traceback" in line for line in after), "".join(after)
 
     (told,) = [line for line in after if line.startswith("rsir: interrupted")]
-    assert "interrupted by SIGINT" in told and told.rstrip().endswith("run the same command again to resume"), told
+    assert f"interrupted by {signal.Signals(sig).name}" in told and told.rstrip().endswith(
+        "run the same command again to resume"), told
     flow_run = re.search(r"Prefect flow run ([0-9a-f-]{36}) CANCELLED", told)
     killed = re.findall(r"MLflow run ([0-9a-f]{32}) KILLED", told)
     study_run = re.search(r"MLflow study run ([0-9a-f]{32}) KILLED", told)  # no other worker: ended
     assert flow_run and killed == [trial_run] and study_run and "Optuna trial 0 FAIL" in told, told
 
-    # What the line says is what the stores hold: the trial FAIL in the study, its run KILLED and
-    # nested under the study run (tune_state FAIL), the study run KILLED, every flow run CANCELLED.
-    study = optuna.load_study(study_name="rsir-tune-tiny-sasrec-seeds0", storage=f"sqlite:///{ws.root / 'optuna.db'}")
+    # What the line says is what the stores hold.
+    study = optuna.load_study(study_name="rsir-tune-tiny-sasrec-seeds0", storage=f"sqlite:///{root / 'optuna.db'}")
     assert [t.state.name for t in study.trials] == ["FAIL"]
-    client = MlflowClient(f"sqlite:///{ws.root / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     run = client.get_run(trial_run)
     assert run.info.status == "KILLED"
     assert (run.data.tags["mlflow.parentRunId"], run.data.tags["rsir.tune_trial"], run.data.tags["rsir.tune_state"]) \
         == (study_run.group(1), "0", "FAIL")
     assert client.get_run(study_run.group(1)).info.status == "KILLED"
-    with sqlite3.connect(ws.root / "prefect" / "prefect.db") as db:
-        (root,) = db.execute("select state_type from flow_run where id = ?", (flow_run.group(1),)).fetchone()
+    with sqlite3.connect(root / "prefect" / "prefect.db") as db:
+        (state,) = db.execute("select state_type from flow_run where id = ?", (flow_run.group(1),)).fetchone()
         states = db.execute("select name, state_type from flow_run").fetchall()
-    assert root == "CANCELLED"
+    assert state == "CANCELLED"
     # The tune flow, its trial's rsir subflow and the iteration it cut short: none left open.
     assert len(states) >= 3 and {name.split("-")[0] for name, _ in states} >= {"tune", "iteration"}
     assert all(state == "CANCELLED" for _, state in states), states
+    return cmd, study_run.group(1)
 
+
+def test_a_tune_stopped_by_sigterm_closes_its_trial_though_optuna_does_not(tiny_csv, tmp_path):
+    # Prefect's TerminationSignal is no KeyboardInterrupt: Optuna leaves the trial RUNNING, the
+    # worker marks it FAIL.
+    _interrupt_tune(make_tiny_home(tmp_path / "workspace", tiny_csv).root, signal.SIGTERM)
+
+
+def test_an_interrupted_tune_closes_what_it_opened_and_the_same_command_continues_the_study(tiny_csv, tmp_path):
+    ws = make_tiny_home(tmp_path / "workspace", tiny_csv)
+    cmd, study_run = _interrupt_tune(ws.root, signal.SIGINT)
     # The same command again continues the study: a new trial, complete; the study run reopened
     # and ended, the interrupted trial still FAIL.
-    again = subprocess.run([*cmd, "--json"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    again = subprocess.run([*cmd, "--json"], cwd=REPO, env=_command_env(), capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads(again.stdout)
     assert summary["trials"] == {"this_worker": 1, "total": 2, "complete": 1, "pruned": 0, "fail": 1, "running": 0}
-    assert summary["mlflow_run_id"] == study_run.group(1) and summary["best"]["trial"] == 1
+    assert summary["mlflow_run_id"] == study_run and summary["best"]["trial"] == 1
     _assert_summary_keys({k: v for k, v in summary.items() if k != "command_seconds"})
-    reopened = client.get_run(study_run.group(1))
+    reopened = MlflowClient(f"sqlite:///{ws.root / 'mlflow.db'}").get_run(study_run)
     assert reopened.info.status == "FINISHED" and reopened.data.tags["rsir.resumes"] == "1"
     assert [t.state.name for t in optuna.load_study(study_name=summary["study"], storage=summary["storage"]).trials] \
         == ["FAIL", "COMPLETE"]
