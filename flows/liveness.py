@@ -77,21 +77,39 @@ def sweep(tracking_uri: str) -> list[Closed]:
     return closed
 
 
-def cancel_tagged_flow_runs(tag: str, message: str) -> list[tuple[str, str]]:
+@dataclass(frozen=True)
+class TaggedRuns:
+    """What an interrupt's closing did in Prefect: (flow run id, what became of it) for each top
+    flow run of the interrupted command, and every flow run of it that had not completed, its
+    subflows included (they inherit the tag): the flow runs whose MLflow runs are to be closed."""
+
+    closed: list[tuple[str, str]]
+    open_flow_runs: list[str]
+
+
+def cancel_tagged_flow_runs(tag: str, message: str) -> TaggedRuns:
     """After an interrupt: every flow run tagged `tag` (the runs of one interrupted command) that
-    did not complete, CANCELLED with its open subflow and task runs. (flow run id, what became of
-    it) for each; never raises."""
+    did not complete, CANCELLED with its open subflow and task runs. Never raises."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        FlowRunFilterTags,
+    )
+    from prefect.client.schemas.objects import StateType
     from prefect.states import Cancelled
 
     try:
         with get_client(sync_client=True) as client:
-            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])))
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                tags=FlowRunFilterTags(all_=[tag]),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(not_any_=[StateType.COMPLETED]))))
     except Exception as exc:  # the server is unreachable: say so
-        return [("", f"Prefect flow runs not marked ({type(exc).__name__})")]
-    return [(str(run.id), crash_flow_run(str(run.id), message, Cancelled)) for run in runs
-            if run.parent_task_run_id is None and not (run.state and run.state.is_completed())]  # subflows: below
+        return TaggedRuns([("", f"Prefect flow runs not marked ({type(exc).__name__})")], [])
+    return TaggedRuns([(str(run.id), crash_flow_run(str(run.id), message, Cancelled)) for run in runs
+                       if run.parent_task_run_id is None],  # subflows: closed with their parent, below
+                      [str(run.id) for run in runs])
 
 
 def crash_flow_run(flow_run_id: str, message: str, final: Any = None) -> str:

@@ -14,7 +14,7 @@ import time
 import uuid
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Callable, Literal, Optional, Union, get_args, get_origin
 
 import typer
 
@@ -494,34 +494,10 @@ def run(**params: Any) -> None:
     _before_flow(ws, cfg.tracking_uri)
     _require_dataset(ws, cfg.dataset)
     _local_prefect(ws)
-    from deployments.temporary import prefect_api
     from flows.rsir import rsir
 
     started = time.perf_counter()
-    # The flow run is found by this tag when it is interrupted (it has no id the CLI knows).
-    tag = f"rsir-cli-{uuid.uuid4().hex[:12]}"
-    closed = ""  # the line that says what an interrupt closed
-    with _interrupts() as received:
-        try:
-            with prefect_api(Path(os.environ["PREFECT_HOME"])):  # stopped after the run's last report
-                server_start = time.perf_counter() - started
-                try:
-                    import prefect
-
-                    with prefect.tags(tag):
-                        summary = rsir(**params)
-                except BaseException as exc:
-                    if received or isinstance(exc, KeyboardInterrupt):
-                        closed = _close_interrupted(cfg, ws, tag, received[0] if received else signal.SIGINT,
-                                                    time.perf_counter() - started)
-                    raise
-        except BaseException as exc:
-            if not (received or isinstance(exc, KeyboardInterrupt)):
-                raise
-            signum = received[0] if received else signal.SIGINT
-            print(closed or f"rsir: interrupted by {signal.Signals(signum).name} while the Prefect server "
-                            f"started; nothing ran", file=sys.stderr)
-            sys.exit(128 + signum)
+    summary, server_start = _run_flow(ws, lambda: rsir(**params), started, (cfg.tracking_uri, cfg.experiment))
     summary.update(command_seconds=time.perf_counter() - started, server_start_seconds=server_start)
     _emit(summary, as_json, lambda r: print(format_table(r)))
 
@@ -596,10 +572,50 @@ def _interrupts():
             signal.signal(sig, handler)
 
 
-def _close_interrupted(cfg, ws, tag: str, signum: int, seconds: float) -> str:
-    """After an interrupt: the run's Prefect flow run CANCELLED (with its open subflow and task
-    runs) and its MLflow parent run KILLED (the flow's own handler ends it so; here it is only
-    checked). Returns the one line that says so and how to resume. Never raises."""
+def _run_flow(ws, call: Callable[[], Any], started: float, tracking: tuple[str | None, str],
+              closing: Callable[[Any], list[str]] | None = None) -> tuple[Any, float]:
+    """Run a flow (`call`) on the workspace's temporary Prefect server (stopped after the flow's
+    last report) as `rsir run`, `rsir tune` and `rsir experiment` do, and stop it cleanly on Ctrl-C
+    or SIGTERM: what the command had open is closed (`_close_interrupted`; `closing(tracker)` closes
+    and names the command's own records), one line on stderr says so and that the same command
+    resumes, and the process exits 128 + the signal. `tracking`: the flows' MLflow tracking URI
+    (None: the workspace's) and experiment. Returns (the flow's result, the server's start
+    seconds since `started`)."""
+    from deployments.temporary import prefect_api
+
+    # The flow runs are found by this tag when interrupted (they have no id the CLI knows); their
+    # subflows inherit it.
+    tag = f"rsir-cli-{uuid.uuid4().hex[:12]}"
+    closed = ""  # the line that says what an interrupt closed
+    with _interrupts() as received:
+        try:
+            with prefect_api(Path(os.environ["PREFECT_HOME"])):
+                server_start = time.perf_counter() - started
+                try:
+                    import prefect
+
+                    with prefect.tags(tag):
+                        return call(), server_start
+                except BaseException as exc:
+                    if received or isinstance(exc, KeyboardInterrupt):
+                        closed = _close_interrupted(ws, tracking, tag, received[0] if received else signal.SIGINT,
+                                                    time.perf_counter() - started, closing)
+                    raise
+        except BaseException as exc:
+            if not (received or isinstance(exc, KeyboardInterrupt)):
+                raise
+            signum = received[0] if received else signal.SIGINT
+            print(closed or f"rsir: interrupted by {signal.Signals(signum).name} while the Prefect server "
+                            f"started or stopped; no flow was running", file=sys.stderr)
+            sys.exit(128 + signum)
+
+
+def _close_interrupted(ws, tracking: tuple[str | None, str], tag: str, signum: int, seconds: float,
+                       closing: Callable[[Any], list[str]] | None) -> str:
+    """After an interrupt: the command's Prefect flow runs CANCELLED (with their open subflow and
+    task runs), the MLflow parent run of each flow run that had not completed KILLED (the flow's
+    own handler ends it so; here it is checked, and a run it missed is ended), then `closing`'s
+    records. Returns the one line that says so and how to resume. Never raises."""
     from flows.liveness import cancel_tagged_flow_runs
     from storage.tracking import Tracker, resolve_tracking_uri
 
@@ -607,16 +623,18 @@ def _close_interrupted(cfg, ws, tag: str, signum: int, seconds: float) -> str:
         signal.signal(sig, signal.SIG_IGN)
     reason = f"interrupted by {signal.Signals(signum).name}"
     flow_runs = cancel_tagged_flow_runs(tag, f"{reason}; the same command resumes it")
-    closed = [outcome for _, outcome in flow_runs]
+    closed = [outcome for _, outcome in flow_runs.closed]
     try:
-        tracker = Tracker.open(resolve_tracking_uri(cfg.tracking_uri, ws.mlflow_db), cfg.experiment, ws.mlartifacts)
-        for flow_run in filter(None, (f for f, _ in flow_runs)):
+        tracker = Tracker.open(resolve_tracking_uri(tracking[0], ws.mlflow_db), tracking[1], ws.mlartifacts)
+        for flow_run in flow_runs.open_flow_runs:
             for run in tracker.search_runs(f"tags.`prefect.flow_run_id` = '{flow_run}'"):
                 status = run.info.status
                 if status == "RUNNING":  # interrupted before the flow's handler could end it
                     tracker.end_run(run.info.run_id, "KILLED")
                     status = "KILLED"
-                closed.append(f"MLflow run {run.info.run_id} {status}")
+                if status == "KILLED":  # not a run that had failed or finished before (a pruned trial's)
+                    closed.append(f"MLflow run {run.info.run_id} {status}")
+        closed += closing(tracker) if closing is not None else []
     except Exception as exc:  # tracking unreachable: the line says so, the exit status stays
         closed.append(f"MLflow not checked ({type(exc).__name__})")
     closed = closed or ["no run had started"]
@@ -655,46 +673,51 @@ def tune(**params: Any) -> None:
     _require_dataset(ws, cfg.dataset)
     check_storage(cfg.storage_url(ws.root))
     _local_prefect(ws)
-    from deployments.temporary import prefect_api
+    from flows.tune import close_interrupted
     from flows.tune import tune as tune_flow
 
     started = time.perf_counter()
-    with prefect_api(Path(os.environ["PREFECT_HOME"])):
-        summary = tune_flow(**params)
+    first = cfg.run_config(cfg.seeds[0], cfg.corner())
+    summary, _ = _run_flow(ws, lambda: tune_flow(**params), started, (first.tracking_uri, first.experiment),
+                           lambda tracker: close_interrupted(cfg, cfg.storage_url(ws.root), tracker))
     summary["command_seconds"] = time.perf_counter() - started
     _emit(summary, as_json, _render_tune)
 
 
-def _render_tune(r: dict[str, Any]) -> None:
-    t = r["trials"]
-    print(f"study {r['study']} ({r['storage']}): {t['total']} trials ({t['this_worker']} by this worker): "
-          f"{t['complete']} complete, {t['pruned']} pruned, {t['fail']} failed, {t['running']} running")
-    for row in r["rows"]:
-        value = "-" if row["value"] is None else f"{row['value']:.4f}"
-        settings = " ".join(f"{k}={v:g}" for k, v in row["settings"].items())
-        stopped = f"  (stopped at step {row['last_report'][0]}: {row['last_report'][1]:.4f})" \
-            if row["state"] == "PRUNED" and row["last_report"] else ""
-        print(f"  trial {row['number']:>3} {row['state']:<8} valid {value:>6}  {settings}{stopped}")
-    best = r["best"]
+def _render_tune(summary: dict[str, Any]) -> None:
+    """The study for people, from the tuning flow's summary (its JSON, tasks/tune.py TuneSummary)."""
+    from tasks.tune import TuneSummary
+
+    r = TuneSummary.model_validate(summary)
+    t = r.trials
+    print(f"study {r.study} ({r.storage}): {t.total} trials ({t.this_worker} by this worker): "
+          f"{t.complete} complete, {t.pruned} pruned, {t.fail} failed, {t.running} running")
+    for row in r.rows:
+        value = "-" if row.value is None else f"{row.value:.4f}"
+        settings = " ".join(f"{k}={v:g}" for k, v in row.settings.items())
+        stopped = f"  (stopped at step {row.last_report[0]}: {row.last_report[1]:.4f})" \
+            if row.state == "PRUNED" and row.last_report else ""
+        print(f"  trial {row.number:>3} {row.state:<8} valid {value:>6}  {settings}{stopped}")
+    best = r.best
     if best is None:
         print("best: no complete trial yet")
     else:
-        settings = ", ".join(f"{k}={'all' if v is None else format(v, 'g')}" for k, v in best["settings"].items())
-        theta0 = best["theta0_valid_ndcg@10"]
-        change = f"{100 * best['gain'] / theta0:+.1f}%" if theta0 else f"{best['gain']:+.4f}"
-        print(f"best: trial {best['trial']} ({settings}): valid ndcg@10 of θ_1 {best['valid_ndcg@10']:.4f} against "
-              f"θ_0's {theta0:.4f} ({change})")
-        if not best["beats_theta0"]:
+        settings = ", ".join(f"{k}={'all' if v is None else format(v, 'g')}" for k, v in best.settings.items())
+        change = f"{100 * best.gain / best.theta0_valid:+.1f}%" if best.theta0_valid else f"{best.gain:+.4f}"
+        print(f"best: trial {best.trial} ({settings}): valid ndcg@10 of θ_1 {best.valid:.4f} against "
+              f"θ_0's {best.theta0_valid:.4f} ({change})")
+        if not best.beats_theta0:
             print("  no setting beat θ_0 on validation: keep θ_0")
-        reg = r["registered"]
-        print(f"registered: θ_1 of trial {reg['trial']} as {reg['model']} v{reg['version']} "
-              f"(@champion v{reg['champion_version']})")
-    u = r["reuse"]
-    print(f"reuse: θ_0 trained {u['theta0_trained']}x, reused {u['theta0_reused']}x (saved "
-          f"{u['theta0_seconds_saved']:.1f} s); {u['generations']} generations for {u['runs']} runs")
-    wall = f"wall {r['command_seconds']:.1f} s (flow {r['wall_seconds']:.1f} s)" if "command_seconds" in r else \
-        f"wall {r['wall_seconds']:.1f} s"
-    print(f"{wall}; MLflow study run {r['mlflow_run_id']} ({r['tracking_uri']})")
+        reg = r.registered
+        if reg is not None:
+            print(f"registered: θ_1 of trial {reg.trial} as {reg.model} v{reg.version} "
+                  f"(@champion v{reg.champion_version})")
+    u = r.reuse
+    print(f"reuse: θ_0 trained {u.theta0_trained}x, reused {u.theta0_reused}x (saved "
+          f"{u.theta0_seconds_saved:.1f} s); {u.generations} generations for {u.runs} runs")
+    wall = f"wall {r.command_seconds:.1f} s (flow {r.wall_seconds:.1f} s)" if r.command_seconds is not None else \
+        f"wall {r.wall_seconds:.1f} s"
+    print(f"{wall}; MLflow study run {r.mlflow_run_id} ({r.tracking_uri})")
 
 
 app.command("tune")(with_parameters(tune, _tune_options()))
@@ -778,15 +801,15 @@ def experiment_cmd(
                        max_sources=max_sources, trials=trials, shard=shard, backbone_options=_backbone_options(backbone_option),
                        device=device,
                        threads=threads)
-    parse_config(ExperimentConfig, given)  # a bad value: one line before the flow (and a Prefect server) starts
+    # A bad value: one line before the flow (and a Prefect server) starts.
+    cfg = parse_config(ExperimentConfig, {**given, **_drop_none(experiment=experiment), "smoke": smoke})
     _before_flow(ws, tracking_uri)
     for name in dataset or []:
         _require_dataset(ws, name)
-    from deployments.temporary import prefect_api
-
-    with prefect_api(Path(os.environ["PREFECT_HOME"])):
-        summary = run_experiment(**given, smoke=smoke, home=ws.home, tracking_uri=tracking_uri,
-                                 experiment_name=experiment, archive=str(archive) if archive else None)
+    summary, _ = _run_flow(ws, lambda: run_experiment(**given, smoke=smoke, home=ws.home, tracking_uri=tracking_uri,
+                                                      experiment_name=experiment,
+                                                      archive=str(archive) if archive else None),
+                           time.perf_counter(), (tracking_uri, cfg.experiment_name))
     _emit(summary, as_json, lambda r: print(
         f"suite {r['suite']}: {len(r['ran'])} arms run, {len(r['skipped'])} already finished, "
         f"{r['wall_seconds']:.0f} s; MLflow experiment {r['experiment']!r} ({r['tracking_uri']})"

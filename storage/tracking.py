@@ -245,6 +245,10 @@ class Tracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self._client.set_terminated(run_id, status=status)
 
+    def status(self, run_id: str) -> str:
+        """The run's status: RUNNING, FINISHED, FAILED, KILLED or SCHEDULED."""
+        return self._client.get_run(run_id).info.status
+
     def runs_with_key(self, run_key: str) -> list[Any]:
         """The parent runs tagged with `run_key` (RUN_KEY_TAG), newest first."""
         return sorted(self.search_runs(f"tags.`{RUN_KEY_TAG}` = '{run_key}'"), key=lambda r: -r.info.start_time)

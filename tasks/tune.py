@@ -23,10 +23,11 @@ own, equivalent by the fidelity trace), and every trial shares θ_0 (content-add
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -34,7 +35,11 @@ from core.config import Parameter, Seed, bare, parse_config
 from core.errors import RsirError
 from core.hashing import json_digest
 from models.config import ModelConfig
+from storage.manifest import Record
 from tasks.config import CpuThreads, RunConfig, TrainConfig
+
+if TYPE_CHECKING:  # tasks.runlog imports Prefect, which `rsir tune`'s options must not
+    from tasks.runlog import RunSummary
 
 # The run settings a study searches, and those that are integers.
 TUNED = ("tau", "p", "m", "synthetic_weight", "source_share")
@@ -249,7 +254,7 @@ def tune_parameters() -> list[Parameter]:
 # ---------------------------------------------------------------- the study
 def suggest(trial: Any, cfg: TuneConfig) -> TrialSettings:
     """A trial's settings, drawn by the study's sampler from the config's ranges."""
-    drawn: dict[str, Any] = {}
+    drawn: dict[str, int | float] = {}
     for name in TUNED:
         r: Range = getattr(cfg, name)
         if name in _INTEGER:
@@ -300,6 +305,7 @@ def open_study(cfg: TuneConfig, url: str) -> OpenedStudy:
     from storage.tracking import redact_uri
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # a trial's line is rsir's, not Optuna's
+    _quiet_interrupted_trials()
     # constant_liar: a worker treats the trials others are running as done at a bad value, so two
     # workers do not draw the same settings at once.
     sampler = optuna.samplers.TPESampler(n_startup_trials=cfg.startup_trials, seed=cfg.sampler_seed,
@@ -326,6 +332,32 @@ def open_study(cfg: TuneConfig, url: str) -> OpenedStudy:
     if not created:
         _require_same_config(study, cfg)
     return OpenedStudy(study, created)
+
+
+class _InterruptedTrialLines(logging.Filter):
+    """Optuna logs a trial stopped by an interrupt (Ctrl-C) as two warnings, the first with the
+    whole traceback; the stop is said once, by the worker (flows/tune.py) and `rsir tune`'s line.
+    Drops both; a trial that failed by an error keeps Optuna's lines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted: set[str] = set()  # "Trial N" whose second line is still to come
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        trial = record.getMessage().split(" failed with ", 1)[0]
+        if record.exc_info and record.exc_info[1] is not None and not isinstance(record.exc_info[1], Exception):
+            self.interrupted.add(trial)
+            return False
+        if trial in self.interrupted and record.getMessage().startswith(f"{trial} failed with value "):
+            self.interrupted.discard(trial)
+            return False
+        return True
+
+
+def _quiet_interrupted_trials() -> None:
+    logger = logging.getLogger("optuna.study._optimize")  # where Optuna logs a failed trial
+    if not any(isinstance(f, _InterruptedTrialLines) for f in logger.filters):
+        logger.addFilter(_InterruptedTrialLines())
 
 
 def _rdb_storage(url: str, attempts: int = 5) -> Any:
@@ -399,27 +431,103 @@ class SeedRun:
     wall_seconds: float
 
     @classmethod
-    def of(cls, seed: int, summary: dict[str, Any], generation_key: str) -> "SeedRun":
-        zero, one = summary["iterations"][0], summary["iterations"][1]
-        return cls(seed, one["valid"][METRIC], zero["valid"][METRIC], summary["mlflow_run_id"], bool(zero["reused"]),
-                   zero["train_seconds"], zero["times"]["train"], generation_key, zero["times"]["generate"],
-                   summary["wall_seconds"])
+    def of(cls, seed: int, summary: RunSummary, generation_key: str) -> "SeedRun":
+        zero, one = summary.iterations[0], summary.iterations[1]
+        return cls(seed, one.valid[METRIC], zero.valid[METRIC], summary.mlflow_run_id, zero.reused,
+                   zero.train_seconds, zero.times["train"], generation_key, zero.times["generate"],
+                   summary.wall_seconds)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, float | int | str | bool]:
+        """The trial's user attribute (Optuna keeps JSON)."""
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class TrialRow:
+# A trial's settings as the study keeps them: TUNED's names (a trial interrupted while drawing
+# them has fewer); the best trial's add max_sources, None for every sequence.
+Settings = dict[str, Union[int, float, None]]
+
+
+class _Typed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrialRow(_Typed):
     """One trial of the study as the summary lists it."""
 
     number: int
     state: str  # COMPLETE, PRUNED, FAIL, RUNNING, WAITING
     value: float | None  # mean validation NDCG@10 of θ_1 (complete trials only)
-    settings: dict[str, float]
-    worker: str
-    runs: list[dict[str, Any]]
+    settings: Settings
+    worker: str  # host:pid of the process that ran it
+    runs: list[SeedRun]
     last_report: tuple[int, float] | None  # (step, θ_1's validation NDCG@10): where a pruned trial stopped
+
+
+class TrialCounts(_Typed):
+    """The study's trials by state, and how many this worker ran."""
+
+    this_worker: int
+    total: int
+    complete: int
+    pruned: int
+    fail: int
+    running: int
+
+
+class BestTrial(_Typed):
+    """The best complete trial: its settings, its objective against θ_0's (mean over the seeds)."""
+
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+
+    trial: int
+    settings: Settings
+    valid: float = Field(alias=f"valid_{METRIC}")
+    theta0_valid: float = Field(alias=f"theta0_valid_{METRIC}")
+    gain: float  # valid - theta0_valid
+    beats_theta0: bool
+
+
+class Registered(_Typed):
+    """The model version the best trial's θ_1 was registered as, and the version @champion names."""
+
+    model: str
+    version: int
+    trial: int
+    champion_version: int | str | None
+
+
+class Reuse(_Typed):
+    """What the study's runs shared (reuse_figures)."""
+
+    runs: int
+    theta0_trained: int
+    theta0_reused: int
+    theta0_seconds_saved: float
+    generations: int
+    generation_seconds: float
+
+
+class TuneSummary(Record):
+    """A tuning worker's result: the study as it stands after this worker's trials. Its JSON
+    (`model_dump(mode="json")`) is the flow's result, the study run's tune_summary.json and
+    `rsir tune --json`; command_seconds is written only when `rsir tune` adds it."""
+
+    study: str
+    storage: str  # the URL without password
+    dataset: str
+    model: str
+    seeds: list[int]
+    metric: str
+    trials: TrialCounts
+    best: BestTrial | None
+    registered: Registered | None
+    reuse: Reuse
+    rows: list[TrialRow]
+    mlflow_run_id: str  # the study's run
+    tracking_uri: str
+    mlflow_url: str | None
+    wall_seconds: float  # this worker's flow
+    command_seconds: float | None = None  # `rsir tune`: the flow and the Prefect server's start
 
 
 def trial_rows(study: Any) -> list[TrialRow]:
@@ -428,28 +536,33 @@ def trial_rows(study: Any) -> list[TrialRow]:
     rows = []
     for t in study.trials:
         last = max(t.intermediate_values, default=None)
-        rows.append(TrialRow(t.number, t.state.name, t.value if t.state.name == "COMPLETE" else None, dict(t.params),
-                             t.user_attrs.get("worker", ""),
-                             [v for k, v in sorted(t.user_attrs.items()) if k.startswith("seed_")],
-                             None if last is None else (last, t.intermediate_values[last])))
+        rows.append(TrialRow(number=t.number, state=t.state.name,
+                             value=t.value if t.state.name == "COMPLETE" else None, settings=dict(t.params),
+                             worker=t.user_attrs.get("worker", ""),
+                             runs=[SeedRun(**v) for k, v in sorted(t.user_attrs.items()) if k.startswith("seed_")],
+                             last_report=None if last is None else (last, t.intermediate_values[last])))
     return rows
 
 
-def reuse_figures(rows: list[TrialRow]) -> dict[str, Any]:
+def trial_counts(rows: list[TrialRow], this_worker: int) -> TrialCounts:
+    return TrialCounts(this_worker=this_worker, total=len(rows),
+                       **{state.lower(): sum(r.state == state for r in rows)
+                          for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")})
+
+
+def reuse_figures(rows: list[TrialRow]) -> Reuse:
     """What the study's runs shared: θ_0 trainings run against reused (and the seconds the reuse
     saved: the training's own seconds minus the reusing task's), generations made against runs."""
     runs = [run for row in rows for run in row.runs]
-    reused = [r for r in runs if r["theta0_reused"]]
-    return {"runs": len(runs), "theta0_trained": len(runs) - len(reused), "theta0_reused": len(reused),
-            "theta0_seconds_saved": sum(max(r["theta0_train_seconds"] - r["theta0_task_seconds"], 0.0) for r in reused),
-            "generations": len({r["generation_key"] for r in runs}),
-            "generation_seconds": sum(r["generate_seconds"] for r in runs)}
+    reused = [r for r in runs if r.theta0_reused]
+    return Reuse(runs=len(runs), theta0_trained=len(runs) - len(reused), theta0_reused=len(reused),
+                 theta0_seconds_saved=sum(max(r.theta0_train_seconds - r.theta0_task_seconds, 0.0) for r in reused),
+                 generations=len({r.generation_key for r in runs}),
+                 generation_seconds=sum(r.generate_seconds for r in runs))
 
 
 def mean(values: list[float]) -> float:
     return sum(values) / len(values)
-
-
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Ctrl-C (SIGINT to the command's process group, as a terminal sends it) and SIGTERM of a real
 `rsir run` mid-training: it stops within seconds, closes its MLflow parent run (KILLED) and its
 Prefect flow run (CANCELLED) on the temporary server, which outlives that report and is stopped
-after it; it prints one line saying the same command resumes, and exits 130 (143)."""
+after it; it prints one line saying the same command resumes, and exits 130 (143). `rsir experiment`
+does the same for its arms (`rsir tune`'s interrupt: tests/test_tune.py)."""
 
 from __future__ import annotations
 
@@ -43,17 +44,14 @@ def _servers_of(prefect_home: Path) -> list[psutil.Process]:
     return found
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_an_interrupted_run_stops_within_seconds_and_closes_its_runs(tiny_home, sig):
-    ws = tiny_home
+def _interrupt(cmd: list[str], sig: int) -> tuple[int, float, list[str]]:
+    """Start `cmd` (an rsir command, as a terminal would: its own process group), send `sig` once
+    θ_0's training has started, and return (exit status, seconds from the signal to the exit,
+    the output after the signal)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
-    # Many epochs and no early stop: the run is still training when it is interrupted.
-    cmd = [sys.executable, "-m", "rsir.cli", "run", "--dataset", "tiny", "-K", "1", "--epochs", "5000",
-           "--patience", "5000", "--threads", "1", "--device", "cpu", "--model-params", "hidden=16",
-           "--model-params", "max_len=20", "--model-params", "layers=1", "--home", str(ws.root)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "rsir.cli", *cmd], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
     training = threading.Event()
 
@@ -82,8 +80,20 @@ def test_an_interrupted_run_stops_within_seconds_and_closes_its_runs(tiny_home, 
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     reader.join(timeout=10)
-    after = lines[before:]
-    assert proc.returncode == 128 + sig, "".join(after)
+    return proc.returncode, seconds, lines[before:]
+
+
+# Many epochs and no early stop: a run is still training when it is interrupted.
+LONG_TRAINING = ["--threads", "1", "--device", "cpu", "--epochs", "5000", "--patience", "5000"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_run_stops_within_seconds_and_closes_its_runs(tiny_home, sig):
+    ws = tiny_home
+    code, seconds, after = _interrupt(["run", "--dataset", "tiny", "-K", "1", *LONG_TRAINING, "--model-params",
+                                       "hidden=16", "--model-params", "max_len=20", "--model-params", "layers=1",
+                                       "--home", str(ws.root)], sig)
+    assert code == 128 + sig, "".join(after)
     assert seconds < 60, f"{seconds:.1f} s from the signal to the exit"
     assert len(after) < 15, "".join(after)  # no tracebacks, no retries of a dead API
 
@@ -103,6 +113,27 @@ def test_an_interrupted_run_stops_within_seconds_and_closes_its_runs(tiny_home, 
     with sqlite3.connect(ws.root / "prefect" / "prefect.db") as db:
         (state,) = db.execute("select state_type from flow_run where id = ?", (flow_run.group(1),)).fetchone()
     assert state == "CANCELLED"
+    assert not _servers_of(ws.root / "prefect"), "the temporary Prefect server outlived the command"
+
+
+def test_an_interrupted_experiment_closes_its_runs_as_a_run_does(tiny_csv, tmp_path):
+    # `rsir experiment` runs its arms as `rsir run` runs its flow (rsir/cli.py _run_flow).
+    ws = make_tiny_home(tmp_path / "workspace", tiny_csv)
+    code, _, after = _interrupt(["experiment", "main", "--smoke", "--dataset", "tiny", "--seed", "0", *LONG_TRAINING,
+                                 "--home", str(ws.root)], signal.SIGINT)
+    assert code == 130 and len(after) < 15 and not any("Traceback" in line for line in after), "".join(after)
+    (told,) = [line for line in after if line.startswith("rsir: interrupted by SIGINT")]
+    assert told.rstrip().endswith("run the same command again to resume"), told
+    (arm_run,) = re.findall(r"MLflow run ([0-9a-f]{32}) KILLED", told)  # the arm's rsir run
+    with sqlite3.connect(ws.root / "mlflow.db") as db:
+        runs = dict(db.execute("select name, status from runs").fetchall())
+        (status,) = db.execute("select status from runs where run_uuid = ?", (arm_run,)).fetchone()
+    assert status == "KILLED" and set(runs.values()) == {"KILLED"} and "iteration-0" in runs, runs
+    with sqlite3.connect(ws.root / "prefect" / "prefect.db") as db:
+        flow_runs = dict(db.execute("select name, state_type from flow_run").fetchall())
+    # The suite's flow run, the arm's and the iteration it cut short.
+    assert "experiment-main" in flow_runs and len(flow_runs) == 3, flow_runs
+    assert set(flow_runs.values()) == {"CANCELLED"}, flow_runs
     assert not _servers_of(ws.root / "prefect"), "the temporary Prefect server outlived the command"
 
 

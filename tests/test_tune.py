@@ -1,14 +1,21 @@
 """`rsir tune` (issue 26): an Optuna study over RSIR's settings on tiny real data, each trial an
 `rsir` run at K = 1 scored on θ_1's validation NDCG@10, against the session's Prefect server: one
 worker on the workspace's SQLite study (θ_0 and the generation shared, a trial pruned, the best θ_1
-registered), two worker processes on one PostgreSQL study, and bad input refused in one line."""
+registered), two worker processes on one PostgreSQL study, an interrupted `rsir tune` that closes
+what it opened and is continued by the same command, and bad input refused in one line."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
+import socket
+import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import optuna
@@ -260,3 +267,210 @@ def test_a_storage_file_that_is_no_database_is_one_line(cli, tiny_csv, tmp_path,
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1
     assert f"Optuna storage 'sqlite:///{ws.root / 'optuna.db'}' is unreachable or invalid" in result.err
     assert (ws.root / "optuna.db").read_text() == "not a database" and not (ws.root / "prefect").exists()
+
+
+# The summary's JSON as it was a string-keyed dict (before TuneSummary): `rsir tune --json` and the
+# study run's tune_summary.json keep these keys.
+SUMMARY_KEYS = {"study", "storage", "dataset", "model", "seeds", "metric", "trials", "best", "registered", "reuse",
+                "rows", "mlflow_run_id", "tracking_uri", "mlflow_url", "wall_seconds"}
+NESTED_KEYS = {
+    "trials": {"this_worker", "total", "complete", "pruned", "fail", "running"},
+    "best": {"trial", "settings", "valid_ndcg@10", "theta0_valid_ndcg@10", "gain", "beats_theta0"},
+    "registered": {"model", "version", "trial", "champion_version"},
+    "reuse": {"runs", "theta0_trained", "theta0_reused", "theta0_seconds_saved", "generations", "generation_seconds"},
+}
+ROW_KEYS = {"number", "state", "value", "settings", "worker", "runs", "last_report"}
+SEED_RUN_KEYS = {"seed", "valid", "theta0_valid", "mlflow_run_id", "theta0_reused", "theta0_train_seconds",
+                 "theta0_task_seconds", "generation_key", "generate_seconds", "wall_seconds"}
+
+
+def _assert_summary_keys(summary: dict) -> None:
+    assert set(summary) == SUMMARY_KEYS
+    for name, keys in NESTED_KEYS.items():
+        assert set(summary[name]) == keys, name
+    assert set(summary["best"]["settings"]) == {*TUNED, "max_sources"}
+    for row in summary["rows"]:
+        assert set(row) == ROW_KEYS and set(row["settings"]) == set(TUNED)
+        for run in row["runs"]:
+            assert set(run) == SEED_RUN_KEYS
+
+
+def test_the_summary_is_a_typed_record_with_the_json_it_had(one_worker):
+    from tasks.tune import TuneSummary
+
+    ws, uri, summary = one_worker
+    _assert_summary_keys(summary)
+    json.dumps(summary)  # plain JSON, as the flow's result and `--json`
+    typed = TuneSummary.model_validate(summary)
+    assert typed.model_dump(mode="json") == summary  # the record round-trips its JSON exactly
+    assert typed.best.valid == summary["best"]["valid_ndcg@10"] and typed.rows[2].runs == []  # pruned: no run
+    assert isinstance(typed.rows[0].settings["tau"], int) and isinstance(summary["rows"][0]["settings"]["tau"], int)
+    # The study run's tune_summary.json is the same JSON.
+    logged = Tracker.open(uri, "rsir").load_dict(summary["mlflow_run_id"], "tune_summary.json")
+    assert logged == summary
+    # `rsir tune --json` adds only the command's seconds, which the record reads.
+    with_command = {**summary, "command_seconds": 12.5}
+    assert TuneSummary.model_validate(with_command).model_dump(mode="json") == with_command
+
+
+def _owned_run(tracker: Tracker, study: str, trial: int, pid: int, started: float) -> str:
+    """A RUNNING trial run of `study` as a worker process `pid` (start time `started`) makes it."""
+    from storage.tracking import RunOwner, _machine
+
+    owner = RunOwner(socket.gethostname(), _machine(), pid, started)
+    return tracker.start_run(f"trial-{trial}", {"rsir.lineage": "x", "rsir.label.tune_study": study,
+                                                "rsir.label.tune_trial": str(trial), **owner.tags()})
+
+
+def test_a_stopped_worker_fails_its_trial_and_ends_the_study_run_unless_another_worker_lives(tmp_path):
+    import psutil
+
+    from flows.tune import _reopen, close_worker, worker_id
+    from storage.tracking import RESUMES_TAG
+
+    cfg = TuneConfig(dataset="tiny", study="stopped")
+    tracker = Tracker.open(f"sqlite:///{tmp_path / 'mlflow.db'}", "rsir")
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="stopped")
+    study_run = tracker.start_run("stopped")
+    study.set_user_attr("mlflow_run_id", study_run)
+    other = study.ask()
+    other.set_user_attr("worker", "elsewhere:1")
+    mine = study.ask()  # as a SIGTERM leaves it: Prefect's TerminationSignal passes Optuna by
+    mine.set_user_attr("worker", worker_id())
+    # Another worker's trial run, alive (its process is this test's parent): the run stays open.
+    parent = psutil.Process(os.getppid())
+    alive = _owned_run(tracker, "stopped", other.number, parent.pid, parent.create_time())
+    said = close_worker(cfg, tracker, study)
+    states = {t.number: t.state.name for t in study.trials}
+    assert states == {other.number: "RUNNING", mine.number: "FAIL"}
+    assert said[0] == f"Optuna trial {mine.number} FAIL"
+    assert said[1].startswith(f"MLflow study run {study_run} left RUNNING for the worker of trial {other.number}")
+    assert tracker.status(study_run) == "RUNNING"
+    # That worker was killed (its process gone, its run left RUNNING): nobody would end the study run.
+    tracker.end_run(alive, "KILLED")
+    _owned_run(tracker, "stopped", other.number, 2 ** 22 + 1, 0.0)  # no such process
+    assert close_worker(cfg, tracker, study, "KILLED") == [f"Optuna trial {mine.number} FAIL",
+                                                           f"MLflow study run {study_run} KILLED"]
+    assert tracker.status(study_run) == "KILLED"
+    # The next worker (or the next trial of a live one) reopens it.
+    _reopen(tracker, study_run)
+    assert tracker.status(study_run) == "RUNNING"
+    assert MlflowClient(tracker.uri).get_run(study_run).data.tags[RESUMES_TAG] == "1"
+
+
+# A trial of `rsir tune` on tiny data whose trainings last long enough to be interrupted
+# mid-trial, and short enough that the rerun's trial completes (epochs are a run setting of the
+# study: the rerun must give the same).
+INTERRUPT_EPOCHS = 30
+TUNE_COMMAND = ["tune", "--dataset", "tiny", "--threads", "1", "--tau", "5..20 log", "--p", "0.5", "--m", "2",
+                "--source-share", "0.5", "--sampler-seed", "0", "--trials", "1",
+                *(arg for pair in (f"epochs={INTERRUPT_EPOCHS}", f"patience={INTERRUPT_EPOCHS}", "device=cpu",
+                                   "model_params.hidden=16", "model_params.layers=1", "model_params.max_len=20")
+                  for arg in ("--run-params", pair))]
+
+
+def _training_trial(mlflow_db: Path) -> str | None:
+    """The RUNNING trial run of the study whose θ_0 is training (its run iteration-0 exists)."""
+    if not mlflow_db.exists():
+        return None
+    try:
+        with sqlite3.connect(f"file:{mlflow_db}?mode=ro", uri=True) as db:
+            found = db.execute(
+                "select r.run_uuid from runs r join tags t on t.run_uuid = r.run_uuid "
+                "join tags p on p.key = 'mlflow.parentRunId' and p.value = r.run_uuid "
+                "join runs c on c.run_uuid = p.run_uuid and c.name = 'iteration-0' "
+                "where r.status = 'RUNNING' and t.key = 'rsir.label.tune_trial'").fetchone()
+    except sqlite3.Error:  # tables not made yet, or locked by the writer
+        return None
+    return found[0] if found else None
+
+
+def _command_env() -> dict[str, str]:
+    """A terminal's environment: no Prefect server, no tracking URI (the command's own), this code."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
+
+
+def _interrupt_tune(root: Path, sig: int) -> tuple[list[str], str]:
+    """`rsir tune` (TUNE_COMMAND) in a process group of its own, sent `sig` while its first trial
+    trains θ_0 (SIGINT to the group, as Ctrl-C in a terminal; SIGTERM to the process). Asserts the
+    exit status (128 + sig), the one line and that the stores hold what it says: the trial FAIL in
+    the study, its run KILLED and nested under the study run (tune_state FAIL), the study run
+    KILLED (no other worker), every flow run CANCELLED. Returns the command and the study run."""
+    cmd = [sys.executable, "-m", "rsir.cli", *TUNE_COMMAND, "--home", str(root)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_command_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 600
+        while (trial_run := _training_trial(root / "mlflow.db")) is None:
+            assert proc.poll() is None and time.monotonic() < deadline, "no trial trained:\n" + "".join(lines[-30:])
+            time.sleep(0.2)
+        time.sleep(1)  # inside θ_0's training loop
+        assert proc.poll() is None, "".join(lines[-30:])
+        before = len(lines)
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    reader.join(timeout=10)
+    after = lines[before:]
+    assert proc.returncode == 128 + sig, "".join(after)
+    assert len(after) < 15 and not any("Traceback" in line for line in after), "".join(after)
+
+    (told,) = [line for line in after if line.startswith("rsir: interrupted")]
+    assert f"interrupted by {signal.Signals(sig).name}" in told and told.rstrip().endswith(
+        "run the same command again to resume"), told
+    flow_run = re.search(r"Prefect flow run ([0-9a-f-]{36}) CANCELLED", told)
+    killed = re.findall(r"MLflow run ([0-9a-f]{32}) KILLED", told)
+    study_run = re.search(r"MLflow study run ([0-9a-f]{32}) KILLED", told)  # no other worker: ended
+    assert flow_run and killed == [trial_run] and study_run and "Optuna trial 0 FAIL" in told, told
+
+    # What the line says is what the stores hold.
+    study = optuna.load_study(study_name="rsir-tune-tiny-sasrec-seeds0", storage=f"sqlite:///{root / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["FAIL"]
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    run = client.get_run(trial_run)
+    assert run.info.status == "KILLED"
+    assert (run.data.tags["mlflow.parentRunId"], run.data.tags["rsir.tune_trial"], run.data.tags["rsir.tune_state"]) \
+        == (study_run.group(1), "0", "FAIL")
+    assert client.get_run(study_run.group(1)).info.status == "KILLED"
+    with sqlite3.connect(root / "prefect" / "prefect.db") as db:
+        (state,) = db.execute("select state_type from flow_run where id = ?", (flow_run.group(1),)).fetchone()
+        states = db.execute("select name, state_type from flow_run").fetchall()
+    assert state == "CANCELLED"
+    # The tune flow, its trial's rsir subflow and the iteration it cut short: none left open.
+    assert len(states) >= 3 and {name.split("-")[0] for name, _ in states} >= {"tune", "iteration"}
+    assert all(state == "CANCELLED" for _, state in states), states
+    return cmd, study_run.group(1)
+
+
+def test_a_tune_stopped_by_sigterm_closes_its_trial_though_optuna_does_not(tiny_csv, tmp_path):
+    # Prefect's TerminationSignal is no KeyboardInterrupt: Optuna leaves the trial RUNNING, the
+    # worker marks it FAIL.
+    _interrupt_tune(make_tiny_home(tmp_path / "workspace", tiny_csv).root, signal.SIGTERM)
+
+
+def test_an_interrupted_tune_closes_what_it_opened_and_the_same_command_continues_the_study(tiny_csv, tmp_path):
+    ws = make_tiny_home(tmp_path / "workspace", tiny_csv)
+    cmd, study_run = _interrupt_tune(ws.root, signal.SIGINT)
+    # The same command again continues the study: a new trial, complete; the study run reopened
+    # and ended, the interrupted trial still FAIL.
+    again = subprocess.run([*cmd, "--json"], cwd=REPO, env=_command_env(), capture_output=True, text=True, timeout=1200)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads(again.stdout)
+    assert summary["trials"] == {"this_worker": 1, "total": 2, "complete": 1, "pruned": 0, "fail": 1, "running": 0}
+    assert summary["mlflow_run_id"] == study_run and summary["best"]["trial"] == 1
+    _assert_summary_keys({k: v for k, v in summary.items() if k != "command_seconds"})
+    reopened = MlflowClient(f"sqlite:///{ws.root / 'mlflow.db'}").get_run(study_run)
+    assert reopened.info.status == "FINISHED" and reopened.data.tags["rsir.resumes"] == "1"
+    assert [t.state.name for t in optuna.load_study(study_name=summary["study"], storage=summary["storage"]).trials] \
+        == ["FAIL", "COMPLETE"]
