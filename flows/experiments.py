@@ -15,7 +15,7 @@ one MLflow experiment, and found again there (never from memory) by their labels
     tune         self-tuning RSIR (issue 26): per dataset an Optuna study of τ, p, m, λ and the
                  generation budget on validation (first seed), then on every seed K = 1 at the
                  study's best settings ("tuned"), K = 1 at the paper's fixed setting ("fixed") and
-                 K auto ("adaptive"), each against θ_0
+                 K auto with the leakage τ schedule ("adaptive"), each against θ_0
 
 Re-running a suite skips every arm whose MLflow run finished (same lineage key, same K), and an
 interrupted arm resumes inside the `rsir` flow from its committed versions and checkpoints.
@@ -410,7 +410,8 @@ def study_stage(cfg: ExperimentConfig, _: list[dict[str, Any]]) -> list[Study]:
 
 def tune_arms(cfg: ExperimentConfig, _: list[dict[str, Any]]) -> list[Arm]:
     """On every seed: K = 1 at the paper's setting, K = 1 at the study's best settings, and K auto
-    (up to K iterations) from the paper's setting; θ_0 is iteration 0 of each (trained once).
+    (up to K iterations) from the paper's setting with τ_k chosen by the leakage rule
+    (tasks/tau_schedule.py); θ_0 is iteration 0 of each (trained once).
     The tuned arm generates at its own τ (the study's runs generate at the range's largest): its
     lineage is not a trial's, so it runs, and reports, as an arm of the suite."""
     ws = Workspace.at(cfg.home)
@@ -427,7 +428,8 @@ def tune_arms(cfg: ExperimentConfig, _: list[dict[str, Any]]) -> list[Arm]:
                 arms.append(_arm(cfg, "tuned", ds, s, {"stage": "tuned", "study": outcome.study,
                                                        "study_run": outcome.run_id, "trial": str(outcome.best_trial)},
                                  K=1, **outcome.best_settings))
-            arms.append(_arm(cfg, "adaptive", ds, s, {"stage": "adaptive"}, K="auto", k_max=cfg.K, **PAPER_SETTING))
+            arms.append(_arm(cfg, "adaptive", ds, s, {"stage": "adaptive"}, K="auto", k_max=cfg.K,
+                             tau_schedule="leakage", **PAPER_SETTING))
     return arms
 
 

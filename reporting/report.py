@@ -567,7 +567,7 @@ def _paper_answers(answers: list[tuple]) -> list[str]:
 
 # ------------------------------------------------------------------ the tune suite (issue 26)
 TUNE_ARMS = {"fixed": "K = 1 at the paper's setting", "tuned": "K = 1 at the study's best settings",
-             "adaptive": "K auto from the paper's setting"}
+             "adaptive": "K auto, τ by the leakage rule"}
 _SETTINGS = ("tau", "p", "m", "synthetic_weight", "max_sources")
 
 
@@ -615,7 +615,7 @@ def tune_report(tracker: Tracker, rows: list[dict[str, Any]], folder: Path) -> t
 def _arm_settings(arm: str, outcome: StudyOutcome | None) -> str:
     if arm == "tuned" and outcome is not None:
         return ", ".join(f"{k}={'all' if v is None else format(v, '.3g')}" for k, v in outcome.best_settings.items())
-    return "tau=10, p=0.5, m=5, synthetic_weight=1" + (", K auto" if arm == "adaptive" else "")
+    return "tau=10, p=0.5, m=5, synthetic_weight=1" + (", K auto, tau_schedule=leakage" if arm == "adaptive" else "")
 
 
 def _arm_wall(group: list[dict[str, Any]]) -> str:

@@ -50,6 +50,7 @@ def test_study_then_fixed_tuned_and_adaptive_arms_on_every_seed(tune_suite):
         else:
             assert (params["tau"], params["p"], params["m"]) == ("10", "0.5", "5")
         assert params["K"] == ("auto" if row["arm"] == "adaptive" else "1")
+        assert params["tau_schedule"] == ("leakage" if row["arm"] == "adaptive" else "fixed")
     for s in ("0", "1"):  # one θ_0 per seed, the same in every arm
         zero = {r["test/ndcg@10"] for r in rows if r["seed"] == s and r["k"] == 0}
         assert len([r for r in rows if r["seed"] == s and r["k"] == 0]) == 3 and len(zero) == 1
@@ -79,7 +80,7 @@ def test_tune_report_tables_every_arm_against_theta0_and_plots_the_study(tune_su
     assert "Study `experiment-tune-smoke-tiny`" in text and "2 trials ended" in text
     section = text.split("### tiny: against θ_0")[1].split("\n## ")[0]
     for arm in ("fixed: K = 1 at the paper's setting", "tuned: K = 1 at the study's best settings",
-                "adaptive: K auto from the paper's setting"):
+                "adaptive: K auto, τ by the leakage rule"):
         assert f"| {arm} |" in section
     assert "## Answer" in text and ("* tiny, tuned: " in text) and ("* tiny, adaptive: " in text)
     assert [Path(p).name for p in out["figures"]] == ["study_tiny.png"] and Path(out["figures"][0]).stat().st_size > 0
