@@ -653,9 +653,10 @@ def _study_section(tracker: Tracker, ds: str, outcome: StudyOutcome | None, fold
             ax.scatter(xs, [v for _, v in points], color="tab:blue", label="θ_1 of a complete trial")
             if theta0 is not None:
                 ax.axhline(theta0, color="tab:gray", linestyle="--", label="θ_0")
-            if key in ("tau", "synthetic_weight"):
+            if key == "tau":  # drawn on a log scale over two decades
                 ax.set_xscale("log")
-            ax.set_xlabel(key + (" (nan: all)" if key == "max_sources" else ""))
+            unplotted = sum(x != x for x in xs)  # NaN: every sequence a source (no cap)
+            ax.set_xlabel(key + (f" (+{unplotted} uncapped)" if unplotted else ""))
             ax.set_ylabel("valid ndcg@10")
         axes[0][0].legend(fontsize=7)
         fig.suptitle(f"{ds}: study {outcome.study}", fontsize=10)
@@ -676,7 +677,7 @@ def _tune_answers(answers: list[tuple]) -> list[str]:
         picked = "θ_0 kept on every seed" if all(k == 0 for k in ks) else f"champions {' '.join(f'θ_{k}' for k in ks)}"
         out.append(f"* {ds}, {arm}: {'beats' if held else 'does not beat'} θ_0 on test NDCG@10: {change(c)} "
                    f"{verdict(c)} ({picked}).")
-    return out or ["No tuned or adaptive arm has finished."]
+    return (out or ["No tuned or adaptive arm has finished."]) + [""]
 
 
 REPORTS: dict[str, Callable[[Tracker, list[dict[str, Any]], Path], tuple[list[str], list[Path]]]] = {
