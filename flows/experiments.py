@@ -174,9 +174,12 @@ class ExperimentConfig(BaseModel):
 
 
 def smoke_config(cfg: ExperimentConfig) -> ExperimentConfig:
-    """The trimmed suite the test suite runs: 2 seeds, short grids, 2 epochs, tiny models."""
+    """The trimmed suite the test suite runs: 2 seeds, short grids, 2 epochs, 2 trials, tiny
+    models. A budget given explicitly (epochs, patience, trials) is kept: the smoke trims only
+    what the caller left to the suite."""
+    budget = {k: v for k, v in {"epochs": 2, "patience": 1, "trials": 2}.items() if k not in cfg.model_fields_set}
     return cfg.model_copy(update={"seeds": cfg.seeds[:2], "K": min(cfg.K, 2), "taus": [1, 10], "ps": [0.0, 1.0],
-                                  "grid": cfg.grid[:2], "epochs": 2, "patience": 1, "trials": 2,
+                                  "grid": cfg.grid[:2], **budget,
                                   "model_params": {**SMOKE_MODEL, **cfg.model_params}, "smoke": True})
 
 

@@ -159,3 +159,13 @@ def test_bad_suite_parameters_fail_before_compute(prefect_api, tmp_path):
         experiment(suite="backbones", backbone_options={"hstu": {"dropout": 2.0}}, home=str(tmp_path / "ws"),
                    datasets=["tiny"])
     assert not (tmp_path / "ws" / "checkpoints").exists() and not (tmp_path / "ws" / "datasets").exists()
+
+
+def test_smoke_trims_only_the_budget_the_caller_left_to_the_suite():
+    from core.config import parse_config
+    from flows.experiments import ExperimentConfig, smoke_config
+
+    left = smoke_config(parse_config(ExperimentConfig, {"suite": "main"}))
+    assert (left.epochs, left.patience, left.trials, left.seeds) == (2, 1, 2, [0, 1])
+    given = smoke_config(parse_config(ExperimentConfig, {"suite": "main", "epochs": 5000, "patience": 5000}))
+    assert (given.epochs, given.patience, given.trials) == (5000, 5000, 2)
