@@ -87,6 +87,17 @@ def fire_a_schedule(api: str, deployment: dict, ws) -> dict:
     return resp.json()[0]
 
 
+def _patch(url: str, body: dict, attempts: int = 5) -> None:
+    """PATCH as Prefect's own client does: a 503 (the server's SQLite busy while its scheduler and
+    a flow run write, seen on a loaded machine) is retried, any other error raises."""
+    for attempt in range(attempts):
+        resp = httpx.patch(url, json=body, timeout=30)
+        if resp.status_code != 503 or attempt + 1 == attempts:
+            resp.raise_for_status()
+            return
+        time.sleep(2 * (attempt + 1))
+
+
 def test_a_schedule_fires_with_its_parameters_and_keeps_its_state_across_restarts(tiny_csv, tmp_path):
     ws = make_tiny_home(tmp_path / "workspace", tiny_csv)
     port, ready = _free_port(), tmp_path / "ready"
@@ -102,8 +113,7 @@ def test_a_schedule_fires_with_its_parameters_and_keeps_its_state_across_restart
         # A schedule resumed by hand stays active when `rsir serve` restarts and deploys again.
         weekly = next(s for s in deployment["schedules"] if s["slug"] == "weekly-ml-100k")
         for schedule, active in ((weekly, True), (added, False)):
-            httpx.patch(f"{api}/deployments/{deployment['id']}/schedules/{schedule['id']}", json={"active": active},
-                        timeout=30).raise_for_status()
+            _patch(f"{api}/deployments/{deployment['id']}/schedules/{schedule['id']}", {"active": active})
     finally:
         stop_serve(serve)
     serve, api = start_serve(ws.root, port, ready)
