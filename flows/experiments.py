@@ -89,8 +89,6 @@ PAPER_RELEASE_TRAINERS: dict[str, dict[str, Any]] = {
 }
 # Table 2 iterates under whichever of these validation prefers (the release as shipped or ours).
 PAPER_TABLE2_TRAINERS = ("release", "strong")
-# The tune suite's fixed arm: the paper's setting (section 5 of ../shared/docs/rsir-method.md).
-PAPER_SETTING: dict[str, Any] = {"tau": 10, "p": 0.5, "m": 5}
 # Tiny models for --smoke: the machinery, not the numbers, is under test.
 SMOKE_MODEL = {"hidden": 16, "layers": 1, "max_len": 20}
 
@@ -426,13 +424,14 @@ def tune_arms(cfg: ExperimentConfig, _: list[dict[str, Any]]) -> list[Arm]:
             raise StageNotReady(f"the tune suite's study on {ds} has not finished its {cfg.trials} trials: run "
                                 f"`rsir experiment tune` (again)")
         for s in cfg.seeds:
-            arms.append(_arm(cfg, "fixed", ds, s, {"stage": "fixed"}, K=1, **PAPER_SETTING))
+            # τ, p and m are the suite's (cfg.tau, cfg.p, cfg.m: the paper's 10, 0.5 and 5 by default).
+            arms.append(_arm(cfg, "fixed", ds, s, {"stage": "fixed"}, K=1))
             if outcome.best_trial is not None:
                 arms.append(_arm(cfg, "tuned", ds, s, {"stage": "tuned", "study": outcome.study,
                                                        "study_run": outcome.run_id, "trial": str(outcome.best_trial)},
                                  K=1, **outcome.best_settings))
             arms.append(_arm(cfg, "adaptive", ds, s, {"stage": "adaptive"}, K="auto", k_max=cfg.K,
-                             tau_schedule="leakage", **PAPER_SETTING))
+                             tau_schedule="leakage"))
     return arms
 
 
