@@ -145,6 +145,10 @@ class TuneConfig(CpuThreads):
                                "may stop it (Optuna's n_warmup_steps: earlier epochs are never judged)")
     sampler_seed: int | None = Field(None, ge=0, le=2 ** 32 - 1, description="TPE sampler's seed (default: "
                                      "random; workers of one study should not share one)")
+    heartbeat_seconds: int = Field(60, ge=1, le=3600, description="seconds between a running trial's beats in "
+                                   "the study's storage; a trial whose last beat is older than twice this (its "
+                                   "worker killed: SIGKILL, a lost machine) is marked FAIL when a worker of the "
+                                   "study starts its next trial (Optuna's heartbeat)")
     run_params: dict[str, Any] = Field(default_factory=dict, description="every trial's other run settings: "
                                        "rsir run parameters (epochs, patience, recipe, model_params, device, "
                                        "tracking_uri, experiment...)")
@@ -313,7 +317,7 @@ def open_study(cfg: TuneConfig, url: str) -> OpenedStudy:
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=cfg.startup_trials, n_warmup_steps=cfg.warmup_epochs)
               if cfg.prune else optuna.pruners.NopPruner())
     try:
-        storage = _rdb_storage(url)
+        storage = _rdb_storage(url, cfg.heartbeat_seconds)
         try:
             study = optuna.create_study(storage=storage, sampler=sampler, pruner=pruner, study_name=cfg.study_name,
                                         direction="maximize")
@@ -360,17 +364,22 @@ def _quiet_interrupted_trials() -> None:
         logger.addFilter(_InterruptedTrialLines())
 
 
-def _rdb_storage(url: str, attempts: int = 5) -> Any:
-    """Optuna's RDB storage at `url`. Workers starting together on a new database race to create
-    its tables (PostgreSQL: a unique violation in pg_type for the loser): the loser tries again,
-    and then finds them."""
+def _rdb_storage(url: str, heartbeat_seconds: int, attempts: int = 5) -> Any:
+    """Optuna's RDB storage at `url`, with its heartbeat: a trial beats every `heartbeat_seconds`
+    and is stale after two (a worker that dies without running its handlers, SIGKILL, leaves its
+    trial RUNNING; `Study.optimize` marks every stale trial FAIL before each trial it starts;
+    Optuna docs, RDBStorage heartbeat_interval / grace_period). Workers starting together on a new
+    database race to create its tables (PostgreSQL: a unique violation in pg_type for the loser):
+    the loser tries again, and then finds them."""
     import time
 
     import optuna
 
     for attempt in range(attempts):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
+                                              heartbeat_interval=heartbeat_seconds,
+                                              grace_period=2 * heartbeat_seconds)
         except Exception as exc:
             text = str(exc).lower()
             if attempt + 1 == attempts or not ("unique" in text or "already exists" in text):

@@ -474,3 +474,34 @@ def test_an_interrupted_tune_closes_what_it_opened_and_the_same_command_continue
     assert reopened.info.status == "FINISHED" and reopened.data.tags["rsir.resumes"] == "1"
     assert [t.state.name for t in optuna.load_study(study_name=summary["study"], storage=summary["storage"]).trials] \
         == ["FAIL", "COMPLETE"]
+
+
+def test_a_killed_workers_trial_is_failed_by_the_heartbeat_and_the_same_command_continues(tiny_csv, tmp_path):
+    # SIGKILL runs no handler: the trial stays RUNNING in the study until its heartbeat is stale
+    # (twice --heartbeat-seconds); the next worker's next trial marks it FAIL (Optuna), so the
+    # study's counts say what happened and nothing waits on a dead worker forever.
+    root = make_tiny_home(tmp_path / "workspace", tiny_csv).root
+    cmd = [sys.executable, "-m", "rsir.cli", *TUNE_COMMAND, "--heartbeat-seconds", "1", "--home", str(root)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_command_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while _training_trial(root / "mlflow.db") is None:
+            assert proc.poll() is None and time.monotonic() < deadline, "no trial trained"
+            time.sleep(0.2)
+        time.sleep(3)  # several beats
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    storage = f"sqlite:///{root / 'optuna.db'}"
+    (study,) = optuna.get_all_study_summaries(storage)
+    assert [t.state.name for t in optuna.load_study(study_name=study.study_name, storage=storage).trials] \
+        == ["RUNNING"]
+    time.sleep(2.5)  # the last beat is now older than the grace period
+    again = subprocess.run([*cmd, "--json"], cwd=REPO, env=_command_env(), capture_output=True, text=True, timeout=1200)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads(again.stdout)
+    assert summary["trials"] == {"this_worker": 1, "total": 2, "complete": 1, "pruned": 0, "fail": 1, "running": 0}
+    assert summary["best"]["trial"] == 1
+    assert [t.state.name for t in optuna.load_study(study_name=study.study_name, storage=storage).trials] \
+        == ["FAIL", "COMPLETE"]
