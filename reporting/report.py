@@ -11,6 +11,7 @@ claim of the paper "held" when the interval and every seed lie on the claimed si
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
 from pathlib import Path
@@ -593,10 +594,8 @@ def tune_report(tracker: Tracker, rows: list[dict[str, Any]], folder: Path) -> t
             c_last, c_champ = paired.compare(last, bases, "ndcg@10"), paired.compare(champion, bases, "ndcg@10")
             c_recall = paired.compare(champion, bases, "recall@10")
             valid = np.mean([c["valid/ndcg@10"] / b["valid/ndcg@10"] - 1 for c, b in zip(champion, bases)])
-            taus = "; ".join(",".join(f"{r['generation/tau']:g}" for r in sorted(select(group, seed=s),
-                                                                                  key=lambda r: r["k"])
-                                      if r.get("generation/tau") is not None) or "–" for s in seeds)
-            body.append([f"{arm}: {label}", _arm_settings(arm, outcome), " ".join(f"{r['k']}" for r in last),
+            taus = "; ".join(",".join(f"{tau:g}" for tau in _taus(select(group, seed=s))) or "–" for s in seeds)
+            body.append([f"{arm}: {label}", _arm_settings(arm, group, outcome), " ".join(f"{r['k']}" for r in last),
                          taus, f"{change(c_last)} {verdict(c_last)}", " ".join(f"θ_{r['k']}" for r in champion),
                          pct(valid), f"{change(c_champ)} {verdict(c_champ)}", f"{change(c_recall)} {verdict(c_recall)}",
                          f"{_arm_wall(group)}"])
@@ -612,10 +611,41 @@ def tune_report(tracker: Tracker, rows: list[dict[str, Any]], folder: Path) -> t
     return parts + ["## Answer\n", *_tune_answers(answers)], figures
 
 
-def _arm_settings(arm: str, outcome: StudyOutcome | None) -> str:
+def _arm_settings(arm: str, group: list[dict[str, Any]], outcome: StudyOutcome | None) -> str:
+    """The settings an arm ran with: the study's best for the tuned arm, else the run parameters
+    its runs logged (every seed's alike; a fixed τ schedule and an uncapped budget left out)."""
     if arm == "tuned" and outcome is not None:
         return ", ".join(f"{k}={'all' if v is None else format(v, '.3g')}" for k, v in outcome.best_settings.items())
-    return "tau=10, p=0.5, m=5, synthetic_weight=1" + (", K auto, tau_schedule=leakage" if arm == "adaptive" else "")
+    defaults = {("tau_schedule", "fixed"), ("max_sources", "None")}  # what a run before the knob did
+    logged = {json.dumps({k: v for k, v in r.get("settings", {}).items() if (k, v) not in defaults},
+                         sort_keys=True) for r in group}
+    if len(logged) != 1:
+        return "differ by seed" if logged else "–"
+    settings = json.loads(logged.pop())
+    shown = [f"{k}={format(float(v), '.3g') if _float(v) is not None else v}"
+             for k in ("tau", "p", "m", "synthetic_weight", "max_sources", "tau_schedule") if (v := settings.get(k))]
+    return ", ".join(shown) + (", K auto" if settings.get("K") == "auto" else "")
+
+
+def _taus(rows: list[dict[str, Any]]) -> list[float]:
+    """τ_k of each iteration that generated (k below the last), in order: the logged
+    `generation/tau`, or the run's fixed τ where the run predates that metric."""
+    last = max(r["k"] for r in rows)
+    out = []
+    for r in sorted(rows, key=lambda r: r["k"]):
+        tau = r.get("generation/tau")
+        if tau is None and r["k"] < last and r.get("settings", {}).get("tau_schedule", "fixed") == "fixed":
+            tau = _float(r.get("settings", {}).get("tau"))
+        if tau is not None:
+            out.append(tau)
+    return out
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
 
 
 def _arm_wall(group: list[dict[str, Any]]) -> str:
@@ -643,7 +673,7 @@ def _study_section(tracker: Tracker, ds: str, outcome: StudyOutcome | None, fold
             f"{int(m.get('trials_complete', 0))} complete, {int(m.get('trials_pruned', 0))} pruned, "
             f"{int(m.get('trials_fail', 0))} failed; its MLflow run spans {span:.0f} s."]
     if outcome.best_trial is not None and best is not None and theta0 is not None:
-        text.append(f"Best: trial {outcome.best_trial} ({_arm_settings('tuned', outcome)}), validation NDCG@10 of "
+        text.append(f"Best: trial {outcome.best_trial} ({_arm_settings('tuned', [], outcome)}), validation NDCG@10 of "
                     f"θ_1 {best:.4f} against θ_0's {theta0:.4f} ({pct(best / theta0 - 1)}).\n")
     if points:
         plt = _plt()

@@ -28,6 +28,10 @@ def finished_lineages(tracker: Tracker) -> set[tuple[str, str]]:
             if "rsir.lineage" in r.data.tags and "rsir.K" in r.data.tags}
 
 
+# The RSIR settings a report names an arm by (RunConfig's fields, as the `rsir` run logs them).
+RUN_SETTINGS = ("K", "tau", "p", "m", "synthetic_weight", "max_sources", "tau_schedule")
+
+
 def collect_runs(tracker: Tracker) -> list[dict[str, Any]]:
     """One row per (arm, iteration k): the arm's labels, k, the iteration's MLflow metrics (keys as
     logged, '@' restored) and run ids. Where an arm finished more than once, the latest run wins."""
@@ -55,7 +59,10 @@ def collect_runs(tracker: Tracker) -> list[dict[str, Any]]:
                          # resolved where the run logged it (tag rsir.device), else as requested
                          "device": child.data.tags.get("rsir.device") or parent.data.params.get("device"),
                          "max_epochs": _number(parent.data.params.get("epochs")),
-                         "patience": _number(parent.data.params.get("patience")), **metrics})
+                         "patience": _number(parent.data.params.get("patience")),
+                         # the arm's RSIR settings as its run logged them (text, as MLflow keeps params)
+                         "settings": {k: parent.data.params[k] for k in RUN_SETTINGS if k in parent.data.params},
+                         **metrics})
     return sorted(rows, key=lambda r: (r["dataset"], r["arm"], int(r["seed"]), r["k"]))
 
 

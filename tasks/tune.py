@@ -372,14 +372,17 @@ def _rdb_storage(url: str, heartbeat_seconds: int, attempts: int = 5) -> Any:
     database race to create its tables (PostgreSQL: a unique violation in pg_type for the loser):
     the loser tries again, and then finds them."""
     import time
+    import warnings
 
     import optuna
 
     for attempt in range(attempts):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
-                                              heartbeat_interval=heartbeat_seconds,
-                                              grace_period=2 * heartbeat_seconds)
+            with warnings.catch_warnings():  # the heartbeat is "experimental" since Optuna 2.9: said once, here
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
+                                                  heartbeat_interval=heartbeat_seconds,
+                                                  grace_period=2 * heartbeat_seconds)
         except Exception as exc:
             text = str(exc).lower()
             if attempt + 1 == attempts or not ("unique" in text or "already exists" in text):

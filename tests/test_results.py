@@ -70,3 +70,21 @@ def test_train_seconds_are_never_averaged_across_devices():
     assert seconds(rows) == "1100 ± 141 (cpu); 40 ± 0 (cuda)"
     assert seconds([{"device": "auto", "time/train": 37.4}]) == "37 ± 0 (auto)"
     assert seconds([{"device": "cpu"}]) == "–"
+
+
+def test_tau_per_iteration_falls_back_to_the_runs_fixed_tau():
+    from reporting.report import _arm_settings, _taus
+
+    fixed = {"tau": "10", "p": "0.5", "m": "5", "K": "1", "max_sources": "None"}  # logged before tau_schedule
+    rows = [{"k": 0, "settings": fixed}, {"k": 1, "settings": fixed}]
+    assert _taus(rows) == [10.0]  # only k = 0 generated
+    chosen = [{"k": 0, "generation/tau": 3.0, "settings": {**fixed, "tau_schedule": "leakage"}},
+              {"k": 1, "settings": {**fixed, "tau_schedule": "leakage"}}]
+    assert _taus(chosen) == [3.0]
+    unknown = [{"k": 0, "settings": {**fixed, "tau_schedule": "validation"}}, {"k": 1, "settings": fixed}]
+    assert _taus(unknown) == []  # a chosen τ is never guessed from the parameter
+    # A run before the knob and one after it, at the same settings, are one arm's settings.
+    assert _arm_settings("fixed", rows + [{"k": 0, "settings": {**fixed, "tau_schedule": "fixed"}}], None) \
+        == "tau=10, p=0.5, m=5"
+    assert _arm_settings("fixed", [{"k": 0, "settings": fixed}, {"k": 0, "settings": {**fixed, "m": "6"}}],
+                         None) == "differ by seed"

@@ -82,6 +82,12 @@ def test_tune_report_tables_every_arm_against_theta0_and_plots_the_study(tune_su
     for arm in ("fixed: K = 1 at the paper's setting", "tuned: K = 1 at the study's best settings",
                 "adaptive: K auto, τ by the leakage rule"):
         assert f"| {arm} |" in section
+    # The settings column says what the arms' runs logged (the suite's τ, p, m), and each seed's
+    # τ_k per iteration that generated (one for K = 1).
+    cells = {line.split(" | ")[0].lstrip("| ").split(":")[0]: line.split(" | ") for line in section.splitlines()
+             if line.startswith("| fixed") or line.startswith("| adaptive")}
+    assert cells["fixed"][1] == "tau=10, p=0.5, m=5, synthetic_weight=1" and cells["fixed"][3] == "10; 10"
+    assert cells["adaptive"][1] == "tau=10, p=0.5, m=5, synthetic_weight=1, tau_schedule=leakage, K auto"
     assert "## Answer" in text and ("* tiny, tuned: " in text) and ("* tiny, adaptive: " in text)
     assert [Path(p).name for p in out["figures"]] == ["study_tiny.png"] and Path(out["figures"][0]).stat().st_size > 0
     assert json.dumps(out)  # the CLI prints it
