@@ -57,6 +57,8 @@ SequenceLength = Annotated[int, Field(ge=2, le=4096)]
 SequenceCount = Annotated[int, Field(ge=1, le=INT32_MAX)]
 # Dataset versions: manifests are named v00000.json..v99999.json.
 Version = Annotated[int, Field(ge=0, le=99_999)]
+# Seconds between saves of a training's resumable state (at most a day: a bigger value is a typo).
+SaveSeconds = Annotated[float, Field(ge=0, le=86_400, allow_inf_nan=False)]
 # CPU threads or parallel workers of one process or cluster.
 Workers = Annotated[int, Field(ge=1, le=4096)]
 # A probability (the local pool's p).

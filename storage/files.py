@@ -166,6 +166,16 @@ def create_bytes(loc: Location, data: bytes) -> bool:
     return True
 
 
+def remove_file(loc: Location) -> None:
+    """Remove the file at `loc` if there is one (no error when there is none)."""
+    if isinstance(loc, Path):
+        loc.unlink(missing_ok=True)
+        return
+    fs, path = filesystem(loc)
+    if fs.isfile(path):
+        fs.rm_file(path)
+
+
 def copy_file(source: Location, target: Location) -> None:
     if isinstance(source, Path) and isinstance(target, Path):
         atomic_copy(source, target)

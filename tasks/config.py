@@ -20,6 +20,7 @@ from core.config import (
     Probability,
     Rank,
     Rollouts,
+    SaveSeconds,
     Seed,
     SequenceCount,
     SequenceLength,
@@ -162,6 +163,10 @@ class TrainConfig(CpuThreads, TrainingSettings):
     device: Device = Field("auto", description=DEVICES, json_schema_extra=unkeyed())
     exclude_history: bool = True
     progress: bool = Field(True, json_schema_extra=unkeyed())
+    resume_seconds: SaveSeconds = Field(60.0, json_schema_extra=unkeyed(), description="seconds "
+                                  "between saves of an unfinished training's state (weights, Adam's moments, the "
+                                  "random generators, the curve), from which the same training continues after "
+                                  "an interrupt, to the same weights; 0 = after every epoch")
 
     @property
     def window_stride(self) -> int:
@@ -274,6 +279,7 @@ class RunConfig(CpuThreads, TrainingSettings):
     labels: dict[str, str] = Field(default_factory=dict, json_schema_extra=unkeyed(), description="MLflow tags rsir.label.<key> on the "
                                    "parent run (experiment suites use them to find their arms)")
     progress: bool = Field(False, json_schema_extra=unkeyed(), description="progress bars on stderr")
+    resume_seconds: SaveSeconds = like(TrainConfig, "resume_seconds", json_schema_extra=unkeyed())
 
     @field_validator("K", mode="before")
     @classmethod
@@ -350,7 +356,8 @@ class RunConfig(CpuThreads, TrainingSettings):
     def train_config(self, dataset: str, version: int, model: ModelConfig) -> TrainConfig:
         settings = self.model_dump(include=TrainingSettings.names())
         return TrainConfig(**settings, dataset=dataset, version=version, model=model, seed=self.seed,
-                           device=self.device, threads=self.threads, progress=self.progress)
+                           device=self.device, threads=self.threads, progress=self.progress,
+                           resume_seconds=self.resume_seconds)
 
     def lineage_key(self) -> str:
         """What determines the generated data: the fields that enter keys (core.config.key_fields;

@@ -27,7 +27,7 @@ from core.workspace import Workspace
 from models import build_model
 from storage.checkpoints import read_checkpoint
 from storage.dataset import dataset_store
-from storage.files import Location, copy_file, exists, join
+from storage.files import Location, copy_file, exists, join, read_bytes, remove_file, write_bytes
 from tasks.checkpoints import commit_checkpoint, save_checkpoint
 from tasks.config import TrainConfig, TrainingSettings
 from tasks.evaluate import evaluate_split
@@ -104,6 +104,7 @@ class Fit:
     curve: list[dict[str, float]]
     synthetic_position_share: float  # of the target positions (the same every epoch)
     synthetic_weight_share: float  # of the gradient weight, mean over epochs (batchings vary)
+    earlier_seconds: float = 0.0  # spent before an interrupt, in the sittings this training resumed from
 
 
 class DataParallel:
@@ -136,22 +137,91 @@ class DataParallel:
             p.grad = g.view_as(p).clone()
 
 
+@dataclass
+class _Loop:
+    """What a training loop carries from epoch to epoch besides the weights and Adam's moments:
+    the state `ResumePoint` saves, so that a resumed loop continues exactly where it stopped."""
+
+    best_score: float
+    best_epoch: int
+    best_state: dict[str, torch.Tensor]
+    curve: list[dict[str, float]]
+    weight_shares: list[float]
+    epoch: int = 0  # the last finished epoch
+    seconds: float = 0.0  # spent in earlier sittings (a resumed training's)
+
+
+class ResumePoint:
+    """An unfinished training's state at the end of an epoch, in one file (`path`): the weights,
+    Adam's state, every random generator the loop draws from (numpy's batching generator,
+    torch's CPU and CUDA generators: dropout, negatives), the best weights so far and the curve.
+    A training of the same content key (same data, same settings) that finds it continues from
+    the next epoch and ends with the weights the uninterrupted training would have, on the same
+    device type; on another device type, or from a file it cannot read, it starts over.
+    Saved at most every `cfg.resume_seconds` (and never after the stopping epoch), atomically
+    (storage.files.write_bytes); removed once the finished checkpoint is kept."""
+
+    def __init__(self, path: Location, device: torch.device):
+        self.path, self.device = path, device
+
+    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rng: np.random.Generator,
+             loop: _Loop, seconds: float) -> None:
+        state = {"device": self.device.type, "epoch": loop.epoch, "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "numpy_rng": rng.bit_generator.state,
+                 "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+                 "best_score": loop.best_score, "best_epoch": loop.best_epoch, "best_state": loop.best_state,
+                 "curve": loop.curve, "weight_shares": loop.weight_shares, "seconds": loop.seconds + seconds}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_bytes(self.path, buffer.getvalue())
+
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                rng: np.random.Generator) -> _Loop | None:
+        """The loop state to continue from, with the model, Adam and the generators set back;
+        None (nothing changed) when there is no usable file."""
+        if not exists(self.path):
+            return None
+        try:
+            state = torch.load(io.BytesIO(read_bytes(self.path)), map_location=self.device, weights_only=True)
+            if state["device"] != self.device.type:
+                return None  # another device's arithmetic: its continuation would not be this training
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except Exception:  # a file from other code or cut short by a full disk: start over
+            return None
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        return _Loop(state["best_score"], state["best_epoch"], state["best_state"], state["curve"],
+                     state["weight_shares"], state["epoch"], state["seconds"])
+
+    def remove(self) -> None:
+        remove_file(self.path)
+
+
 def fit(model: torch.nn.Module, split: LeaveOneOut, cfg: TrainConfig, device: torch.device,
-        on_epoch: Callable[[dict[str, float]], None] | None = None, group: DataParallel | None = None) -> Fit:
+        on_epoch: Callable[[dict[str, float]], None] | None = None, group: DataParallel | None = None,
+        resume: ResumePoint | None = None) -> Fit:
     """Train in place; leave the best weights (validation `cfg.early_stop`) loaded. With `group`,
     this is one process of a data-parallel training: every process plans the same epochs (same
-    seed), trains on its share of each batch, and evaluates the same weights (same decisions)."""
+    seed), trains on its share of each batch, and evaluates the same weights (same decisions).
+    With `resume` (one process only), a saved unfinished state of this training is continued
+    and the state is saved as the training goes (ResumePoint); `on_epoch` sees the epochs run here."""
     windows = training_windows(split.train, cfg.model.max_len, cfg.window_stride)
     if len(windows) == 0:
         raise RsirError(f"dataset {cfg.dataset!r} has no training sequence with 2 or more items")
     weights = TargetWeights.of(windows, split.train_synthetic, cfg.synthetic_weight)
     rng = np.random.default_rng(cfg.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    best_score, best_epoch, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
-    curve: list[dict[str, float]] = []
-    weight_shares: list[float] = []
-    epoch = 0
-    for epoch in range(1, cfg.epochs + 1):
+    resume = resume if group is None else None
+    loop = (resume.restore(model, optimizer, rng) if resume is not None else None) or \
+        _Loop(-1.0, 0, copy.deepcopy(model.state_dict()), [], [])
+    best_score, best_epoch, best_state = loop.best_score, loop.best_epoch, loop.best_state
+    curve, weight_shares = loop.curve, loop.weight_shares
+    epoch, started, saved = loop.epoch, time.perf_counter(), time.perf_counter()
+    for epoch in range(loop.epoch + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
         model.train()
         plan = plan_epoch(windows, weights, cfg, rng)
@@ -195,8 +265,13 @@ def fit(model: torch.nn.Module, split: LeaveOneOut, cfg: TrainConfig, device: to
             best_state = copy.deepcopy(model.state_dict())
         elif epoch - best_epoch >= cfg.patience:
             break
+        if resume is not None and epoch < cfg.epochs and time.perf_counter() - saved >= cfg.resume_seconds:
+            resume.save(model, optimizer, rng, _Loop(best_score, best_epoch, best_state, curve, weight_shares,
+                                                     epoch, loop.seconds), time.perf_counter() - started)
+            saved = time.perf_counter()
     model.load_state_dict(best_state)
-    return Fit(epoch, best_epoch, curve, synthetic_position_share(windows, weights), float(np.mean(weight_shares)))
+    return Fit(epoch, best_epoch, curve, synthetic_position_share(windows, weights), float(np.mean(weight_shares)),
+               loop.seconds)
 
 
 def _require_finite_loss(value: float, epoch: int, cfg: TrainConfig) -> None:
@@ -319,11 +394,12 @@ def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Location | None = N
     model = build_model(cfg.model, manifest.num_items).to(device)
     valid: dict[str, float] = {}
     test: dict[str, float] = {}
+    resume = ResumePoint(join(ws.checkpoints, "unfinished", f"{key}.pt"), device) if cfg.train_workers == 1 else None
     with torch_threads(cfg.threads):
-        if cfg.train_workers > 1:
+        if resume is None:
             fitted = fit_data_parallel(model, split, cfg, executor, ws)
         else:
-            fitted = fit(model, split, cfg, device, on_epoch)
+            fitted = fit(model, split, cfg, device, on_epoch, resume=resume)
         if evaluate:
             args = (cfg.model.max_len, cfg.eval_batch_size, cfg.exclude_history, device)
             valid = evaluate_split(model, split, "valid", *args)
@@ -331,7 +407,7 @@ def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Location | None = N
     result = TrainResult(
         valid=valid, test=test, epochs=fitted.epochs, best_epoch=fitted.best_epoch,
         seconds_per_epoch=sum(p["seconds"] for p in fitted.curve) / max(len(fitted.curve), 1),
-        seconds_total=time.perf_counter() - started, checkpoint=str(path), dataset=cfg.dataset,
+        seconds_total=time.perf_counter() - started + fitted.earlier_seconds, checkpoint=str(path), dataset=cfg.dataset,
         version=manifest.version, digest=manifest.digest, device=str(device), curve=fitted.curve, name=name,
         synthetic_position_share=fitted.synthetic_position_share,
         synthetic_weight_share=fitted.synthetic_weight_share,
@@ -348,6 +424,8 @@ def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Location | None = N
         result = _stored_result(path, cfg, manifest, name)
     if path != stored:
         copy_file(path, stored)
+    if resume is not None:
+        resume.remove()  # the finished checkpoint is kept: nothing left to resume
     return result
 
 
