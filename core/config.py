@@ -1,6 +1,6 @@
 """Configuration machinery every layer shares: one-line validation errors and common field types.
 Each layer declares its own typed config with these (models/config.py, tasks/config.py,
-flows/experiments.py); a parameter is declared once, in the config of the layer that uses it."""
+tasks/experiment_config.py); a parameter is declared once, in the config of the layer that uses it."""
 
 from __future__ import annotations
 

@@ -22,34 +22,32 @@ interrupted arm resumes inside the `rsir` flow from its committed versions and c
 Arms that share data and configuration share work: θ_0 is trained once per (dataset, seed,
 backbone) through the content-addressed checkpoint store, and the τ sweep generates once per
 seed at the largest τ and re-filters at every smaller one (equivalent by the fidelity trace).
+
+A suite's knobs are ExperimentConfig's (tasks/experiment_config.py, with the suites' datasets and
+the paper grid they name): the flow's parameters, the deployment's and `rsir experiment`'s options
+derive from it.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 from prefect import flow, get_run_logger
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field
 
-from core.config import Device, Epochs, Probability, Rank, Rollouts, Seed, SequenceCount, like, parse_config
+from core.config import with_parameters
 from core.errors import RsirError
 from core.workspace import Workspace
 from flows.rsir import rsir
-from models import get_backbone
 from reporting.results import best_on_validation, collect_runs, finished_lineages, study_outcome
 from storage.tracking import Tracker, redact_uri, resolve_tracking_uri
 from tasks.archive import archive_runs, restore_runs
-from tasks.config import GenerationParams, RunConfig
+from tasks.config import RunConfig
+from tasks.experiment_config import PAPER_GRID, ExperimentConfig, experiment_parameters
 from tasks.tune import TuneConfig
 
-SuiteName = Literal["main", "sensitivity", "backbones", "faithful", "paper", "tune"]
-SUITE_DATASETS: dict[str, list[str]] = {"main": ["ml-100k-sparse", "ml-100k"], "sensitivity": ["ml-100k-sparse"],
-                                        "backbones": ["ml-100k-sparse"],
-                                        "faithful": ["ml-100k", "ml-100k-last50", "ml-100k-sparse"],
-                                        "paper": ["amazon-beauty", "amazon-sports", "amazon-toys", "yelp"],
-                                        "tune": ["ml-100k-sparse", "amazon-beauty", "amazon-sports"]}
 # The trainers the faithful suite compares (issue 10): the loss as it was (each batch's mean, so
 # short synthetic sequences in batches of their own weigh several times a real position), the
 # position-faithful loss, and that loss under the authors' release recipe.
@@ -58,25 +56,9 @@ TRAINERS: dict[str, dict[str, Any]] = {
     "position-weighted": {"weighting": "position"},
     "release": {"recipe": "release", "weighting": "position"},
 }
-# Chosen on ml-100k-sparse validation NDCG@10 (issue 5): InfoNCE between cosine similarities at
-# temperature 0.5 and dropout 0.5; the dot-product / temperature-1 default let the contrastive
-# term dominate (valid 0.026 against 0.043). HSTU's defaults won its grid.
-TUNED_BACKBONES: dict[str, dict[str, Any]] = {
-    "cl4srec": {"dropout": 0.5, "options": {"cl_similarity": "cosine", "cl_temperature": 0.5}}}
 # The paper suite (issue 22). Its datasets have roles: the grid and weak-to-strong run on the first
 # (Beauty), Table 2 on the second (Sports, as the paper's), and the two complete first.
 PAPER_GRID_DATASET, PAPER_TABLE2_DATASET = "amazon-beauty", "amazon-sports"
-# Our default trainer's settings were chosen on ml-100k: on the paper's sparse data each is varied
-# alone (one factor at a time, validation NDCG@10 of θ_0, first seed), then the factors that beat
-# the default alone are combined. The best of all is the suite's "strong" trainer.
-PAPER_GRID: dict[str, dict[str, Any]] = {
-    "default": {},
-    "dropout=0.5": {"model_params": {"dropout": 0.5}},
-    "hidden=128": {"model_params": {"hidden": 128}},
-    "max_len=20": {"model_params": {"max_len": 20}},
-    "loss=sampled": {"model_params": {"loss": "sampled", "negatives": 256}},
-    "stride=5": {"stride": 5},
-}
 # Table 1's baselines besides the strong trainer. `release`: the authors' release as shipped
 # (sampled softmax over 256 negatives). `release-bce`: the same with SASRec's original loss (BCE,
 # one uniform negative), the default of the team's earlier framework (USTC-StarTeam/DR4SR) and the
@@ -89,96 +71,8 @@ PAPER_RELEASE_TRAINERS: dict[str, dict[str, Any]] = {
 }
 # Table 2 iterates under whichever of these validation prefers (the release as shipped or ours).
 PAPER_TABLE2_TRAINERS = ("release", "strong")
-# Tiny models for --smoke: the machinery, not the numbers, is under test.
-SMOKE_MODEL = {"hidden": 16, "layers": 1, "max_len": 20}
-
-
 class StageNotReady(RsirError):
     """A stage chooses on validation results that are not all finished yet (another shard's arms)."""
-
-
-class ExperimentConfig(BaseModel):
-    """One suite invocation. Every arm of a suite gets the same training budget and rule."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    suite: SuiteName
-    datasets: list[str] | None = Field(None, description="override the suite's datasets")
-    seeds: list[Seed] = Field([0, 1, 2], min_length=1)
-    K: int = Field(3, ge=1, le=100, description="iterations of the main suite's RSIR arms")
-    taus: list[Rank] = Field([1, 3, 5, 10, 20, 50, 100], min_length=1)
-    ps: list[Probability] = Field([0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
-    grid: list[str] = Field(list(PAPER_GRID), min_length=1, description="the paper suite's trainer grid "
-                            "(names of PAPER_GRID; the first is the reference the others must beat)")
-    tau: Rank = like(GenerationParams, "tau", description="fidelity threshold of the main and backbones suites")
-    p: Probability = like(GenerationParams, "p")
-    m: Rollouts = like(GenerationParams, "m")
-    epochs: Epochs | None = Field(None, description="maximum epochs (None: the recipe's)")
-    patience: Epochs | None = Field(None, description="early-stopping patience (None: the recipe's)")
-    max_sources: SequenceCount | None = Field(None, description="generation sources per iteration (None: all)")
-    shard: str | None = Field(None, pattern=r"^\d+/[1-9]\d*$", description="I/N: run only every N-th arm of each "
-                              "stage from the I-th (0-based), so N processes share a suite; a stage that needs "
-                              "another shard's unfinished arms fails with one line (run it again later)")
-    model_params: dict[str, Any] = Field(default_factory=dict, description="applied to every backbone")
-    backbone_options: dict[str, dict[str, Any]] = Field(
-        default_factory=lambda: dict(TUNED_BACKBONES), description="per-backbone model parameters")
-    device: Device = "auto"
-    threads: int | None = Field(None, ge=0, le=4096, description="every run's torch CPU threads (default: a run's own)")
-    home: str | None = None
-    tracking_uri: str | None = None
-    experiment: str | None = Field(None, description="MLflow experiment (default: experiment-<suite>)")
-    archive: str | None = Field(None, description="folder that keeps the suite's finished runs across workspaces "
-                                "(tasks/archive.py): restored before the first stage, each finished arm written there")
-    trials: int = Field(12, ge=1, le=10_000, description="the tune suite's study budget: trials per dataset")
-    smoke: bool = False
-
-    @field_validator("backbone_options")
-    @classmethod
-    def _known_backbones(cls, options: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        for name in options:
-            get_backbone(name)  # a clear error naming the unknown backbone
-        return options
-
-    @field_validator("shard")
-    @classmethod
-    def _shard(cls, shard: str | None) -> str | None:
-        if shard is not None and int(shard.split("/")[0]) >= int(shard.split("/")[1]):
-            raise ValueError(f"shard {shard}: I must be below N")
-        return shard
-
-    def in_shard(self, index: int) -> bool:
-        if self.shard is None:
-            return True
-        i, n = map(int, self.shard.split("/"))
-        return index % n == i
-
-    @property
-    def experiment_name(self) -> str:
-        return self.experiment or f"experiment-{self.suite}{'-smoke' if self.smoke else ''}"
-
-    def suite_datasets(self) -> list[str]:
-        return self.datasets or SUITE_DATASETS[self.suite]
-
-    @field_validator("grid")
-    @classmethod
-    def _known_grid(cls, names: list[str]) -> list[str]:
-        unknown = [n for n in names if n not in PAPER_GRID]
-        if unknown:
-            raise ValueError(f"unknown grid entries {unknown} (known: {', '.join(PAPER_GRID)})")
-        return names
-
-    def model(self, name: str) -> dict[str, Any]:
-        return {**self.model_params, **self.backbone_options.get(name, {})}
-
-
-def smoke_config(cfg: ExperimentConfig) -> ExperimentConfig:
-    """The trimmed suite the test suite runs: 2 seeds, short grids, 2 epochs, 2 trials, tiny
-    models. A budget given explicitly (epochs, patience, trials) is kept: the smoke trims only
-    what the caller left to the suite."""
-    budget = {k: v for k, v in {"epochs": 2, "patience": 1, "trials": 2}.items() if k not in cfg.model_fields_set}
-    return cfg.model_copy(update={"seeds": cfg.seeds[:2], "K": min(cfg.K, 2), "taus": [1, 10], "ps": [0.0, 1.0],
-                                  "grid": cfg.grid[:2], **budget,
-                                  "model_params": {**SMOKE_MODEL, **cfg.model_params}, "smoke": True})
 
 
 class Arm(BaseModel):
@@ -443,37 +337,17 @@ SUITES: dict[str, list[Stage]] = {"main": [main_arms], "sensitivity": [tau_arms,
 
 
 # ------------------------------------------------------------------ the flow
-@flow(name="rsir-experiment", flow_run_name="experiment-{suite}", log_prints=True)
-def experiment(
-    suite: str = "main",
-    smoke: bool = False,
-    datasets: list[str] | None = None,
-    seeds: list[int] | None = None,
-    epochs: int | None = None,
-    patience: int | None = None,
-    max_sources: int | None = None,
-    shard: str | None = None,
-    model_params: dict[str, Any] | None = None,
-    backbone_options: dict[str, dict[str, Any]] | None = None,
-    device: str = "auto",
-    threads: int | None = None,
-    home: str | None = None,
-    tracking_uri: str | None = None,
-    experiment_name: str | None = None,
-    archive: str | None = None,
-    trials: int | None = None,
-) -> dict[str, Any]:
-    """Run every arm of a suite that has not finished yet; return what ran and what was skipped."""
-    given = {k: v for k, v in dict(suite=suite, datasets=datasets, seeds=seeds, epochs=epochs, patience=patience,
-                                   trials=trials,
-                                   max_sources=max_sources, shard=shard, model_params=model_params,
-                                   backbone_options=backbone_options, device=device, threads=threads, home=home,
-                                   tracking_uri=tracking_uri, experiment=experiment_name, archive=archive).items()
-             if v is not None}
-    cfg = parse_config(ExperimentConfig, given)
-    if smoke:
-        cfg = smoke_config(cfg)
-    return run_suite(cfg)
+def _experiment(**params: Any) -> dict[str, Any]:
+    """Run every arm of a suite that has not finished yet; return what ran and what was skipped.
+
+    The parameters are ExperimentConfig's (tasks/experiment_config.py), flat; None means the
+    config's default, and `smoke` trims the suite (`smoke_config`)."""
+    return run_suite(ExperimentConfig.from_parameters(params))
+
+
+# The flow's signature (what Prefect shows, validates and deploys) is derived from ExperimentConfig.
+experiment = flow(name="rsir-experiment", flow_run_name="experiment-{suite}", log_prints=True)(
+    with_parameters(_experiment, experiment_parameters()))
 
 
 def run_suite(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -357,9 +357,11 @@ def _run_options() -> list[Parameter]:
         Parameter("home", Home, None, ""), Parameter("as_json", Json, False, "")]
 
 
-def _as_option(p: Parameter) -> Parameter:
+def _as_option(p: Parameter, flag: str | None = None) -> Parameter:
+    """The command-line option of a flat parameter: `--some-name` for `some_name` unless `flag`
+    names it (K also -K)."""
     base = _without_none(p.annotation)
-    flag = "--" + p.name.replace("_", "-")
+    flag = flag or "--" + p.name.replace("_", "-")
     decls = ("-K", "--K") if p.name == "K" else (flag,)
     if base is bool:
         return Parameter(p.name, Annotated[bool, typer.Option(f"{flag}/--no-{flag[2:]}", help=p.help)], p.default, "")
@@ -375,7 +377,8 @@ def _as_option(p: Parameter) -> Parameter:
         return Parameter(p.name, Annotated[Optional[str] if p.default is None else str,
                                            typer.Option(*decls, help=help_)], p.default, "")
     kind = Optional[base] if p.default is None else base
-    return Parameter(p.name, Annotated[kind, typer.Option(*decls, help=p.help)], p.default, "")
+    help_ = f"{p.help} (repeatable)" if get_origin(base) is list else p.help
+    return Parameter(p.name, Annotated[kind, typer.Option(*decls, help=help_)], p.default, "")
 
 
 def _kind_name(annotation: Any) -> str:
@@ -445,7 +448,7 @@ TrainSeed = _train_seed()
 
 
 def _threads_option() -> Any:
-    """`--threads` of `rsir train` and `rsir experiment`: its help from the one declaration
+    """`--threads` of `rsir train`: its help from the one declaration
     (tasks/config.py CpuThreads); unset = that declaration's default."""
     from tasks.config import CpuThreads
 
@@ -766,54 +769,57 @@ def _generate_options() -> list[Parameter]:
 app.command("generate")(with_parameters(generate, _generate_options()))
 
 
-_ARCHIVE_HELP = ("folder that keeps the suite's finished runs across workspaces (e.g. in git): restored into "
-                 "MLflow first; the suite writes each finished arm there")
+# `rsir experiment`'s options are the suite flow's parameters (tasks/experiment_config.py
+# experiment_parameters), derived as `rsir run`'s are; the suite is the command's argument, and
+# three keep the singular spellings they had: --dataset and --seed (repeatable) and
+# --backbone-option BACKBONE.KEY=VALUE (repeatable).
+_EXPERIMENT_FLAGS = {"datasets": "--dataset", "seeds": "--seed", "backbone_options": "--backbone-option"}
 
 
-@app.command("experiment")
-def experiment_cmd(
-    suite: Annotated[str, typer.Argument(help="suite: main, sensitivity, backbones, faithful, paper or tune")],
-    smoke: Annotated[bool, typer.Option(help="trimmed suite: 2 seeds, short grids, 2 epochs, tiny models")] = False,
-    dataset: Annotated[Optional[list[str]], typer.Option("--dataset", help="override the suite's datasets (repeatable)")] = None,
-    seed: Annotated[Optional[list[int]], typer.Option("--seed", help="seeds (repeatable; default 0 1 2)")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="maximum epochs per training (every arm)")] = None,
-    patience: Annotated[Optional[int], typer.Option(help="early-stopping patience (every arm)")] = None,
-    max_sources: Annotated[Optional[int], typer.Option(help="generation sources per iteration (every arm)")] = None,
-    trials: Annotated[Optional[int], typer.Option(help="the tune suite's study budget: trials per dataset")] = None,
-    shard: Annotated[Optional[str], typer.Option(help="I/N: this process runs every N-th arm of each stage from the "
-                                                 "I-th (0-based), so N processes share a suite")] = None,
-    backbone_option: Annotated[Optional[list[str]], typer.Option(
-        "--backbone-option", help="BACKBONE.KEY=VALUE or BACKBONE.options.KEY=VALUE (repeatable)")] = None,
-    device: Annotated[str, typer.Option(help=DEVICES)] = "auto",
-    threads: Threads = None,
-    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: SQLite in the workspace)")] = None,
-    experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default experiment-SUITE)")] = None,
-    archive: Annotated[Optional[Path], typer.Option(help=_ARCHIVE_HELP)] = None,
-    home: Home = None, as_json: Json = False,
-) -> None:
+def _experiment_options() -> list[Parameter]:
+    from tasks.experiment_config import experiment_parameters
+
+    out = []
+    for p in experiment_parameters():
+        if p.name == "suite":
+            out.append(Parameter(p.name, Annotated[str, typer.Argument(help=p.help)], p.default, ""))
+        elif p.name != "home":
+            out.append(_as_option(p, _EXPERIMENT_FLAGS.get(p.name)))
+    return out + [Parameter("home", Home, None, ""), Parameter("as_json", Json, False, "")]
+
+
+def experiment_cmd(**params: Any) -> None:
     """Run an experiment suite (skipping finished arms) and print what ran."""
-    ws = _local_prefect(_workspace(home))
-    from core.config import parse_config
-    from flows.experiments import ExperimentConfig
-    from flows.experiments import experiment as run_experiment
+    from tasks.experiment_config import ExperimentConfig
 
-    given = _drop_none(suite=suite, datasets=dataset or None, seeds=seed or None, epochs=epochs, patience=patience,
-                       max_sources=max_sources, trials=trials, shard=shard, backbone_options=_backbone_options(backbone_option),
-                       device=device,
-                       threads=threads)
+    home, as_json = params.pop("home"), params.pop("as_json")
+    ws = _workspace(home)
+    params["model_params"] = _nested_pairs(params["model_params"], "--model-params")
+    params["backbone_options"] = _backbone_options(params["backbone_options"])
+    params["home"] = ws.home
     # A bad value: one line before the flow (and a Prefect server) starts.
-    cfg = parse_config(ExperimentConfig, {**given, **_drop_none(experiment=experiment), "smoke": smoke})
-    _before_flow(ws, tracking_uri)
-    for name in dataset or []:
+    cfg = ExperimentConfig.from_parameters(params)
+    _before_flow(ws, cfg.tracking_uri)
+    for name in cfg.datasets or []:
         _require_dataset(ws, name)
-    summary, _ = _run_flow(ws, lambda: run_experiment(**given, smoke=smoke, home=ws.home, tracking_uri=tracking_uri,
-                                                      experiment_name=experiment,
-                                                      archive=str(archive) if archive else None),
-                           time.perf_counter(), (tracking_uri, cfg.experiment_name))
+    _local_prefect(ws)
+    from flows.experiments import experiment
+
+    summary, _ = _run_flow(ws, lambda: experiment(**params), time.perf_counter(),
+                           (cfg.tracking_uri, cfg.experiment_name))
     _emit(summary, as_json, lambda r: print(
         f"suite {r['suite']}: {len(r['ran'])} arms run, {len(r['skipped'])} already finished, "
         f"{r['wall_seconds']:.0f} s; MLflow experiment {r['experiment']!r} ({r['tracking_uri']})"
         + "".join(f"\nwaiting: {p}" for p in r.get("pending", []))))
+
+
+app.command("experiment")(with_parameters(experiment_cmd, _experiment_options()))
+
+
+def _experiment_help(field: str) -> str:
+    from tasks.experiment_config import ExperimentConfig
+
+    return ExperimentConfig.model_fields[field].description or ""
 
 
 @app.command("report")
@@ -825,14 +831,14 @@ def report_cmd(
     notes: Annotated[Optional[Path], typer.Option(help="markdown file appended as the report's Notes section")] = None,
     tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: SQLite in the workspace)")] = None,
     experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default experiment-SUITE)")] = None,
-    archive: Annotated[Optional[Path], typer.Option(help=_ARCHIVE_HELP)] = None,
+    archive: Annotated[Optional[Path], typer.Option(help=_experiment_help("archive"))] = None,
     home: Home = None, as_json: Json = False,
 ) -> None:
     """Write report.md and PNG figures from a suite's MLflow runs, and log them to MLflow."""
     from core.config import parse_config
-    from flows.experiments import ExperimentConfig
     from reporting.report import write_report
     from storage.tracking import Tracker, resolve_tracking_uri
+    from tasks.experiment_config import ExperimentConfig
 
     ws = _workspace(home)
     cfg = parse_config(ExperimentConfig, _drop_none(suite=suite, smoke=smoke, experiment=experiment))

@@ -59,8 +59,8 @@ RECIPES: dict[str, dict[str, Any]] = {
                   "dropout": 0.5, "options": {"ffn_mult": 4, "positions": "oldest"}},
     },
     # Our default with the settings that won on the paper's sparse data: the paper suite's grid
-    # (flows/experiments.py PAPER_GRID) varied dropout, hidden size, max_len, loss and stride one
-    # at a time on amazon-beauty; only hidden 128 beat the default on validation NDCG@10 (0.0717
+    # (tasks/experiment_config.py PAPER_GRID) varied dropout, hidden size, max_len, loss and stride
+    # one at a time on amazon-beauty; only hidden 128 beat the default on validation NDCG@10 (0.0717
     # against 0.0703, seed 0; the test split was not used). docs/results/paper/report.md.
     "sparse": {"model": {"hidden": 128}},
 }

@@ -147,9 +147,13 @@ def test_report_of_an_empty_experiment_is_a_clear_error(suites, tmp_path):
 
 
 def test_bad_suite_parameters_fail_before_compute(prefect_api, tmp_path):
+    from prefect.exceptions import ParameterTypeError
+
     from flows.experiments import experiment
 
-    with pytest.raises(RsirError, match="suite"):
+    # The flow's signature is derived from ExperimentConfig: Prefect checks the suite's name (an
+    # enum in the deployment's schema too) before the flow runs.
+    with pytest.raises(ParameterTypeError, match="suite"):
         experiment(suite="nope", home=str(tmp_path / "ws"))
     with pytest.raises(RsirError, match="seeds"):
         experiment(suite="main", seeds=[], home=str(tmp_path / "ws"))
@@ -163,7 +167,7 @@ def test_bad_suite_parameters_fail_before_compute(prefect_api, tmp_path):
 
 def test_smoke_trims_only_the_budget_the_caller_left_to_the_suite():
     from core.config import parse_config
-    from flows.experiments import ExperimentConfig, smoke_config
+    from tasks.experiment_config import ExperimentConfig, smoke_config
 
     left = smoke_config(parse_config(ExperimentConfig, {"suite": "main"}))
     assert (left.epochs, left.patience, left.trials, left.seeds) == (2, 1, 2, [0, 1])

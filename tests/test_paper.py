@@ -110,7 +110,7 @@ def test_other_datasets_wait_for_the_grid(prefect_api, tmp_path):
 def test_shards_split_every_stage_and_are_checked():
     from core.config import parse_config
     from core.errors import RsirError
-    from flows.experiments import ExperimentConfig
+    from tasks.experiment_config import ExperimentConfig
 
     cfgs = [parse_config(ExperimentConfig, {"suite": "paper", "shard": f"{i}/2"}) for i in (0, 1)]
     assert [[c.in_shard(j) for j in range(5)] for c in cfgs] == [[True, False, True, False, True],

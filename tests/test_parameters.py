@@ -4,7 +4,9 @@ its Prefect parameter schema and `rsir run`'s options derive from it."""
 from __future__ import annotations
 
 import inspect
+import json
 import os
+import re
 
 import pytest
 
@@ -120,3 +122,107 @@ def test_rsir_train_states_the_stride_the_training_uses(cli):
     for name in ("recipe", "synthetic_weight", "batching", "weighting", "stride", "early_stop"):
         description = " ".join(TrainingSettings.model_fields[name].description.split())
         assert description in train_help and description in run_help, name
+
+
+# ------------------------------------------------------------------ the experiment suites
+def _offers(help_text: str, flag: str) -> bool:
+    """`flag` is an option of the help (not a prefix of another: --tau of --taus, --p of --ps)."""
+    return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_text) is not None
+
+
+def test_the_suite_flow_and_the_command_take_every_experiment_config_field(cli):
+    # Suite knobs are declared once (tasks/experiment_config.py ExperimentConfig): the flow's
+    # signature, its Prefect schema (the deployment's) and `rsir experiment`'s options derive from it.
+    from flows.experiments import experiment
+    from rsir.cli import _EXPERIMENT_FLAGS
+    from tasks.experiment_config import ExperimentConfig, experiment_parameters
+
+    names = [p.name for p in experiment_parameters()]
+    assert names == list(ExperimentConfig.model_fields)
+    assert list(inspect.signature(experiment.fn).parameters) == names
+    schema = experiment.parameters.model_dump()
+    assert list(schema["properties"]) == names and schema["required"] == ["suite"]
+    for name, field in ExperimentConfig.model_fields.items():
+        assert field.description and field.description in schema["properties"][name]["description"], name
+    assert schema["properties"]["suite"]["enum"] == list(ExperimentConfig.model_fields["suite"].annotation.__args__)
+    out = _flat_help(cli("experiment", "--help").out)
+    for name in names:
+        if name not in ("suite", "home"):  # the command's argument; the CLI's workspace option
+            flag = _EXPERIMENT_FLAGS.get(name, "--" + name.replace("_", "-"))
+            assert _offers(out, flag), flag
+    assert _offers(out, "-K") and "SUITE" in out.upper()
+    # What a deployment's `--param` sends (text) is coerced by the schema and read by the config.
+    cfg = ExperimentConfig.from_parameters(experiment.validate_parameters(
+        {"suite": "sensitivity", "seeds": ["4"], "K": "2", "taus": ["3", "7"], "tau": "5", "p": "0.25"}))
+    assert (cfg.seeds, cfg.K, cfg.taus, cfg.tau, cfg.p) == ([4], 2, [3, 7], 5, 0.25)
+
+
+def test_the_smoke_trims_only_what_the_flat_parameters_left_unset():
+    from flows.experiments import experiment
+    from tasks.experiment_config import SMOKE_BUDGET, SMOKE_MODEL, ExperimentConfig
+
+    left = ExperimentConfig.from_parameters(experiment.validate_parameters({"suite": "tune", "smoke": True}))
+    assert {k: getattr(left, k) for k in SMOKE_BUDGET} == SMOKE_BUDGET and left.experiment_name == \
+        "experiment-tune-smoke"
+    assert left.model_params == SMOKE_MODEL and left.seeds == [0, 1]
+    given = ExperimentConfig.from_parameters(experiment.validate_parameters(
+        {"suite": "tune", "smoke": True, "trials": 7, "epochs": 30}))
+    assert (given.trials, given.epochs, given.patience) == (7, 30, SMOKE_BUDGET["patience"])
+    full = ExperimentConfig.from_parameters(experiment.validate_parameters({"suite": "tune"}))
+    assert (full.trials, full.epochs, full.smoke) == (ExperimentConfig.model_fields["trials"].default, None, False)
+
+
+def test_rsir_experiment_hands_its_options_to_the_flow(cli, tmp_path, monkeypatch):
+    # The command's options become the flow's parameters (KEY=VALUE pairs nested), checked as one
+    # typed config first; the flow itself is replaced here (the suites run in test_experiments.py).
+    import flows.experiments
+    import rsir.cli
+    from tasks.experiment_config import ExperimentConfig
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    got: list[dict] = []
+
+    def flow(**params):
+        got.append(params)
+        return {"suite": params["suite"], "ran": [], "skipped": [], "pending": [], "wall_seconds": 0.0,
+                "experiment": "x", "tracking_uri": "y"}
+
+    monkeypatch.setattr(flows.experiments, "experiment", flow)
+    monkeypatch.setattr(rsir.cli, "_before_flow", lambda ws, uri: None)
+    monkeypatch.setattr(rsir.cli, "_run_flow", lambda ws, call, started, tracking, closing=None: (call(), 0.0))
+    res = cli("experiment", "backbones", "--dataset", "ml-100k", "--seed", "3", "--seed", "4", "-K", "2",
+              "--tau", "5", "--p", "0.25", "--m", "3", "--taus", "2", "--taus", "8", "--trials", "7",
+              "--backbone-option", "hstu.dropout=0.3", "--backbone-option", "cl4srec.options.cl_weight=0.05",
+              "--model-params", "hidden=32", "--shard", "1/2", "--device", "cpu", "--threads", "2",
+              "--experiment", "mine", "--archive", str(tmp_path / "archive"), "--smoke",
+              "--home", str(tmp_path / "ws"), "--json")
+    assert res.code == 0, res.err
+    assert json.loads(res.out)["suite"] == "backbones"
+    (params,) = got
+    assert params["backbone_options"] == {"hstu": {"dropout": 0.3}, "cl4srec": {"options": {"cl_weight": 0.05}}}
+    assert params["model_params"] == {"hidden": 32} and params["home"] == str(tmp_path / "ws")
+    cfg = ExperimentConfig.from_parameters(params)
+    assert (cfg.datasets, cfg.seeds, cfg.K, cfg.tau, cfg.p, cfg.m, cfg.taus, cfg.trials, cfg.epochs) == (
+        ["ml-100k"], [3, 4], 2, 5, 0.25, 3, [1, 10], 7, 2)  # --smoke: its sweep and epochs, the given trials
+    assert (cfg.shard, cfg.device, cfg.threads, cfg.experiment_name, cfg.archive) == (
+        "1/2", "cpu", 2, "mine", str(tmp_path / "archive"))
+    assert cfg.model("hstu") == {"hidden": 32, "layers": 1, "max_len": 20, "dropout": 0.3}
+
+
+@pytest.mark.parametrize("args, where", [
+    (("experiment", "nope"), "'suite'"),
+    (("experiment", "main", "-K", "0"), "'K'"),
+    (("experiment", "sensitivity", "--taus", "0"), "'taus.0'"),
+    (("experiment", "main", "--p", "2"), "'p'"),
+    (("experiment", "paper", "--grid", "bogus"), "unknown grid entries"),
+    (("experiment", "main", "--shard", "2/2"), "'shard'"),
+    (("experiment", "main", "--backbone-option", "sasrek.dropout=0.5"), "unknown backbone 'sasrek'"),
+    (("experiment", "main", "--backbone-option", "dropout=0.5"), "--backbone-option expects BACKBONE.KEY=VALUE"),
+    (("experiment", "main", "--model-params", "hidden"), "--model-params expects KEY=VALUE"),
+    (("experiment", "tune", "--trials", "0"), "'trials'"),
+])
+def test_a_bad_suite_value_is_one_line_before_prefect_starts(cli, args, where, tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    res = cli(*args, "--home", str(tmp_path / "ws"))
+    assert res.code == 2 and where in res.err and len(res.err.strip().splitlines()) == 1, res.err
+    assert not (tmp_path / "prefect").exists()  # no Prefect server (nor its home) was started
