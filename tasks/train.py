@@ -66,6 +66,7 @@ class TrainResult:
     name: str = ""  # <model>-v<k>-seed<s>-<content key>.pt: θ's file name where people read it (MLflow)
     synthetic_position_share: float = 0.0  # synthetic target positions / all, per epoch
     synthetic_weight_share: float = 0.0  # their share of the gradient weight (mean over epochs)
+    resumed_after: int = 0  # the epoch an interrupted training continued after (0: one sitting)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,6 +106,7 @@ class Fit:
     synthetic_position_share: float  # of the target positions (the same every epoch)
     synthetic_weight_share: float  # of the gradient weight, mean over epochs (batchings vary)
     earlier_seconds: float = 0.0  # spent before an interrupt, in the sittings this training resumed from
+    resumed_after: int = 0  # the last epoch of those sittings (0: none)
 
 
 class DataParallel:
@@ -194,6 +196,9 @@ class ResumePoint:
         torch.set_rng_state(state["torch_rng"].cpu())
         if state["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        # Said where a person sees it (stderr; a flow's log): the epochs before it are not rerun.
+        print(f"resuming the training after epoch {state['epoch']} from its saved state {self.path}",
+              file=sys.stderr)
         return _Loop(state["best_score"], state["best_epoch"], state["best_state"], state["curve"],
                      state["weight_shares"], state["epoch"], state["seconds"])
 
@@ -271,7 +276,7 @@ def fit(model: torch.nn.Module, split: LeaveOneOut, cfg: TrainConfig, device: to
             saved = time.perf_counter()
     model.load_state_dict(best_state)
     return Fit(epoch, best_epoch, curve, synthetic_position_share(windows, weights), float(np.mean(weight_shares)),
-               loop.seconds)
+               loop.seconds, loop.epoch)
 
 
 def _require_finite_loss(value: float, epoch: int, cfg: TrainConfig) -> None:
@@ -410,7 +415,7 @@ def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Location | None = N
         seconds_total=time.perf_counter() - started + fitted.earlier_seconds, checkpoint=str(path), dataset=cfg.dataset,
         version=manifest.version, digest=manifest.digest, device=str(device), curve=fitted.curve, name=name,
         synthetic_position_share=fitted.synthetic_position_share,
-        synthetic_weight_share=fitted.synthetic_weight_share,
+        synthetic_weight_share=fitted.synthetic_weight_share, resumed_after=fitted.resumed_after,
     )
     meta = {"dataset": cfg.dataset, "version": manifest.version, "digest": manifest.digest,
             "seed": cfg.seed, "result": result.to_dict()}

@@ -51,7 +51,7 @@ def _interrupt_at(ws, cfg, epoch: int) -> None:
         train_model(cfg, ws, on_epoch=stop)
 
 
-def test_an_interrupted_training_resumes_to_the_uninterrupted_weights(uninterrupted, tiny_csv, tmp_path):
+def test_an_interrupted_training_resumes_to_the_uninterrupted_weights(uninterrupted, tiny_csv, tmp_path, capsys):
     straight, weights = uninterrupted
     ws = make_tiny_home(tmp_path / "ws", tiny_csv)
     cfg = _config()
@@ -61,6 +61,8 @@ def test_an_interrupted_training_resumes_to_the_uninterrupted_weights(uninterrup
     assert saved["epoch"] == 3 and [p["epoch"] for p in saved["curve"]] == [1, 2, 3]
 
     resumed = train_model(cfg, ws)
+    assert capsys.readouterr().err.count(f"resuming the training after epoch 3 from its saved state {unfinished}") == 1
+    assert resumed.resumed_after == 3 and straight.resumed_after == 0
     assert _curve(resumed) == _curve(straight) and resumed.epochs == straight.epochs == 6
     assert resumed.best_epoch == straight.best_epoch and resumed.valid == straight.valid
     assert resumed.test == straight.test
