@@ -764,45 +764,66 @@ def experiment_cmd(**params: Any) -> None:
 app.command("experiment")(with_parameters(experiment_cmd, _experiment_options()))
 
 
-def _experiment_help(field: str) -> str:
-    from tasks.experiment_config import ExperimentConfig
+# `rsir report` names a suite's invocation as `rsir experiment` does: those options (the suite,
+# its smoke run, the MLflow tracking URI and experiment, the archive) are ExperimentConfig's
+# fields, typed and explained by `_as_option` from experiment_parameters(); the report's own
+# (out, command, notes) are declared here.
+_REPORT_FIELDS = ("smoke", "tracking_uri", "experiment", "archive")
 
-    return ExperimentConfig.model_fields[field].description or ""
+
+def _report_options() -> list[Parameter]:
+    from tasks.experiment_config import experiment_parameters
+
+    given = {p.name: p for p in experiment_parameters()}
+    suites = get_args(given["suite"].annotation)
+    own = Parameter
+    return [
+        own("suite", Annotated[str, typer.Argument(help=f"the suite whose results to report: {', '.join(suites)}")],
+            inspect.Parameter.empty, ""),
+        own("out", Annotated[Optional[Path], typer.Option(
+            help="folder for report.md and figures (default WORKSPACE/reports/EXPERIMENT)")], None, ""),
+        *(_report_option(given[name]) for name in _REPORT_FIELDS),
+        own("command", Annotated[Optional[str], typer.Option(
+            help="the command that produced the results, quoted in the report")], None, ""),
+        own("notes", Annotated[Optional[Path], typer.Option(
+            help="markdown file appended as the report's Notes section")], None, ""),
+        own("home", Home, None, ""), own("as_json", Json, False, "")]
 
 
-@app.command("report")
-def report_cmd(
-    suite: Annotated[str, typer.Argument(help="suite whose results to report: main, sensitivity, backbones, faithful or paper")],
-    out: Annotated[Optional[Path], typer.Option(help="folder for report.md and figures (default WORKSPACE/reports/SUITE)")] = None,
-    smoke: Annotated[bool, typer.Option(help="report the --smoke run of the suite")] = False,
-    command: Annotated[Optional[str], typer.Option(help="the command that produced the results, quoted in the report")] = None,
-    notes: Annotated[Optional[Path], typer.Option(help="markdown file appended as the report's Notes section")] = None,
-    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: SQLite in the workspace)")] = None,
-    experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default experiment-SUITE)")] = None,
-    archive: Annotated[Optional[Path], typer.Option(help=_experiment_help("archive"))] = None,
-    home: Home = None, as_json: Json = False,
-) -> None:
+def _report_option(p: Parameter) -> Parameter:
+    """An ExperimentConfig field as `rsir report`'s option: --smoke reads the smoke run's
+    results (its experiment), it does not trim anything."""
+    if p.name == "smoke":
+        p = dataclasses.replace(p, help=f"report the suite's --smoke run ({p.help})")
+    return _as_option(p, "--smoke" if p.name == "smoke" else None)
+
+
+def report_cmd(**params: Any) -> None:
     """Write report.md and PNG figures from a suite's MLflow runs, and log them to MLflow."""
-    from core.config import parse_config
     from reporting.report import write_report
     from storage.tracking import Tracker, resolve_tracking_uri
     from tasks.experiment_config import ExperimentConfig
 
+    home, as_json, out = params.pop("home"), params.pop("as_json"), params.pop("out")
+    command, notes = params.pop("command"), params.pop("notes")
     ws = _workspace(home)
-    cfg = parse_config(ExperimentConfig, _drop_none(suite=suite, smoke=smoke, experiment=experiment))
-    uri = resolve_tracking_uri(tracking_uri, ws.mlflow_db)
+    cfg = ExperimentConfig.from_parameters(params)  # a bad suite or value: one line, naming it
+    uri = resolve_tracking_uri(cfg.tracking_uri, ws.mlflow_db)
     tracker = Tracker.open(uri, cfg.experiment_name, ws.mlartifacts)
-    if archive is not None:
+    if cfg.archive is not None:
         from tasks.archive import restore_runs
 
-        restore_runs(tracker, archive)
+        restore_runs(tracker, Path(cfg.archive))
     folder = out or ws.root / "reports" / cfg.experiment_name
     if notes is not None and not notes.is_file():
         raise RsirError(f"notes file not found: {notes}")
-    result = write_report(tracker, suite, Path(folder), command=command,
+    result = write_report(tracker, cfg.suite, Path(folder), command=command,
                           notes=notes.read_text() if notes is not None else None)
     _emit(result, as_json, lambda r: print(f"report written to {r['report']} ({len(r['figures'])} figures); "
                                            f"logged to MLflow run {r['mlflow_run_id']}"))
+
+
+app.command("report")(with_parameters(report_cmd, _report_options()))
 
 
 def _backbone_options(pairs: list[str] | None) -> dict[str, dict[str, Any]] | None:

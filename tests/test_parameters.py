@@ -201,6 +201,41 @@ def test_rsir_train_hands_every_option_to_the_training(cli, tmp_path, monkeypatc
     assert res.code == 2 and "'resume_seconds'" in res.err and len(res.err.strip().splitlines()) == 1
 
 
+def test_rsir_report_names_the_suite_as_the_experiment_config_does(cli, tmp_path, monkeypatch):
+    # The options that name a suite's invocation (the suite, its smoke run, the tracking URI, the
+    # MLflow experiment, the archive) are ExperimentConfig's fields, as `rsir experiment`'s are.
+    import reporting.report
+    import storage.tracking
+    import tasks.archive
+    from tasks.experiment_config import ExperimentConfig
+
+    flags = _command_flags("report")
+    assert {"--smoke", "--tracking-uri", "--experiment", "--archive", "--out", "--command", "--notes"} <= flags
+    monkeypatch.setenv("COLUMNS", "400")
+    out = _flat_help(cli("report", "--help").out)
+    for name in ("smoke", "tracking_uri", "experiment", "archive"):
+        assert " ".join(ExperimentConfig.model_fields[name].description.split()) in out, name
+    assert ", ".join(ExperimentConfig.model_fields["suite"].annotation.__args__) in out  # tune too
+    opened, restored, written = [], [], []
+    monkeypatch.setattr(storage.tracking.Tracker, "open", classmethod(
+        lambda cls, uri, experiment, root=None: opened.append((uri, experiment)) or "tracker"))
+    monkeypatch.setattr(tasks.archive, "restore_runs", lambda tracker, folder: restored.append(folder) or [])
+    monkeypatch.setattr(reporting.report, "write_report", lambda tracker, suite, folder, command=None, notes=None:
+                        written.append((suite, folder, command)) or {"report": "r.md", "figures": [],
+                                                                     "mlflow_run_id": "x"})
+    ws = tmp_path / "ws"
+    res = cli("report", "tune", "--smoke", "--tracking-uri", f"sqlite:///{tmp_path}/t.db", "--archive",
+              tmp_path / "archive", "--command", "rsir experiment tune --smoke", "--home", ws, "--json")
+    assert res.code == 0, res.err
+    assert opened == [(f"sqlite:///{tmp_path}/t.db", "experiment-tune-smoke")]
+    assert restored == [tmp_path / "archive"]
+    assert written == [("tune", ws / "reports" / "experiment-tune-smoke", "rsir experiment tune --smoke")]
+    assert cli("report", "main", "--experiment", "mine", "--home", ws).code == 0
+    assert opened[-1][1] == "mine" and written[-1][1] == ws / "reports" / "mine" and len(restored) == 1
+    res = cli("report", "nope", "--home", ws)
+    assert res.code == 2 and "'suite'" in res.err and len(res.err.strip().splitlines()) == 1
+
+
 # ------------------------------------------------------------------ the experiment suites
 def _offers(help_text: str, flag: str) -> bool:
     """`flag` is an option of the help (not a prefix of another: --tau of --taus, --p of --ps)."""
