@@ -286,7 +286,7 @@ def train(**params: Any) -> None:
 
     home, as_json, checkpoint = params.pop("home"), params.pop("as_json"), params.pop("checkpoint")
     positions = params.pop("positions")
-    options = {**(_options(params["options"], "--option") or {}), **_drop_none(positions=positions)}
+    options = {**(_nested_pairs(params["options"], "--option") or {}), **_drop_none(positions=positions)}
     params["options"] = options or None
     if params["progress"] is None:
         params["progress"] = sys.stderr.isatty()
