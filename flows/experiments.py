@@ -40,6 +40,7 @@ from pydantic import BaseModel, Field
 from core.config import with_parameters
 from core.errors import RsirError
 from core.workspace import Workspace
+from flows.boundary import boundary, check_environment, naming_service
 from flows.rsir import rsir
 from reporting.results import best_on_validation, collect_runs, finished_lineages, study_outcome
 from storage.tracking import Tracker, redact_uri, resolve_tracking_uri
@@ -342,7 +343,8 @@ def _experiment(**params: Any) -> dict[str, Any]:
 
     The parameters are ExperimentConfig's (tasks/experiment_config.py), flat; None means the
     config's default, and `smoke` trims the suite (`smoke_config`)."""
-    return run_suite(ExperimentConfig.from_parameters(params))
+    with boundary():  # a fault the user can fix: the flow run fails with its one line
+        return run_suite(ExperimentConfig.from_parameters(params))
 
 
 # The flow's signature (what Prefect shows, validates and deploys) is derived from ExperimentConfig.
@@ -354,7 +356,9 @@ def run_suite(cfg: ExperimentConfig) -> dict[str, Any]:
     logger = get_run_logger()
     started = time.perf_counter()
     ws = Workspace.at(cfg.home)
+    check_environment(ws, cfg.tracking_uri)
     uri = resolve_tracking_uri(cfg.tracking_uri, ws.mlflow_db)
+    naming_service(f"MLflow tracking store {redact_uri(uri)}")
     tracker = Tracker.open(uri, cfg.experiment_name, ws.mlartifacts)
     tracker.tag_experiment("rsir.suite", cfg.suite)
     if cfg.archive:

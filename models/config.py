@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = "sasrec"
+    name: str = Field("sasrec", description="backbone: sasrec, cl4srec or hstu")
     max_len: int = Field(50, ge=2, le=4096, description="longest input sequence; longer ones are windowed (RecBole default: 50)")
     hidden: int = Field(64, ge=1, le=8192, description="hidden size")
     layers: int = Field(2, ge=1, le=64, description="number of blocks")

@@ -207,50 +207,102 @@ def _render_list(r: dict[str, Any]) -> None:
               f"interactions {d.get('interactions'):>8}  density {d.get('density', 0):.5f}")
 
 
-# ------------------------------------------------------------------ train / evaluate
-@app.command("train")
-def train(
-    dataset: Annotated[str, typer.Option(help="dataset name")] = "ml-100k",
-    model: Annotated[str, typer.Option(help="backbone name")] = "sasrec",
-    version: Annotated[Optional[int], typer.Option(help="dataset version (default: latest)")] = None,
-    seed: TrainSeed = 0,
-    epochs: Epochs = None, patience: Patience = None, lr: LearningRate = None, batch_size: TrainBatch = None,
-    max_len: MaxLen = None, hidden: Hidden = None, layers: Layers = None, heads: Heads = None, dropout: Dropout = None,
-    loss: Loss = None, negatives: Negatives = None, negatives_exclude_input: NegativesExcludeInput = None,
-    positions: Annotated[Optional[str], typer.Option(help="newest or oldest: where positions are counted from")] = None,
-    option: Annotated[Optional[list[str]], typer.Option("--option", help="backbone option KEY=VALUE (repeatable)")] = None,
-    recipe: Recipe = "default", synthetic_weight: SyntheticWeight = None, batching: Batching = None,
-    weighting: Weighting = None, stride: Stride = None, early_stop: EarlyStop = None,
-    device: Annotated[str, typer.Option(help=DEVICES)] = "auto",
-    threads: Threads = None,
-    include_history: Annotated[bool, typer.Option("--include-history", help="rank the user's own history items too")] = False,
-    checkpoint: Annotated[Optional[str], typer.Option(help="where to write the checkpoint (a path or a URL)")] = None,
-    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="progress bars on stderr")] = None,
-    home: Home = None, as_json: Json = False,
-) -> None:
-    """Train a backbone from scratch on a dataset version and evaluate it (leave-one-out, full ranking)."""
-    from core.config import parse_config
-    from tasks.config import TrainConfig
+# ------------------------------------------------------------------ options derived from the configs
+# A command's options are the flat parameters of its typed config (core/config.py Parameter),
+# turned into Typer options here, once: a parameter `some_name` is the option --some-name (K also
+# -K); a dict parameter is given as repeatable KEY=VALUE pairs (dotted keys nest), a bool as
+# --name/--no-name, a literal as one of its values (listed in the help).
+def _as_option(p: Parameter, flag: str | None = None) -> Parameter:
+    """The command-line option of a flat parameter: `--some-name` for `some_name` unless `flag`
+    names it (K also -K; a bool's flag may name both switches, `--on/--off`). A bool left None
+    (the recipe's) stays None unless a switch is given."""
+    base = _without_none(p.annotation)
+    flag = flag or "--" + p.name.replace("_", "-")
+    decls = ("-K", "--K") if p.name == "K" else (flag,)
+    if base is bool:
+        switches = flag if "/" in flag else f"{flag}/--no-{flag[2:]}"
+        return Parameter(p.name, Annotated[Optional[bool] if p.default is None else bool,
+                                           typer.Option(switches, help=p.help)], p.default, "")
+    if get_origin(base) is dict:
+        help_ = f"{p.help}; KEY=VALUE, repeatable, dotted keys nest"
+        return Parameter(p.name, Annotated[Optional[list[str]], typer.Option(*decls, help=help_)], None, "")
+    if get_origin(base) in (Union, UnionType):  # a number or a word (K: 3 or auto): text, the config parses it
+        help_ = f"{p.help} ({' | '.join(_kind_name(a) for a in get_args(base))})"
+        return Parameter(p.name, Annotated[Optional[str] if p.default is None else str,
+                                           typer.Option(*decls, help=help_)], p.default, "")
+    if get_origin(base) is Literal:
+        help_ = f"{p.help} ({' | '.join(map(str, get_args(base)))})"
+        return Parameter(p.name, Annotated[Optional[str] if p.default is None else str,
+                                           typer.Option(*decls, help=help_)], p.default, "")
+    kind = Optional[base] if p.default is None else base
+    help_ = f"{p.help} (repeatable)" if get_origin(base) is list else p.help
+    return Parameter(p.name, Annotated[kind, typer.Option(*decls, help=help_)], p.default, "")
 
-    model_params = _drop_none(name=model, max_len=max_len, hidden=hidden, layers=layers, heads=heads,
-                              dropout=dropout, loss=loss, negatives=negatives,
-                              negatives_exclude_input=negatives_exclude_input,
-                              options={**(_options(option) or {}), **_drop_none(positions=positions)} or None)
-    params = _drop_none(dataset=dataset, version=version, seed=seed, epochs=epochs, patience=patience, lr=lr,
-                        batch_size=batch_size, device=device, threads=threads, model=model_params, recipe=recipe,
-                        synthetic_weight=synthetic_weight, batching=batching, weighting=weighting, stride=stride,
-                        early_stop=early_stop,
-                        exclude_history=not include_history,
-                        progress=sys.stderr.isatty() if progress is None else progress)
-    cfg = parse_config(TrainConfig, params)
+
+def _kind_name(annotation: Any) -> str:
+    """A union member as the help lists it: a literal's values, else the type's name."""
+    if get_origin(annotation) is Literal:
+        return " | ".join(map(str, get_args(annotation)))
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _without_none(annotation: Any) -> Any:
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    return args[0] if get_origin(annotation) in (Union, UnionType) and len(args) == 1 else annotation
+
+
+# ------------------------------------------------------------------ train / evaluate
+# `rsir train`'s options are one training's flat parameters (tasks/config.py train_parameters:
+# TrainConfig's fields, the backbone's ModelConfig settings flat), derived as `rsir run`'s are.
+# Four keep the spellings they had: --option KEY=VALUE (a backbone option, repeatable),
+# --negatives-exclude-input/--negatives-any, --include-history (the switch off of
+# --exclude-history) and --progress/--no-progress, whose default is the terminal's (bars when
+# stderr is one). --positions is SASRec's `positions` option by name; --checkpoint names the file.
+_TRAIN_FLAGS = {"options": "--option", "negatives_exclude_input": "--negatives-exclude-input/--negatives-any",
+                "exclude_history": "--exclude-history/--include-history"}
+
+
+def _train_options() -> list[Parameter]:
+    from tasks.config import train_parameters
+
+    out = []
+    for p in train_parameters():
+        if p.name == "progress":  # unset: bars when stderr is a terminal
+            p = Parameter(p.name, Optional[bool], None, f"{p.help} (default: when stderr is a terminal)")
+        out.append(_as_option(p, _TRAIN_FLAGS.get(p.name)))
+        if p.name == "options":
+            out.append(Parameter("positions", Annotated[Optional[str], typer.Option(
+                help="newest or oldest: where positions are counted from (the option positions=...)")], None, ""))
+    return out + [
+        Parameter("checkpoint", Annotated[Optional[str], typer.Option(
+            help="where to write the checkpoint (a path or a URL)")], None, ""),
+        Parameter("home", Home, None, ""), Parameter("as_json", Json, False, "")]
+
+
+def train(**params: Any) -> None:
+    """Train a backbone from scratch on a dataset version and evaluate it (leave-one-out, full ranking)."""
+    from tasks.config import TrainConfig
+    from tasks.executor import LOCAL, Executor
+
+    home, as_json, checkpoint = params.pop("home"), params.pop("as_json"), params.pop("checkpoint")
+    positions = params.pop("positions")
+    options = {**(_nested_pairs(params["options"], "--option") or {}), **_drop_none(positions=positions)}
+    params["options"] = options or None
+    if params["progress"] is None:
+        params["progress"] = sys.stderr.isatty()
+    cfg = TrainConfig.from_parameters(params)  # a bad value: one line, before any data is read
     from tasks.train import train_model
 
-    result = train_model(cfg, _workspace(home), checkpoint=_location(checkpoint)).to_dict()
+    # More than one training process: data-parallel on Ray, a local cluster started on first use.
+    executor = Executor(kind="ray") if cfg.train_workers > 1 else LOCAL
+    result = train_model(cfg, _workspace(home), checkpoint=_location(checkpoint), executor=executor).to_dict()
     result.pop("curve")
     result["model"] = cfg.model.name
     result["seed"] = cfg.seed
     _emit(result, as_json, _render_train)
 
+
+app.command("train")(with_parameters(train, _train_options()))
 
 @app.command("evaluate")
 def evaluate(
@@ -340,10 +392,8 @@ def _opt(value: Any) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-# `rsir run`'s options are the flow's parameters (tasks/config.py run_parameters), derived here
-# once: a parameter `some_name` is the option --some-name (K also -K); a dict parameter is given as
-# repeatable KEY=VALUE pairs (dotted keys nest), a bool as --name/--no-name, a literal as one of
-# its values (listed in the help). The CLI sets the workspace and progress bars itself.
+# `rsir run`'s options are the flow's parameters (tasks/config.py run_parameters), derived by
+# `_as_option`. The CLI sets the workspace and progress bars itself.
 _RUN_SET_BY_CLI = {"home", "progress"}
 
 
@@ -355,108 +405,6 @@ def _run_options() -> list[Parameter]:
             "--option", help="student backbone option KEY=VALUE (repeatable): model-params options.KEY=VALUE")],
             None, ""),
         Parameter("home", Home, None, ""), Parameter("as_json", Json, False, "")]
-
-
-def _as_option(p: Parameter, flag: str | None = None) -> Parameter:
-    """The command-line option of a flat parameter: `--some-name` for `some_name` unless `flag`
-    names it (K also -K)."""
-    base = _without_none(p.annotation)
-    flag = flag or "--" + p.name.replace("_", "-")
-    decls = ("-K", "--K") if p.name == "K" else (flag,)
-    if base is bool:
-        return Parameter(p.name, Annotated[bool, typer.Option(f"{flag}/--no-{flag[2:]}", help=p.help)], p.default, "")
-    if get_origin(base) is dict:
-        help_ = f"{p.help}; KEY=VALUE, repeatable, dotted keys nest"
-        return Parameter(p.name, Annotated[Optional[list[str]], typer.Option(*decls, help=help_)], None, "")
-    if get_origin(base) in (Union, UnionType):  # a number or a word (K: 3 or auto): text, the config parses it
-        help_ = f"{p.help} ({' | '.join(_kind_name(a) for a in get_args(base))})"
-        return Parameter(p.name, Annotated[Optional[str] if p.default is None else str,
-                                           typer.Option(*decls, help=help_)], p.default, "")
-    if get_origin(base) is Literal:
-        help_ = f"{p.help} ({' | '.join(map(str, get_args(base)))})"
-        return Parameter(p.name, Annotated[Optional[str] if p.default is None else str,
-                                           typer.Option(*decls, help=help_)], p.default, "")
-    kind = Optional[base] if p.default is None else base
-    help_ = f"{p.help} (repeatable)" if get_origin(base) is list else p.help
-    return Parameter(p.name, Annotated[kind, typer.Option(*decls, help=help_)], p.default, "")
-
-
-def _kind_name(annotation: Any) -> str:
-    """A union member as the help lists it: a literal's values, else the type's name."""
-    if get_origin(annotation) is Literal:
-        return " | ".join(map(str, get_args(annotation)))
-    return getattr(annotation, "__name__", str(annotation))
-
-
-def _without_none(annotation: Any) -> Any:
-    args = [a for a in get_args(annotation) if a is not type(None)]
-    return args[0] if get_origin(annotation) in (Union, UnionType) and len(args) == 1 else annotation
-
-
-def _training_setting(name: str) -> Any:
-    """`rsir train`'s option for a training setting: its type and help come, as `rsir run`'s
-    do, from the setting's field in tasks/config.py (declared once there); None = the recipe's."""
-    from tasks.config import run_parameters
-
-    (parameter,) = [p for p in run_parameters() if p.name == name]
-    return _as_option(parameter).annotation
-
-
-# `rsir train`'s training-setting options, typed and explained by `_as_option` from the fields of
-# tasks/config.py as `rsir run`'s are; their defaults are train's own (None: the recipe's value).
-Recipe = _training_setting("recipe")
-Epochs = _training_setting("epochs")
-Patience = _training_setting("patience")
-LearningRate = _training_setting("lr")
-TrainBatch = _training_setting("batch_size")
-SyntheticWeight = _training_setting("synthetic_weight")
-Batching = _training_setting("batching")
-Weighting = _training_setting("weighting")
-Stride = _training_setting("stride")
-EarlyStop = _training_setting("early_stop")
-
-
-def _model_setting(name: str, flags: str | None = None) -> Any:
-    """`rsir train`'s option for a ModelConfig field (models/config.py): its type and help from
-    the field; unset (None) = the recipe's, else the field's default. `flags`: a bool's two names."""
-    from models.config import ModelConfig
-
-    field = ModelConfig.model_fields[name]
-    if flags is not None:
-        return Annotated[Optional[bool], typer.Option(flags, help=field.description)]
-    return _as_option(Parameter(name, Optional[bare(field.annotation)], None, field.description or "")).annotation
-
-
-MaxLen = _model_setting("max_len")
-Hidden = _model_setting("hidden")
-Layers = _model_setting("layers")
-Heads = _model_setting("heads")
-Dropout = _model_setting("dropout")
-Loss = _model_setting("loss")
-Negatives = _model_setting("negatives")
-NegativesExcludeInput = _model_setting("negatives_exclude_input", "--negatives-exclude-input/--negatives-any")
-
-
-def _train_seed() -> Any:
-    from tasks.config import TrainConfig
-
-    field = TrainConfig.model_fields["seed"]
-    return Annotated[int, typer.Option(help=field.description)]
-
-
-TrainSeed = _train_seed()
-
-
-def _threads_option() -> Any:
-    """`--threads` of `rsir train`: its help from the one declaration
-    (tasks/config.py CpuThreads); unset = that declaration's default."""
-    from tasks.config import CpuThreads
-
-    field = CpuThreads.model_fields["threads"]
-    return Annotated[Optional[int], typer.Option(help=f"{field.description} [default: {field.default}]")]
-
-
-Threads = _threads_option()
 
 
 def _nested_pairs(pairs: list[str] | None, flag: str) -> dict[str, Any] | None:
@@ -816,45 +764,66 @@ def experiment_cmd(**params: Any) -> None:
 app.command("experiment")(with_parameters(experiment_cmd, _experiment_options()))
 
 
-def _experiment_help(field: str) -> str:
-    from tasks.experiment_config import ExperimentConfig
+# `rsir report` names a suite's invocation as `rsir experiment` does: those options (the suite,
+# its smoke run, the MLflow tracking URI and experiment, the archive) are ExperimentConfig's
+# fields, typed and explained by `_as_option` from experiment_parameters(); the report's own
+# (out, command, notes) are declared here.
+_REPORT_FIELDS = ("smoke", "tracking_uri", "experiment", "archive")
 
-    return ExperimentConfig.model_fields[field].description or ""
+
+def _report_options() -> list[Parameter]:
+    from tasks.experiment_config import experiment_parameters
+
+    given = {p.name: p for p in experiment_parameters()}
+    suites = get_args(given["suite"].annotation)
+    own = Parameter
+    return [
+        own("suite", Annotated[str, typer.Argument(help=f"the suite whose results to report: {', '.join(suites)}")],
+            inspect.Parameter.empty, ""),
+        own("out", Annotated[Optional[Path], typer.Option(
+            help="folder for report.md and figures (default WORKSPACE/reports/EXPERIMENT)")], None, ""),
+        *(_report_option(given[name]) for name in _REPORT_FIELDS),
+        own("command", Annotated[Optional[str], typer.Option(
+            help="the command that produced the results, quoted in the report")], None, ""),
+        own("notes", Annotated[Optional[Path], typer.Option(
+            help="markdown file appended as the report's Notes section")], None, ""),
+        own("home", Home, None, ""), own("as_json", Json, False, "")]
 
 
-@app.command("report")
-def report_cmd(
-    suite: Annotated[str, typer.Argument(help="suite whose results to report: main, sensitivity, backbones, faithful or paper")],
-    out: Annotated[Optional[Path], typer.Option(help="folder for report.md and figures (default WORKSPACE/reports/SUITE)")] = None,
-    smoke: Annotated[bool, typer.Option(help="report the --smoke run of the suite")] = False,
-    command: Annotated[Optional[str], typer.Option(help="the command that produced the results, quoted in the report")] = None,
-    notes: Annotated[Optional[Path], typer.Option(help="markdown file appended as the report's Notes section")] = None,
-    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: SQLite in the workspace)")] = None,
-    experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default experiment-SUITE)")] = None,
-    archive: Annotated[Optional[Path], typer.Option(help=_experiment_help("archive"))] = None,
-    home: Home = None, as_json: Json = False,
-) -> None:
+def _report_option(p: Parameter) -> Parameter:
+    """An ExperimentConfig field as `rsir report`'s option: --smoke reads the smoke run's
+    results (its experiment), it does not trim anything."""
+    if p.name == "smoke":
+        p = dataclasses.replace(p, help=f"report the suite's --smoke run ({p.help})")
+    return _as_option(p, "--smoke" if p.name == "smoke" else None)
+
+
+def report_cmd(**params: Any) -> None:
     """Write report.md and PNG figures from a suite's MLflow runs, and log them to MLflow."""
-    from core.config import parse_config
     from reporting.report import write_report
     from storage.tracking import Tracker, resolve_tracking_uri
     from tasks.experiment_config import ExperimentConfig
 
+    home, as_json, out = params.pop("home"), params.pop("as_json"), params.pop("out")
+    command, notes = params.pop("command"), params.pop("notes")
     ws = _workspace(home)
-    cfg = parse_config(ExperimentConfig, _drop_none(suite=suite, smoke=smoke, experiment=experiment))
-    uri = resolve_tracking_uri(tracking_uri, ws.mlflow_db)
+    cfg = ExperimentConfig.from_parameters(params)  # a bad suite or value: one line, naming it
+    uri = resolve_tracking_uri(cfg.tracking_uri, ws.mlflow_db)
     tracker = Tracker.open(uri, cfg.experiment_name, ws.mlartifacts)
-    if archive is not None:
+    if cfg.archive is not None:
         from tasks.archive import restore_runs
 
-        restore_runs(tracker, archive)
+        restore_runs(tracker, Path(cfg.archive))
     folder = out or ws.root / "reports" / cfg.experiment_name
     if notes is not None and not notes.is_file():
         raise RsirError(f"notes file not found: {notes}")
-    result = write_report(tracker, suite, Path(folder), command=command,
+    result = write_report(tracker, cfg.suite, Path(folder), command=command,
                           notes=notes.read_text() if notes is not None else None)
     _emit(result, as_json, lambda r: print(f"report written to {r['report']} ({len(r['figures'])} figures); "
                                            f"logged to MLflow run {r['mlflow_run_id']}"))
+
+
+app.command("report")(with_parameters(report_cmd, _report_options()))
 
 
 def _backbone_options(pairs: list[str] | None) -> dict[str, dict[str, Any]] | None:

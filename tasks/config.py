@@ -155,14 +155,17 @@ class CpuThreads(BaseModel):
 class TrainConfig(CpuThreads, TrainingSettings):
     """One training: a dataset version, a backbone, the training settings and the runtime."""
 
-    dataset: str = Field("ml-100k", json_schema_extra=unkeyed())  # the data's digest keys a training, not its name
+    # The data's digest keys a training, not its name.
+    dataset: str = Field("ml-100k", json_schema_extra=unkeyed(), description="dataset name")
     version: Version | None = Field(None, json_schema_extra=unkeyed(), description="dataset version; latest when omitted")
     model: ModelConfig = Field(default_factory=ModelConfig)
-    eval_batch_size: BatchSize = Field(512, json_schema_extra=unkeyed())
+    eval_batch_size: BatchSize = Field(512, json_schema_extra=unkeyed(), description="users scored together "
+                                       "when evaluating (full ranking: each row holds the item count's scores)")
     seed: Seed = Field(0, description="random seed (numpy's generators take non-negative seeds)")
     device: Device = Field("auto", description=DEVICES, json_schema_extra=unkeyed())
-    exclude_history: bool = True
-    progress: bool = Field(True, json_schema_extra=unkeyed())
+    exclude_history: bool = Field(True, description="evaluation ranks only the items outside the user's "
+                                  "history (off: the history items are ranked too)")
+    progress: bool = Field(True, json_schema_extra=unkeyed(), description="progress bars on stderr")
     resume_seconds: SaveSeconds = Field(60.0, json_schema_extra=unkeyed(), description="seconds "
                                   "between saves of an unfinished training's state (weights, Adam's moments, the "
                                   "random generators, the curve), from which the same training continues after "
@@ -178,6 +181,17 @@ class TrainConfig(CpuThreads, TrainingSettings):
     def _stride(self) -> "TrainConfig":
         self.check_stride(self.model)
         return self
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, Any]) -> "TrainConfig":
+        """Flat training parameters (train_parameters(): `rsir train`'s options) -> one typed
+        config, the backbone's name and settings nested as its ModelConfig; None means the
+        default (a training or model setting's: the recipe's). A bad value fails with a one-line
+        message naming the parameter (`model.hidden` for a model setting)."""
+        given = {k: v for k, v in params.items() if v is not None}
+        model = {"name": given.pop("model", _DEFAULT_BACKBONE),
+                 **{k: given.pop(k) for k in MODEL_SETTINGS if k in given}}
+        return parse_config(cls, {**given, "model": model})
 
 
 class GenerationParams(BaseModel):
@@ -405,6 +419,49 @@ _BACKBONE_PARAMETERS = [
     Parameter("generator", Optional[str], None, "generator backbone (weak-to-strong); default: the student"),
     Parameter("generator_params", Optional[dict[str, Any]], None, "generator settings, as model_params"),
 ]
+
+
+# One training's backbone travels flat: its name (`model`), then each ModelConfig setting under
+# its own name (`rsir train --hidden 32 --option positions=oldest`); none is a TrainConfig field's
+# name. A run's two backbones travel as a name plus a dict each (_BACKBONE_PARAMETERS).
+MODEL_SETTINGS: tuple[str, ...] = tuple(n for n in ModelConfig.model_fields if n != "name")
+
+
+def _recipe_default(default: Any) -> str:
+    """The help's note on a setting the recipe decides: the field's default is the default
+    recipe's (a None default is explained by the field's description)."""
+    return " (default: the recipe's)" if default is None else f" (default: the recipe's, else {default})"
+
+
+def train_parameters() -> list[Parameter]:
+    """The flat parameters of one training (`rsir train`'s options), derived from TrainConfig:
+    the dataset and its version, the backbone's name and its ModelConfig settings in place of
+    the nested model, then the other fields in their order. A training or model setting defaults
+    to None, the recipe's value (its help states the field's default, the default recipe's)."""
+    fields = TrainConfig.model_fields
+    recipe_decides = TrainingSettings.names() - {"recipe"}
+    models = ModelConfig.model_fields
+    out = [_flat(name, fields[name], False) for name in ("dataset", "version")]
+    out.append(Parameter("model", str, models["name"].default, models["name"].description or ""))
+    for name in MODEL_SETTINGS:
+        field = models[name]
+        if field.default_factory is not None:  # options: a dict, none given = the backbone's defaults
+            out.append(Parameter(name, Optional[dict[str, Any]], None, field.description or ""))
+        else:
+            out.append(Parameter(name, Optional[bare(field.annotation)], None,
+                                 (field.description or "") + _recipe_default(field.default)))
+    out += [_flat(name, field, name in recipe_decides) for name, field in fields.items()
+            if name not in ("dataset", "version", "model")]
+    return out
+
+
+def _flat(name: str, field: Any, recipe_decides: bool) -> Parameter:
+    """A field as a flat parameter: its type without bounds (the config checks them), its
+    default, or None when the recipe decides."""
+    default = None if recipe_decides else field.default
+    annotation = Optional[bare(field.annotation)] if default is None else bare(field.annotation)
+    help_ = (field.description or "") + (_recipe_default(field.default) if recipe_decides else "")
+    return Parameter(name, annotation, default, help_)
 
 
 def run_parameters() -> list[Parameter]:

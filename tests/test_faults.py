@@ -128,6 +128,28 @@ def test_the_flow_and_the_deployment_refuse_a_parameter_by_name(tiny):
     assert digest(tiny) == before
 
 
+def test_a_suite_flow_run_fails_with_one_line(tiny, tmp_path, prefect_api):
+    """The `rsir-experiment` flow, called as its deployment calls it, ends a fault the user can
+    fix in one line naming the path and the operation, as the `rsir` and `rsir-tune` flows do:
+    a tracking database below a regular file fails inside storage with an OSError (no RsirError
+    of its own) before any arm runs."""
+    from core.errors import RsirError
+    from flows.experiments import experiment
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the tracking database's folder should be")
+    before = digest(tiny)
+    state = experiment(suite="main", smoke=True, home=str(tiny.root), tracking_uri=f"sqlite:///{blocker}/mlflow.db",
+                       return_state=True)
+    assert state.is_failed()
+    with pytest.raises(RsirError) as caught:
+        state.result()
+    line = str(caught.value)
+    assert line == f"storage.tracking.open failed on {blocker}: File exists [EEXIST]"
+    assert line in state.message and len(state.message.splitlines()) == 1
+    assert digest(tiny) == before and blocker.read_text().startswith("a file")
+
+
 # ------------------------------------------------------------------ 2. failures to write
 def test_train_on_a_full_disk(cli, tiny, monkeypatch, one_thread):
     """The checkpoint's write fails with ENOSPC, as a write to a full disk does (an OSError

@@ -13,7 +13,7 @@ import pytest
 from core.errors import RsirError
 from flows.rsir import rsir
 from rsir.cli import _nested_pairs
-from tasks.config import RunConfig, TrainingSettings, run_parameters
+from tasks.config import RunConfig, TrainConfig, TrainingSettings, run_parameters
 
 BACKBONES = {"model", "model_params", "generator", "generator_params"}
 
@@ -122,6 +122,118 @@ def test_rsir_train_states_the_stride_the_training_uses(cli):
     for name in ("recipe", "synthetic_weight", "batching", "weighting", "stride", "early_stop"):
         description = " ".join(TrainingSettings.model_fields[name].description.split())
         assert description in train_help and description in run_help, name
+
+
+def _command_flags(name: str) -> set[str]:
+    """Every switch of an `rsir` command, as Click holds them (the help truncates long ones)."""
+    import typer
+
+    from rsir.cli import app
+
+    command = typer.main.get_command(app).commands[name]
+    return {flag for param in command.params for flag in (*param.opts, *param.secondary_opts)}
+
+
+def test_rsir_train_takes_every_train_config_field(cli, monkeypatch):
+    # One training's knobs are declared once (TrainConfig, the backbone's ModelConfig): `rsir
+    # train`'s options derive from them (tasks/config.py train_parameters), as `rsir run`'s do.
+    from models.config import ModelConfig
+    from rsir.cli import _TRAIN_FLAGS
+    from tasks.config import MODEL_SETTINGS, TrainConfig, train_parameters
+
+    names = [p.name for p in train_parameters()]
+    assert len(names) == len(set(names))
+    assert set(names) == set(TrainConfig.model_fields) | set(MODEL_SETTINGS)  # `model`: the backbone's name
+    assert set(MODEL_SETTINGS) == set(ModelConfig.model_fields) - {"name"}
+    flags = _command_flags("train")
+    for name in names:
+        for flag in _TRAIN_FLAGS.get(name, "--" + name.replace("_", "-")).split("/"):
+            assert flag in flags, flag
+    # The spellings the README and the tests use.
+    assert {"--include-history", "--negatives-any", "--option", "--positions", "--no-progress",
+            "--checkpoint", "--home", "--json"} <= flags
+    monkeypatch.setenv("COLUMNS", "400")  # each help on one line: a narrow box folds and cuts long words
+    out = _flat_help(cli("train", "--help").out)
+    for name, field in {**TrainConfig.model_fields, **ModelConfig.model_fields}.items():
+        if name != "model":
+            assert field.description and " ".join(field.description.split()) in out, name
+
+
+def test_rsir_train_hands_every_option_to_the_training(cli, tmp_path, monkeypatch):
+    # The options become one TrainConfig (the backbone's settings nested); the training itself is
+    # replaced here (tests/test_train.py trains).
+    import tasks.train
+    from tasks.executor import LOCAL
+    from tasks.train import TrainResult
+
+    got = []
+
+    def train_model(cfg, ws, checkpoint=None, executor=LOCAL):
+        got.append((cfg, executor, checkpoint))
+        return TrainResult(valid={}, test={}, epochs=1, best_epoch=1, seconds_per_epoch=0.0, seconds_total=0.0,
+                           checkpoint="c.pt", dataset=cfg.dataset, version=0, digest="d" * 64, device="cpu")
+
+    monkeypatch.setattr(tasks.train, "train_model", train_model)
+    args = ["--home", tmp_path / "ws", "--json"]
+    res = cli("train", "--dataset", "tiny", "--version", "2", "--model", "sasrec", "--recipe", "release",
+              "--patience", "5", "--weight-decay", "0.01", "--hidden", "32", "--heads", "4", "--negatives-any",
+              "--option", "ffn_mult=2", "--positions", "newest", "--resume-seconds", "5",
+              "--eval-batch-size", "64", "--include-history", "--no-progress", "--threads", "2",
+              "--seed", "7", "--device", "cpu", "--checkpoint", tmp_path / "c.pt", *args)
+    assert res.code == 0, res.err
+    assert json.loads(res.out)["seed"] == 7
+    (cfg, executor, checkpoint), = got
+    assert (cfg.dataset, cfg.version, cfg.recipe, cfg.patience, cfg.weight_decay, cfg.resume_seconds) == (
+        "tiny", 2, "release", 5, 0.01, 5.0)
+    assert (cfg.eval_batch_size, cfg.exclude_history, cfg.progress, cfg.threads, cfg.seed, cfg.device) == (
+        64, False, False, 2, 7, "cpu")
+    assert (cfg.model.hidden, cfg.model.heads, cfg.model.negatives_exclude_input, cfg.model.options["ffn_mult"],
+            cfg.model.options["positions"]) == (32, 4, False, 2, "newest")
+    # What was left unset is the recipe's: the release's batch, loss and dropout.
+    assert (cfg.batch_size, cfg.epochs, cfg.model.loss, cfg.model.dropout) == (256, 1000, "sampled", 0.5)
+    assert executor == LOCAL and str(checkpoint).endswith("c.pt")
+    got.clear()
+    assert cli("train", "--dataset", "tiny", "--train-workers", "2", *args).code == 0
+    (cfg, executor, _), = got
+    assert cfg.train_workers == 2 and executor.kind == "ray"  # data-parallel needs Ray; rsir train starts one
+    assert (cfg.exclude_history, cfg.resume_seconds) == (True, TrainConfig.model_fields["resume_seconds"].default)
+    res = cli("train", "--dataset", "tiny", "--resume-seconds", "-1", *args)
+    assert res.code == 2 and "'resume_seconds'" in res.err and len(res.err.strip().splitlines()) == 1
+
+
+def test_rsir_report_names_the_suite_as_the_experiment_config_does(cli, tmp_path, monkeypatch):
+    # The options that name a suite's invocation (the suite, its smoke run, the tracking URI, the
+    # MLflow experiment, the archive) are ExperimentConfig's fields, as `rsir experiment`'s are.
+    import reporting.report
+    import storage.tracking
+    import tasks.archive
+    from tasks.experiment_config import ExperimentConfig
+
+    flags = _command_flags("report")
+    assert {"--smoke", "--tracking-uri", "--experiment", "--archive", "--out", "--command", "--notes"} <= flags
+    monkeypatch.setenv("COLUMNS", "400")
+    out = _flat_help(cli("report", "--help").out)
+    for name in ("smoke", "tracking_uri", "experiment", "archive"):
+        assert " ".join(ExperimentConfig.model_fields[name].description.split()) in out, name
+    assert ", ".join(ExperimentConfig.model_fields["suite"].annotation.__args__) in out  # tune too
+    opened, restored, written = [], [], []
+    monkeypatch.setattr(storage.tracking.Tracker, "open", classmethod(
+        lambda cls, uri, experiment, root=None: opened.append((uri, experiment)) or "tracker"))
+    monkeypatch.setattr(tasks.archive, "restore_runs", lambda tracker, folder: restored.append(folder) or [])
+    monkeypatch.setattr(reporting.report, "write_report", lambda tracker, suite, folder, command=None, notes=None:
+                        written.append((suite, folder, command)) or {"report": "r.md", "figures": [],
+                                                                     "mlflow_run_id": "x"})
+    ws = tmp_path / "ws"
+    res = cli("report", "tune", "--smoke", "--tracking-uri", f"sqlite:///{tmp_path}/t.db", "--archive",
+              tmp_path / "archive", "--command", "rsir experiment tune --smoke", "--home", ws, "--json")
+    assert res.code == 0, res.err
+    assert opened == [(f"sqlite:///{tmp_path}/t.db", "experiment-tune-smoke")]
+    assert restored == [tmp_path / "archive"]
+    assert written == [("tune", ws / "reports" / "experiment-tune-smoke", "rsir experiment tune --smoke")]
+    assert cli("report", "main", "--experiment", "mine", "--home", ws).code == 0
+    assert opened[-1][1] == "mine" and written[-1][1] == ws / "reports" / "mine" and len(restored) == 1
+    res = cli("report", "nope", "--home", ws)
+    assert res.code == 2 and "'suite'" in res.err and len(res.err.strip().splitlines()) == 1
 
 
 # ------------------------------------------------------------------ the experiment suites
