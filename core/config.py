@@ -61,6 +61,8 @@ Version = Annotated[int, Field(ge=0, le=99_999)]
 SaveSeconds = Annotated[float, Field(ge=0, le=86_400, allow_inf_nan=False)]
 # CPU threads or parallel workers of one process or cluster.
 Workers = Annotated[int, Field(ge=1, le=4096)]
+# A process's torch CPU threads: 0 leaves torch's own setting (one per core).
+Threads = Annotated[int, Field(ge=0, le=4096)]
 # A probability (the local pool's p).
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 # A real number that must be finite (NaN and infinity pass ge/gt bounds in pydantic).

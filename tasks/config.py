@@ -24,6 +24,7 @@ from core.config import (
     Seed,
     SequenceCount,
     SequenceLength,
+    Threads,
     Version,
     Workers,
     bare,
@@ -147,7 +148,7 @@ class CpuThreads(BaseModel):
 
     # Why 1 (benchmarks/threads.py; figures in README, "Threads"): torch's default is one thread
     # per core, and on busy cores its threads wait for each other.
-    threads: int = Field(1, ge=0, le=4096, json_schema_extra=unkeyed(), description="torch CPU threads; 0 = torch's default (one per core). "
+    threads: Threads = Field(1, json_schema_extra=unkeyed(), description="torch CPU threads; 0 = torch's default (one per core). "
                          "Default 1: on 2 busy cores torch's default trained 6-7 times slower than one "
                          "thread (benchmarks/threads.py)")
 

@@ -26,6 +26,7 @@ from core.config import (
     Rollouts,
     Seed,
     SequenceCount,
+    Threads,
     bare,
     like,
     parse_config,
@@ -95,8 +96,8 @@ class ExperimentConfig(BaseModel):
         default_factory=lambda: dict(TUNED_BACKBONES), description="per-backbone model parameters over model_params, "
         "as BACKBONE.KEY or BACKBONE.options.KEY (default: the tuned CL4SRec settings; giving any replaces them)")
     device: Device = Field("auto", description=f"every run's device: {DEVICES}")
-    threads: int | None = like(CpuThreads, "threads", default=None, description="every run's torch CPU threads; "
-                               "0 = torch's default (default: a run's own, 1)")
+    # None: each run's own default (CpuThreads: 1), so a suite and a run agree without a second constant.
+    threads: Threads | None = like(CpuThreads, "threads", default=None)
     home: str | None = Field(None, description="workspace directory (default $RSIR_HOME or ./workspace)")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite in the workspace)")
     experiment: str | None = Field(None, description="MLflow experiment (default: experiment-<suite>, "
