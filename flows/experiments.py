@@ -31,6 +31,7 @@ derive from it.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,7 +48,7 @@ from storage.tracking import Tracker, redact_uri, resolve_tracking_uri
 from tasks.archive import archive_runs, restore_runs
 from tasks.config import RunConfig
 from tasks.experiment_config import PAPER_GRID, ExperimentConfig, experiment_parameters
-from tasks.tune import TuneConfig
+from tasks.tune import StudyOutcome, TuneConfig
 
 # The trainers the faithful suite compares (issue 10): the loss as it was (each batch's mean, so
 # short synthetic sequences in batches of their own weigh several times a real position), the
@@ -122,35 +123,48 @@ def _arm(cfg: ExperimentConfig, name: str, dataset: str, seed: int, labels: dict
 
 
 # ------------------------------------------------------------------ suites
-# A suite is a list of stages; a stage sees the rows collected so far (from MLflow) and returns
-# arms. Only the sensitivity suite needs two: its p sweep runs at the τ chosen on validation.
-# A stage may also return studies (the tune suite), run before any arm.
-Stage = Callable[[ExperimentConfig, list[dict[str, Any]]], list[Arm] | list[Study]]
+@dataclass(frozen=True)
+class Finished:
+    """What a stage chooses from, read from the suite's tracker before the stage: the finished
+    arms' rows (reporting/results.py collect_runs: one per arm and iteration) and, by name, the
+    outcome of a study (the tune suite's), from the tracker the suite already holds."""
+
+    rows: list[dict[str, Any]]
+    tracker: Tracker
+
+    def study(self, name: str) -> StudyOutcome | None:
+        return study_outcome(self.tracker, name)
 
 
-def main_arms(cfg: ExperimentConfig, _: list[dict[str, Any]]) -> list[Arm]:
+# A suite is a list of stages; a stage sees what has finished so far and returns arms. Only the
+# sensitivity suite needs two: its p sweep runs at the τ chosen on validation. A stage may also
+# return studies (the tune suite), run before any arm.
+Stage = Callable[[ExperimentConfig, Finished], list[Arm] | list[Study]]
+
+
+def main_arms(cfg: ExperimentConfig, _: Finished) -> list[Arm]:
     # K = 0 is iteration 0 of every arm (the same θ_0, trained once); K = j is iteration j.
     return [a for ds in cfg.suite_datasets() for s in cfg.seeds for a in (
         _arm(cfg, "fidelity", ds, s, K=cfg.K, fidelity=True),
         _arm(cfg, "no-fidelity", ds, s, K=cfg.K, fidelity=False))]
 
 
-def tau_arms(cfg: ExperimentConfig, _: list[dict[str, Any]]) -> list[Arm]:
+def tau_arms(cfg: ExperimentConfig, _: Finished) -> list[Arm]:
     top = max(cfg.taus)
     return [_arm(cfg, f"tau={t}", ds, s, {"sweep": "tau", "tau": str(t), "p": str(cfg.p)}, K=1, tau=t,
                  generation_tau=top) for ds in cfg.suite_datasets() for s in cfg.seeds for t in cfg.taus]
 
 
-def p_arms(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> list[Arm]:
+def p_arms(cfg: ExperimentConfig, done: Finished) -> list[Arm]:
     arms = []
     for ds in cfg.suite_datasets():
-        t = int(best_on_validation(rows, ds, "tau"))
+        t = int(best_on_validation(done.rows, ds, "tau"))
         arms += [_arm(cfg, f"p={p:g}", ds, s, {"sweep": "p", "tau": str(t), "p": f"{p:g}"}, K=1, tau=t, p=p)
                  for s in cfg.seeds for p in cfg.ps]
     return arms
 
 
-def backbone_arms(cfg: ExperimentConfig, _: list[dict[str, Any]]) -> list[Arm]:
+def backbone_arms(cfg: ExperimentConfig, _: Finished) -> list[Arm]:
     return [a for ds in cfg.suite_datasets() for s in cfg.seeds for a in (
         _arm(cfg, "cl4srec", ds, s, {"student": "cl4srec", "generator": "cl4srec"}, model="cl4srec", K=1),
         _arm(cfg, "hstu", ds, s, {"student": "hstu", "generator": "hstu"}, model="hstu", K=1),
@@ -158,17 +172,17 @@ def backbone_arms(cfg: ExperimentConfig, _: list[dict[str, Any]]) -> list[Arm]:
              generator="sasrec", K=1))]
 
 
-def trainer_arms(cfg: ExperimentConfig, _: list[dict[str, Any]]) -> list[Arm]:
+def trainer_arms(cfg: ExperimentConfig, _: Finished) -> list[Arm]:
     return [_arm(cfg, f"trainer={name}", ds, s, {"stage": "trainer", "trainer": name}, K=1, **params)
             for ds in cfg.suite_datasets() for s in cfg.seeds for name, params in TRAINERS.items()]
 
 
-def long_run_arms(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> list[Arm]:
+def long_run_arms(cfg: ExperimentConfig, done: Finished) -> list[Arm]:
     """K = 3 with and without fidelity under the trainer with the best mean validation NDCG@10 of
     θ_0 (the model trained on real data only: the choice does not look at RSIR's effect)."""
     arms = []
     for ds in cfg.suite_datasets():
-        name = best_on_validation([r for r in rows if r.get("stage") == "trainer"], ds, "trainer", k=0)
+        name = best_on_validation([r for r in done.rows if r.get("stage") == "trainer"], ds, "trainer", k=0)
         arms += [_arm(cfg, f"{name}/{'fidelity' if fid else 'no-fidelity'}", ds, s,
                       {"stage": "long", "trainer": name, "fidelity": str(fid)}, K=cfg.K, fidelity=fid,
                       **TRAINERS[name])
@@ -182,7 +196,7 @@ def _paper_datasets(cfg: ExperimentConfig, first: bool) -> list[str]:
     return [ds for ds in cfg.suite_datasets() if (ds in lead) == first]
 
 
-def grid_arms(cfg: ExperimentConfig, _: list[dict[str, Any]]) -> list[Arm]:
+def grid_arms(cfg: ExperimentConfig, _: Finished) -> list[Arm]:
     """θ_0 only (K = 0) of every grid trainer, on the grid dataset, first seed."""
     if PAPER_GRID_DATASET not in cfg.suite_datasets():
         return []
@@ -209,11 +223,11 @@ def _merged(names: list[str]) -> dict[str, Any]:
     return out
 
 
-def combined_arms(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> list[Arm]:
+def combined_arms(cfg: ExperimentConfig, done: Finished) -> list[Arm]:
     """The grid's winners together, when more than one factor won alone."""
     if PAPER_GRID_DATASET not in cfg.suite_datasets():
         return []
-    winners = _grid_winners(cfg, rows)
+    winners = _grid_winners(cfg, done.rows)
     if len(winners) < 2:
         return []
     return [_arm(cfg, "grid/combined", PAPER_GRID_DATASET, cfg.seeds[0],
@@ -247,37 +261,37 @@ def _paper_trainers(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> tuple[
     return {**PAPER_RELEASE_TRAINERS, "strong": params}, name
 
 
-def table1_arms(cfg: ExperimentConfig, rows: list[dict[str, Any]], first: bool = True) -> list[Arm]:
+def table1_arms(cfg: ExperimentConfig, done: Finished, first: bool = True) -> list[Arm]:
     """θ_0 and RSIR K = 1 under the release recipe and under the strong trainer."""
     datasets = _paper_datasets(cfg, first)
     if not datasets:
         return []
-    trainers, strong = _paper_trainers(cfg, rows)
+    trainers, strong = _paper_trainers(cfg, done.rows)
     return [_arm(cfg, f"table1/{name}", ds, s, {"stage": "table1", "trainer": name, "strong": strong}, K=1,
                  **params) for ds in datasets for s in cfg.seeds for name, params in trainers.items()]
 
 
-def table2_arms(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> list[Arm]:
+def table2_arms(cfg: ExperimentConfig, done: Finished) -> list[Arm]:
     """K iterations with and without fidelity on the Table 2 dataset, under the Table 1 trainer with
     the best mean validation NDCG@10 of θ_0 there (its K = 1 arm is the prefix of the fidelity arm)."""
     if PAPER_TABLE2_DATASET not in cfg.suite_datasets():
         return []
-    trainers, strong = _paper_trainers(cfg, rows)
+    trainers, strong = _paper_trainers(cfg, done.rows)
     trainers = {t: trainers[t] for t in PAPER_TABLE2_TRAINERS}
-    _require_finished(rows, PAPER_TABLE2_DATASET, "table1", {(t, s) for t in trainers for s in cfg.seeds},
+    _require_finished(done.rows, PAPER_TABLE2_DATASET, "table1", {(t, s) for t in trainers for s in cfg.seeds},
                       f"--dataset {PAPER_TABLE2_DATASET}")
-    stage1 = [r for r in rows if r.get("stage") == "table1" and r["trainer"] in trainers]
+    stage1 = [r for r in done.rows if r.get("stage") == "table1" and r["trainer"] in trainers]
     name = best_on_validation(stage1, PAPER_TABLE2_DATASET, "trainer", k=0)
     return [_arm(cfg, f"table2/{name}/{'fidelity' if fid else 'no-fidelity'}", PAPER_TABLE2_DATASET, s,
                  {"stage": "table2", "trainer": name, "strong": strong, "fidelity": str(fid)}, K=cfg.K,
                  fidelity=fid, **trainers[name]) for s in cfg.seeds for fid in (True, False)]
 
 
-def weak_to_strong_arms(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> list[Arm]:
+def weak_to_strong_arms(cfg: ExperimentConfig, done: Finished) -> list[Arm]:
     """HSTU trained on data that SASRec (under the strong trainer) generated, against HSTU's θ_0."""
     if PAPER_GRID_DATASET not in cfg.suite_datasets():
         return []
-    trainers, strong = _paper_trainers(cfg, rows)
+    trainers, strong = _paper_trainers(cfg, done.rows)
     settings = {k: v for k, v in trainers["strong"].items() if k != "model_params"}
     sasrec = {**cfg.model("sasrec"), **trainers["strong"].get("model_params", {})}
     arms = [_arm(cfg, "sasrec-to-hstu", PAPER_GRID_DATASET, s, {"stage": "weak-to-strong", "strong": strong},
@@ -292,7 +306,7 @@ def _study_name(cfg: ExperimentConfig, dataset: str) -> str:
     return f"{cfg.experiment_name}-{dataset}"
 
 
-def study_stage(cfg: ExperimentConfig, _: list[dict[str, Any]]) -> list[Study]:
+def study_stage(cfg: ExperimentConfig, _: Finished) -> list[Study]:
     """One study per dataset on the first seed (validation only), its trials' runs in the suite's
     MLflow experiment (they carry no arm label: the tables never read them)."""
     run_params = {"model_params": cfg.model("sasrec"), "device": cfg.device, "experiment": cfg.experiment_name,
@@ -304,17 +318,15 @@ def study_stage(cfg: ExperimentConfig, _: list[dict[str, Any]]) -> list[Study]:
         for ds in cfg.suite_datasets()]
 
 
-def tune_arms(cfg: ExperimentConfig, _: list[dict[str, Any]]) -> list[Arm]:
+def tune_arms(cfg: ExperimentConfig, done: Finished) -> list[Arm]:
     """On every seed: K = 1 at the paper's setting, K = 1 at the study's best settings, and K auto
     (up to K iterations) from the paper's setting with τ_k chosen by the leakage rule
     (tasks/tau_schedule.py); θ_0 is iteration 0 of each (trained once).
     The tuned arm generates at its own τ (the study's runs generate at the range's largest): its
     lineage is not a trial's, so it runs, and reports, as an arm of the suite."""
-    ws = Workspace.at(cfg.home)
-    tracker = Tracker.open(resolve_tracking_uri(cfg.tracking_uri, ws.mlflow_db), cfg.experiment_name, ws.mlartifacts)
     arms = []
     for ds in cfg.suite_datasets():
-        outcome = study_outcome(tracker, _study_name(cfg, ds))
+        outcome = done.study(_study_name(cfg, ds))
         if outcome is None or outcome.ended < cfg.trials:
             raise StageNotReady(f"the tune suite's study on {ds} has not finished its {cfg.trials} trials: run "
                                 f"`rsir experiment tune` (again)")
@@ -333,7 +345,7 @@ def tune_arms(cfg: ExperimentConfig, _: list[dict[str, Any]]) -> list[Arm]:
 SUITES: dict[str, list[Stage]] = {"main": [main_arms], "sensitivity": [tau_arms, p_arms], "backbones": [backbone_arms],
                                   "faithful": [trainer_arms, long_run_arms],
                                   "paper": [grid_arms, combined_arms, table1_arms, table2_arms, weak_to_strong_arms,
-                                            lambda cfg, rows: table1_arms(cfg, rows, first=False)],
+                                            lambda cfg, done: table1_arms(cfg, done, first=False)],
                                   "tune": [study_stage, tune_arms]}
 
 
@@ -367,7 +379,8 @@ def run_suite(cfg: ExperimentConfig) -> dict[str, Any]:
     ran, skipped, pending = [], [], []
     for stage in SUITES[cfg.suite]:
         try:
-            arms = [arm for i, arm in enumerate(stage(cfg, collect_runs(tracker))) if cfg.in_shard(i)]
+            arms = [arm for i, arm in enumerate(stage(cfg, Finished(collect_runs(tracker), tracker)))
+                    if cfg.in_shard(i)]
         except StageNotReady as waiting:  # another shard (or invocation) has not finished what it reads
             logger.warning("%s", waiting)
             pending.append(str(waiting))
