@@ -235,7 +235,8 @@ def _as_option(p: Parameter, flag: str | None = None) -> Parameter:
         return Parameter(p.name, Annotated[Optional[str] if p.default is None else str,
                                            typer.Option(*decls, help=help_)], p.default, "")
     kind = Optional[base] if p.default is None else base
-    help_ = f"{p.help} (repeatable)" if get_origin(base) is list else p.help
+    repeatable = get_origin(base) is list and "repeatable" not in p.help  # a field may say so itself
+    help_ = f"{p.help} (repeatable)" if repeatable else p.help
     return Parameter(p.name, Annotated[kind, typer.Option(*decls, help=help_)], p.default, "")
 
 
@@ -286,7 +287,10 @@ def train(**params: Any) -> None:
 
     home, as_json, checkpoint = params.pop("home"), params.pop("as_json"), params.pop("checkpoint")
     positions = params.pop("positions")
-    options = {**(_nested_pairs(params["options"], "--option") or {}), **_drop_none(positions=positions)}
+    given = _nested_pairs(params["options"], "--option") or {}
+    if positions is not None and given.get("positions", positions) != positions:
+        raise RsirError(f"--positions {positions} and --option positions={given['positions']} disagree; give one")
+    options = {**given, **_drop_none(positions=positions)}
     params["options"] = options or None
     if params["progress"] is None:
         params["progress"] = sys.stderr.isatty()
@@ -295,11 +299,32 @@ def train(**params: Any) -> None:
 
     # More than one training process: data-parallel on Ray, a local cluster started on first use.
     executor = Executor(kind="ray") if cfg.train_workers > 1 else LOCAL
-    result = train_model(cfg, _workspace(home), checkpoint=_location(checkpoint), executor=executor).to_dict()
+    ws, started = _workspace(home), time.perf_counter()
+    with _interrupts() as received:
+        try:
+            result = train_model(cfg, ws, checkpoint=_location(checkpoint), executor=executor).to_dict()
+        except KeyboardInterrupt:
+            signum = received[0] if received else signal.SIGINT
+            print(_train_interrupted(cfg, ws, signum, time.perf_counter() - started), file=sys.stderr)
+            sys.exit(128 + signum)
     result.pop("curve")
     result["model"] = cfg.model.name
     result["seed"] = cfg.seed
     _emit(result, as_json, _render_train)
+
+
+def _train_interrupted(cfg, ws, signum: int, seconds: float) -> str:
+    """The one line of an interrupted `rsir train`: where its saved state stands and how to resume."""
+    from tasks.train import ResumePoint
+
+    try:
+        point = ResumePoint.of(cfg, ws) if cfg.train_workers == 1 else None
+        epoch = point.saved_epoch() if point is not None else None
+    except Exception:  # the line is what matters; an unreadable workspace says it elsewhere
+        point = epoch = None
+    where = (f"its state after epoch {epoch} is saved in {point.path}; run the same command again to resume from it"
+             if epoch is not None else "no state was saved yet (every --resume-seconds); the same command starts over")
+    return f"rsir: interrupted by {signal.Signals(signum).name} after {seconds:.1f} s; {where}"
 
 
 app.command("train")(with_parameters(train, _train_options()))
@@ -425,7 +450,8 @@ def _nested_pairs(pairs: list[str] | None, flag: str) -> dict[str, Any] | None:
 
 
 def run(**params: Any) -> None:
-    """Run the RSIR flow locally (no Prefect server needed) and print the per-iteration table."""
+    """Run the RSIR flow from this process and print the per-iteration table (a temporary Prefect
+    server in the workspace, stopped at the end, unless PREFECT_API_URL names one)."""
     from tasks.config import RunConfig, run_parameters
 
     home, as_json, option = params.pop("home"), params.pop("as_json"), params.pop("option")
@@ -610,7 +636,7 @@ def _tune_options() -> list[Parameter]:
 def tune(**params: Any) -> None:
     """Search RSIR's settings (τ, p, m, λ, the generation budget) on validation with an Optuna
     study: each trial an `rsir` run at K = 1 scored on θ_1's validation NDCG@10; the best θ_1 is
-    registered with its settings. Several `rsir tune` processes (or `rsir/tune` deployment runs)
+    registered with its settings. Several `rsir tune` processes (or `rsir-tune/tune` deployment runs)
     with the same study and storage add trials to one study."""
     from tasks.tune import TuneConfig, check_storage
 
@@ -795,6 +821,8 @@ def _report_option(p: Parameter) -> Parameter:
     results (its experiment), it does not trim anything."""
     if p.name == "smoke":
         p = dataclasses.replace(p, help=f"report the suite's --smoke run ({p.help})")
+    if p.name == "archive":  # a report runs no stage: it only reads the archive
+        p = dataclasses.replace(p, help=f"{p.help.split(':')[0]}: restored into MLflow before the report is written")
     return _as_option(p, "--smoke" if p.name == "smoke" else None)
 
 

@@ -205,6 +205,23 @@ class ResumePoint:
     def remove(self) -> None:
         remove_file(self.path)
 
+    def saved_epoch(self) -> int | None:
+        """The last epoch the saved state holds; None when there is none (or it cannot be read)."""
+        if not exists(self.path):
+            return None
+        try:
+            return int(torch.load(io.BytesIO(read_bytes(self.path)), map_location="cpu", weights_only=True)["epoch"])
+        except Exception:
+            return None
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, ws: Workspace) -> "ResumePoint":
+        """Where the training `cfg` keeps its unfinished state: by its content key, so the same
+        training finds it from any run or command."""
+        manifest = dataset_store(ws).manifest(cfg.dataset, cfg.version)
+        key = content_key(cfg, manifest.digest, synthetic=manifest.stats.synthetic_sequences != 0)
+        return cls(join(ws.checkpoints, "unfinished", f"{key}.pt"), resolve_device(cfg.device))
+
 
 def fit(model: torch.nn.Module, split: LeaveOneOut, cfg: TrainConfig, device: torch.device,
         on_epoch: Callable[[dict[str, float]], None] | None = None, group: DataParallel | None = None,
@@ -399,7 +416,7 @@ def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Location | None = N
     model = build_model(cfg.model, manifest.num_items).to(device)
     valid: dict[str, float] = {}
     test: dict[str, float] = {}
-    resume = ResumePoint(join(ws.checkpoints, "unfinished", f"{key}.pt"), device) if cfg.train_workers == 1 else None
+    resume = ResumePoint.of(cfg, ws) if cfg.train_workers == 1 else None
     with torch_threads(cfg.threads):
         if resume is None:
             fitted = fit_data_parallel(model, split, cfg, executor, ws)

@@ -373,3 +373,10 @@ def test_benchmark_mirror_errors(cli, ws, tmp_path):
                           "not a directory")
     _assert_clean_failure(cli("data", "fetch", "ml-100k", "--from", tmp_path), ws, "--from", "amazon-beauty",
                           "recbole")
+
+
+def test_train_refuses_two_disagreeing_spellings_of_one_setting(cli, ws):
+    result = cli("train", "--positions", "newest", "--option", "positions=oldest", "--home", ws.root)
+    assert result.code == 2 and result.err.strip() == \
+        "rsir: error: --positions newest and --option positions=oldest disagree; give one"
+    assert not ws.checkpoints.exists() or not any(ws.checkpoints.rglob("*.pt"))

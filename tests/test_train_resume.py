@@ -103,3 +103,35 @@ def test_the_save_interval_is_a_bounded_run_setting_that_keys_nothing():
     for bad in (-1, float("nan"), 10 ** 6):
         with pytest.raises(ValidationError, match="resume_seconds"):
             RunConfig(dataset="tiny", resume_seconds=bad)
+
+
+def test_an_interrupted_rsir_train_says_where_its_state_stands_in_one_line(tiny_csv, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    ws = make_tiny_home(tmp_path / "ws", tiny_csv)
+    repo = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env["PYTHONPATH"] = str(repo)
+    cmd = [sys.executable, "-m", "rsir.cli", "train", "--dataset", "tiny", "--epochs", "100000", "--patience", "100000",
+           "--hidden", "16", "--layers", "1", "--max-len", "20", "--device", "cpu", "--threads", "1",
+           "--resume-seconds", "0", "--no-progress", "--home", str(ws.root)]
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    unfinished = ws.checkpoints / "unfinished"
+    deadline = time.monotonic() + 300
+    while not (unfinished.exists() and any(unfinished.iterdir())):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and out == "", (out, err)
+    (line,) = err.strip().splitlines()
+    (saved,) = unfinished.iterdir()
+    epoch = torch.load(saved, weights_only=True)["epoch"]
+    assert line.startswith("rsir: interrupted by SIGINT after ") and line.endswith(
+        f"its state after epoch {epoch} is saved in {saved}; run the same command again to resume from it"), line
