@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -541,10 +542,27 @@ def _interrupts():
         received.append(signum)
         raise KeyboardInterrupt
 
+    # A signal that lands while a finalizer or a weakref callback runs (the garbage collector
+    # calls them at any bytecode) has its KeyboardInterrupt printed as "Exception ignored" and
+    # dropped, and the command would run on: seen once under load (an `rsir tune` finished its
+    # trial after Ctrl-C). Such a lost interrupt is delivered again, to the code that runs next:
+    # from a timer thread, so that the handler does not run (and raise) inside this hook.
+    hook = sys.unraisablehook
+
+    def unraisable(info: Any) -> None:
+        if info.exc_type is KeyboardInterrupt and received:
+            again = threading.Timer(0.05, os.kill, (os.getpid(), received[-1]))
+            again.daemon = True
+            again.start()
+            return
+        hook(info)
+
     previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    sys.unraisablehook = unraisable
     try:
         yield received
     finally:
+        sys.unraisablehook = hook
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

@@ -151,3 +151,26 @@ def test_the_temporary_server_dies_with_a_killed_command():
     proc.wait()
     gone, _ = psutil.wait_procs([child], timeout=30)
     assert gone, "the server outlived the killed command"
+
+
+def test_an_interrupt_lost_in_a_finalizer_is_delivered_again():
+    # A signal handled while the garbage collector runs a finalizer: Python prints the handler's
+    # KeyboardInterrupt as "Exception ignored" and drops it. The command must still stop.
+    import os
+    import signal
+    import time
+
+    from rsir.cli import _interrupts
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs inside this finalizer
+            sum(range(1000))
+
+    with pytest.raises(KeyboardInterrupt):
+        with _interrupts() as received:
+            Finalized()  # collected at once
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:  # the interrupt delivered again lands here
+                sum(range(1000))
+    assert received == [signal.SIGINT, signal.SIGINT]
