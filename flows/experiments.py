@@ -30,6 +30,7 @@ derive from it.
 
 from __future__ import annotations
 
+import fnmatch
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -377,9 +378,14 @@ def run_suite(cfg: ExperimentConfig) -> dict[str, Any]:
         restored = restore_runs(tracker, Path(cfg.archive))
         logger.info("restored %d finished runs from %s", len(restored), cfg.archive)
     ran, skipped, pending = [], [], []
+    names: set[str] = set()  # every arm name the stages listed, to check --arm against
     for stage in SUITES[cfg.suite]:
         try:
-            arms = [arm for i, arm in enumerate(stage(cfg, Finished(collect_runs(tracker), tracker)))
+            # --arm selects by name before --shard splits, so N shards share what was selected.
+            listed = stage(cfg, Finished(collect_runs(tracker), tracker))
+            names.update(item.arm for item in listed if isinstance(item, Arm))
+            arms = [arm for i, arm in enumerate(item for item in listed
+                                                if not isinstance(item, Arm) or cfg.selects(item.arm))
                     if cfg.in_shard(i)]
         except StageNotReady as waiting:  # another shard (or invocation) has not finished what it reads
             logger.warning("%s", waiting)
@@ -415,6 +421,12 @@ def run_suite(cfg: ExperimentConfig) -> dict[str, Any]:
         archive_runs(tracker, Path(cfg.archive))
     if pending and not ran:
         raise StageNotReady(pending[0])
+    unmatched = [p for p in cfg.arms or [] if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched and ran:
+        logger.warning("--arm %s matched no arm of the %s suite", ", ".join(unmatched), cfg.suite)
+    if unmatched and not ran:
+        raise RsirError(f"--arm {unmatched[0]} matches no arm of the {cfg.suite} suite on these datasets "
+                        f"(its arms: {', '.join(sorted(names)) or 'none'})")
     return {"suite": cfg.suite, "pending": pending, "experiment": cfg.experiment_name, "tracking_uri": redact_uri(uri), "ran": ran,
             "skipped": skipped, "wall_seconds": wall}
 

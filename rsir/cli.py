@@ -763,9 +763,10 @@ app.command("generate")(with_parameters(generate, _generate_options()))
 
 # `rsir experiment`'s options are the suite flow's parameters (tasks/experiment_config.py
 # experiment_parameters), derived as `rsir run`'s are; the suite is the command's argument, and
-# three keep the singular spellings they had: --dataset and --seed (repeatable) and
+# four take singular spellings: --dataset, --seed and --arm (repeatable) and
 # --backbone-option BACKBONE.KEY=VALUE (repeatable).
-_EXPERIMENT_FLAGS = {"datasets": "--dataset", "seeds": "--seed", "backbone_options": "--backbone-option"}
+_EXPERIMENT_FLAGS = {"datasets": "--dataset", "seeds": "--seed", "arms": "--arm",
+                     "backbone_options": "--backbone-option"}
 
 
 def _experiment_options() -> list[Parameter]:

@@ -11,6 +11,7 @@ is in flows/experiments.py."""
 from __future__ import annotations
 
 import copy
+import fnmatch
 import inspect
 from typing import Any, Literal, Optional
 
@@ -90,6 +91,9 @@ class ExperimentConfig(BaseModel):
     shard: str | None = Field(None, pattern=r"^\d+/[1-9]\d*$", description="I/N: run only every N-th arm of each "
                               "stage from the I-th (0-based), so N processes share a suite; a stage that needs "
                               "another shard's unfinished arms fails with one line (run it again later)")
+    arms: list[str] | None = Field(None, min_length=1, description="run only the arms whose name matches one of "
+                                   "these shell patterns (e.g. 'table1/strong', 'table1/release*'); stages still read "
+                                   "every finished arm, and --shard splits what is selected")
     model_params: dict[str, Any] = Field(default_factory=dict, description="model parameters applied to every "
                                          "backbone (e.g. hidden, dropout, options.KEY)")
     backbone_options: dict[str, dict[str, Any]] = Field(
@@ -136,6 +140,10 @@ class ExperimentConfig(BaseModel):
             return True
         i, n = map(int, self.shard.split("/"))
         return index % n == i
+
+    def selects(self, arm: str) -> bool:
+        """Whether `--arm` selects an arm by name (fnmatch, case-sensitive; all without it)."""
+        return self.arms is None or any(fnmatch.fnmatchcase(arm, pattern) for pattern in self.arms)
 
     @property
     def experiment_name(self) -> str:

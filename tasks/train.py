@@ -181,26 +181,36 @@ class ResumePoint:
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 rng: np.random.Generator) -> _Loop | None:
         """The loop state to continue from, with the model, Adam and the generators set back;
-        None (nothing changed) when there is no usable file."""
+        None, with all four as they were, when there is no usable file: a file that fails part
+        way (the weights load, Adam's state does not) must not leave a fresh training starting
+        from its weights, which no configuration reproduces."""
         if not exists(self.path):
             return None
+        before = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()), rng.bit_generator.state,
+                  torch.get_rng_state(), torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None)
         try:
             state = torch.load(io.BytesIO(read_bytes(self.path)), map_location=self.device, weights_only=True)
             if state["device"] != self.device.type:
                 return None  # another device's arithmetic: its continuation would not be this training
+            loop = _Loop(state["best_score"], state["best_epoch"], state["best_state"], state["curve"],
+                         state["weight_shares"], int(state["epoch"]), state["seconds"])
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-        except Exception:  # a file from other code or cut short by a full disk: start over
+            rng.bit_generator.state = state["numpy_rng"]
+            torch.set_rng_state(state["torch_rng"].cpu())
+            if state["cuda_rng"] is not None:
+                torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        except Exception:  # a file from other code or cut short by a full disk: start over, as before it
+            model.load_state_dict(before[0])
+            optimizer.load_state_dict(before[1])
+            rng.bit_generator.state = before[2]
+            torch.set_rng_state(before[3])
+            if before[4] is not None:
+                torch.cuda.set_rng_state_all(before[4])
             return None
-        rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"].cpu())
-        if state["cuda_rng"] is not None:
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
         # Said where a person sees it (stderr; a flow's log): the epochs before it are not rerun.
-        print(f"resuming the training after epoch {state['epoch']} from its saved state {self.path}",
-              file=sys.stderr)
-        return _Loop(state["best_score"], state["best_epoch"], state["best_state"], state["curve"],
-                     state["weight_shares"], state["epoch"], state["seconds"])
+        print(f"resuming the training after epoch {loop.epoch} from its saved state {self.path}", file=sys.stderr)
+        return loop
 
     def remove(self) -> None:
         remove_file(self.path)

@@ -80,6 +80,24 @@ def test_paper_suite_stages_and_choices(paper):
     assert again["ran"] == [] and sorted(again["skipped"]) == sorted(summary["ran"])
 
 
+def test_arm_patterns_select_arms_before_the_shards_split_them(paper):
+    """--arm picks arms by name (shell patterns) and --shard splits what was picked; a pattern that
+    picks nothing fails with one line naming the suite's arms."""
+    from core.errors import RsirError
+    from flows.experiments import experiment
+
+    ws, uri, _ = paper
+    picked = experiment(suite="paper", home=str(ws.root), tracking_uri=uri, arms=["table1/strong"], **SMOKE)
+    assert picked["ran"] == [] and sorted(picked["skipped"]) == [
+        "amazon-beauty/table1/strong/seed0", "amazon-sports/table1/strong/seed0"]
+    # Table 1's arms in order: beauty release, release-bce, strong, then sports'; shard 1/2 takes every other.
+    split = experiment(suite="paper", home=str(ws.root), tracking_uri=uri, arms=["table1/*"], shard="1/2", **SMOKE)
+    assert split["skipped"] == ["amazon-beauty/table1/release-bce/seed0", "amazon-sports/table1/release/seed0",
+                                "amazon-sports/table1/strong/seed0"]
+    with pytest.raises(RsirError, match=r"--arm table3/\* matches no arm of the paper suite .*table1/strong"):
+        experiment(suite="paper", home=str(ws.root), tracking_uri=uri, arms=["table3/*"], **SMOKE)
+
+
 def test_paper_report_sets_the_papers_figures_beside_ours(paper, tmp_path):
     from reporting.report import write_report
 

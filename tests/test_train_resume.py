@@ -91,6 +91,27 @@ def test_an_unreadable_state_starts_over_and_a_later_save_interval_saves_less(un
     assert not _unfinished(slow, cfg).exists()
 
 
+@pytest.mark.parametrize("spoil", ["optimizer", "numpy_rng", "curve"])
+def test_a_state_that_fails_part_way_starts_over_from_the_fresh_model(uninterrupted, tiny_csv, tmp_path, spoil):
+    """Weights that load but an entry after them that does not: the training starts over from its
+    own seed's weights and draws (the uninterrupted result), never from the half-restored state."""
+    straight, weights = uninterrupted
+    ws = make_tiny_home(tmp_path / "ws", tiny_csv)
+    cfg = _config()
+    _interrupt_at(ws, cfg, 4)
+    unfinished = _unfinished(ws, cfg)
+    saved = torch.load(unfinished, weights_only=True)
+    if spoil == "curve":
+        del saved[spoil]
+    else:
+        saved[spoil] = {"state": {}, "param_groups": []} if spoil == "optimizer" else {"bit_generator": "none"}
+    torch.save(saved, unfinished)
+    result = train_model(cfg, ws)
+    assert result.resumed_after == 0 and _curve(result) == _curve(straight)
+    state = read_checkpoint(result.checkpoint)["state_dict"]
+    assert all(torch.equal(state[k], weights[k]) for k in weights) and not unfinished.exists()
+
+
 def test_the_save_interval_is_a_bounded_run_setting_that_keys_nothing():
     from pydantic import ValidationError
 
