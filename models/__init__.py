@@ -8,9 +8,8 @@ from typing import TYPE_CHECKING, Callable
 
 from pydantic import BaseModel
 
-from models.base import SequenceModel, SequentialRecommender
-
 if TYPE_CHECKING:  # annotations only: models.config's validators import the registry (no circle)
+    from models.base import SequenceModel, SequentialRecommender
     from models.config import ModelConfig
 
 __all__ = ["Backbone", "SequenceModel", "SequentialRecommender", "backbone_names", "build_model", "get_backbone"]
@@ -49,3 +48,14 @@ def build_model(config: ModelConfig, num_items: int) -> SequentialRecommender:
     if num_items < 1:
         raise ValueError(f"num_items must be >= 1, got {num_items}")
     return get_backbone(config.name).build(config, num_items)
+
+
+def __getattr__(name: str):
+    """The interface types on first use (PEP 562): importing `models` (ModelConfig does, and so
+    every CLI command's option list) must not import torch, which costs seconds `rsir --help`
+    need not pay."""
+    if name in ("SequenceModel", "SequentialRecommender"):
+        from models import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'models' has no attribute {name!r}")
