@@ -9,7 +9,8 @@ one MLflow experiment, and found again there (never from memory) by their labels
                  trainer whose θ_0 validation prefers (issue 10)
     paper        the paper's own data (issue 22): a trainer grid on amazon-beauty validation (the
                  "strong" trainer), Table 1 (θ_0 and RSIR K = 1 under the release recipe and
-                 under the strong trainer, four datasets), Table 2 on amazon-sports (K = 3 with
+                 under the strong trainer, four datasets), a control of Table 1's release-bce
+                 gain (that θ_0 with early stopping's patience 100), Table 2 on amazon-sports (K = 3 with
                  and without fidelity under the trainer validation prefers) and weak-to-strong
                  (SASRec → HSTU) on amazon-beauty; Beauty and Sports first
     tune         self-tuning RSIR (issue 26): per dataset an Optuna study of τ, p, m, λ and the
@@ -74,6 +75,11 @@ PAPER_RELEASE_TRAINERS: dict[str, dict[str, Any]] = {
 }
 # Table 2 iterates under whichever of these validation prefers (the release as shipped or ours).
 PAPER_TABLE2_TRAINERS = ("release", "strong")
+# The control of Table 1's release-bce gain (issue 22's note: Beauty's θ_1 trained 160 epochs, its
+# θ_0 84): θ_0 again with early stopping's patience 100 instead of the recipe's 20, so it trains at
+# least its best epoch + 100 epochs, more than θ_1 took. θ_1 beating this θ_0 too rules out the
+# longer training as the source of the gain.
+PAPER_CONTROL_TRAINER, PAPER_CONTROL_PATIENCE = "release-bce", 100
 class StageNotReady(RsirError):
     """A stage chooses on validation results that are not all finished yet (another shard's arms)."""
 
@@ -272,6 +278,14 @@ def table1_arms(cfg: ExperimentConfig, done: Finished, first: bool = True) -> li
                  **params) for ds in datasets for s in cfg.seeds for name, params in trainers.items()]
 
 
+def control_arms(cfg: ExperimentConfig, _: Finished) -> list[Arm]:
+    """θ_0 of the control trainer with a longer patience, on the datasets that complete first."""
+    params = PAPER_RELEASE_TRAINERS[PAPER_CONTROL_TRAINER]
+    return [_arm(cfg, f"control/{PAPER_CONTROL_TRAINER}-patience{PAPER_CONTROL_PATIENCE}", ds, s,
+                 {"stage": "control", "trainer": PAPER_CONTROL_TRAINER}, K=0, patience=PAPER_CONTROL_PATIENCE,
+                 **params) for ds in _paper_datasets(cfg, True) for s in cfg.seeds]
+
+
 def table2_arms(cfg: ExperimentConfig, done: Finished) -> list[Arm]:
     """K iterations with and without fidelity on the Table 2 dataset, under the Table 1 trainer with
     the best mean validation NDCG@10 of θ_0 there (its K = 1 arm is the prefix of the fidelity arm)."""
@@ -345,7 +359,7 @@ def tune_arms(cfg: ExperimentConfig, done: Finished) -> list[Arm]:
 
 SUITES: dict[str, list[Stage]] = {"main": [main_arms], "sensitivity": [tau_arms, p_arms], "backbones": [backbone_arms],
                                   "faithful": [trainer_arms, long_run_arms],
-                                  "paper": [grid_arms, combined_arms, table1_arms, table2_arms, weak_to_strong_arms,
+                                  "paper": [grid_arms, combined_arms, table1_arms, control_arms, table2_arms, weak_to_strong_arms,
                                             lambda cfg, done: table1_arms(cfg, done, first=False)],
                                   "tune": [study_stage, tune_arms]}
 

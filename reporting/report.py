@@ -448,7 +448,8 @@ def paper_report(tracker: Tracker, rows: list[dict[str, Any]], folder: Path) -> 
     parts = _grid_section(select(rows, stage="grid", k=0))
     table1, answers = _table1_section(paired, select(rows, stage="table1"))
     table2, figures = _table2_section(paired, select(rows, stage="table2"), folder)
-    parts += table1 + table2 + _weak_to_strong_section(paired, select(rows, stage="weak-to-strong"))
+    parts += table1 + _control_section(paired, select(rows, stage="control"), select(rows, stage="table1"))
+    parts += table2 + _weak_to_strong_section(paired, select(rows, stage="weak-to-strong"))
     return parts + ["## Answers\n", *_paper_answers(answers)], figures
 
 
@@ -496,6 +497,35 @@ def _table1_section(paired: Paired, t1: list[dict[str, Any]]) -> tuple[list[str]
             table(["dataset", "paper Recall@10 base → RSIR", "trainer", "θ_0 ndcg@10", "θ_0 recall@10",
                    "θ_0 recall@10 vs paper base", "θ_1 ndcg@10", "θ_1 recall@10", "Δ ndcg@10 θ_1 vs θ_0",
                    "Δ recall@10 θ_1 vs θ_0", "epochs θ_0 / θ_1", "train s θ_0 / θ_1"], body) + "\n"], answers
+
+
+def _control_section(paired: Paired, control: list[dict[str, Any]], t1: list[dict[str, Any]]) -> list[str]:
+    """θ_1 against θ_0 of the same trainer trained with a longer patience (flows/experiments.py
+    control_arms): is the gain the synthetic data's or the longer training's?"""
+    if not control:
+        return []
+    trainer, body = control[0]["trainer"], []
+    for ds in sorted({r["dataset"] for r in control}):
+        patient = select(control, dataset=ds)
+        base, k1 = select(t1, dataset=ds, trainer=trainer, k=0), select(t1, dataset=ds, trainer=trainer, k=1)
+        rows = [(f"θ_0, patience {_patience(base)}", base, None), (f"θ_0, patience {_patience(patient)}", patient,
+                                                                     paired.compare(patient, base, "recall@10")),
+                ("θ_1 (RSIR K = 1)", k1, paired.compare(k1, patient, "recall@10"))]
+        for label, group, c in rows:
+            if group:
+                body.append([ds, label, mean_std(group, "valid/ndcg@10"), mean_std(group, "test/ndcg@10"),
+                             mean_std(group, "test/recall@10"), _epochs(group),
+                             "–" if c is None else f"{change(c)} {verdict(c)}"])
+    return [f"## Control: `{trainer}` θ_0 trained for longer\n",
+            "Early stopping's patience raised so that θ_0 trains at least as many epochs as θ_1 took. Δ: each row "
+            "against the row above it (test Recall@10); θ_1 holding its gain against this θ_0 means the gain is the "
+            "synthetic data's, not the longer training's.\n",
+            table(["dataset", "model", "valid ndcg@10", "test ndcg@10", "test recall@10", "epochs",
+                   "Δ recall@10 vs the row above"], body) + "\n"]
+
+
+def _patience(group: list[dict[str, Any]]) -> str:
+    return "/".join(sorted({"?" if r.get("patience") is None else f"{r['patience']:.0f}" for r in group})) or "–"
 
 
 def _table2_section(paired: Paired, t2: list[dict[str, Any]], folder: Path

@@ -71,6 +71,10 @@ def test_paper_suite_stages_and_choices(paper):
     same = [r["test/ndcg@10"] for r in t1 + t2 if r["dataset"] == "amazon-sports" and r["trainer"] == chosen
             and r["k"] == 1 and r.get("fidelity", "True") == "True"]
     assert len(same) == 2 and same[0] == same[1]
+    # The control: release-bce's θ_0 again with patience 100 (the smoke's 2 epochs cap it), lead datasets.
+    control = [r for r in rows if r["stage"] == "control"]
+    assert {(r["dataset"], r["trainer"], r["k"], r["patience"]) for r in control} == {
+        (ds, "release-bce", 0, 100) for ds in ("amazon-beauty", "amazon-sports")}
     w2s = [r for r in rows if r["stage"] == "weak-to-strong"]
     assert {(r["dataset"], r["seed"], r["k"]) for r in w2s} == {("amazon-beauty", "0", k) for k in (0, 1)}
     # A re-run skips everything.
@@ -110,6 +114,9 @@ def test_paper_report_sets_the_papers_figures_beside_ours(paper, tmp_path):
     assert "(i) **Does the release recipe reproduce the paper's baseline?**" in text
     assert "(ii) **Does RSIR improve that baseline" in text and "(iii) **Does RSIR improve a strong baseline?**" in text
     assert "## The strong trainer" in text
+    control = text.split("## Control: `release-bce` θ_0 trained for longer")[1].split("\n## ")[0]
+    assert "| amazon-sports | θ_0, patience 1 |" in control and "| amazon-sports | θ_0, patience 100 |" in control
+    assert "| amazon-beauty | θ_1 (RSIR K = 1) |" in control
     # Seconds per device as each run resolved it (the suite asked for "cpu"; none ran elsewhere).
     table1 = text.split("## Table 1")[1].split("\n## ")[0]
     assert " (cpu) / " in table1 and "(cuda)" not in text and "(auto)" not in text
