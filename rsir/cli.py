@@ -44,9 +44,14 @@ def _location(value: str | None):
 
 
 def _local_prefect(ws):
-    """Without PREFECT_API_URL, Prefect runs a temporary local server: keep its state in the
-    workspace (unless PREFECT_HOME is set). Call before importing a flow. The folder must exist:
-    in a new workspace Prefect's server would otherwise fail to create its database."""
+    """Prefect's home (its profiles, its temporary server's database, results) is the workspace's
+    `prefect` folder unless PREFECT_HOME is set (the user's own wins). Call before anything imports
+    Prefect (the flows, and the tasks modules, which declare Prefect tasks), and only once the
+    command's input is checked: Prefect reads its settings once, when first imported, and creates
+    its home then, so an import before this created `~/.prefect` in the user's home, and an import
+    before the checks would leave a folder in the workspace of a refused command. The folder is
+    made here, parents too: Prefect's import makes only the last level (a new workspace would get
+    a warning) and its server would fail to create its database."""
     os.environ.setdefault("PREFECT_HOME", str(ws.root / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Prefect's own temporary server (where rsir does not start one) gets more than its 20 s: the
@@ -56,13 +61,20 @@ def _local_prefect(ws):
     return ws
 
 
-def _before_flow(ws, tracking_uri: str | None) -> None:
-    """Before a flow starts: the environment it will use checked (one line, no work done), and
-    Prefect's failure tracebacks sent to the workspace's log instead of the terminal, where the
-    failure is the one line `main` prints."""
+def _before_flow(ws, tracking_uri: str | None, datasets: list[str], check: Callable[[], Any] | None = None) -> None:
+    """Before a flow starts: the environment it will use, its datasets and then the command's own
+    `check` checked (one line, no work done, Prefect not imported: a refused command leaves no
+    Prefect home), then Prefect's home set (`_local_prefect`) and its failure tracebacks sent to
+    the workspace's log instead of the terminal, where the failure is the one line `main` prints.
+    The environment first: the dataset check reads the workspace."""
     from flows.boundary import check_environment, quiet_engine_failures
 
     check_environment(ws, tracking_uri, prefect=True)
+    for name in datasets:
+        _require_dataset(ws, name)
+    if check is not None:
+        check()
+    _local_prefect(ws)
     quiet_engine_failures(ws)
 
 
@@ -102,9 +114,13 @@ def data_fetch(
     home: Home = None, as_json: Json = False,
 ) -> None:
     """Download a built-in dataset and build its version 0 (D_0)."""
+    from tasks.catalog import check_builtin
+
+    check_builtin(name)
+    ws = _local_prefect(_workspace(home))
     from tasks.builtin import fetch_builtin
 
-    result = fetch_builtin(_workspace(home), name, replace=force, mirror=mirror)
+    result = fetch_builtin(ws, name, replace=force, mirror=mirror)
     _emit(result, as_json, _render_ingest)
 
 
@@ -296,11 +312,11 @@ def train(**params: Any) -> None:
     if params["progress"] is None:
         params["progress"] = sys.stderr.isatty()
     cfg = TrainConfig.from_parameters(params)  # a bad value: one line, before any data is read
+    ws, started = _local_prefect(_workspace(home)), time.perf_counter()
     from tasks.train import train_model
 
     # More than one training process: data-parallel on Ray, a local cluster started on first use.
     executor = Executor(kind="ray") if cfg.train_workers > 1 else LOCAL
-    ws, started = _workspace(home), time.perf_counter()
     with _interrupts() as received:
         try:
             result = train_model(cfg, ws, checkpoint=_location(checkpoint), executor=executor).to_dict()
@@ -340,9 +356,10 @@ def evaluate(
     home: Home = None, as_json: Json = False,
 ) -> None:
     """Evaluate a stored checkpoint on a dataset version (validation and test)."""
+    ws = _local_prefect(_workspace(home))
     from tasks.evaluate import evaluate_checkpoint
 
-    result = evaluate_checkpoint(_workspace(home), checkpoint, dataset, version,
+    result = evaluate_checkpoint(ws, checkpoint, dataset, version,
                                  exclude_history=not include_history, device=device)
     _emit(result, as_json, _render_eval)
 
@@ -353,9 +370,6 @@ def generate(**params: Any) -> None:
     from storage.dataset import dataset_store
     from storage.manifest import FilterParams
     from tasks.config import GenerationParams
-    from tasks.expand import expand_step
-    from tasks.filter import filter_step
-    from tasks.generate import generate_step
 
     dataset, checkpoint, version = params.pop("dataset"), params.pop("checkpoint"), params.pop("version")
     mode, holdout_h, home, as_json = params.pop("mode"), params.pop("holdout_h"), params.pop("home"), params.pop("as_json")
@@ -367,6 +381,11 @@ def generate(**params: Any) -> None:
     if parent.version != dataset_store(ws).versions(dataset)[-1]:
         raise RsirError(f"dataset {dataset!r}: version {parent.version} is not the latest; expand the latest "
                         f"(versions are a chain) or fork the dataset")
+    _local_prefect(ws)
+    from tasks.expand import expand_step
+    from tasks.filter import filter_step
+    from tasks.generate import generate_step
+
     generated = generate_step(ws.home, dataset, parent.version, str(checkpoint), params, mode, holdout_h)
     accepted = filter_step(ws.home, dataset, parent.version, generated,
                            FilterParams(tau=params.tau, min_len=params.min_len))
@@ -467,11 +486,7 @@ def run(**params: Any) -> None:
                                                               **_options(option, "--option")}}
     params.update(home=ws.home, progress=sys.stderr.isatty())
     cfg = RunConfig.from_parameters(params)  # a bad value: one line, before Prefect is even imported
-    # The environment first (the dataset check reads the workspace), then the dataset, and only
-    # then anything Prefect writes: a mistyped name costs one line and leaves no Prefect home.
-    _before_flow(ws, cfg.tracking_uri)
-    _require_dataset(ws, cfg.dataset)
-    _local_prefect(ws)
+    _before_flow(ws, cfg.tracking_uri, [cfg.dataset])
     from flows.rsir import rsir
 
     started = time.perf_counter()
@@ -523,7 +538,7 @@ def _require_dataset(ws, name: str) -> None:
     """A run's dataset must be in the workspace or built in (fetched by the run): checked before
     a Prefect server starts, so a mistyped name costs one line, not a server start and retries."""
     from storage.dataset import dataset_store
-    from tasks.builtin import BUILTIN
+    from tasks.catalog import BUILTIN
 
     if name not in BUILTIN and not dataset_store(ws).versions(name):
         raise RsirError(f"dataset {name!r} is neither in the workspace {ws.home} (see `rsir data list`) nor "
@@ -664,10 +679,8 @@ def tune(**params: Any) -> None:
         params["run_params"] = _nested_pairs(params["run_params"], "--run-params")
     params["home"] = ws.home
     cfg = TuneConfig.from_parameters(params)  # a bad range or URL: one line, before Prefect is imported
-    _before_flow(ws, cfg.run_config(cfg.seeds[0], cfg.corner()).tracking_uri)
-    _require_dataset(ws, cfg.dataset)
-    check_storage(cfg.storage_url(ws.root))
-    _local_prefect(ws)
+    _before_flow(ws, cfg.run_config(cfg.seeds[0], cfg.corner()).tracking_uri, [cfg.dataset],
+                 lambda: check_storage(cfg.storage_url(ws.root)))
     from flows.tune import close_interrupted
     from flows.tune import tune as tune_flow
 
@@ -792,10 +805,7 @@ def experiment_cmd(**params: Any) -> None:
     params["home"] = ws.home
     # A bad value: one line before the flow (and a Prefect server) starts.
     cfg = ExperimentConfig.from_parameters(params)
-    _before_flow(ws, cfg.tracking_uri)
-    for name in cfg.datasets or []:
-        _require_dataset(ws, name)
-    _local_prefect(ws)
+    _before_flow(ws, cfg.tracking_uri, cfg.datasets or [])
     from flows.experiments import experiment
 
     summary, _ = _run_flow(ws, lambda: experiment(**params), time.perf_counter(),
@@ -847,7 +857,6 @@ def _report_option(p: Parameter) -> Parameter:
 
 def report_cmd(**params: Any) -> None:
     """Write report.md and PNG figures from a suite's MLflow runs, and log them to MLflow."""
-    from reporting.report import write_report
     from storage.tracking import Tracker, resolve_tracking_uri
     from tasks.experiment_config import ExperimentConfig
 
@@ -864,6 +873,9 @@ def report_cmd(**params: Any) -> None:
     folder = out or ws.root / "reports" / cfg.experiment_name
     if notes is not None and not notes.is_file():
         raise RsirError(f"notes file not found: {notes}")
+    _local_prefect(ws)
+    from reporting.report import write_report
+
     result = write_report(tracker, cfg.suite, Path(folder), command=command,
                           notes=notes.read_text() if notes is not None else None)
     _emit(result, as_json, lambda r: print(f"report written to {r['report']} ({len(r['figures'])} figures); "

@@ -2,6 +2,7 @@
 files (S3-Rec's preprocessed Amazon Beauty/Sports/Toys and Yelp) and the built-in views of
 ml-100k (ml-100k-sparse, ml-100k-last50). Each is fetched once, checksum verified, and goes
 through the import path of tasks/ingest.py (or the view derivation of tasks/views.py).
+Their names and checksums: tasks/catalog.py (which the CLI reads before Prefect is imported).
 """
 
 from __future__ import annotations
@@ -14,9 +15,6 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,46 +26,24 @@ from core.workspace import Workspace
 from storage.dataset import DatasetStore, dataset_store
 from storage.files import file_sha256
 from storage.manifest import VersionRef
+from tasks.catalog import BENCHMARKS, BUILTIN, BUILTIN_VIEWS, BenchmarkFile, check_builtin
 from tasks.ingest import ImportSpec, build_sequences, publish, read_interactions
-from tasks.views import View, derive_view, last_view, lineage_fields, sparse_view
+from tasks.views import derive_view, lineage_fields
 
 ML100K_WHEEL = "recbole==1.2.1"
 PIP_DOWNLOAD_TIMEOUT_S = 300
 ML100K_INTER_SHA256 = "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff"
 ML100K_MEMBER = "recbole/dataset_example/ml-100k/"
 
-
-@dataclass(frozen=True)
-class BenchmarkFile:
-    """One of the RSIR paper's benchmark datasets: a `sequences` file of the S3-Rec repository
-    (5-core, each user's items in time order), fixed by its SHA-256."""
-
-    file: str
-    sha256: str
-
-
 # The paper's benchmarks as the sequential-recommendation literature shares them (S3-Rec,
-# CL4SRec, DuoRec, ...): aHuiWang/CIKM2020-S3Rec, folder data/, at one commit.
+# CL4SRec, DuoRec, ...): aHuiWang/CIKM2020-S3Rec, folder data/, at one commit (the files and
+# their SHA-256: tasks/catalog.py BENCHMARKS).
 S3REC_REPOSITORY = "aHuiWang/CIKM2020-S3Rec"
 S3REC_COMMIT = "49a890dcb516c9ed3126564495234ea74d5cd566"
 S3REC_URL = f"https://raw.githubusercontent.com/{S3REC_REPOSITORY}/{S3REC_COMMIT}/data/"
 DOWNLOAD_TIMEOUT_S = 60
 MIRROR_ENV = "RSIR_DATA_MIRROR"  # a local directory holding the benchmark files (a mirror of data/)
-BENCHMARKS: dict[str, BenchmarkFile] = {
-    "amazon-beauty": BenchmarkFile("Beauty.txt", "226cce9c3105299ca0db9615d7d3fb32b3175e90da43100ae352599f0f0107b8"),
-    "amazon-sports": BenchmarkFile("Sports_and_Outdoors.txt",
-                                   "2a095e0648872beb9982408958290f5d655db5be2911c3756b5446de9f0b8de2"),
-    "amazon-toys": BenchmarkFile("Toys_and_Games.txt",
-                                 "176c680c688d497598c4a89a03b402c0fe78d795e5db335c2e78dd5f2d778a3f"),
-    "yelp": BenchmarkFile("Yelp.txt", "724b219106b81dd2349027da997334ddb6da9fe2f152ad6e0d97a93170f7caed"),
-}
-# Built-in views: name -> (source dataset, view).
-BUILTIN_VIEWS: dict[str, tuple[str, Callable[[], View]]] = {
-    "ml-100k-sparse": ("ml-100k", sparse_view),
-    "ml-100k-last50": ("ml-100k", partial(last_view, 50)),
-}
-# ml-100k, the built-in views of it and the benchmarks.
-BUILTIN = ("ml-100k", *BUILTIN_VIEWS, *BENCHMARKS)
+
 
 # ------------------------------------------------------------------ MovieLens-100K
 def download_ml100k(ws: Workspace) -> Path:
@@ -205,8 +181,7 @@ def existing_result(store: DatasetStore, name: str) -> dict[str, Any]:
 def fetch_builtin(ws: Workspace, name: str, replace: bool = False, mirror: Path | None = None) -> dict[str, Any]:
     """Build a built-in dataset's version 0 (or report the one present). `mirror`: a local
     directory with the benchmark files (only BENCHMARKS are read from one)."""
-    if name not in BUILTIN:
-        raise RsirError(f"unknown built-in dataset {name!r}; available: {', '.join(BUILTIN)}")
+    check_builtin(name)
     if name in BENCHMARKS:
         return fetch_benchmark(ws, name, replace, mirror)
     if mirror is not None:

@@ -22,6 +22,31 @@ def _mlflow_fails_fast():
     mlflow_environment_defaults(os.environ)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _prefect_logs_to_the_sessions_stderr(tmp_path_factory):
+    """Prefect configures its logging once per process, its console handler bound to the
+    sys.stderr of that moment (`stream: ext://sys.stderr`). The first in-process command that
+    sets it up (rsir/cli.py `_before_flow`) runs under the `cli` fixture's capsys, whose stream is
+    closed when that test ends: every later Prefect record then failed to print, and inside a
+    flow with log_prints (rsir-experiment) the failure's report, printed and so logged again,
+    recursed until RecursionError (test_faults' suite flow right after test_cli_output). Set up
+    here first, bound to pytest's own capture, which stays open for the session. Prefect is
+    imported with a temporary home (it creates it on import); the environment is left as it was."""
+    import os
+
+    before = os.environ.get("PREFECT_HOME")
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-import-home"))
+    try:
+        from prefect.logging.configuration import ensure_logging_setup
+
+        ensure_logging_setup()
+    finally:
+        if before is None:
+            del os.environ["PREFECT_HOME"]
+        else:
+            os.environ["PREFECT_HOME"] = before
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("RSIR_HOME", str(tmp_path / "workspace"))

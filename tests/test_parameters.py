@@ -303,7 +303,7 @@ def test_rsir_experiment_hands_its_options_to_the_flow(cli, tmp_path, monkeypatc
                 "experiment": "x", "tracking_uri": "y"}
 
     monkeypatch.setattr(flows.experiments, "experiment", flow)
-    monkeypatch.setattr(rsir.cli, "_before_flow", lambda ws, uri: None)
+    monkeypatch.setattr(rsir.cli, "_before_flow", lambda ws, uri, datasets, check=None: None)
     monkeypatch.setattr(rsir.cli, "_run_flow", lambda ws, call, started, tracking, closing=None: (call(), 0.0))
     res = cli("experiment", "backbones", "--dataset", "ml-100k", "--seed", "3", "--seed", "4", "-K", "2",
               "--tau", "5", "--p", "0.25", "--m", "3", "--taus", "2", "--taus", "8", "--trials", "7",
