@@ -112,13 +112,41 @@ def like(model: type[BaseModel], name: str, **change: Any) -> Any:
     return Field(**{**given, **change})
 
 
-def parse_config(cls: type[BaseModel], data: dict) -> BaseModel:
-    """Validate `data` as `cls`; turn the first validation error into a one-line RsirError
-    that names the parameter and the offending value."""
+class ConfigError(RsirError):
+    """A value a typed config refused. The message names it by its path in the config (what flows
+    and API callers pass: `seeds.0`, `model.loss`); `parameter` is the flat parameter that carried
+    it (an entry point's, `from_parameters`'), `key` the path inside that parameter (a list's
+    index, a dict's keys), so that the CLI can name the option the user typed instead; None where
+    no one parameter is at fault (a rule across fields, a config that a validator parses)."""
+
+    def __init__(self, message: str, reason: str, value: Any, parameter: str | None, key: tuple = ()):
+        super().__init__(message)
+        self.reason, self.value, self.parameter, self.key = reason, value, parameter, key
+
+
+def parse_config(cls: type[BaseModel], data: dict,
+                 nested: dict[tuple[str, ...], tuple[str, ...]] | None = None) -> BaseModel:
+    """Validate `data` as `cls`; turn the first validation error into a one-line ConfigError
+    that names the parameter and the offending value. `nested`: where `data` nests flat
+    parameters, a config path -> the parameter that fills it and the key it fills there
+    (("model",) -> ("model_params",)); the longest that starts the error's path names its
+    parameter, else the path's first field does."""
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        raise RsirError(describe_validation_error(exc)) from None
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        reason, value = err["msg"].removeprefix("Value error, "), err.get("input")
+        prefix = max((p for p in (nested or {}) if loc[:len(p)] == p), key=len, default=None)
+        if prefix is not None and prefix == loc and isinstance(value, dict):
+            parameter, key = None, ()  # a nested config's rule across its fields: no one parameter
+        elif prefix is not None:
+            parameter, key = nested[prefix][0], nested[prefix][1:] + loc[len(prefix):]
+        else:
+            parameter, key = (str(loc[0]), loc[1:]) if loc else (None, ())
+        raise ConfigError(describe_validation_error(exc), reason, value, parameter, key) from None
+    except ConfigError as exc:  # a config this one's validators parse: its path is not one of `cls`'s
+        raise ConfigError(str(exc), exc.reason, exc.value, None) from None
 
 
 def describe_validation_error(exc: ValidationError) -> str:

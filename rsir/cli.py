@@ -18,13 +18,116 @@ from types import UnionType
 from typing import Annotated, Any, Callable, Literal, Optional, Union, get_args, get_origin
 
 import typer
+from typer.core import TyperCommand
 
-from core.config import DEVICES, Parameter, bare, with_parameters
+from core.config import DEVICES, ConfigError, Parameter, bare, with_parameters
 from core.errors import RsirError
 from core.hashing import short_digest
 
-app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-data_app = typer.Typer(help="Fetch, import and inspect datasets.", no_args_is_help=True)
+# What an option's value is called in the help, by its type: Typer would show the Python type
+# (`<int>`, `<list[str]>`); a repeatable option is called by its element, a switch takes none.
+_METAVARS = {int: "INTEGER", float: "FLOAT", str: "TEXT", Path: "PATH", bool: "BOOLEAN"}
+
+
+def _metavar(annotation: Any) -> str:
+    """The help's name for a value of `annotation` (an option's type, None allowed): INTEGER,
+    FLOAT, TEXT, PATH; a list's element's (the option repeats); a literal's or a union's
+    members (`INTEGER|auto`)."""
+    base = _without_none(annotation)
+    if get_origin(base) is list:
+        base = _without_none(get_args(base)[0])
+    if get_origin(base) is Literal:
+        return "|".join(map(str, get_args(base)))
+    if get_origin(base) in (Union, UnionType):
+        return "|".join(_metavar(a) for a in get_args(base))
+    if get_origin(base) is dict:
+        return "KEY=VALUE"
+    return _METAVARS.get(base, "TEXT")
+
+
+class _Command(TyperCommand):
+    """Every `rsir` command: its options that declare no metavar get `_metavar`'s (a switch
+    none), the help option too; a value its typed config refused (`_given_as_options`) is named
+    as the option the user typed."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        for param in params:
+            descriptor = getattr(param, "type_descriptor", None)
+            if param.param_type_name == "option" and param.metavar is None:
+                param.metavar = "" if param.is_flag else \
+                    _metavar(descriptor.annotation) if descriptor is not None else param.type.name.upper()
+            elif param.param_type_name == "argument" and descriptor is not None:
+                # An argument's metavar would rename it (the usage's {suite}): only its type column.
+                param.display_type_rich = lambda ctx=None, shown=_metavar(descriptor.annotation): shown
+        return params
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _OptionRefused as exc:
+            raise RsirError(_option_line(exc.refused, ctx)) from None
+
+
+class _OptionRefused(RsirError):
+    """A command's own typed config refused what its options gave (`_given_as_options`)."""
+
+    def __init__(self, refused: ConfigError):
+        super().__init__(str(refused))
+        self.refused = refused
+
+
+@contextlib.contextmanager
+def _given_as_options():
+    """Around a command's parse of its options into its typed config: a refused value is named
+    by the option the user gave (`--seed -1: ...`) instead of its path in the config
+    (`seeds.0`), which flows and API callers keep. Only here: a config parsed later (inside a
+    flow) holds values the user may have given otherwise."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise _OptionRefused(exc) from None
+
+
+def _option_line(exc: ConfigError, ctx: Any) -> str:
+    """The one line of a refused value as the user gave it: `--seed -1: <why>` (a repeated
+    option's refused element), `--model-params loss=x: <why>` (a KEY=VALUE pair), `--tau 1..x:
+    <why>` (what the option was given); the config's own line where no option carried it."""
+    if exc.parameter is None:
+        return str(exc)
+    flag = "--" + exc.parameter.replace("_", "-")
+    params = ctx.command.params
+    given = next((p for p in params if p.name == exc.parameter), None) or \
+        next((p for p in params if flag in getattr(p, "opts", ())), None)  # a config field's flag, by name
+    if given is None:
+        return str(exc)
+    name = given.opts[0] if given.param_type_name == "option" else (given.metavar or given.name).upper()
+    key = [str(k) for k in exc.key if not isinstance(k, int)]
+    scalar = isinstance(exc.value, (str, int, float, bool))
+    if getattr(given, "multiple", False):  # KEY=VALUE pairs or a list: the pair, the element refused
+        shown = f"{'.'.join(key)}={_shown(exc.value)}" if key and scalar else _shown(exc.value) if scalar else ""
+    else:
+        raw = ctx.params.get(given.name)
+        shown = _shown(raw) if isinstance(raw, (str, int, float, bool)) else _shown(exc.value) if scalar else ""
+    return f"{name}{' ' + shown if shown else ''}: {exc.reason}"
+
+
+def _shown(value: Any) -> str:
+    """A value as typed on the command line (quoted where a shell would need it)."""
+    text = str(value)
+    return repr(text) if not text or any(c.isspace() for c in text) else text
+
+
+class _Typer(typer.Typer):
+    """A Typer app whose commands are `_Command`s."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("cls", _Command)
+        return super().command(*args, **kwargs)
+
+
+app = _Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = _Typer(help="Fetch, import and inspect datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 Home = Annotated[Optional[str], typer.Option("--home", help="workspace: a directory or an fsspec URL such as s3://bucket/prefix (default $RSIR_HOME or ./workspace)")]
@@ -151,8 +254,9 @@ def data_import(
         raise RsirError(f"--no-time and --time-col {time_col!r} contradict each other; give one")
     # Only what was given: ImportSpec holds the defaults (time_col None there = no time column).
     times = {"time_col": None} if no_time else {} if time_col is None else {"time_col": time_col}
-    spec = parse_config(ImportSpec, dict(path=path, name=name, format=fmt, user_col=user_col, item_col=item_col,
-                                         sep=sep, id_type=id_type, kcore=kcore, **times))
+    with _given_as_options():
+        spec = parse_config(ImportSpec, dict(path=path, name=name, format=fmt, user_col=user_col, item_col=item_col,
+                                             sep=sep, id_type=id_type, kcore=kcore, **times))
     result = import_dataset(_workspace(home), spec, replace=force)
     _emit(result, as_json, _render_ingest)
 
@@ -197,7 +301,8 @@ def _render_ingest(r: dict[str, Any]) -> None:
     status = " (already present)" if r.get("status") == "exists" else ""
     print(f"dataset {r['dataset']} v{r['version']}{status}  digest {short_digest(r['digest'])}")
     print(f"  users {r.get('users', s.get('real_sequences'))}  items {r.get('items', s.get('num_items'))}  "
-          f"interactions {s.get('interactions')}  mean length {s.get('mean_length')}  density {s.get('density', 0):.5f}")
+          f"interactions {s.get('interactions')}  mean length {_opt(s.get('mean_length'), 2)}  "
+          f"density {s.get('density', 0):.5f}")
     if "derived_from" in r:
         print(f"  view of {r['derived_from']}: {_describe_view(r['view'])}")
     if "dropped_short_users" in r:
@@ -236,32 +341,29 @@ def _as_option(p: Parameter, flag: str | None = None) -> Parameter:
     base = _without_none(p.annotation)
     flag = flag or "--" + p.name.replace("_", "-")
     decls = ("-K", "--K") if p.name == "K" else (flag,)
+    metavar = _metavar(base)  # the value's name in the help: INTEGER, TEXT, a list's element's...
     if base is bool:
         switches = flag if "/" in flag else f"{flag}/--no-{flag[2:]}"
         return Parameter(p.name, Annotated[Optional[bool] if p.default is None else bool,
-                                           typer.Option(switches, help=p.help)], p.default, "")
+                                           typer.Option(switches, help=p.help, metavar="")], p.default, "")
     if get_origin(base) is dict:
-        help_ = f"{p.help}; KEY=VALUE, repeatable, dotted keys nest"
-        return Parameter(p.name, Annotated[Optional[list[str]], typer.Option(*decls, help=help_)], None, "")
-    if get_origin(base) in (Union, UnionType):  # a number or a word (K: 3 or auto): text, the config parses it
-        help_ = f"{p.help} ({' | '.join(_kind_name(a) for a in get_args(base))})"
+        help_ = f"{p.help}; {_repeatable(p.help, 'KEY=VALUE, repeatable, dotted keys nest')}"
+        return Parameter(p.name, Annotated[Optional[list[str]], typer.Option(*decls, help=help_, metavar=metavar)],
+                         None, "")
+    if get_origin(base) in (Union, UnionType) or get_origin(base) is Literal:
+        # a number or a word (K: 3 or auto), one of some words: text, the config parses it
+        help_ = f"{p.help} ({metavar.replace('|', ' | ')})"
         return Parameter(p.name, Annotated[Optional[str] if p.default is None else str,
-                                           typer.Option(*decls, help=help_)], p.default, "")
-    if get_origin(base) is Literal:
-        help_ = f"{p.help} ({' | '.join(map(str, get_args(base)))})"
-        return Parameter(p.name, Annotated[Optional[str] if p.default is None else str,
-                                           typer.Option(*decls, help=help_)], p.default, "")
+                                           typer.Option(*decls, help=help_, metavar="TEXT")], p.default, "")
     kind = Optional[base] if p.default is None else base
     repeatable = get_origin(base) is list and "repeatable" not in p.help  # a field may say so itself
     help_ = f"{p.help} (repeatable)" if repeatable else p.help
-    return Parameter(p.name, Annotated[kind, typer.Option(*decls, help=help_)], p.default, "")
+    return Parameter(p.name, Annotated[kind, typer.Option(*decls, help=help_, metavar=metavar)], p.default, "")
 
 
-def _kind_name(annotation: Any) -> str:
-    """A union member as the help lists it: a literal's values, else the type's name."""
-    if get_origin(annotation) is Literal:
-        return " | ".join(map(str, get_args(annotation)))
-    return getattr(annotation, "__name__", str(annotation))
+def _repeatable(help_: str, said: str) -> str:
+    """`said` (which says the option repeats) unless the help says so already."""
+    return said.replace("repeatable, ", "") if "repeatable" in help_ else said
 
 
 def _without_none(annotation: Any) -> Any:
@@ -311,7 +413,8 @@ def train(**params: Any) -> None:
     params["options"] = options or None
     if params["progress"] is None:
         params["progress"] = sys.stderr.isatty()
-    cfg = TrainConfig.from_parameters(params)  # a bad value: one line, before any data is read
+    with _given_as_options():
+        cfg = TrainConfig.from_parameters(params)  # a bad value: one line, before any data is read
     ws, started = _local_prefect(_workspace(home)), time.perf_counter()
     from tasks.train import train_model
 
@@ -375,7 +478,8 @@ def generate(**params: Any) -> None:
     mode, holdout_h, home, as_json = params.pop("mode"), params.pop("holdout_h"), params.pop("home"), params.pop("as_json")
     if not params.pop("fidelity"):
         params["tau"] = None  # fidelity off: no rank threshold (GenerationParams' one encoding)
-    params = parse_config(GenerationParams, params)
+    with _given_as_options():
+        params = parse_config(GenerationParams, params)
     ws = _workspace(home)
     parent = dataset_store(ws).manifest(dataset, version)
     if parent.version != dataset_store(ws).versions(dataset)[-1]:
@@ -433,8 +537,9 @@ def _render_versions(r: dict[str, Any]) -> None:
               f"  {short_digest(v['digest'])}")
 
 
-def _opt(value: Any) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _opt(value: Any, digits: int = 3) -> str:
+    """A figure for people: `digits` decimals (the JSON keeps them all), '-' where there is none."""
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 # `rsir run`'s options are the flow's parameters (tasks/config.py run_parameters), derived by
@@ -485,7 +590,8 @@ def run(**params: Any) -> None:
         params["model_params"] = {**model_params, "options": {**model_params.get("options", {}),
                                                               **_options(option, "--option")}}
     params.update(home=ws.home, progress=sys.stderr.isatty())
-    cfg = RunConfig.from_parameters(params)  # a bad value: one line, before Prefect is even imported
+    with _given_as_options():
+        cfg = RunConfig.from_parameters(params)  # a bad value: one line, before Prefect is even imported
     _before_flow(ws, cfg.tracking_uri, [cfg.dataset])
     from flows.rsir import rsir
 
@@ -678,7 +784,8 @@ def tune(**params: Any) -> None:
     if params.get("run_params") is not None:
         params["run_params"] = _nested_pairs(params["run_params"], "--run-params")
     params["home"] = ws.home
-    cfg = TuneConfig.from_parameters(params)  # a bad range or URL: one line, before Prefect is imported
+    with _given_as_options():
+        cfg = TuneConfig.from_parameters(params)  # a bad range or URL: one line, before Prefect is imported
     _before_flow(ws, cfg.run_config(cfg.seeds[0], cfg.corner()).tracking_uri, [cfg.dataset],
                  lambda: check_storage(cfg.storage_url(ws.root)))
     from flows.tune import close_interrupted
@@ -804,7 +911,8 @@ def experiment_cmd(**params: Any) -> None:
     params["backbone_options"] = _backbone_options(params["backbone_options"])
     params["home"] = ws.home
     # A bad value: one line before the flow (and a Prefect server) starts.
-    cfg = ExperimentConfig.from_parameters(params)
+    with _given_as_options():
+        cfg = ExperimentConfig.from_parameters(params)
     _before_flow(ws, cfg.tracking_uri, cfg.datasets or [])
     from flows.experiments import experiment
 
@@ -863,7 +971,8 @@ def report_cmd(**params: Any) -> None:
     home, as_json, out = params.pop("home"), params.pop("as_json"), params.pop("out")
     command, notes = params.pop("command"), params.pop("notes")
     ws = _workspace(home)
-    cfg = ExperimentConfig.from_parameters(params)  # a bad suite or value: one line, naming it
+    with _given_as_options():
+        cfg = ExperimentConfig.from_parameters(params)  # a bad suite or value: one line, naming it
     uri = resolve_tracking_uri(cfg.tracking_uri, ws.mlflow_db)
     tracker = Tracker.open(uri, cfg.experiment_name, ws.mlartifacts)
     if cfg.archive is not None:

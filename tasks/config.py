@@ -192,7 +192,11 @@ class TrainConfig(CpuThreads, TrainingSettings):
         given = {k: v for k, v in params.items() if v is not None}
         model = {"name": given.pop("model", _DEFAULT_BACKBONE),
                  **{k: given.pop(k) for k in MODEL_SETTINGS if k in given}}
-        return parse_config(cls, {**given, "model": model})
+        # Where a refused value came from: each setting its own parameter, the backbone's name
+        # `model`, and what else ModelConfig refuses (its options' keys, checked as its own) `options`.
+        nested = {("model",): ("options",), ("model", "name"): ("model",),
+                  **{("model", k): (k,) for k in MODEL_SETTINGS}}
+        return parse_config(cls, {**given, "model": model}, nested)
 
 
 class GenerationParams(BaseModel):
@@ -409,7 +413,15 @@ class RunConfig(CpuThreads, TrainingSettings):
         gen_name, gen_params = given.pop("generator", None), given.pop("generator_params", None)
         if gen_name or gen_params:
             given["generator"] = {"name": gen_name or model["name"], **(gen_params or {})}
-        return parse_config(cls, {**given, "model": model})
+        # Where a refused value came from: the backbone's name, else a key of its dict, one of
+        # its options where the dict gave it so (ModelConfig names an option's fault by its key).
+        nested: dict[tuple[str, ...], tuple[str, ...]] = {}
+        for backbone, pairs in (("model", "model_params"), ("generator", "generator_params")):
+            options = (model if backbone == "model" else given.get("generator", {})).get("options")
+            nested |= {(backbone,): (pairs,), (backbone, "name"): (backbone,),
+                       **{(backbone, k): (pairs, "options", k) for k in (options if isinstance(options, dict) else {})
+                          if k not in MODEL_SETTINGS}}
+        return parse_config(cls, {**given, "model": model}, nested)
 
 
 # The backbones travel flat as a name plus a dict of ModelConfig settings (hidden, loss, options...).

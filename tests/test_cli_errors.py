@@ -85,16 +85,16 @@ def test_unknown_dataset_for_training(cli, ws):
 
 
 @pytest.mark.parametrize("args, needles", [
-    (["--model", "gru4rec"], ["model.name", "gru4rec"]),
-    (["--epochs", "0"], ["epochs"]),
-    (["--dropout", "1.0"], ["model.dropout"]),
-    (["--dropout", "-0.1"], ["model.dropout"]),
-    (["--max-len", "1"], ["model.max_len"]),
+    (["--model", "gru4rec"], ["--model gru4rec: ", "gru4rec"]),
+    (["--epochs", "0"], ["--epochs 0: "]),
+    (["--dropout", "1.0"], ["--dropout 1.0: "]),
+    (["--dropout", "-0.1"], ["--dropout -0.1: "]),
+    (["--max-len", "1"], ["--max-len 1: "]),
     (["--heads", "3"], ["heads=3", "hidden=64"]),
-    (["--layers", "0"], ["model.layers"]),
-    (["--lr", "0"], ["lr"]),
-    (["--device", "tpu"], ["device"]),
-    (["--option", "nope=1"], ["nope"]),
+    (["--layers", "0"], ["--layers 0: "]),
+    (["--lr", "0"], ["--lr 0.0: "]),  # the value as read (a float)
+    (["--device", "tpu"], ["--device tpu: "]),
+    (["--option", "nope=1"], ["--option nope=1: "]),
 ])
 def test_invalid_hyper_parameters(args, needles, cli, ws):
     # The dataset does not exist either: the config must be rejected first, before any data is read.
@@ -216,7 +216,7 @@ def _parquet(path, **columns):
 def test_multi_character_separator(cli, ws, tmp_path):
     path = write(tmp_path / "ok.csv", HEADER + GOOD_ROWS)
     result = cli("data", "import", path, "--name", "s", "--format", "csv", "--sep", ";;")
-    _assert_clean_failure(result, ws, "'sep'", "one character", "';;'")
+    _assert_clean_failure(result, ws, "--sep ;;: ", "one character")
 
 
 def test_parquet_float_id_out_of_int64_range(cli, ws, tmp_path):
@@ -380,3 +380,52 @@ def test_train_refuses_two_disagreeing_spellings_of_one_setting(cli, ws):
     assert result.code == 2 and result.err.strip() == \
         "rsir: error: --positions newest and --option positions=oldest disagree; give one"
     assert not ws.checkpoints.exists() or not any(ws.checkpoints.rglob("*.pt"))
+
+
+# --------------------------------------------------------------------------- a new user's finding: the option typed
+# A value a command's typed config refuses is named as the user gave it (the option, the KEY=VALUE
+# pair, the list's element), not by its path in the config (`seeds.0`, `model.loss`); the flows
+# and the API, which take the parameters by name, keep the paths.
+@pytest.mark.parametrize("args, line", [
+    (["experiment", "faithful", "--seed", "1", "--seed", "-1"], "--seed -1: "),
+    (["experiment", "faithful", "--shard", "3/2"], "--shard 3/2: "),
+    (["tune", "--dataset", "tiny", "--seeds", "-1"], "--seeds -1: "),
+    (["tune", "--dataset", "tiny", "--tau", "1..x"], "--tau 1..x: "),
+    (["run", "--dataset", "tiny", "--seed", "-1"], "--seed -1: "),
+    (["run", "--dataset", "tiny", "-K", "abc"], "-K abc: "),
+    (["run", "--dataset", "tiny", "--model-params", "loss=nope"], "--model-params loss=nope: "),
+    (["run", "--dataset", "tiny", "--model-params", "hiden=3"], "--model-params hiden=3: "),
+    (["run", "--dataset", "tiny", "--model-params", "options.positions=x"], "--model-params options.positions=x: "),
+    (["run", "--dataset", "tiny", "--generator-params", "hidden=-3"], "--generator-params hidden=-3: "),
+    (["train", "--dataset", "tiny", "--loss", "nope"], "--loss nope: "),
+    (["train", "--dataset", "tiny", "--positions", "sideways"], "--option positions=sideways: "),
+    (["generate", "--dataset", "tiny", "--checkpoint", "x.pt", "--tau", "0"], "--tau 0: "),
+    (["report", "nope"], "SUITE nope: "),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_a_refused_value_is_named_as_the_option_typed(args, line, cli, ws, tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))  # the CLI sets it only when unset
+    result = cli(*args)
+    _assert_clean_failure(result, ws)
+    assert result.code == 2 and result.err.startswith(f"rsir: error: {line}"), result.err
+    assert "invalid parameter" not in result.err
+
+
+def test_data_import_names_its_options_too(cli, ws, tmp_path):
+    path = write(tmp_path / "ok.csv", HEADER + GOOD_ROWS)
+    result = cli("data", "import", path, "--name", "k", "--format", "csv", "--kcore", "-1")
+    _assert_clean_failure(result, ws, "--kcore -1: ")
+    result = cli("data", "import", path, "--name", "k", "--format", "csv", "--id-type", "float")
+    _assert_clean_failure(result, ws, "--id-type float: ")
+
+
+def test_flows_and_the_api_keep_the_parameter_names():
+    from core.errors import RsirError
+    from tasks.config import RunConfig, TrainConfig
+    from tasks.experiment_config import ExperimentConfig
+
+    with pytest.raises(RsirError, match=r"^invalid parameter 'seeds.0': .* \(got -1\)$"):
+        ExperimentConfig.from_parameters({"suite": "faithful", "seeds": [-1]})
+    with pytest.raises(RsirError, match=r"^invalid parameter 'model.loss': "):
+        RunConfig.from_parameters({"dataset": "tiny", "model_params": {"loss": "nope"}})
+    with pytest.raises(RsirError, match=r"^invalid parameter 'model.loss': "):
+        TrainConfig.from_parameters({"dataset": "tiny", "loss": "nope"})

@@ -77,8 +77,9 @@ def test_fidelity_off_accepts_more_and_longer(cli, trained, tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--tau", "0"], "tau"), (["--p", "1.5"], "'p'"), (["--p", "-0.1"], "'p'"), (["--m", "0"], "'m'"),
-    (["--min-len", "1"], "min_len"), (["--mode", "beam"], "mode"),
+    (["--tau", "0"], "--tau 0: "), (["--p", "1.5"], "--p 1.5: "), (["--p", "-0.1"], "--p -0.1: "),
+    (["--m", "0"], "--m 0: "),
+    (["--min-len", "1"], "--min-len 1: "), (["--mode", "beam"], "mode"),
 ])
 def test_bad_generation_parameters(cli, trained, args, needle):
     ws, ckpt = trained

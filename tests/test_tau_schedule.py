@@ -111,10 +111,10 @@ def test_the_validation_rule_takes_the_best_candidate_and_the_tighter_of_equals(
 
 
 # ------------------------------------------------------------------ bad input
-@pytest.mark.parametrize("args,needle", [(("--tau-schedule", "sometimes"), "'tau_schedule'"),
-                                         (("--leakage-max", "1.5"), "'leakage_max'"),
-                                         (("--leakage-max", "-0.1"), "'leakage_max'"),
-                                         (("--tau-schedule", "validation", "--tau-candidates", "0"), "tau_candidates"),
+@pytest.mark.parametrize("args,needle", [(("--tau-schedule", "sometimes"), "--tau-schedule sometimes: "),
+                                         (("--leakage-max", "1.5"), "--leakage-max 1.5: "),
+                                         (("--leakage-max", "-0.1"), "--leakage-max -0.1: "),
+                                         (("--tau-schedule", "validation", "--tau-candidates", "0"), "--tau-candidates 0: "),
                                          (("--tau-schedule", "leakage", "--no-fidelity"), "fidelity control on")])
 def test_a_bad_schedule_is_one_line_before_anything_runs(cli, ws, args, needle):
     result = cli("run", "--dataset", "ml-100k-sparse", *args, "--home", ws.root)

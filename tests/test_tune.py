@@ -211,12 +211,12 @@ def test_two_workers_run_trials_of_one_postgresql_study(prefect_api, postgres, t
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--tau", "0..100"], "'tau': range 0..100"),
-    (["--p", "0.5..2"], "'p': range 0.5..2"),
-    (["--m", "1..10 log step 2"], "'m'"),
+    (["--tau", "0..100"], "--tau 0..100: range 0..100"),
+    (["--p", "0.5..2"], "--p 0.5..2: range 0.5..2"),
+    (["--m", "1..10 log step 2"], "--m '1..10 log step 2': "),
     (["--synthetic-weight", "0..1 log"], "a log range needs low > 0"),
-    (["--storage", "mysql://db/optuna"], "'storage'"),
-    (["--storage", "sqlite:///relative.db"], "'storage'"),
+    (["--storage", "mysql://db/optuna"], "--storage mysql://db/optuna: "),
+    (["--storage", "sqlite:///relative.db"], "--storage sqlite:///relative.db: "),
     (["--run-params", "tau=3"], "may not set tau"),
     (["--storage", "postgresql://postgres@127.0.0.1:1/none"], "Optuna storage 'postgresql://postgres@127.0.0.1:1/none'"),
 ])
