@@ -587,6 +587,9 @@ def run(**params: Any) -> None:
             params[name] = _nested_pairs(value, "--" + name.replace("_", "-"))
     if option:
         model_params = params.get("model_params") or {}
+        if not isinstance(model_params.get("options", {}), dict):
+            raise RsirError(f"--model-params options={model_params['options']}: options are KEY=VALUE pairs "
+                            f"(--option KEY=VALUE or --model-params options.KEY=VALUE)")
         params["model_params"] = {**model_params, "options": {**model_params.get("options", {}),
                                                               **_options(option, "--option")}}
     params.update(home=ws.home, progress=sys.stderr.isatty())

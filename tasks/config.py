@@ -91,7 +91,8 @@ def _recipe_model(preset: dict[str, Any], given: dict[str, Any]) -> dict[str, An
         return given  # the model's own validation names the unknown backbone
     options = {k: v for k, v in preset.get("options", {}).items() if k in known}
     merged = {**{k: v for k, v in preset.items() if k != "options"}, **given}
-    merged["options"] = {**options, **given.get("options", {})}
+    if isinstance(given.get("options", {}), dict):  # else the model's validation names the bad value
+        merged["options"] = {**options, **given.get("options", {})}
     return merged
 
 

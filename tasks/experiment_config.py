@@ -124,7 +124,7 @@ class ExperimentConfig(BaseModel):
     @classmethod
     def _shard(cls, shard: str | None) -> str | None:
         if shard is not None and int(shard.split("/")[0]) >= int(shard.split("/")[1]):
-            raise ValueError(f"shard {shard}: I must be below N")
+            raise ValueError(f"I/N with I below N (I counts from 0), not {shard}")
         return shard
 
     @field_validator("grid")

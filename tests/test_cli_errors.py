@@ -101,6 +101,18 @@ def test_invalid_hyper_parameters(args, needles, cli, ws):
     _assert_clean_failure(cli("train", "--dataset", "nope", *args), ws, *needles)
 
 
+@pytest.mark.parametrize("command, args, needles", [
+    # options take KEY=VALUE pairs: a scalar was a TypeError traceback, alone and beside --option.
+    ("run", ["--model-params", "options=3"], ["--model-params options=3: "]),
+    ("run", ["--model-params", "options=3", "--option", "positions=newest"], ["--model-params options=3: ",
+                                                                             "KEY=VALUE"]),
+    ("experiment", ["paper", "--shard", "3/2"], ["--shard 3/2: ", "below N"]),
+])
+def test_malformed_values_are_one_line_on_every_command(command, args, needles, cli, ws):
+    result = cli(command, "--dataset", "nope", *args) if command != "experiment" else cli(command, *args)
+    _assert_clean_failure(result, ws, *needles)
+
+
 def test_help_everywhere(cli):
     for cmd in (["--help"], ["data", "--help"], ["data", "fetch", "--help"], ["data", "import", "--help"],
                 ["data", "list", "--help"], ["train", "--help"], ["evaluate", "--help"]):
