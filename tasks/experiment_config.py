@@ -15,7 +15,7 @@ import fnmatch
 import inspect
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from core.config import (
     DEVICES,
@@ -33,6 +33,7 @@ from core.config import (
     parse_config,
 )
 from models import get_backbone
+from models.config import ModelConfig
 from tasks.config import CpuThreads, GenerationParams
 
 SuiteName = Literal["main", "sensitivity", "backbones", "faithful", "paper", "tune"]
@@ -41,6 +42,11 @@ SUITE_DATASETS: dict[str, list[str]] = {"main": ["ml-100k-sparse", "ml-100k"], "
                                         "faithful": ["ml-100k", "ml-100k-last50", "ml-100k-sparse"],
                                         "paper": ["amazon-beauty", "amazon-sports", "amazon-toys", "yelp"],
                                         "tune": ["ml-100k-sparse", "amazon-beauty", "amazon-sports"]}
+# The backbones each suite's arms train (the paper's weak-to-strong student is HSTU): the suite's
+# model parameters are checked against each before any arm computes.
+SUITE_BACKBONES: dict[str, list[str]] = {"main": ["sasrec"], "sensitivity": ["sasrec"],
+                                         "backbones": ["sasrec", "cl4srec", "hstu"], "faithful": ["sasrec"],
+                                         "paper": ["sasrec", "hstu"], "tune": ["sasrec"]}
 # Chosen on ml-100k-sparse validation NDCG@10 (issue 5): InfoNCE between cosine similarities at
 # temperature 0.5 and dropout 0.5; the dot-product / temperature-1 default let the contrastive
 # term dominate (valid 0.026 against 0.043). HSTU's defaults won its grid.
@@ -62,6 +68,17 @@ SMOKE_MODEL = {"hidden": 16, "layers": 1, "max_len": 20}
 # The budget --smoke gives every arm unless the caller gave it (`smoke_config`): these fields are
 # left unset (None) in the flat parameters, so that "given" and "left to the suite" stay apart.
 SMOKE_BUDGET: dict[str, int] = {"epochs": 2, "patience": 1, "trials": 2}
+
+
+def _check_model(name: str, params: dict[str, Any]) -> None:
+    """Backbone `name` accepts these model parameters (every backbone a suite trains is checked, so
+    a typo is one line before the suite starts, not a failed arm); ValueError naming the key."""
+    try:
+        ModelConfig(name=name, **params)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        raise ValueError(f"{name}'s model parameters{f' ({where})' if where else ''}: {first['msg']}") from None
 
 
 class ExperimentConfig(BaseModel):
@@ -113,11 +130,21 @@ class ExperimentConfig(BaseModel):
     smoke: bool = Field(False, description="trimmed suite: 2 seeds, short grids, K <= 2, 2 epochs (patience 1), "
                         "2 trials, tiny models; a budget given explicitly is kept")
 
+    @field_validator("model_params")
+    @classmethod
+    def _models_take_them(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        for name in SUITE_BACKBONES.get(info.data.get("suite"), []):
+            _check_model(name, params)
+        return params
+
     @field_validator("backbone_options")
     @classmethod
-    def _known_backbones(cls, options: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    def _known_backbones(cls, options: dict[str, dict[str, Any]], info: ValidationInfo) -> dict[str, dict[str, Any]]:
         for name in options:
             get_backbone(name)  # a clear error naming the unknown backbone
+        if "model_params" in info.data:  # else model_params' own error is the one to show
+            for name in SUITE_BACKBONES.get(info.data.get("suite"), []):
+                _check_model(name, {**info.data["model_params"], **options.get(name, {})})
         return options
 
     @field_validator("shard")

@@ -107,6 +107,10 @@ def test_invalid_hyper_parameters(args, needles, cli, ws):
     ("run", ["--model-params", "options=3", "--option", "positions=newest"], ["--model-params options=3: ",
                                                                              "KEY=VALUE"]),
     ("experiment", ["paper", "--shard", "3/2"], ["--shard 3/2: ", "below N"]),
+    # A suite's model parameters are checked against every backbone it trains, before any arm runs
+    # (they failed inside the flow, after a Prefect server had started).
+    ("experiment", ["paper", "--model-params", "loss=nope"], ["--model-params", "sasrec's", "(loss)"]),
+    ("experiment", ["backbones", "--backbone-option", "hstu.options.nope=1"], ["--backbone-option", "hstu's"]),
 ])
 def test_malformed_values_are_one_line_on_every_command(command, args, needles, cli, ws):
     result = cli(command, "--dataset", "nope", *args) if command != "experiment" else cli(command, *args)
