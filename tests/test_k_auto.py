@@ -123,8 +123,8 @@ def test_a_killed_auto_run_resumes_to_the_same_stop(prefect_api, tiny_csv, tmp_p
 
 
 @pytest.mark.parametrize("args,needle", [(("-K", "often"), "K must be a whole number from 0 to 100 or auto"),
-                                         (("-K", "auto", "--k-tolerance", "2"), "k_tolerance"),
-                                         (("-K", "auto", "--k-max", "0"), "k_max")])
+                                         (("-K", "auto", "--k-tolerance", "2"), "--k-tolerance 2.0: "),
+                                         (("-K", "auto", "--k-max", "0"), "--k-max 0: ")])
 def test_a_bad_k_is_one_line_before_anything_runs(cli, ws, args, needle):
     result = cli("run", "--dataset", "ml-100k-sparse", *args, "--home", ws.root)
     lines = [line for line in result.err.strip().splitlines() if line]

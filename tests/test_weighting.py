@@ -323,12 +323,13 @@ def test_synthetic_weight_and_trainer_settings_key_checkpoints_and_lineage():
 
 
 @pytest.mark.parametrize("args, fault", [
-    (["--synthetic-weight", "-1"], "synthetic_weight"),
-    (["--recipe", "paper"], "recipe"),
-    (["--early-stop", "auc"], "early_stop"),
-    (["--batching", "sorted"], "batching"),
-    (["--positions", "middle"], "positions"),
-    (["--stride", "0"], "stride"),
+    # The error names the option as typed (the value as read: -1 is a float).
+    (["--synthetic-weight", "-1"], "--synthetic-weight -1.0: "),
+    (["--recipe", "paper"], "--recipe paper: "),
+    (["--early-stop", "auc"], "--early-stop auc: "),
+    (["--batching", "sorted"], "--batching sorted: "),
+    (["--positions", "middle"], "positions=middle: "),  # named as --option positions=middle
+    (["--stride", "0"], "--stride 0: "),
 ])
 def test_bad_training_settings_are_one_line_errors(cli, ws, args, fault):
     result = cli("train", "--dataset", "ml-100k", "--home", ws.root, *args)
