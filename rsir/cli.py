@@ -966,6 +966,20 @@ def _report_option(p: Parameter) -> Parameter:
     return _as_option(p, "--smoke" if p.name == "smoke" else None)
 
 
+def _require_file(path: Path | None, flag: str) -> None:
+    """A file option names a readable file: else one line, the value shortened (text given where a
+    path was expected made `is_file` raise 'File name too long', echoed whole)."""
+    if path is None:
+        return
+    try:
+        ok = path.is_file()
+    except OSError:  # a name too long for the file system, a component that is not a directory
+        ok = False
+    if not ok:
+        shown = str(path) if len(str(path)) <= 80 else str(path)[:77] + "..."
+        raise RsirError(f"{flag} {shown}: not a file (give the path of a file)")
+
+
 def report_cmd(**params: Any) -> None:
     """Write report.md and PNG figures from a suite's MLflow runs, and log them to MLflow."""
     from storage.tracking import Tracker, resolve_tracking_uri
@@ -976,6 +990,7 @@ def report_cmd(**params: Any) -> None:
     ws = _workspace(home)
     with _given_as_options():
         cfg = ExperimentConfig.from_parameters(params)  # a bad suite or value: one line, naming it
+    _require_file(notes, "--notes")  # before the archive is restored: input first, then work
     uri = resolve_tracking_uri(cfg.tracking_uri, ws.mlflow_db)
     tracker = Tracker.open(uri, cfg.experiment_name, ws.mlartifacts)
     if cfg.archive is not None:
@@ -983,8 +998,6 @@ def report_cmd(**params: Any) -> None:
 
         restore_runs(tracker, Path(cfg.archive))
     folder = out or ws.root / "reports" / cfg.experiment_name
-    if notes is not None and not notes.is_file():
-        raise RsirError(f"notes file not found: {notes}")
     _local_prefect(ws)
     from reporting.report import write_report
 

@@ -101,6 +101,16 @@ def test_invalid_hyper_parameters(args, needles, cli, ws):
     _assert_clean_failure(cli("train", "--dataset", "nope", *args), ws, *needles)
 
 
+@pytest.mark.parametrize("notes, needle", [("missing.md", "--notes missing.md: not a file"),
+                                           ("notes text " * 500, "--notes notes text notes text")])
+def test_report_notes_must_be_a_file_before_any_work(notes, needle, cli, ws, tmp_path):
+    """--notes takes a path: a missing one, or the notes' text given instead (which made is_file
+    raise 'File name too long' with the text echoed), is one short line before the archive is read."""
+    result = cli("report", "paper", "--notes", notes, "--archive", tmp_path / "no-archive", "--home", ws.root)
+    _assert_clean_failure(result, ws, needle)
+    assert len(result.err) < 200 and not (ws.root / "mlflow.db").exists()
+
+
 @pytest.mark.parametrize("command, args, needles", [
     # options take KEY=VALUE pairs: a scalar was a TypeError traceback, alone and beside --option.
     ("run", ["--model-params", "options=3"], ["--model-params options=3: "]),
