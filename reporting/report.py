@@ -517,7 +517,8 @@ def _control_section(paired: Paired, control: list[dict[str, Any]], t1: list[dic
                              mean_std(group, "test/recall@10"), _epochs(group),
                              "–" if c is None else f"{change(c)} {verdict(c)}"])
     return [f"## Control: `{trainer}` θ_0 trained for longer\n",
-            "Early stopping's patience raised so that θ_0 trains at least as many epochs as θ_1 took. Δ: each row "
+            "Early stopping's patience raised (see the patience column), so that θ_0 trains at least its best epoch + "
+            "that many epochs, meant to exceed what θ_1 took (compare the epochs column). Δ: each row "
             "against the row above it (test Recall@10); θ_1 holding its gain against this θ_0 means the gain is the "
             "synthetic data's, not the longer training's.\n",
             table(["dataset", "model", "valid ndcg@10", "test ndcg@10", "test recall@10", "epochs",
