@@ -4,6 +4,7 @@ tasks/experiment_config.py); a parameter is declared once, in the config of the 
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import re
 import types
@@ -119,9 +120,11 @@ class ConfigError(RsirError):
     index, a dict's keys), so that the CLI can name the option the user typed instead; None where
     no one parameter is at fault (a rule across fields, a config that a validator parses)."""
 
-    def __init__(self, message: str, reason: str, value: Any, parameter: str | None, key: tuple = ()):
+    def __init__(self, message: str, reason: str, value: Any, parameter: str | None, key: tuple = (),
+                 config: type | None = None):
         super().__init__(message)
         self.reason, self.value, self.parameter, self.key = reason, value, parameter, key
+        self.config = config  # set by a validator that names its own config's `parameter` (parse_config)
 
 
 def parse_config(cls: type[BaseModel], data: dict,
@@ -136,7 +139,7 @@ def parse_config(cls: type[BaseModel], data: dict,
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(err["loc"])
-        reason, value = err["msg"].removeprefix("Value error, "), err.get("input")
+        reason, value = error_reason(err, cls), err.get("input")
         prefix = max((p for p in (nested or {}) if loc[:len(p)] == p), key=len, default=None)
         if prefix is not None and prefix == loc and isinstance(value, dict):
             parameter, key = None, ()  # a nested config's rule across its fields: no one parameter
@@ -144,18 +147,49 @@ def parse_config(cls: type[BaseModel], data: dict,
             parameter, key = nested[prefix][0], nested[prefix][1:] + loc[len(prefix):]
         else:
             parameter, key = (str(loc[0]), loc[1:]) if loc else (None, ())
-        raise ConfigError(describe_validation_error(exc), reason, value, parameter, key) from None
-    except ConfigError as exc:  # a config this one's validators parse: its path is not one of `cls`'s
+        raise ConfigError(describe_validation_error(exc, cls), reason, value, parameter, key) from None
+    except ConfigError as exc:  # a config this one's validators parse: its path is not one of `cls`'s,
+        if exc.config is cls:  # unless the validator named one of `cls`'s parameters (`ConfigError.config`)
+            raise
         raise ConfigError(str(exc), exc.reason, exc.value, None) from None
 
 
-def describe_validation_error(exc: ValidationError) -> str:
+def describe_validation_error(exc: ValidationError, cls: type[BaseModel] | None = None) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"]) or "config"
-    msg = err["msg"].removeprefix("Value error, ")
+    msg = error_reason(err, cls)
     value = err.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     return f"invalid parameter {where!r}: {msg}{shown}"
+
+
+def error_reason(err: Any, cls: type[BaseModel] | None = None) -> str:
+    """Why pydantic refused a value (one entry of `ValidationError.errors()`), in our words: a key
+    no config declares is an "unknown setting", with the closest name `cls` declares at that place
+    (difflib) or, where there are few, the names it knows (pydantic says "Extra inputs are not
+    permitted", which names neither)."""
+    loc = tuple(err["loc"])
+    if err["type"] != "extra_forbidden" or not loc:
+        return err["msg"].removeprefix("Value error, ")
+    names = _declared_at(cls, loc[:-1]) if cls is not None else []
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    if close:
+        return f"unknown setting (did you mean {close[0]}?)"
+    return f"unknown setting (known: {', '.join(names)})" if 0 < len(names) <= 12 else "unknown setting"
+
+
+def _declared_at(cls: type[BaseModel], path: tuple) -> list[str]:
+    """The field names of the config that `path` (a validation error's location) leads to inside
+    `cls`; [] where it leads into a dict or list rather than a config."""
+    for step in path:
+        field = cls.model_fields.get(step) if isinstance(step, str) else None
+        inner = None if field is None else next(
+            (a for a in (field.annotation, *get_args(field.annotation))
+             if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if inner is None:
+            return []
+        cls = inner
+    return list(cls.model_fields)
 
 
 def bare(annotation: Any) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class ModelConfig(BaseModel):
@@ -22,7 +22,7 @@ class ModelConfig(BaseModel):
                            "its positions")
     negatives_exclude_input: bool = Field(False, description="loss=sampled: never draw an item of the "
                                           "position's input sequence as a negative (the RSIR release)")
-    options: dict[str, Any] = Field(default_factory=dict, description="backbone-specific options")
+    options: dict[str, Any] = Field(default_factory=dict, validate_default=True, description="backbone-specific options")
 
     @field_validator("name")
     @classmethod
@@ -34,11 +34,18 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
-        from models import get_backbone
-
-        backbone = get_backbone(self.name)
         if self.hidden % self.heads != 0:
             raise ValueError(f"heads={self.heads} must divide hidden={self.hidden}")
-        # Normalise options through the backbone's own schema (fills defaults, rejects unknown keys).
-        self.options = backbone.options(**self.options).model_dump()
         return self
+
+    @field_validator("options")
+    @classmethod
+    def _backbone_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Normalised through the backbone's own schema (fills defaults, rejects unknown keys); a
+        field validator, so that a refused option's path is `options.KEY` (a model validator's
+        lost the `options`)."""
+        from models import get_backbone
+
+        if "name" not in info.data:  # the name's own error is the one to show
+            return options
+        return get_backbone(info.data["name"]).options(**options).model_dump()

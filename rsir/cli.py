@@ -78,14 +78,21 @@ class _OptionRefused(RsirError):
 
 
 @contextlib.contextmanager
-def _given_as_options():
+def _given_as_options(aliases: dict[tuple[str, ...], str] | None = None):
     """Around a command's parse of its options into its typed config: a refused value is named
     by the option the user gave (`--seed -1: ...`) instead of its path in the config
     (`seeds.0`), which flows and API callers keep. Only here: a config parsed later (inside a
-    flow) holds values the user may have given otherwise."""
+    flow) holds values the user may have given otherwise. `aliases`: where the command folded an
+    option of its own into another parameter (`rsir run --option K=V` into model_params.options.K,
+    `rsir train --positions` into options.positions), that parameter's path -> the option as typed,
+    which then names a refusal at or under that path."""
     try:
         yield
     except ConfigError as exc:
+        path = (exc.parameter, *map(str, exc.key))
+        typed = next((flag for where, flag in (aliases or {}).items() if path[:len(where)] == where), None)
+        if typed is not None:
+            raise RsirError(f"{typed}: {exc.reason}") from None
         raise _OptionRefused(exc) from None
 
 
@@ -413,7 +420,8 @@ def train(**params: Any) -> None:
     params["options"] = options or None
     if params["progress"] is None:
         params["progress"] = sys.stderr.isatty()
-    with _given_as_options():
+    typed = {} if positions is None or "positions" in given else {("options", "positions"): f"--positions {positions}"}
+    with _given_as_options(typed):
         cfg = TrainConfig.from_parameters(params)  # a bad value: one line, before any data is read
     ws, started = _local_prefect(_workspace(home)), time.perf_counter()
     from tasks.train import train_model
@@ -590,10 +598,11 @@ def run(**params: Any) -> None:
         if not isinstance(model_params.get("options", {}), dict):
             raise RsirError(f"--model-params options={model_params['options']}: options are KEY=VALUE pairs "
                             f"(--option KEY=VALUE or --model-params options.KEY=VALUE)")
-        params["model_params"] = {**model_params, "options": {**model_params.get("options", {}),
-                                                              **_options(option, "--option")}}
+        given = _options(option, "--option")
+        params["model_params"] = {**model_params, "options": {**model_params.get("options", {}), **given}}
+        typed = {("model_params", "options", key): f"--option {key}={value}" for key, value in given.items()}
     params.update(home=ws.home, progress=sys.stderr.isatty())
-    with _given_as_options():
+    with _given_as_options(typed if option else None):
         cfg = RunConfig.from_parameters(params)  # a bad value: one line, before Prefect is even imported
     _before_flow(ws, cfg.tracking_uri, [cfg.dataset])
     from flows.rsir import rsir

@@ -29,6 +29,7 @@ from core.config import (
     SequenceCount,
     Threads,
     bare,
+    error_reason,
     like,
     parse_config,
 )
@@ -78,7 +79,8 @@ def _check_model(name: str, params: dict[str, Any]) -> None:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(map(str, first["loc"]))
-        raise ValueError(f"{name}'s model parameters{f' ({where})' if where else ''}: {first['msg']}") from None
+        reason = error_reason(first, ModelConfig)
+        raise ValueError(f"{name}'s model parameters{f' ({where})' if where else ''}: {reason}") from None
 
 
 class ExperimentConfig(BaseModel):

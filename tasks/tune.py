@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from core.config import Parameter, Seed, bare, parse_config
+from core.config import ConfigError, Parameter, Seed, bare, parse_config
 from core.errors import RsirError
 from core.hashing import json_digest
 from models.config import ModelConfig
@@ -195,7 +195,16 @@ class TuneConfig(CpuThreads):
 
     @model_validator(mode="after")
     def _run_settings(self) -> "TuneConfig":
-        self.run_config(self.seeds[0], self.corner())  # every other run setting checked before any trial
+        try:
+            self.run_config(self.seeds[0], self.corner())  # every other run setting checked before any trial
+        except ConfigError as exc:
+            if exc.parameter not in self.run_params:
+                raise
+            # What run_params gave: named as run_params' key (the CLI shows `--run-params KEY=VALUE`).
+            key = (exc.parameter, *exc.key)
+            shown = "" if isinstance(exc.value, dict) else f" (got {exc.value!r})"
+            raise ConfigError(f"invalid parameter 'run_params.{'.'.join(map(str, key))}': {exc.reason}{shown}",
+                              exc.reason, exc.value, "run_params", key, config=TuneConfig) from None
         return self
 
     # ------------------------------------------------------------ derived

@@ -420,11 +420,29 @@ def test_train_refuses_two_disagreeing_spellings_of_one_setting(cli, ws):
     (["run", "--dataset", "tiny", "--seed", "-1"], "--seed -1: "),
     (["run", "--dataset", "tiny", "-K", "abc"], "-K abc: "),
     (["run", "--dataset", "tiny", "--model-params", "loss=nope"], "--model-params loss=nope: "),
-    (["run", "--dataset", "tiny", "--model-params", "hiden=3"], "--model-params hiden=3: "),
+    # A key no config declares: "unknown setting" and the nearest name (pydantic's "Extra inputs
+    # are not permitted" named neither), on every entry point that takes KEY=VALUE pairs.
+    (["run", "--dataset", "tiny", "--model-params", "hiden=3"], "--model-params hiden=3: unknown setting (did you "
+                                                                "mean hidden?)"),
+    (["run", "--dataset", "tiny", "--model-params", "nope=3"], "--model-params nope=3: unknown setting (known: "),
+    (["tune", "--dataset", "tiny", "--run-params", "epocs=3"], "--run-params epocs=3: unknown setting (did you mean "
+                                                               "epochs?)"),
+    # A model setting given as a run setting: it was `invalid parameter 'loss'`, no option named.
+    (["tune", "--dataset", "tiny", "--run-params", "loss=bce"], "--run-params loss=bce: unknown setting"),
+    (["tune", "--dataset", "tiny", "--run-params", "model_params.hiden=3"], "--run-params model_params.hiden=3: "
+                                                                            "unknown setting (did you mean hidden?)"),
+    (["tune", "--dataset", "tiny", "--run-params", "epochs=0"], "--run-params epochs=0: "),
+    (["experiment", "paper", "--model-params", "hiden=3"], "--model-params: sasrec's model parameters (hiden): "
+                                                           "unknown setting (did you mean hidden?)"),
     (["run", "--dataset", "tiny", "--model-params", "options.positions=x"], "--model-params options.positions=x: "),
     (["run", "--dataset", "tiny", "--generator-params", "hidden=-3"], "--generator-params hidden=-3: "),
     (["train", "--dataset", "tiny", "--loss", "nope"], "--loss nope: "),
-    (["train", "--dataset", "tiny", "--positions", "sideways"], "--option positions=sideways: "),
+    # Options a command folds into another parameter are named as typed, not as where they went.
+    (["train", "--dataset", "tiny", "--positions", "sideways"], "--positions sideways: "),
+    (["train", "--dataset", "tiny", "--option", "positions=sideways"], "--option positions=sideways: "),
+    (["run", "--dataset", "tiny", "--option", "positions=sideways"], "--option positions=sideways: "),
+    (["run", "--dataset", "tiny", "--option", "nope=1"], "--option nope=1: unknown setting"),
+    (["run", "--dataset", "tiny", "--model-params", "options.nope=1"], "--model-params options.nope=1: "),
     (["generate", "--dataset", "tiny", "--checkpoint", "x.pt", "--tau", "0"], "--tau 0: "),
     (["report", "nope"], "SUITE nope: "),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
@@ -448,6 +466,7 @@ def test_flows_and_the_api_keep_the_parameter_names():
     from core.errors import RsirError
     from tasks.config import RunConfig, TrainConfig
     from tasks.experiment_config import ExperimentConfig
+    from tasks.tune import TuneConfig
 
     with pytest.raises(RsirError, match=r"^invalid parameter 'seeds.0': .* \(got -1\)$"):
         ExperimentConfig.from_parameters({"suite": "faithful", "seeds": [-1]})
@@ -455,3 +474,7 @@ def test_flows_and_the_api_keep_the_parameter_names():
         RunConfig.from_parameters({"dataset": "tiny", "model_params": {"loss": "nope"}})
     with pytest.raises(RsirError, match=r"^invalid parameter 'model.loss': "):
         TrainConfig.from_parameters({"dataset": "tiny", "loss": "nope"})
+    with pytest.raises(RsirError, match=r"^invalid parameter 'model.options.nope': unknown setting \(got 1\)$"):
+        RunConfig.from_parameters({"dataset": "tiny", "model_params": {"options": {"nope": 1}}})
+    with pytest.raises(RsirError, match=r"^invalid parameter 'run_params.loss': unknown setting \(got 'bce'\)$"):
+        TuneConfig.from_parameters({"dataset": "tiny", "run_params": {"loss": "bce"}})
