@@ -328,7 +328,7 @@ def test_synthetic_weight_and_trainer_settings_key_checkpoints_and_lineage():
     (["--recipe", "paper"], "--recipe paper: "),
     (["--early-stop", "auc"], "--early-stop auc: "),
     (["--batching", "sorted"], "--batching sorted: "),
-    (["--positions", "middle"], "positions=middle: "),  # named as --option positions=middle
+    (["--positions", "middle"], "--positions middle: "),  # as typed, not as the option it sets
     (["--stride", "0"], "--stride 0: "),
 ])
 def test_bad_training_settings_are_one_line_errors(cli, ws, args, fault):
