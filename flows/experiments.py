@@ -203,6 +203,17 @@ def _paper_datasets(cfg: ExperimentConfig, first: bool) -> list[str]:
     return [ds for ds in cfg.suite_datasets() if (ds in lead) == first]
 
 
+def arms_named(head: str) -> Callable[[Stage], Stage]:
+    """Declares the first part of every arm name a stage lists (`table2` of table2/strong/fidelity),
+    so that while the stage waits (StageNotReady) a suite can tell whether `--arm` could select
+    its arms at all; a stage without it is taken to be selectable."""
+    def mark(stage: Stage) -> Stage:
+        stage.arm_head = head  # type: ignore[attr-defined]
+        return stage
+    return mark
+
+
+@arms_named("grid")
 def grid_arms(cfg: ExperimentConfig, _: Finished) -> list[Arm]:
     """θ_0 only (K = 0) of every grid trainer, on the grid dataset, first seed."""
     if PAPER_GRID_DATASET not in cfg.suite_datasets():
@@ -230,6 +241,7 @@ def _merged(names: list[str]) -> dict[str, Any]:
     return out
 
 
+@arms_named("grid")
 def combined_arms(cfg: ExperimentConfig, done: Finished) -> list[Arm]:
     """The grid's winners together, when more than one factor won alone."""
     if PAPER_GRID_DATASET not in cfg.suite_datasets():
@@ -268,6 +280,7 @@ def _paper_trainers(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> tuple[
     return {**PAPER_RELEASE_TRAINERS, "strong": params}, name
 
 
+@arms_named("table1")
 def table1_arms(cfg: ExperimentConfig, done: Finished, first: bool = True) -> list[Arm]:
     """θ_0 and RSIR K = 1 under the release recipe and under the strong trainer."""
     datasets = _paper_datasets(cfg, first)
@@ -278,6 +291,7 @@ def table1_arms(cfg: ExperimentConfig, done: Finished, first: bool = True) -> li
                  **params) for ds in datasets for s in cfg.seeds for name, params in trainers.items()]
 
 
+@arms_named("control")
 def control_arms(cfg: ExperimentConfig, _: Finished) -> list[Arm]:
     """θ_0 of the control trainer with a longer patience, on the datasets that complete first."""
     params = PAPER_RELEASE_TRAINERS[PAPER_CONTROL_TRAINER]
@@ -286,6 +300,7 @@ def control_arms(cfg: ExperimentConfig, _: Finished) -> list[Arm]:
                  **params) for ds in _paper_datasets(cfg, True) for s in cfg.seeds]
 
 
+@arms_named("table2")
 def table2_arms(cfg: ExperimentConfig, done: Finished) -> list[Arm]:
     """K iterations with and without fidelity on the Table 2 dataset, under the Table 1 trainer with
     the best mean validation NDCG@10 of θ_0 there (its K = 1 arm is the prefix of the fidelity arm)."""
@@ -302,6 +317,7 @@ def table2_arms(cfg: ExperimentConfig, done: Finished) -> list[Arm]:
                  fidelity=fid, **trainers[name]) for s in cfg.seeds for fid in (True, False)]
 
 
+@arms_named("sasrec-to-hstu")
 def weak_to_strong_arms(cfg: ExperimentConfig, done: Finished) -> list[Arm]:
     """HSTU trained on data that SASRec (under the strong trainer) generated, against HSTU's θ_0."""
     if PAPER_GRID_DATASET not in cfg.suite_datasets():
@@ -357,10 +373,16 @@ def tune_arms(cfg: ExperimentConfig, done: Finished) -> list[Arm]:
     return arms
 
 
+
+@arms_named("table1")
+def table1_rest_arms(cfg: ExperimentConfig, done: Finished) -> list[Arm]:
+    """Table 1 on the datasets that complete last (Toys, Yelp): after every other stage."""
+    return table1_arms(cfg, done, first=False)
+
 SUITES: dict[str, list[Stage]] = {"main": [main_arms], "sensitivity": [tau_arms, p_arms], "backbones": [backbone_arms],
                                   "faithful": [trainer_arms, long_run_arms],
                                   "paper": [grid_arms, combined_arms, table1_arms, control_arms, table2_arms, weak_to_strong_arms,
-                                            lambda cfg, done: table1_arms(cfg, done, first=False)],
+                                            table1_rest_arms],
                                   "tune": [study_stage, tune_arms]}
 
 
@@ -403,7 +425,8 @@ def run_suite(cfg: ExperimentConfig) -> dict[str, Any]:
                     if cfg.in_shard(i)]
         except StageNotReady as waiting:  # another shard (or invocation) has not finished what it reads
             logger.warning("%s", waiting)
-            pending.append(str(waiting))
+            if cfg.may_select(getattr(stage, "arm_head", None)):  # else not what this invocation asked for
+                pending.append(str(waiting))
             continue
         studies = [item for item in arms if isinstance(item, Study)]
         arms = [item for item in arms if isinstance(item, Arm)]

@@ -174,6 +174,15 @@ class ExperimentConfig(BaseModel):
         """Whether `--arm` selects an arm by name (fnmatch, case-sensitive; all without it)."""
         return self.arms is None or any(fnmatch.fnmatchcase(arm, pattern) for pattern in self.arms)
 
+    def may_select(self, head: str | None) -> bool:
+        """Whether `--arm` could select an arm whose name starts with `head/` (or is `head`) before
+        the stage that lists it can say which (flows/experiments.py arms_named): a pattern whose
+        first part has a wildcard is taken to reach every stage; None (undeclared) reaches all."""
+        if self.arms is None or head is None:
+            return True
+        return any(any(c in first for c in "*?[") or first == head
+                   for first in (pattern.split("/", 1)[0] for pattern in self.arms))
+
     @property
     def experiment_name(self) -> str:
         return self.experiment or f"experiment-{self.suite}{'-smoke' if self.smoke else ''}"
