@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The paper suite (issue 22) on a lent GPU machine, inside one bounded call of the device tool.
+# Suites (the paper suite of issue 22, the tune suite of issue 26) on a lent GPU machine, inside one
+# bounded call of the device tool.
 #
 #   bash benchmarks/paper_gpu.sh install                   # first call: .whlA/ (polars' runtime, 51 MiB)
 #   bash benchmarks/paper_gpu.sh SECONDS 'JOB' 'JOB' ...   # next call, on the same warm machine
 #
-# A JOB is the arguments of one `rsir experiment paper` process, e.g.
-# '--dataset amazon-beauty --arm control/*' (the shell does not expand it: each word is passed as is).
+# A JOB is one `rsir experiment` process's arguments, the suite first, e.g.
+# 'paper --dataset amazon-beauty --seed 0 --arm control/*' (the shell does not expand them: each word
+# is passed as is). A suite's archive is docs/results/SUITE/runs.
 # That machine has Python 3.12 with torch, numpy, pyarrow, pandas and the like, but not Prefect,
 # MLflow, polars or pydantic, and reaches no registry: their wheels travel in .whlA/ and .whl/
 # (git-ignored; one call carries at most 64 MiB, hence two calls; benchmarks/paper_gpu_wheels.sh
@@ -31,26 +33,37 @@ budget=$1; shift
 deadline=$(( $(date +%s) + budget - 40 ))  # 40 s to pack the results
 $PY -c "import torch, polars, prefect, mlflow; assert '$DEVICE' == 'cpu' or torch.cuda.is_available(); print('torch', torch.__version__, 'polars', polars.__version__, 'prefect', prefect.__version__, 'mlflow', mlflow.__version__)" || exit 4
 for d in $(printf '%s\n' "$@" | grep -o -- '--dataset [^ ]*' | cut -d' ' -f2 | sort -u); do $PY -m rsir.cli data fetch "$d" || exit 5; done
-mkdir -p /tmp/arch && cp docs/results/paper/runs/* /tmp/arch/
+for suite in $(printf '%s\n' "$@" | cut -d' ' -f1 | sort -u); do
+  mkdir -p /tmp/arch/$suite && cp docs/results/$suite/runs/* /tmp/arch/$suite/ 2>/dev/null
+done
 { nvidia-smi dmon -s u -d 5 || sleep infinity; } > /tmp/logs/dmon.txt 2>&1 & dmon=$!
 job() {  # I ARGS: rerun while a stage waits for another job's arms, until the deadline
   local i=$1; shift
+  local suite=${1%% *}
   set -f  # the job's words (arm patterns) reach rsir unexpanded
   while [ "$(date +%s)" -lt "$deadline" ]; do
     echo "=== job $i: $* ($(date -u +%T))" >> /tmp/logs/job$i.log
-    PREFECT_HOME=/tmp/prefect-$i timeout -s INT $(( deadline - $(date +%s) )) $PY -m rsir.cli experiment paper $* \
+    PREFECT_HOME=/tmp/prefect-$i timeout -s INT $(( deadline - $(date +%s) )) $PY -m rsir.cli experiment $* \
       --device $DEVICE --threads $THREADS --tracking-uri sqlite:////tmp/ws/mlflow.db \
-      --archive /tmp/arch >> /tmp/logs/job$i.log 2>&1
+      --archive /tmp/arch/$suite >> /tmp/logs/job$i.log 2>&1
     rc=$?; echo "=== rc $rc $(date -u +%T)" >> /tmp/logs/job$i.log
     # Only a run that ran nothing because its stage waits (StageNotReady) is worth repeating.
     [ $rc -ne 0 ] && tail -40 /tmp/logs/job$i.log | grep -q "has not finished" || break
     sleep 10
   done
 }
-i=0; job 0 "$1" & pids=($!); shift
-# One restore into the shared database: the others start once job 0 has restored the archive.
-for _ in $(seq 60); do grep -q "restored" /tmp/logs/job0.log 2>/dev/null && break; sleep 2; done
-for spec in "$@"; do i=$((i + 1)); job "$i" "$spec" & pids+=($!); sleep 3; done
+# One restore of each suite's archive into the shared database: a suite's first job starts alone,
+# the next jobs once it has restored.
+i=0; pids=(); restored=" "
+for spec in "$@"; do
+  job "$i" "$spec" & pids+=($!)
+  suite=${spec%% *}
+  if [ "${restored#* $suite }" = "$restored" ]; then
+    for _ in $(seq 60); do grep -q "restored" /tmp/logs/job$i.log 2>/dev/null && break; sleep 2; done
+    restored="$restored$suite "
+  else sleep 3; fi
+  i=$((i + 1))
+done
 wait "${pids[@]}"; kill $dmon
-ls /tmp/arch | wc -l; tail -3 /tmp/logs/job*.log
+ls /tmp/arch/* | wc -l; for f in /tmp/logs/job*.log; do tail -n 3 "$f"; done
 tar czf "$OUT/result.tgz" -C /tmp arch logs

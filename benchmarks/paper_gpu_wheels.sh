@@ -11,7 +11,8 @@ tmp=$(mktemp -d)
 # The runtime rsir imports, the lock's versions; torch and CUDA's packages are the machine's own.
 python3 - > "$tmp/req.txt" <<'PY'
 import re, tomllib
-wanted = {"polars", "pydantic", "typer", "tqdm", "fsspec", "psutil", "prefect", "fastapi", "mlflow", "sqlalchemy"}
+wanted = {"polars", "pydantic", "typer", "tqdm", "fsspec", "psutil", "prefect", "fastapi", "mlflow", "sqlalchemy",
+          "optuna"}  # optuna: the tune suite
 for dep in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]:
     if re.match(r"[A-Za-z0-9_.-]+", dep)[0].lower() in wanted:
         print(dep)
