@@ -50,7 +50,7 @@ from storage.tracking import Tracker, redact_uri, resolve_tracking_uri
 from tasks.archive import archive_runs, restore_runs
 from tasks.config import RunConfig
 from tasks.experiment_config import PAPER_GRID, ExperimentConfig, experiment_parameters
-from tasks.tune import StudyOutcome, TuneConfig
+from tasks.tune import StudyOutcome, TuneConfig, study_size
 
 # The trainers the faithful suite compares (issue 10): the loss as it was (each batch's mean, so
 # short synthetic sequences in batches of their own weigh several times a real position), the
@@ -478,7 +478,10 @@ def _run_study(cfg: ExperimentConfig, tracker: Tracker, ws: Workspace, study: St
     from flows.tune import tune
 
     params = {**study.params, "trials": missing, "threads": cfg.threads, "home": ws.home}
-    TuneConfig.from_parameters(params)
+    tune_cfg = TuneConfig.from_parameters(params)
+    # Jobs that run one study at once (several suite processes) share its budget: this one stops
+    # when the study holds what it holds now plus the missing trials.
+    params["study_trials"] = study_size(tune_cfg, tune_cfg.storage_url(ws.root)) + missing
     get_run_logger().info("study %s: %d of %d trials to run", study.name, missing, study.budget)
     tune.with_options(flow_run_name=f"{cfg.suite}-{study.id.replace('/', '-')}")(**params)
     return True

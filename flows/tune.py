@@ -101,8 +101,16 @@ def run_tune(cfg: TuneConfig) -> TuneSummary:
     opened = open_study(cfg, url)
     study_run = _study_run(tracker, opened, cfg, url)
     objective = Objective(cfg, ws, tracker, study_run, base.stats.sequences, worker_id(), first.epochs)
+    from optuna.study import MaxTrialsCallback
+
+    # A shared budget (study_trials): Optuna's callback stops this worker once the study holds it,
+    # counted after each trial; a worker that finds it full adds none.
+    trials = cfg.trials if cfg.study_trials is None else \
+        min(cfg.trials, max(0, cfg.study_trials - len(opened.study.get_trials(deepcopy=False))))
+    callbacks = [] if cfg.study_trials is None else [MaxTrialsCallback(cfg.study_trials, states=None)]
     try:
-        opened.study.optimize(objective, n_trials=cfg.trials)
+        if trials:
+            opened.study.optimize(objective, n_trials=trials, callbacks=callbacks)
     except BaseException as exc:
         try:
             closed = close_worker(cfg, tracker, opened.study, "FAILED" if isinstance(exc, Exception) else "KILLED")

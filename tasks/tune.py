@@ -127,6 +127,9 @@ class TuneConfig(CpuThreads):
     seeds: list[Seed] = Field([0], min_length=1, max_length=100, description="seeds of every trial: one rsir run "
                               "per seed, the objective is their mean validation NDCG@10 of θ_1")
     trials: int = Field(20, ge=1, le=100_000, description="trials this worker runs (workers of one study add theirs)")
+    study_trials: int | None = Field(None, ge=1, le=100_000, description="and no trial once the study holds this "
+                                     "many, every worker's counted, running ones too (Optuna's MaxTrialsCallback): "
+                                     "several workers share one budget; default: no cap")
     storage: str | None = Field(None, description="Optuna storage: sqlite:////ABSOLUTE/PATH or "
                                 "postgresql://USER@HOST:PORT/DB (default: SQLite WORKSPACE/optuna.db)")
     study: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$",
@@ -307,6 +310,16 @@ def check_storage(url: str) -> None:
     except Exception as exc:  # SQLAlchemy and the drivers raise many types
         reason = redact_uri((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:200]
         raise RsirError(f"Optuna storage {redact_uri(url)!r} is unreachable or invalid: {reason}") from None
+
+
+def study_size(cfg: TuneConfig, url: str) -> int:
+    """How many trials the study at `url` holds now, in any state; 0 before a worker creates it."""
+    import optuna
+
+    try:
+        return len(optuna.load_study(study_name=cfg.study_name, storage=url).get_trials(deepcopy=False))
+    except KeyError:  # Optuna's "no such study"
+        return 0
 
 
 def open_study(cfg: TuneConfig, url: str) -> OpenedStudy:

@@ -141,6 +141,24 @@ def test_the_summary_for_people_names_the_best_settings_and_the_counts(one_worke
     assert "reuse: θ_0 trained 1x, reused 1x" in out and "1 generations for 2 runs" in out
 
 
+def test_study_trials_caps_the_study_not_the_worker(prefect_api, tiny_csv, tmp_path):
+    """Several workers (or suite jobs) share one budget: a worker asked for 3 trials stops when the
+    study holds the 2 it may, and a worker that finds it full adds none (Optuna's MaxTrialsCallback)."""
+    from flows.tune import tune
+
+    ws = make_tiny_home(tmp_path / "workspace", tiny_csv)
+    kw = dict(home=str(ws.root), run_params={**TINY_RUN, "tracking_uri": f"sqlite:///{ws.root / 'mlflow.db'}"},
+              **TINY_TUNE)
+    first = tune(trials=3, study_trials=2, **kw)
+    assert first["trials"]["this_worker"] == 2 and first["trials"]["total"] == 2
+    again = tune(trials=3, study_trials=2, **kw)
+    assert again["trials"]["this_worker"] == 0 and again["trials"]["total"] == 2
+    more = tune(trials=1, study_trials=5, **kw)  # a larger cap: this worker's own count still holds
+    assert more["trials"]["this_worker"] == 1 and more["trials"]["total"] == 3
+    study = optuna.load_study(study_name=first["study"], storage=f"sqlite:///{ws.root / 'optuna.db'}")
+    assert len(study.trials) == 3
+
+
 def test_the_pruner_watches_theta1_only():
     class Trial:
         number, reports = 7, []
