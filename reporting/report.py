@@ -448,9 +448,9 @@ def paper_report(tracker: Tracker, rows: list[dict[str, Any]], folder: Path) -> 
     parts = _grid_section(select(rows, stage="grid", k=0))
     table1, answers = _table1_section(paired, select(rows, stage="table1"))
     table2, figures = _table2_section(paired, select(rows, stage="table2"), folder)
-    parts += table1 + _control_section(paired, select(rows, stage="control"), select(rows, stage="table1"))
-    parts += table2 + _weak_to_strong_section(paired, select(rows, stage="weak-to-strong"))
-    return parts + ["## Answers\n", *_paper_answers(answers)], figures
+    control, controlled = _control_section(paired, select(rows, stage="control"), select(rows, stage="table1"))
+    parts += table1 + control + table2 + _weak_to_strong_section(paired, select(rows, stage="weak-to-strong"))
+    return parts + ["## Answers\n", *_paper_answers(answers, controlled)], figures
 
 
 def _grid_section(grid: list[dict[str, Any]]) -> list[str]:
@@ -499,12 +499,15 @@ def _table1_section(paired: Paired, t1: list[dict[str, Any]]) -> tuple[list[str]
                    "Δ recall@10 θ_1 vs θ_0", "epochs θ_0 / θ_1", "train s θ_0 / θ_1"], body) + "\n"], answers
 
 
-def _control_section(paired: Paired, control: list[dict[str, Any]], t1: list[dict[str, Any]]) -> list[str]:
+def _control_section(paired: Paired, control: list[dict[str, Any]], t1: list[dict[str, Any]]
+                     ) -> tuple[list[str], dict[str, tuple[Any, Any]]]:
     """θ_1 against θ_0 of the same trainer trained with a longer patience (flows/experiments.py
-    control_arms): is the gain the synthetic data's or the longer training's?"""
+    control_arms): is the gain the synthetic data's or the longer training's? Also, per Table 1
+    row it controls (`DATASET (TRAINER)`), θ_1's change against that θ_0 (Recall@10, NDCG@10),
+    which the answers set beside the row's own."""
     if not control:
-        return []
-    trainer, body = control[0]["trainer"], []
+        return [], {}
+    trainer, body, controlled = control[0]["trainer"], [], {}
     for ds in sorted({r["dataset"] for r in control}):
         patient = select(control, dataset=ds)
         base, k1 = select(t1, dataset=ds, trainer=trainer, k=0), select(t1, dataset=ds, trainer=trainer, k=1)
@@ -516,13 +519,15 @@ def _control_section(paired: Paired, control: list[dict[str, Any]], t1: list[dic
                 body.append([ds, label, mean_std(group, "valid/ndcg@10"), mean_std(group, "test/ndcg@10"),
                              mean_std(group, "test/recall@10"), _epochs(group),
                              "–" if c is None else f"{change(c)} {verdict(c)}"])
+        if k1 and patient:
+            controlled[f"{ds} ({trainer})"] = (rows[2][2], paired.compare(k1, patient, "ndcg@10"))
     return [f"## Control: `{trainer}` θ_0 trained for longer\n",
             "Early stopping's patience raised (see the patience column), so that θ_0 trains at least its best epoch + "
             "that many epochs, meant to exceed what θ_1 took (compare the epochs column). Δ: each row "
             "against the row above it (test Recall@10); θ_1 holding its gain against this θ_0 means the gain is the "
             "synthetic data's, not the longer training's.\n",
             table(["dataset", "model", "valid ndcg@10", "test ndcg@10", "test recall@10", "epochs",
-                   "Δ recall@10 vs the row above"], body) + "\n"]
+                   "Δ recall@10 vs the row above"], body) + "\n"], controlled
 
 
 def _patience(group: list[dict[str, Any]]) -> str:
@@ -578,7 +583,7 @@ def _sources(rows: list[dict[str, Any]]) -> str:
     return "every training sequence of D_k (no cap)" if sources <= {None} else f"at most {sorted(sources)} sources"
 
 
-def _paper_answers(answers: list[tuple]) -> list[str]:
+def _paper_answers(answers: list[tuple], controlled: dict[str, tuple[Any, Any]]) -> list[str]:
     out = []
     repro = [(ds, v, p) for q, ds, v, p in answers if q == "i" and len(v)]
     if repro:
@@ -593,8 +598,17 @@ def _paper_answers(answers: list[tuple]) -> list[str]:
         if found:
             out.append(f"({q}) **{text}** " + "; ".join(
                 f"{ds}: Recall@10 {change(c_r, seeds=False)} {verdict(c_r)}, NDCG@10 {change(c_n, seeds=False)} "
-                f"{verdict(c_n)}" for _, ds, c_r, c_n in found) + ".\n")
+                f"{verdict(c_n)}{_against_control(controlled.get(ds))}" for _, ds, c_r, c_n in found) + ".\n")
     return out or ["No arm of Table 1 has finished yet.\n"]
+
+
+def _against_control(c: tuple[Any, Any] | None) -> str:
+    """The same θ_1 against the control's θ_0 (trained as long), where the suite has one."""
+    if c is None:
+        return ""
+    c_r, c_n = c
+    return (f" (but against θ_0 trained for longer, the control: Recall@10 {change(c_r, seeds=False)} "
+            f"{verdict(c_r)}, NDCG@10 {change(c_n, seeds=False)} {verdict(c_n)})")
 
 
 # ------------------------------------------------------------------ the tune suite (issue 26)

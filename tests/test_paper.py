@@ -117,6 +117,12 @@ def test_paper_report_sets_the_papers_figures_beside_ours(paper, tmp_path):
     control = text.split("## Control: `release-bce` θ_0 trained for longer")[1].split("\n## ")[0]
     assert "| amazon-sports | θ_0, patience 1 |" in control and "| amazon-sports | θ_0, patience 100 |" in control
     assert "| amazon-beauty | θ_1 (RSIR K = 1) |" in control
+    # Answer (ii) sets each controlled row's θ_1 against the control's θ_0 beside its own change.
+    (ii,) = [line for line in text.splitlines() if line.startswith("(ii)")]
+    for ds in ("amazon-beauty", "amazon-sports"):
+        row = ii.split(f"{ds} (release-bce): ")[1].split("; ")[0]
+        assert "(but against θ_0 trained for longer, the control: Recall@10 " in row, row
+    assert "(release): " in ii and ii.count("trained for longer") == 2
     # Seconds per device as each run resolved it (the suite asked for "cpu"; none ran elsewhere).
     table1 = text.split("## Table 1")[1].split("\n## ")[0]
     assert " (cpu) / " in table1 and "(cuda)" not in text and "(auto)" not in text
