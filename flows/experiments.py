@@ -50,7 +50,7 @@ from storage.tracking import Tracker, redact_uri, resolve_tracking_uri
 from tasks.archive import archive_runs, restore_runs
 from tasks.config import RunConfig
 from tasks.experiment_config import PAPER_GRID, ExperimentConfig, experiment_parameters
-from tasks.tune import StudyOutcome, TuneConfig, study_size
+from tasks.tune import StudyOutcome, TuneConfig, study_ended
 
 # The trainers the faithful suite compares (issue 10): the loss as it was (each batch's mean, so
 # short synthetic sequences in batches of their own weigh several times a real position), the
@@ -420,16 +420,12 @@ def run_suite(cfg: ExperimentConfig) -> dict[str, Any]:
             # --arm selects by name before --shard splits, so N shards share what was selected.
             listed = stage(cfg, Finished(collect_runs(tracker), tracker))
             names.update(item.arm for item in listed if isinstance(item, Arm))
-            arms = [arm for i, arm in enumerate(item for item in listed
-                                                if not isinstance(item, Arm) or cfg.selects(item.arm))
-                    if cfg.in_shard(i)]
+            studies, arms = this_shard(cfg, listed)
         except StageNotReady as waiting:  # another shard (or invocation) has not finished what it reads
             logger.warning("%s", waiting)
             if cfg.may_select(getattr(stage, "arm_head", None)):  # else not what this invocation asked for
                 pending.append(str(waiting))
             continue
-        studies = [item for item in arms if isinstance(item, Study)]
-        arms = [item for item in arms if isinstance(item, Arm)]
         for study in studies:
             (ran if _run_study(cfg, tracker, ws, study) else skipped).append(study.id)
         done = finished_lineages(tracker)
@@ -468,6 +464,15 @@ def run_suite(cfg: ExperimentConfig) -> dict[str, Any]:
             "skipped": skipped, "wall_seconds": wall}
 
 
+def this_shard(cfg: ExperimentConfig, listed: list[Arm] | list[Study]) -> tuple[list[Study], list[Arm]]:
+    """What this invocation runs of a stage's list: every study (the shards are workers of each
+    study and share its budget: `_run_study` caps it), and the arms `--arm` selects, split by
+    `--shard` (every shard lists the same arms in the same order)."""
+    studies = [item for item in listed if isinstance(item, Study)]
+    selected = [item for item in listed if isinstance(item, Arm) and cfg.selects(item.arm)]
+    return studies, [arm for i, arm in enumerate(selected) if cfg.in_shard(i)]
+
+
 def _run_study(cfg: ExperimentConfig, tracker: Tracker, ws: Workspace, study: Study) -> bool:
     """Add the trials a study lacks to its budget (the `rsir tune` flow, one worker); False when
     it had them all. Its configuration is checked before any trial."""
@@ -479,9 +484,11 @@ def _run_study(cfg: ExperimentConfig, tracker: Tracker, ws: Workspace, study: St
 
     params = {**study.params, "trials": missing, "threads": cfg.threads, "home": ws.home}
     tune_cfg = TuneConfig.from_parameters(params)
-    # Jobs that run one study at once (several suite processes) share its budget: this one stops
-    # when the study holds what it holds now plus the missing trials.
-    params["study_trials"] = study_size(tune_cfg, tune_cfg.storage_url(ws.root)) + missing
+    # Shards run one study at once as its workers and share its budget: Optuna's count of the
+    # study's trials (running ones too) may reach its ended trials plus the missing ones. Where the
+    # Optuna storage holds every ended trial, that is the budget; where an earlier sitting's
+    # storage was lost (its runs restored from the archive), the missing ones beside the new.
+    params["study_trials"] = study_ended(tune_cfg, tune_cfg.storage_url(ws.root)) + missing
     get_run_logger().info("study %s: %d of %d trials to run", study.name, missing, study.budget)
     tune.with_options(flow_run_name=f"{cfg.suite}-{study.id.replace('/', '-')}")(**params)
     return True

@@ -312,14 +312,18 @@ def check_storage(url: str) -> None:
         raise RsirError(f"Optuna storage {redact_uri(url)!r} is unreachable or invalid: {reason}") from None
 
 
-def study_size(cfg: TuneConfig, url: str) -> int:
-    """How many trials the study at `url` holds now, in any state; 0 before a worker creates it."""
+def study_ended(cfg: TuneConfig, url: str) -> int:
+    """How many trials of the study at `url` have ended (COMPLETE, PRUNED or FAIL: what the tune
+    suite's budget counts, from MLflow); 0 before a worker creates it. Running trials are left
+    out: a worker that joins while others run must not count theirs twice."""
     import optuna
+    from optuna.trial import TrialState
 
     try:
-        return len(optuna.load_study(study_name=cfg.study_name, storage=url).get_trials(deepcopy=False))
+        trials = optuna.load_study(study_name=cfg.study_name, storage=url).get_trials(deepcopy=False)
     except KeyError:  # Optuna's "no such study"
         return 0
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in trials)
 
 
 def open_study(cfg: TuneConfig, url: str) -> OpenedStudy:

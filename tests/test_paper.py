@@ -176,6 +176,22 @@ def test_shards_split_every_stage_and_are_checked():
             parse_config(ExperimentConfig, {"suite": "paper", "shard": bad})
 
 
+def test_every_shard_joins_every_study_and_splits_the_arms():
+    """A study's trials are shared through its budget (study_trials), so each shard is one more
+    worker of every study; arms, which nothing shares, are split (after --arm selects)."""
+    from core.config import parse_config
+    from flows.experiments import Arm, Study, this_shard
+    from tasks.experiment_config import ExperimentConfig
+
+    studies = [Study(dataset=d, params={"study": f"s-{d}"}, budget=4) for d in ("a", "b", "c")]
+    arms = [Arm(arm=name, dataset="a", seed=0, params={}) for name in ("fixed", "tuned", "adaptive", "fixed-2")]
+    for i in (0, 1):
+        cfg = parse_config(ExperimentConfig, {"suite": "tune", "shard": f"{i}/2", "arms": ["fixed*", "adaptive"]})
+        assert this_shard(cfg, studies) == (studies, [])
+        got = this_shard(cfg, arms)
+        assert got[0] == [] and [a.arm for a in got[1]] == [["fixed", "fixed-2"], ["adaptive"]][i]
+
+
 def test_an_archive_carries_finished_arms_to_a_new_workspace(paper, tmp_path):
     """The suite outlives its workspace: its finished runs, archived to a folder, restore into a
     new workspace where the suite skips every finished arm and the report reads the same rows and
