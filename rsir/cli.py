@@ -679,12 +679,16 @@ def _interrupts():
     # calls them at any bytecode) has its KeyboardInterrupt printed as "Exception ignored" and
     # dropped, and the command would run on: seen once under load (an `rsir tune` finished its
     # trial after Ctrl-C). Such a lost interrupt is delivered again, to the code that runs next:
-    # from a timer thread, so that the handler does not run (and raise) inside this hook.
+    # from a timer thread, so that the handler does not run (and raise) inside this hook. The same
+    # for Prefect's TerminationSignal (its SIGTERM handler, active inside a flow, replaces this
+    # one): seen in CI, an `rsir tune` that finished its trial after SIGTERM.
     hook = sys.unraisablehook
 
     def unraisable(info: Any) -> None:
-        if info.exc_type is KeyboardInterrupt and received:
-            again = threading.Timer(0.05, os.kill, (os.getpid(), received[-1]))
+        lost = received[-1] if info.exc_type is KeyboardInterrupt and received else \
+            getattr(info.exc_value, "signal", None) if type(info.exc_value).__name__ == "TerminationSignal" else None
+        if lost is not None:
+            again = threading.Timer(0.05, os.kill, (os.getpid(), lost))
             again.daemon = True
             again.start()
             return

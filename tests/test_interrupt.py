@@ -174,3 +174,34 @@ def test_an_interrupt_lost_in_a_finalizer_is_delivered_again():
             while time.monotonic() < deadline:  # the interrupt delivered again lands here
                 sum(range(1000))
     assert received == [signal.SIGINT, signal.SIGINT]
+
+
+def test_a_prefect_termination_signal_lost_in_a_finalizer_is_delivered_again():
+    # Inside a flow Prefect's SIGTERM handler replaces ours and raises its TerminationSignal; landing
+    # in a weakref callback it was "Exception ignored" and dropped, and `rsir tune` ran its trial to
+    # the end (seen in CI). The signal must be delivered again, here to our own handler.
+    import os
+    import signal
+    import time
+
+    from prefect.exceptions import TerminationSignal
+
+    from rsir.cli import _interrupts
+
+    def prefects(signum, _frame):
+        raise TerminationSignal(signal=signum)
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)  # Prefect's handler runs inside this finalizer
+            sum(range(1000))
+
+    with pytest.raises(KeyboardInterrupt):
+        with _interrupts() as received:
+            ours = signal.signal(signal.SIGTERM, prefects)
+            Finalized()  # collected at once: the TerminationSignal is dropped
+            signal.signal(signal.SIGTERM, ours)  # the flow ended: our handler is back
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:  # the signal delivered again lands here
+                sum(range(1000))
+    assert received == [signal.SIGTERM]
