@@ -373,11 +373,11 @@ def tune_arms(cfg: ExperimentConfig, done: Finished) -> list[Arm]:
     return arms
 
 
-
 @arms_named("table1")
 def table1_rest_arms(cfg: ExperimentConfig, done: Finished) -> list[Arm]:
     """Table 1 on the datasets that complete last (Toys, Yelp): after every other stage."""
     return table1_arms(cfg, done, first=False)
+
 
 SUITES: dict[str, list[Stage]] = {"main": [main_arms], "sensitivity": [tau_arms, p_arms], "backbones": [backbone_arms],
                                   "faithful": [trainer_arms, long_run_arms],
