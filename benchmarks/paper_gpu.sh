@@ -15,7 +15,11 @@
 # its own Prefect home, all sharing one workspace and one MLflow database; the archive
 # (docs/results/paper/runs, restored first, so finished arms are skipped) receives every arm as it
 # finishes. A job whose stage waits on another job's arms is rerun until the deadline; one still
-# running at the deadline gets SIGINT (its arm is lost, the others kept).
+# running at the deadline gets SIGINT (its arm is lost, the others kept; a tune study keeps its
+# ended trials: they are archived when its worker stops, and the next sitting resumes the study).
+# Few jobs at once: beside seven others (session 15), Table 2's K = 3 fidelity arm on Sports had
+# trained θ_0, θ_1 and θ_2 after 8 minutes (θ_1 2.1 min, θ_2 2.7 min, each generation ~1 min) and
+# was cut in θ_3's training, twice.
 # $OUT/result.tgz brings back the archive folder and the logs.
 set -u
 PY=${PY:-python3}; DEVICE=${DEVICE:-cuda}  # a CPU rehearsal here: PY=<a 3.12 venv> DEVICE=cpu

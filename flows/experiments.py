@@ -47,10 +47,10 @@ from flows.boundary import boundary, check_environment, naming_service
 from flows.rsir import rsir
 from reporting.results import best_on_validation, collect_runs, finished_lineages, study_outcome
 from storage.tracking import Tracker, redact_uri, resolve_tracking_uri
-from tasks.archive import archive_runs, restore_runs
+from tasks.archive import archive_runs, archive_trials, archived_trials, restore_runs
 from tasks.config import RunConfig
 from tasks.experiment_config import PAPER_GRID, ExperimentConfig, experiment_parameters
-from tasks.tune import StudyOutcome, TuneConfig, study_ended
+from tasks.tune import StudyOutcome, TuneConfig, export_trials, import_trials, study_ended, study_settled
 
 # The trainers the faithful suite compares (issue 10): the loss as it was (each batch's mean, so
 # short synthetic sequences in batches of their own weigh several times a real position), the
@@ -475,22 +475,39 @@ def this_shard(cfg: ExperimentConfig, listed: list[Arm] | list[Study]) -> tuple[
 
 def _run_study(cfg: ExperimentConfig, tracker: Tracker, ws: Workspace, study: Study) -> bool:
     """Add the trials a study lacks to its budget (the `rsir tune` flow, one worker); False when
-    it had them all. Its configuration is checked before any trial."""
+    it had them all. Its configuration is checked before any trial. With an archive, a study
+    that another workspace began is first made from its archived trials (`import_trials`), and
+    the study's trials and their runs are archived when this worker stops, also by an
+    interrupt: the next sitting resumes it (tasks/archive.py)."""
     outcome = study_outcome(tracker, study.name)
-    missing = study.budget - (outcome.ended if outcome else 0)
-    if missing <= 0:
+    if outcome is not None and outcome.ended >= study.budget:  # before any Optuna storage is made
         return False
     from flows.tune import tune
 
-    params = {**study.params, "trials": missing, "threads": cfg.threads, "home": ws.home}
-    tune_cfg = TuneConfig.from_parameters(params)
+    tune_cfg = TuneConfig.from_parameters({**study.params, "trials": study.budget, "threads": cfg.threads,
+                                           "home": ws.home})
+    url, folder = tune_cfg.storage_url(ws.root), Path(cfg.archive) if cfg.archive else None
+    if folder is not None:
+        added = import_trials(tune_cfg, url, archived_trials(folder, study.name))
+        if added:
+            get_run_logger().info("study %s: %d trials restored from %s", study.name, added, folder)
+    # The budget counts ended trials (interrupted ones are replaced), from the Optuna storage or,
+    # for a study archived before its trials were (its storage lost), from its MLflow run.
+    missing = study.budget - max(study_ended(tune_cfg, url), outcome.ended if outcome else 0)
+    if missing <= 0:
+        return False
     # Shards run one study at once as its workers and share its budget: Optuna's count of the
-    # study's trials (running ones too) may reach its ended trials plus the missing ones. Where the
-    # Optuna storage holds every ended trial, that is the budget; where an earlier sitting's
-    # storage was lost (its runs restored from the archive), the missing ones beside the new.
-    params["study_trials"] = study_ended(tune_cfg, tune_cfg.storage_url(ws.root)) + missing
+    # study's trials (running and interrupted ones too) may reach its settled trials plus the
+    # missing ones.
+    params = {**study.params, "trials": missing, "threads": cfg.threads, "home": ws.home,
+              "study_trials": study_settled(tune_cfg, url) + missing}
     get_run_logger().info("study %s: %d of %d trials to run", study.name, missing, study.budget)
-    tune.with_options(flow_run_name=f"{cfg.suite}-{study.id.replace('/', '-')}")(**params)
+    try:
+        tune.with_options(flow_run_name=f"{cfg.suite}-{study.id.replace('/', '-')}")(**params)
+    finally:  # an interrupt too: what ended is kept
+        if folder is not None:
+            archive_trials(folder, study.name, export_trials(tune_cfg, url))
+            archive_runs(tracker, folder)
     return True
 
 

@@ -46,7 +46,13 @@ from tasks.builtin import fetch_builtin_task
 from tasks.runlog import RunSummary
 from tasks.train import watching_epochs
 from tasks.tune import (
+    IMPORTED_ATTR,
+    INTERRUPTED_ATTR,
     METRIC,
+    SEED_TAG,
+    STATE_TAG,
+    STUDY_TAG,
+    TRIAL_TAG,
     TUNED,
     BestTrial,
     EpochPruner,
@@ -65,7 +71,6 @@ from tasks.tune import (
     tune_parameters,
 )
 
-STUDY_TAG, TRIAL_TAG, SEED_TAG, STATE_TAG = "rsir.tune_study", "rsir.tune_trial", "rsir.tune_seed", "rsir.tune_state"
 _STUDY_RUN_ATTR = "mlflow_run_id"
 
 
@@ -158,6 +163,11 @@ class Objective:
             except optuna.TrialPruned:
                 state = "PRUNED"
                 raise
+            except Exception:
+                raise
+            except BaseException:  # an interrupt, not the trial's fault: a resumed study replaces it
+                trial.set_user_attr(INTERRUPTED_ATTR, True)
+                raise
             finally:
                 self._nest(trial.number, seed, state)
             run = SeedRun.of(seed, summary, self._generation_key(summary))
@@ -191,7 +201,8 @@ def _study_run(tracker: Tracker, opened: OpenedStudy, cfg: TuneConfig, url: str,
     """The study's MLflow run: made by the worker that created the study, its id kept as a user
     attribute of the study; a joining worker waits for it (a creator that died first: its own)."""
     study = opened.study
-    deadline = time.monotonic() + (0.0 if opened.created else wait_seconds)
+    # A study made from an archive (`import_trials`) has no creating worker to wait for.
+    deadline = time.monotonic() + (0.0 if opened.created or IMPORTED_ATTR in study.user_attrs else wait_seconds)
     while _STUDY_RUN_ATTR not in study.user_attrs and time.monotonic() < deadline:
         time.sleep(0.5)
     if _STUDY_RUN_ATTR in study.user_attrs:
@@ -312,19 +323,26 @@ def _max_sources(study: Any, row: TrialRow) -> int | None:
 
 
 def _register_best(cfg: TuneConfig, tracker: Tracker, best: TrialRow, outcome: BestTrial,
-                   base_digest: str) -> Registered:
+                   base_digest: str) -> Registered | None:
     """Register θ_1 of the best trial (of its seeds, the one best on validation) as a version of
     the model named after the study, tagged with the settings and scores; once per trial (a
-    second worker finding the same best trial returns that version)."""
+    second worker finding the same best trial returns that version). None when that θ_1 is not
+    in this workspace (a trial of an earlier sitting, restored from an archive: its run's id was
+    another tracker's, and an archive keeps no models)."""
     name = cfg.study_name
     for version in tracker.model_versions(name):
         if version.tags.get(TRIAL_TAG) == str(best.number):
             return Registered(model=name, version=int(version.version), trial=best.number,
                               champion_version=tracker.alias_version(name, "champion"))
     run = max(best.runs, key=lambda r: r.valid)
-    (child,) = tracker.search_runs(f"tags.`mlflow.parentRunId` = '{run.mlflow_run_id}' and "
+    children = tracker.search_runs(f"tags.`mlflow.parentRunId` = '{run.mlflow_run_id}' and "
                                    f"attributes.run_name = 'iteration-1'")
-    (model_id,) = tracker.output_models(child.info.run_id)
+    models = tracker.output_models(children[0].info.run_id) if len(children) == 1 else []
+    if len(models) != 1:
+        get_run_logger().info("the best trial %d's θ_1 was trained in another workspace (restored from an "
+                              "archive): not registered", best.number)
+        return None
+    (child,), (model_id,) = children, models
     tags = {STUDY_TAG: name, TRIAL_TAG: best.number, SEED_TAG: run.seed, "rsir.iteration": 1,
             **{f"setting.{k}": v for k, v in outcome.settings.items()},
             f"valid_{METRIC.replace('@', '_at_')}": f"{run.valid:.6g}",

@@ -718,7 +718,9 @@ def _study_section(tracker: Tracker, ds: str, outcome: StudyOutcome | None, fold
     text = [f"## {ds}\n", f"Study `{outcome.study}` (Optuna TPE sampler, median pruner; validation only, seed "
             f"{run.data.params.get('seeds', '?')}): {outcome.ended} trials ended, "
             f"{int(m.get('trials_complete', 0))} complete, {int(m.get('trials_pruned', 0))} pruned, "
-            f"{int(m.get('trials_fail', 0))} failed; its MLflow run spans {span:.0f} s."]
+            f"{int(m.get('trials_fail', 0))} failed"
+            + (f", {int(m['trials_interrupted'])} interrupted (replaced)" if m.get("trials_interrupted") else "")
+            + f"; its MLflow run spans {span:.0f} s."]
     if outcome.best_trial is not None and best is not None and theta0 is not None:
         text.append(f"Best: trial {outcome.best_trial} ({_arm_settings('tuned', [], outcome)}), validation NDCG@10 of "
                     f"θ_1 {best:.4f} against θ_0's {theta0:.4f} ({pct(best / theta0 - 1)}).\n")

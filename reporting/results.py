@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from storage.tracking import Tracker
-from tasks.tune import StudyOutcome
+from tasks.tune import STATE_TAG, StudyOutcome
 
 LABEL = "rsir.label."
 
@@ -124,6 +124,7 @@ def study_outcome(tracker: Tracker, study: str) -> StudyOutcome | None:
     """A tuning study's outcome as its MLflow run logged it last (of several runs of one name, the
     one whose trials ended most: a study restarted in a new workspace starts a new run); None
     before any worker finished."""
+    # Its trials' runs carry the tag too (and a trial archived without its study run has no parent).
     outcomes = [StudyOutcome.of(r) for r in _finished(tracker, f"tags.`rsir.tune_study` = '{study}'")
-                if "mlflow.parentRunId" not in r.data.tags]  # its trials' runs carry the tag too
+                if "mlflow.parentRunId" not in r.data.tags and STATE_TAG not in r.data.tags]
     return max(outcomes, key=lambda o: o.ended, default=None)

@@ -10,6 +10,12 @@ only what is missing: runs are named by the id of the run first archived.
 
 Checkpoints and datasets are not archived (hundreds of MB): an arm that needs a finished arm's
 θ_0 trains it again, to the same weights, from the same seed.
+
+A tuning study's trials are archived as they end, so that a study cut short (a deadline, a lost
+machine) resumes in another workspace: each finished trial's run, also while its study's run is
+open or was killed (then as a run of its own, without the parent), and the Optuna study itself
+(`STUDY.trials.jsonl`: `archive_trials`, `archived_trials`; tasks/tune.py makes and reads the
+records).
 """
 
 from __future__ import annotations
@@ -18,20 +24,25 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.errors import RsirError
 from storage.tracking import ARCHIVED_ID_TAG, ArchivedRun, Tracker
+from tasks.tune import STATE_TAG
 
 RANKS_FOLDER = "ranks"  # the only artifacts archived: what the reports' paired statistics read
+TRIALS_SUFFIX = ".trials.jsonl"  # a study's Optuna trials, one JSON record per line (not *.json: no run)
 
 
 def archive_runs(tracker: Tracker, folder: Path) -> list[str]:
     """Write every FINISHED run of the tracker's experiment that `folder` lacks; return the
     archived ids written. A child run is archived only with its parent finished (an
-    interrupted arm is redone whole). Report runs are left out (a report is rewritten).
+    interrupted arm is redone whole), except a tuning trial's run (tag rsir.tune_state): a
+    trial is whole by itself, and is archived without its unfinished study run as parent.
+    Report runs are left out (a report is rewritten).
     Raises RsirError when the folder cannot be written."""
     runs = tracker.search_runs("attributes.status = 'FINISHED'")
     archived_id = {r.info.run_id: r.data.tags.get(ARCHIVED_ID_TAG, r.info.run_id) for r in runs}
@@ -44,7 +55,7 @@ def archive_runs(tracker: Tracker, folder: Path) -> list[str]:
     for run in runs:
         tags = run.data.tags
         parent = tags.get("mlflow.parentRunId")
-        if "rsir.report" in tags or (parent and parent not in archived_id):
+        if "rsir.report" in tags or (parent and parent not in archived_id and STATE_TAG not in tags):
             continue
         name = archived_id[run.info.run_id]
         target = folder / f"{name}.json"
@@ -52,8 +63,10 @@ def archive_runs(tracker: Tracker, folder: Path) -> list[str]:
             continue
         record = tracker.export_run(run)
         record.run_id = name
-        if parent:
+        if parent in archived_id:
             record.tags["mlflow.parentRunId"] = archived_id[parent]
+        else:  # a trial whose study run is open or was killed: restored as a run of its own
+            record.tags.pop("mlflow.parentRunId", None)
         record.tags.pop(ARCHIVED_ID_TAG, None)
         try:
             for path in tracker.artifact_files(run.info.run_id, RANKS_FOLDER):
@@ -69,6 +82,43 @@ def archive_runs(tracker: Tracker, folder: Path) -> list[str]:
                             f"{exc.strerror or exc}") from None
         written.append(name)
     return written
+
+
+def archive_trials(folder: Path, study: str, records: list[dict[str, Any]]) -> Path:
+    """Write a study's trial records (tasks/tune.py `export_trials`) as `folder/STUDY.trials.jsonl`,
+    replacing the file whole (written beside it, then renamed: never half a file). Raises
+    RsirError when the folder cannot be written."""
+    target = Path(folder) / f"{study}{TRIALS_SUFFIX}"
+    staged = target.with_name(target.name + ".tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staged.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        staged.replace(target)
+    except OSError as exc:
+        raise RsirError(f"cannot write the archive of study {study} in {folder}: {exc.strerror or exc}") from None
+    return target
+
+
+def archived_trials(folder: Path, study: str) -> list[dict[str, Any]]:
+    """A study's archived trial records ([] when it has none). Raises RsirError naming the file
+    and line of a record that is no JSON object."""
+    path = Path(folder) / f"{study}{TRIALS_SUFFIX}"
+    if not path.is_file():
+        return []
+    records = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise RsirError(f"archived trials {path} cannot be read: {exc.strerror or exc}") from None
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise RsirError(f"archived trials {path} line {number}: no JSON ({str(exc)[:120]})") from None
+        if not isinstance(record, dict):
+            raise RsirError(f"archived trials {path} line {number}: no JSON object")
+        records.append(record)
+    return records
 
 
 def _write_compact(source: Path, target: Path) -> None:

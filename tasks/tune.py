@@ -48,6 +48,14 @@ _INTEGER = {"tau", "m"}
 _SET_BY_STUDY = {*TUNED, "max_sources", "generation_tau", "K", "seed", "labels", "dataset", "model", "home",
                  "threads", "progress", "fidelity"}
 METRIC = "ndcg@10"  # the objective: validation NDCG@10 of θ_1 (mean over the seeds)
+# MLflow tags of a study's run (STUDY_TAG) and of its trials' runs (all four; flows/tune.py).
+STUDY_TAG, TRIAL_TAG, SEED_TAG, STATE_TAG = "rsir.tune_study", "rsir.tune_trial", "rsir.tune_seed", "rsir.tune_state"
+# A trial's user attribute: stopped by an interrupt (Ctrl-C, SIGTERM, a deadline), not by its own
+# fault. Optuna records it FAIL; it counts as no ended trial, so a resumed study runs another.
+INTERRUPTED_ATTR = "interrupted"
+# A study's user attribute: made by `import_trials` from an archive, so no creating worker will
+# make its MLflow run (a joining worker need not wait for one).
+IMPORTED_ATTR = "imported_trials"
 _RANGE_TEXT = re.compile(r"^\s*(?P<low>[^\s]+?)(?:\s*\.\.\s*(?P<high>[^\s]+))?"
                          r"(?:\s+(?P<log>log)|\s+step\s+(?P<step>[^\s]+))?\s*$")
 
@@ -312,18 +320,83 @@ def check_storage(url: str) -> None:
         raise RsirError(f"Optuna storage {redact_uri(url)!r} is unreachable or invalid: {reason}") from None
 
 
+def _interrupted(trial: Any) -> bool:
+    return trial.state.name == "FAIL" and bool(trial.user_attrs.get(INTERRUPTED_ATTR))
+
+
 def study_ended(cfg: TuneConfig, url: str) -> int:
-    """How many trials of the study at `url` have ended (COMPLETE, PRUNED or FAIL: what the tune
-    suite's budget counts, from MLflow); 0 before a worker creates it. Running trials are left
-    out: a worker that joins while others run must not count theirs twice."""
+    """How many trials of the study at `url` have ended (COMPLETE, PRUNED or FAIL by a fault:
+    what the tune suite's budget counts); 0 before a worker creates it. Running trials are left
+    out (a worker that joins while others run must not count theirs twice), and so are trials
+    an interrupt stopped (INTERRUPTED_ATTR: a resumed study replaces them)."""
+    return sum(t.state.name in ("COMPLETE", "PRUNED", "FAIL") and not _interrupted(t) for t in _trials(cfg, url))
+
+
+def study_settled(cfg: TuneConfig, url: str) -> int:
+    """How many trials of the study at `url` are no longer running (ended or interrupted): what
+    Optuna's MaxTrialsCallback counts beside the running ones."""
+    return sum(t.state.name not in ("RUNNING", "WAITING") for t in _trials(cfg, url))
+
+
+def _trials(cfg: TuneConfig, url: str) -> list[Any]:
     import optuna
-    from optuna.trial import TrialState
 
     try:
-        trials = optuna.load_study(study_name=cfg.study_name, storage=url).get_trials(deepcopy=False)
+        return optuna.load_study(study_name=cfg.study_name, storage=url).get_trials(deepcopy=False)
     except KeyError:  # Optuna's "no such study"
+        return []
+
+
+def export_trials(cfg: TuneConfig, url: str) -> list[dict[str, Any]]:
+    """Every trial of the study at `url`, in trial order, as JSON records that `import_trials`
+    reads: state, value, params with their distributions (Optuna's JSON), intermediate values
+    (step -> validation NDCG@10) and user attributes. A trial still RUNNING or WAITING (its
+    worker stopped before closing it) is recorded FAIL and interrupted. [] without the study."""
+    from optuna.distributions import distribution_to_json
+
+    records = []
+    for t in _trials(cfg, url):
+        state, attrs = t.state.name, dict(t.user_attrs)
+        if state in ("RUNNING", "WAITING"):
+            state, attrs = "FAIL", {**attrs, INTERRUPTED_ATTR: True}
+        records.append({"number": t.number, "state": state, "value": t.value if state != "FAIL" else None,
+                        "params": dict(t.params),
+                        "distributions": {k: distribution_to_json(d) for k, d in t.distributions.items()},
+                        "intermediate_values": {str(k): v for k, v in t.intermediate_values.items()},
+                        "user_attrs": attrs})
+    return records
+
+
+def import_trials(cfg: TuneConfig, url: str, records: list[dict[str, Any]]) -> int:
+    """Make the study at `url` from archived trials (`export_trials`' records, in order: the
+    trials keep their numbers), so that a study resumed in another workspace keeps its budget's
+    count and its TPE sampler and median pruner see every earlier trial. Only the call that
+    creates the study adds them (a study that exists has its own trials, or another worker is
+    adding these); returns how many it added. Raises RsirError (one line) for a storage that
+    cannot be reached, or a record Optuna refuses (its trial number and why). Source: Optuna's
+    `Study.add_trials` and `optuna.trial.create_trial` (optuna.readthedocs.io, "Study.add_trial")."""
+    import optuna
+    from optuna.distributions import json_to_distribution
+    from optuna.trial import TrialState
+
+    if not records:
         return 0
-    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in trials)
+    opened = open_study(cfg, url)
+    if not opened.created:
+        return 0
+    opened.study.set_user_attr(IMPORTED_ATTR, len(records))
+    trials = []
+    for r in sorted(records, key=lambda r: r["number"]):
+        try:
+            trials.append(optuna.trial.create_trial(
+                state=TrialState[r["state"]], value=r["value"], params=r["params"],
+                distributions={k: json_to_distribution(d) for k, d in r["distributions"].items()},
+                user_attrs=r["user_attrs"], intermediate_values={int(k): v for k, v in r["intermediate_values"].items()}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RsirError(f"archived trial {r.get('number')} of study {cfg.study_name!r} cannot be restored: "
+                            f"{(str(exc).splitlines() or [type(exc).__name__])[0][:200]}") from None
+    opened.study.add_trials(trials)
+    return len(trials)
 
 
 def open_study(cfg: TuneConfig, url: str) -> OpenedStudy:
@@ -494,6 +567,7 @@ class TrialRow(_Typed):
 
     number: int
     state: str  # COMPLETE, PRUNED, FAIL, RUNNING, WAITING
+    interrupted: bool = False  # FAIL by an interrupt (INTERRUPTED_ATTR), not by the trial's fault
     value: float | None  # mean validation NDCG@10 of θ_1 (complete trials only)
     settings: Settings
     worker: str  # host:pid of the process that ran it
@@ -508,8 +582,9 @@ class TrialCounts(_Typed):
     total: int
     complete: int
     pruned: int
-    fail: int
+    fail: int  # by a fault
     running: int
+    interrupted: int  # FAIL by an interrupt: not ended, a resumed study replaces them
 
 
 class BestTrial(_Typed):
@@ -576,15 +651,15 @@ def trial_rows(study: Any) -> list[TrialRow]:
         last = max(t.intermediate_values, default=None)
         rows.append(TrialRow(number=t.number, state=t.state.name,
                              value=t.value if t.state.name == "COMPLETE" else None, settings=dict(t.params),
-                             worker=t.user_attrs.get("worker", ""),
+                             interrupted=_interrupted(t), worker=t.user_attrs.get("worker", ""),
                              runs=[SeedRun(**v) for k, v in sorted(t.user_attrs.items()) if k.startswith("seed_")],
                              last_report=None if last is None else (last, t.intermediate_values[last])))
     return rows
 
 
 def trial_counts(rows: list[TrialRow], this_worker: int) -> TrialCounts:
-    return TrialCounts(this_worker=this_worker, total=len(rows),
-                       **{state.lower(): sum(r.state == state for r in rows)
+    return TrialCounts(this_worker=this_worker, total=len(rows), interrupted=sum(r.interrupted for r in rows),
+                       **{state.lower(): sum(r.state == state and not r.interrupted for r in rows)
                           for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")})
 
 
@@ -612,7 +687,7 @@ class StudyOutcome:
 
     study: str
     run_id: str
-    ended: int  # trials COMPLETE, PRUNED or FAIL
+    ended: int  # trials COMPLETE, PRUNED or FAIL by a fault (not the interrupted)
     best_trial: int | None
     best_settings: dict[str, float | int | None]  # tau, p, m, synthetic_weight, max_sources (None: all)
 
@@ -623,5 +698,5 @@ class StudyOutcome:
         ended = int(sum(metrics.get(f"trials_{state}", 0) for state in ("complete", "pruned", "fail")))
         best = tags.get("rsir.tune_best_trial")
         settings = json.loads(tags.get("rsir.tune_best_settings", "{}"))
-        return cls(tags["rsir.tune_study"], run.info.run_id, ended, None if best is None else int(best),
+        return cls(tags[STUDY_TAG], run.info.run_id, ended, None if best is None else int(best),
                    {k: v for k, v in settings.items() if k != "source_share"})

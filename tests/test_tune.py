@@ -65,7 +65,7 @@ def test_a_study_in_the_workspace_runs_prunes_and_counts_its_trials(one_worker):
     states = [t.state.name for t in sorted(study.trials, key=lambda t: t.number)]
     assert states == ["COMPLETE", "COMPLETE", "PRUNED"]
     assert summary["trials"] | {} == {"this_worker": 3, "total": 3, "complete": 2, "pruned": 1, "fail": 0,
-                                      "running": 0}
+                                      "running": 0, "interrupted": 0}
     pruned = study.trials[2]
     assert list(pruned.intermediate_values) == [1]  # reported θ_1's first epoch, then stopped
     assert summary["rows"][2]["value"] is None and summary["rows"][2]["last_report"][0] == 1  # no score
@@ -292,12 +292,12 @@ def test_a_storage_file_that_is_no_database_is_one_line(cli, tiny_csv, tmp_path,
 SUMMARY_KEYS = {"study", "storage", "dataset", "model", "seeds", "metric", "trials", "best", "registered", "reuse",
                 "rows", "mlflow_run_id", "tracking_uri", "mlflow_url", "wall_seconds"}
 NESTED_KEYS = {
-    "trials": {"this_worker", "total", "complete", "pruned", "fail", "running"},
+    "trials": {"this_worker", "total", "complete", "pruned", "fail", "running", "interrupted"},
     "best": {"trial", "settings", "valid_ndcg@10", "theta0_valid_ndcg@10", "gain", "beats_theta0"},
     "registered": {"model", "version", "trial", "champion_version"},
     "reuse": {"runs", "theta0_trained", "theta0_reused", "theta0_seconds_saved", "generations", "generation_seconds"},
 }
-ROW_KEYS = {"number", "state", "value", "settings", "worker", "runs", "last_report"}
+ROW_KEYS = {"number", "state", "value", "settings", "worker", "runs", "last_report", "interrupted"}
 SEED_RUN_KEYS = {"seed", "valid", "theta0_valid", "mlflow_run_id", "theta0_reused", "theta0_train_seconds",
                  "theta0_task_seconds", "generation_key", "generate_seconds", "wall_seconds"}
 
@@ -455,6 +455,7 @@ def _interrupt_tune(root: Path, sig: int) -> tuple[list[str], str]:
     # What the line says is what the stores hold.
     study = optuna.load_study(study_name="rsir-tune-tiny-sasrec-seeds0", storage=f"sqlite:///{root / 'optuna.db'}")
     assert [t.state.name for t in study.trials] == ["FAIL"]
+    assert study.trials[0].user_attrs.get("interrupted") is True  # no fault of the trial's: not counted ended
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     run = client.get_run(trial_run)
     assert run.info.status == "KILLED"
@@ -485,7 +486,9 @@ def test_an_interrupted_tune_closes_what_it_opened_and_the_same_command_continue
     again = subprocess.run([*cmd, "--json"], cwd=REPO, env=_command_env(), capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads(again.stdout)
-    assert summary["trials"] == {"this_worker": 1, "total": 2, "complete": 1, "pruned": 0, "fail": 1, "running": 0}
+    # The interrupted trial is no ended one (a suite's budget replaces it).
+    assert summary["trials"] == {"this_worker": 1, "total": 2, "complete": 1, "pruned": 0, "fail": 0, "running": 0,
+                                 "interrupted": 1}
     assert summary["mlflow_run_id"] == study_run and summary["best"]["trial"] == 1
     _assert_summary_keys({k: v for k, v in summary.items() if k != "command_seconds"})
     reopened = MlflowClient(f"sqlite:///{ws.root / 'mlflow.db'}").get_run(study_run)
@@ -519,7 +522,9 @@ def test_a_killed_workers_trial_is_failed_by_the_heartbeat_and_the_same_command_
     again = subprocess.run([*cmd, "--json"], cwd=REPO, env=_command_env(), capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads(again.stdout)
-    assert summary["trials"] == {"this_worker": 1, "total": 2, "complete": 1, "pruned": 0, "fail": 1, "running": 0}
+    # Nothing closed that trial but the heartbeat: a failure, not a known interrupt.
+    assert summary["trials"] == {"this_worker": 1, "total": 2, "complete": 1, "pruned": 0, "fail": 1, "running": 0,
+                                 "interrupted": 0}
     assert summary["best"]["trial"] == 1
     assert [t.state.name for t in optuna.load_study(study_name=study.study_name, storage=storage).trials] \
         == ["FAIL", "COMPLETE"]

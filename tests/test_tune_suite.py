@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import RsirError
 from reporting.results import collect_runs, study_outcome
 from storage.tracking import Tracker
 from tests.conftest import make_tiny_home
@@ -91,3 +92,63 @@ def test_tune_report_tables_every_arm_against_theta0_and_plots_the_study(tune_su
     assert "## Answer" in text and ("* tiny, tuned: " in text) and ("* tiny, adaptive: " in text)
     assert [Path(p).name for p in out["figures"]] == ["study_tiny.png"] and Path(out["figures"][0]).stat().st_size > 0
     assert json.dumps(out)  # the CLI prints it
+
+
+def test_a_study_cut_short_resumes_from_the_archive_in_a_new_workspace(prefect_api, tiny_csv, tmp_path):
+    """A sitting ends (a deadline, a lost machine) after one trial of a study of two: its study run
+    killed, its workspace gone. The archive keeps the ended trial (its Optuna record and its run);
+    the next sitting, in a new workspace, makes the study again from it and runs only the missing
+    trial, its sampler seeing the first."""
+    import optuna
+
+    from flows.experiments import experiment
+    from storage.tracking import ARCHIVED_ID_TAG
+    from tasks.archive import archive_runs, archive_trials
+    from tasks.tune import export_trials
+
+    archive = tmp_path / "archive"
+    first = make_tiny_home(tmp_path / "first", tiny_csv)
+    uri = f"sqlite:///{first.root / 'mlflow.db'}"
+    cut = experiment(home=str(first.root), tracking_uri=uri, archive=str(archive), trials=1, arms=["none"], **SMOKE)
+    assert cut["ran"] == ["tiny/study"]
+    study_name = f"{cut['experiment']}-tiny"
+    tracker = Tracker.open(uri, cut["experiment"])
+    # What an interrupt leaves instead of a finished study run: that run KILLED, and the archive
+    # written at the stop (`_run_study`'s finally) from the stores as they are then.
+    (study_run,) = [r for r in tracker.search_runs(f"tags.`rsir.tune_study` = '{study_name}'")
+                    if "rsir.tune_state" not in r.data.tags]
+    tracker.end_run(study_run.info.run_id, "KILLED")
+    for path in archive.iterdir():
+        path.unlink()
+    storage = f"sqlite:///{first.root / 'optuna.db'}"
+    from tasks.tune import TuneConfig
+
+    cfg = TuneConfig(dataset="tiny", study=study_name)
+    archive_trials(archive, study_name, export_trials(cfg, storage))
+    archive_runs(tracker, archive)
+    (trial_run,) = [r for r in tracker.search_runs(f"tags.`rsir.tune_study` = '{study_name}'")
+                    if r.data.tags.get("rsir.tune_state") in ("COMPLETE", "PRUNED")]
+    assert (archive / f"{trial_run.info.run_id}.json").exists()
+    assert not (archive / f"{study_run.info.run_id}.json").exists()
+    first_trial = optuna.load_study(study_name=study_name, storage=storage).trials[0]
+
+    fresh = make_tiny_home(tmp_path / "second", tiny_csv)
+    furi = f"sqlite:///{fresh.root / 'mlflow.db'}"
+    resumed = experiment(home=str(fresh.root), tracking_uri=furi, archive=str(archive), trials=2, arms=["none"],
+                         **SMOKE)
+    assert resumed["ran"] == ["tiny/study"]
+    made = optuna.load_study(study_name=study_name, storage=f"sqlite:///{fresh.root / 'optuna.db'}")
+    assert [t.number for t in made.trials] == [0, 1]  # one trial run here, not two
+    assert (made.trials[0].params, made.trials[0].state) == (first_trial.params, first_trial.state)
+    ftracker = Tracker.open(furi, resumed["experiment"])
+    outcome = study_outcome(ftracker, study_name)
+    assert outcome is not None and outcome.ended == 2
+    assert ftracker.search_runs(f"tags.`{ARCHIVED_ID_TAG}` = '{trial_run.info.run_id}'")  # the first trial's run
+    # The archive now holds both trials; a third sitting has nothing to add (and so runs nothing:
+    # its --arm matches no arm), not even an Optuna storage.
+    assert len((archive / f"{study_name}.trials.jsonl").read_text().splitlines()) == 2
+    third = make_tiny_home(tmp_path / "third", tiny_csv)
+    with pytest.raises(RsirError, match="--arm none matches no arm"):
+        experiment(home=str(third.root), tracking_uri=f"sqlite:///{third.root / 'mlflow.db'}",
+                   archive=str(archive), trials=2, arms=["none"], **SMOKE)
+    assert not (third.root / "optuna.db").exists()
