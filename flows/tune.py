@@ -27,8 +27,6 @@ at each trial, so the same command continues the study.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import time
 from dataclasses import asdict
 from typing import Any
@@ -69,6 +67,7 @@ from tasks.tune import (
     trial_counts,
     trial_rows,
     tune_parameters,
+    worker_id,
 )
 
 _STUDY_RUN_ATTR = "mlflow_run_id"
@@ -126,11 +125,6 @@ def run_tune(cfg: TuneConfig) -> TuneSummary:
         raise
     return _finish(cfg, tracker, opened.study, study_run, base.digest, url, objective.ran,
                    time.perf_counter() - started)
-
-
-def worker_id() -> str:
-    """This worker as its trials name it (user attribute `worker`)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class Objective:

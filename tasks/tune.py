@@ -26,6 +26,8 @@ import json
 import logging
 import os
 import re
+import socket
+import zlib
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Optional, Union
 
@@ -155,7 +157,8 @@ class TuneConfig(CpuThreads):
     warmup_epochs: int = Field(2, ge=0, le=100_000, description="the first epoch of θ_1 at which the pruner "
                                "may stop it (Optuna's n_warmup_steps: earlier epochs are never judged)")
     sampler_seed: int | None = Field(None, ge=0, le=2 ** 32 - 1, description="TPE sampler's seed (default: "
-                                     "random; workers of one study should not share one)")
+                                     "random) of the worker that creates the study; a joining worker's is "
+                                     "derived from it and its host:pid, so workers never draw alike")
     heartbeat_seconds: int = Field(60, ge=1, le=3600, description="seconds between a running trial's beats in "
                                    "the study's storage; a trial whose last beat is older than twice this (its "
                                    "worker killed: SIGKILL, a lost machine) is marked FAIL when a worker of the "
@@ -399,6 +402,17 @@ def import_trials(cfg: TuneConfig, url: str, records: list[dict[str, Any]]) -> i
     return len(trials)
 
 
+def worker_id() -> str:
+    """This worker as its trials name it (user attribute `worker`): host:pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def joining_seed(seed: int | None) -> int | None:
+    """The sampler seed of a worker that joins a study: the study's seed moved by this worker's
+    id (CRC-32 of `worker_id`), so that no two workers draw alike; None (random) stays None."""
+    return None if seed is None else (seed + zlib.crc32(worker_id().encode())) % 2 ** 32
+
+
 def open_study(cfg: TuneConfig, url: str) -> OpenedStudy:
     """Create the study at `url` (maximise; TPE sampler; median pruner unless `prune` is off), or
     join it when another worker made it. Raises RsirError (one line, the URL without password)
@@ -411,21 +425,27 @@ def open_study(cfg: TuneConfig, url: str) -> OpenedStudy:
     _quiet_interrupted_trials()
     # constant_liar: a worker treats the trials others are running as done at a bad value, so two
     # workers do not draw the same settings at once.
-    sampler = optuna.samplers.TPESampler(n_startup_trials=cfg.startup_trials, seed=cfg.sampler_seed,
-                                         constant_liar=True)
+    def sampler(seed: int | None) -> Any:
+        return optuna.samplers.TPESampler(n_startup_trials=cfg.startup_trials, seed=seed, constant_liar=True)
+
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=cfg.startup_trials, n_warmup_steps=cfg.warmup_epochs)
               if cfg.prune else optuna.pruners.NopPruner())
     try:
         storage = _rdb_storage(url, cfg.heartbeat_seconds)
         try:
-            study = optuna.create_study(storage=storage, sampler=sampler, pruner=pruner, study_name=cfg.study_name,
+            study = optuna.create_study(storage=storage, sampler=sampler(cfg.sampler_seed), pruner=pruner,
+                                        study_name=cfg.study_name,
                                         direction="maximize")
             created = True
             study.set_user_attr("config_digest", cfg.digest())
             study.set_user_attr("config", cfg.model_dump(mode="json", include={"dataset", "model", "seeds", *TUNED,
                                                                                "run_params"}))
         except optuna.exceptions.DuplicatedStudyError:
-            study = optuna.load_study(study_name=cfg.study_name, storage=storage, sampler=sampler, pruner=pruner)
+            # A joining worker seeds its own sampler: with the creator's seed its startup (random)
+            # trials would repeat the creator's settings one for one (constant_liar does not
+            # reach random draws; two GPU workers of one study did so, session 15).
+            study = optuna.load_study(study_name=cfg.study_name, storage=storage, pruner=pruner,
+                                      sampler=sampler(joining_seed(cfg.sampler_seed)))
             created = False
     except RsirError:
         raise

@@ -1,7 +1,8 @@
-"""A tuning study cut short keeps what ended across workspaces (issue 26; tasks/archive.py,
+"""Workers of one tuning study, across sittings and side by side (issue 26; tasks/archive.py,
 tasks/tune.py): its Optuna trials as archived records that make the study again, elsewhere, with
 the same numbers, states, values and pruner reports; its finished trial runs archived though the
-study run was killed. Real Optuna on SQLite, real MLflow; no Prefect."""
+study run was killed; a joining worker's sampler seeded apart from the creator's. Real Optuna on
+SQLite, real MLflow; no Prefect."""
 
 from __future__ import annotations
 
@@ -122,3 +123,21 @@ def test_a_finished_trial_run_is_archived_though_its_study_run_was_killed(tmp_pa
     (child,) = fresh.search_runs(f"tags.`mlflow.parentRunId` = '{restored.info.run_id}'")
     assert child.info.run_name == "iteration-1"
     assert study_outcome(fresh, "s") is None  # a trial's run is no study's outcome
+
+
+def test_a_joining_worker_does_not_repeat_the_creators_draws(tmp_path):
+    """The tune suite gives every shard the study's sampler seed; a second worker with that seed
+    drew the creator's startup settings one for one (two GPU workers, session 15: trials 0 and 1
+    alike, 2 and 3 alike). A joining worker's seed is derived from the study's and its own id."""
+    from tasks.tune import joining_seed, suggest
+
+    cfg = TuneConfig(dataset="tiny", study="two-workers", sampler_seed=0, startup_trials=5)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    creator, joiner = open_study(cfg, url), open_study(cfg, url)
+    assert (creator.created, joiner.created) == (True, False)
+    drawn = [suggest(opened.study.ask(), cfg) for opened in (creator, joiner)]
+    assert drawn[0] != drawn[1]
+    # The creator's draws are the seed's (reproducible); the joiner's seed is another, and fixed per worker.
+    again = open_study(cfg, f"sqlite:///{tmp_path / 'again.db'}")
+    assert suggest(again.study.ask(), cfg) == drawn[0]
+    assert joining_seed(0) == joining_seed(0) != 0 and joining_seed(None) is None
