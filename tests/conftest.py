@@ -312,3 +312,66 @@ def ray_cluster():
         yield ray
     finally:
         ray.shutdown()
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def command_env() -> dict[str, str]:
+    """A terminal's environment: no Prefect server, no tracking URI (the command's own), this code."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
+
+
+@dataclass
+class Interrupted:
+    """What `interrupt_command` saw: the exit status, seconds from the signal to the exit, the
+    output before and after the signal."""
+
+    returncode: int
+    seconds: float
+    before: list[str]
+    after: list[str]
+
+
+def interrupt_command(args: list[str], sig: int, ready, settle: float = 0.0, wait: float = 600) -> Interrupted:
+    """Start `rsir ARGS` as a terminal would (its own process group, `command_env`), wait until
+    `ready(lines)` holds (its output so far; asserted within `wait` seconds, the process alive),
+    `settle` seconds more, then send `sig`: SIGINT to the whole group, as Ctrl-C in a terminal,
+    any other signal to the process. Kills the group if it outlives 120 s after the signal."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "rsir.cli", *args], cwd=REPO, env=command_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + wait
+        while not ready(lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "not ready:\n" + "".join(lines[-30:])
+            time.sleep(0.05)
+        time.sleep(settle)
+        assert proc.poll() is None, "".join(lines[-30:])
+        before = len(lines)
+        sent = time.monotonic()
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        proc.wait(timeout=120)
+        seconds = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    reader.join(timeout=10)
+    return Interrupted(proc.returncode, seconds, lines[:before], lines[before:])

@@ -12,14 +12,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import make_tiny_home
+from tests.conftest import interrupt_command, make_tiny_home
 
 pytestmark = pytest.mark.prefect
 REPO = Path(__file__).resolve().parent.parent
@@ -45,42 +44,12 @@ def _servers_of(prefect_home: Path) -> list[psutil.Process]:
 
 
 def _interrupt(cmd: list[str], sig: int) -> tuple[int, float, list[str]]:
-    """Start `cmd` (an rsir command, as a terminal would: its own process group), send `sig` once
-    θ_0's training has started, and return (exit status, seconds from the signal to the exit,
-    the output after the signal)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
-    proc = subprocess.Popen([sys.executable, "-m", "rsir.cli", *cmd], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines: list[str] = []
-    training = threading.Event()
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.append(line)
-            if "Beginning subflow run 'iteration-0'" in line:  # its first step is training θ_0
-                training.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        assert training.wait(300), "training never started:\n" + "".join(lines[-30:])
-        time.sleep(5)  # inside the training loop (5000 epochs take minutes)
-        assert proc.poll() is None, "".join(lines[-30:])
-        before = len(lines)
-        sent = time.monotonic()
-        if sig == signal.SIGINT:
-            os.killpg(proc.pid, sig)  # the whole foreground group, as Ctrl-C in a terminal
-        else:
-            proc.send_signal(sig)
-        proc.wait(timeout=120)
-        seconds = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    reader.join(timeout=10)
-    return proc.returncode, seconds, lines[before:]
+    """`rsir CMD` sent `sig` once θ_0's training has started: (exit status, seconds from the
+    signal to the exit, the output after the signal)."""
+    # The run's first step is training θ_0; 5 s more: inside its loop (5000 epochs take minutes).
+    seen = interrupt_command(cmd, sig, lambda lines: any("Beginning subflow run 'iteration-0'" in line
+                                                         for line in lines), settle=5, wait=300)
+    return seen.returncode, seen.seconds, seen.after
 
 
 # Many epochs and no early stop: a run is still training when it is interrupted.
@@ -158,7 +127,6 @@ def test_an_interrupt_lost_in_a_finalizer_is_delivered_again():
     # KeyboardInterrupt as "Exception ignored" and drops it. The command must still stop.
     import os
     import signal
-    import time
 
     from rsir.cli import _interrupts
 
@@ -182,7 +150,6 @@ def test_a_prefect_termination_signal_lost_in_a_finalizer_is_delivered_again():
     # the end (seen in CI). The signal must be delivered again, here to our own handler.
     import os
     import signal
-    import time
 
     from prefect.exceptions import TerminationSignal
 

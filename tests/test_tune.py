@@ -14,7 +14,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from mlflow import MlflowClient
 from core.errors import RsirError
 from storage.tracking import Tracker
 from tasks.tune import TUNED, EpochPruner, TuneConfig
-from tests.conftest import TINY_FLOW, make_tiny_home
+from tests.conftest import TINY_FLOW, command_env, interrupt_command, make_tiny_home
 
 pytestmark = pytest.mark.prefect
 REPO = Path(__file__).resolve().parent.parent
@@ -403,45 +402,23 @@ def _training_trial(mlflow_db: Path) -> str | None:
     return found[0] if found else None
 
 
-def _command_env() -> dict[str, str]:
-    """A terminal's environment: no Prefect server, no tracking URI (the command's own), this code."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
-    return env
-
-
 def _interrupt_tune(root: Path, sig: int) -> tuple[list[str], str]:
     """`rsir tune` (TUNE_COMMAND) in a process group of its own, sent `sig` while its first trial
     trains θ_0 (SIGINT to the group, as Ctrl-C in a terminal; SIGTERM to the process). Asserts the
     exit status (128 + sig), the one line and that the stores hold what it says: the trial FAIL in
     the study, its run KILLED and nested under the study run (tune_state FAIL), the study run
     KILLED (no other worker), every flow run CANCELLED. Returns the command and the study run."""
-    cmd = [sys.executable, "-m", "rsir.cli", *TUNE_COMMAND, "--home", str(root)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_command_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 600
-        while (trial_run := _training_trial(root / "mlflow.db")) is None:
-            assert proc.poll() is None and time.monotonic() < deadline, "no trial trained:\n" + "".join(lines[-30:])
-            time.sleep(0.2)
-        time.sleep(1)  # inside θ_0's training loop
-        assert proc.poll() is None, "".join(lines[-30:])
-        before = len(lines)
-        if sig == signal.SIGINT:
-            os.killpg(proc.pid, sig)
-        else:
-            proc.send_signal(sig)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    reader.join(timeout=10)
-    after = lines[before:]
-    assert proc.returncode == 128 + sig, "".join(after)
+    args = [*TUNE_COMMAND, "--home", str(root)]
+    training: list[str] = []
+
+    def ready(_: list[str]) -> bool:  # θ_0's training has begun in the trial's run
+        found = _training_trial(root / "mlflow.db")
+        training.extend([found] if found else [])
+        return bool(found)
+
+    seen = interrupt_command(args, sig, ready, settle=1)  # inside θ_0's training loop
+    trial_run, after = training[0], seen.after
+    assert seen.returncode == 128 + sig, "".join(after)
     assert len(after) < 15 and not any("Traceback" in line for line in after), "".join(after)
 
     (told,) = [line for line in after if line.startswith("rsir: interrupted")]
@@ -469,7 +446,7 @@ def _interrupt_tune(root: Path, sig: int) -> tuple[list[str], str]:
     # The tune flow, its trial's rsir subflow and the iteration it cut short: none left open.
     assert len(states) >= 3 and {name.split("-")[0] for name, _ in states} >= {"tune", "iteration"}
     assert all(state == "CANCELLED" for _, state in states), states
-    return cmd, study_run.group(1)
+    return [sys.executable, "-m", "rsir.cli", *args], study_run.group(1)
 
 
 def test_a_tune_stopped_by_sigterm_closes_its_trial_though_optuna_does_not(tiny_csv, tmp_path):
@@ -483,7 +460,7 @@ def test_an_interrupted_tune_closes_what_it_opened_and_the_same_command_continue
     cmd, study_run = _interrupt_tune(ws.root, signal.SIGINT)
     # The same command again continues the study: a new trial, complete; the study run reopened
     # and ended, the interrupted trial still FAIL.
-    again = subprocess.run([*cmd, "--json"], cwd=REPO, env=_command_env(), capture_output=True, text=True, timeout=1200)
+    again = subprocess.run([*cmd, "--json"], cwd=REPO, env=command_env(), capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads(again.stdout)
     # The interrupted trial is no ended one (a suite's budget replaces it).
@@ -503,7 +480,7 @@ def test_a_killed_workers_trial_is_failed_by_the_heartbeat_and_the_same_command_
     # study's counts say what happened and nothing waits on a dead worker forever.
     root = make_tiny_home(tmp_path / "workspace", tiny_csv).root
     cmd = [sys.executable, "-m", "rsir.cli", *TUNE_COMMAND, "--heartbeat-seconds", "1", "--home", str(root)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_command_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=command_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 600
@@ -519,7 +496,7 @@ def test_a_killed_workers_trial_is_failed_by_the_heartbeat_and_the_same_command_
     assert [t.state.name for t in optuna.load_study(study_name=study.study_name, storage=storage).trials] \
         == ["RUNNING"]
     time.sleep(2.5)  # the last beat is now older than the grace period
-    again = subprocess.run([*cmd, "--json"], cwd=REPO, env=_command_env(), capture_output=True, text=True, timeout=1200)
+    again = subprocess.run([*cmd, "--json"], cwd=REPO, env=command_env(), capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads(again.stdout)
     # Nothing closed that trial but the heartbeat: a failure, not a known interrupt.

@@ -13,7 +13,7 @@ import pytest
 from core.errors import RsirError
 from reporting.results import collect_runs, study_outcome
 from storage.tracking import Tracker
-from tests.conftest import make_tiny_home
+from tests.conftest import interrupt_command, make_tiny_home
 
 pytestmark = pytest.mark.prefect
 
@@ -158,47 +158,23 @@ def test_a_suite_interrupted_mid_study_archives_what_ended_and_resumes_elsewhere
     """`rsir experiment tune` gets SIGINT (a deadline's `timeout -s INT`, Ctrl-C) in its second
     trial: on its way out it archives the first trial (Optuna record and run) and the second as
     interrupted; the same suite in a new workspace runs only the missing trial."""
-    import os
     import signal
-    import subprocess
-    import sys
-    import threading
-    import time
 
     import optuna
 
     from flows.experiments import experiment
 
-    repo = Path(__file__).resolve().parent.parent
     archive, first = tmp_path / "archive", make_tiny_home(tmp_path / "first", tiny_csv)
     # Trainings longer than the smoke's (the budget is the study's run setting: the resumed suite
     # gives the same).
     budget = dict(epochs=30, patience=30)
-    cmd = [sys.executable, "-m", "rsir.cli", "experiment", "tune", "--smoke", "--dataset", "tiny", "--trials", "2",
-           "--epochs", "30", "--patience", "30", "--threads", "1", "--device", "cpu", "--arm", "none",
-           "--home", str(first.root), "--archive", str(archive)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(repo), *filter(None, [os.environ.get("PYTHONPATH")])])
-    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 600
-        # Trial 0 has ended (never pruned: the startup trial) and trial 1's run has begun; the
-        # pruner may end trial 1 within seconds, so at once.
-        while not any("Beginning subflow run 'tune-trial-1-seed-0'" in line for line in lines):
-            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines[-30:])
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=180)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    reader.join(timeout=10)
-    assert proc.returncode == 130, "".join(lines[-30:])
+    args = ["experiment", "tune", "--smoke", "--dataset", "tiny", "--trials", "2", "--epochs", "30", "--patience", "30",
+            "--threads", "1", "--device", "cpu", "--arm", "none", "--home", str(first.root), "--archive", str(archive)]
+    # Trial 0 has ended (never pruned: the startup trial) and trial 1's run has begun; the pruner
+    # may end trial 1 within seconds, so at once.
+    seen = interrupt_command(args, signal.SIGINT, lambda lines: any(
+        "Beginning subflow run 'tune-trial-1-seed-0'" in line for line in lines))
+    assert seen.returncode == 130, "".join(seen.after[-30:])
     study_name = "experiment-tune-smoke-tiny"
     records = [json.loads(line) for line in (archive / f"{study_name}.trials.jsonl").read_text().splitlines()]
     assert [(r["number"], r["state"], r["user_attrs"].get("interrupted", False)) for r in records] == [
