@@ -19,7 +19,8 @@ one MLflow experiment, and found again there (never from memory) by their labels
                  K auto with the leakage τ schedule ("adaptive"), each against θ_0
 
 Re-running a suite skips every arm whose MLflow run finished (same lineage key, same K), and an
-interrupted arm resumes inside the `rsir` flow from its committed versions and checkpoints.
+interrupted arm resumes inside the `rsir` flow from its committed versions and checkpoints; with an
+archive, also in another workspace, from its finished iterations (tasks/archive.py).
 Arms that share data and configuration share work: θ_0 is trained once per (dataset, seed,
 backbone) through the content-addressed checkpoint store, and the τ sweep generates once per
 seed at the largest τ and re-filters at every smaller one (equivalent by the fidelity trace).
@@ -46,8 +47,10 @@ from core.workspace import Workspace
 from flows.boundary import boundary, check_environment, naming_service
 from flows.rsir import rsir
 from reporting.results import best_on_validation, collect_runs, finished_lineages, study_outcome
+from storage.dataset import dataset_store
 from storage.tracking import Tracker, redact_uri, resolve_tracking_uri
-from tasks.archive import archive_runs, archive_trials, archived_trials, restore_runs
+from tasks.archive import archive_runs, archive_trials, archived_trials, has_archived_fork, restore_fork, restore_runs
+from tasks.builtin import fetch_builtin_task
 from tasks.config import RunConfig
 from tasks.experiment_config import PAPER_GRID, ExperimentConfig, experiment_parameters
 from tasks.tune import StudyOutcome, TuneConfig, export_trials, import_trials, study_ended, study_settled
@@ -410,6 +413,7 @@ def run_suite(cfg: ExperimentConfig) -> dict[str, Any]:
     naming_service(f"MLflow tracking store {redact_uri(uri)}")
     tracker = Tracker.open(uri, cfg.experiment_name, ws.mlartifacts)
     tracker.tag_experiment("rsir.suite", cfg.suite)
+    store = dataset_store(ws)
     if cfg.archive:
         restored = restore_runs(tracker, Path(cfg.archive))
         logger.info("restored %d finished runs from %s", len(restored), cfg.archive)
@@ -440,10 +444,19 @@ def run_suite(cfg: ExperimentConfig) -> dict[str, Any]:
                 skipped.append(arm.id)
                 continue
             logger.info("arm %s", arm.id)
-            rsir.with_options(flow_run_name=f"{cfg.suite}-{arm.id.replace('/', '-')}")(**params)
+            if cfg.archive and has_archived_fork(Path(cfg.archive), run_cfg.run_dataset):
+                # An arm stopped in another workspace: its versions here, then its run reads the
+                # iterations that finished (restored above) and continues.
+                fetch_builtin_task(run_cfg.dataset, ws.home)
+                versions = restore_fork(store, Path(cfg.archive), run_cfg.dataset, run_cfg.run_dataset)
+                logger.info("arm %s: versions %s of %s restored from %s", arm.id, versions, run_cfg.run_dataset,
+                            cfg.archive)
+            try:
+                rsir.with_options(flow_run_name=f"{cfg.suite}-{arm.id.replace('/', '-')}")(**params)
+            finally:  # at once, also when stopped: the next sitting may start from another workspace
+                if cfg.archive:
+                    archive_runs(tracker, Path(cfg.archive), store)
             ran.append(arm.id)
-            if cfg.archive:  # at once: the next sitting may start from another workspace
-                archive_runs(tracker, Path(cfg.archive))
     wall = time.perf_counter() - started
     suite_run = tracker.start_run(f"suite-{cfg.suite}", {"rsir.suite_run": "1", "rsir.smoke": str(cfg.smoke),
                                                          "rsir.code_version": code_version()})
@@ -451,7 +464,7 @@ def run_suite(cfg: ExperimentConfig) -> dict[str, Any]:
     tracker.log_metrics(suite_run, {"wall_seconds": wall, "arms_run": len(ran), "arms_skipped": len(skipped)})
     tracker.end_run(suite_run)
     if cfg.archive:
-        archive_runs(tracker, Path(cfg.archive))
+        archive_runs(tracker, Path(cfg.archive), store)
     if pending and not ran:
         raise StageNotReady(pending[0])
     unmatched = [p for p in cfg.arms or [] if not any(fnmatch.fnmatchcase(n, p) for n in names)]

@@ -17,7 +17,9 @@ Prefect's graph draws train → evaluate, train → generate → filter → expa
 the run (its lineage, θ_k, the champion) is logged by one object, tasks/runlog.py's `RunLog`;
 the CLI formats the table (rsir/cli.py::format_table). A run works on its own
 fork of the dataset, named by the lineage key of its parameters, so re-running the same parameters
-after a crash finds the committed versions and checkpoints and continues from there, and closes
+after a crash finds the committed versions and checkpoints and continues from there (an iteration
+that finished is read from its MLflow run, not run again: also one restored with the fork's versions
+from an archive, tasks/archive.py, in another workspace), and closes
 what the killed run left open (its MLflow run KILLED, its Prefect flow run CRASHED) once its process
 is known to be gone (flows/liveness.py). The run key (lineage, K, labels, D_0) names the
 run itself: a re-submission of a finished run returns its summary, a stopped run is reopened.
@@ -134,9 +136,8 @@ def run_rsir(cfg: RunConfig) -> dict[str, Any]:
     tracker = _tracker(cfg, ws)
     fetch_builtin_task(cfg.dataset, ws.home)
     # The run's own fork of the dataset, named by its parameters: a re-run resumes in it.
-    run_dataset = f"{cfg.dataset}--{cfg.lineage_key()[:10]}"
-    base = dataset_store(ws).fork(cfg.dataset, run_dataset).digest
-    log = RunLog(tracker, cfg, dataset_store(ws), run_dataset, base)
+    base = dataset_store(ws).fork(cfg.dataset, cfg.run_dataset).digest
+    log = RunLog(tracker, cfg, dataset_store(ws), cfg.run_dataset, base)
     flow_run = _prefect_tags()
     close_killed_lineage(tracker, cfg.lineage_key()[:16], flow_run["prefect.flow_run_id"])
     summary = log.finished_summary()
@@ -156,11 +157,15 @@ def _iterate(cfg: RunConfig, ws: Workspace, log: RunLog, started: float) -> RunS
     # One CPU thread setting for every task of the run (training, evaluation, generation).
     with torch_threads(cfg.threads):
         for k in range(cfg.max_iterations + 1):  # the rule stops at max_iterations at the latest
-            log.start_iteration(k)
-            result = iteration(cfg, ws.home, log.dataset, k, log.valid_scores())
-            log.log_iteration(result)
-            update_progress_artifact(progress, 100.0 if result.stop else 100.0 * (k + 1) / (cfg.max_iterations + 1))
-            if result.stop:
+            if log.restore_iteration(k) is not None:  # finished before, here or in an archived workspace
+                stop = log.stopped = stop_reason(cfg, log.valid_scores())  # as that iteration decided
+            else:
+                log.start_iteration(k)
+                result = iteration(cfg, ws.home, log.dataset, k, log.valid_scores())
+                log.log_iteration(result)
+                stop = result.stop
+            update_progress_artifact(progress, 100.0 if stop else 100.0 * (k + 1) / (cfg.max_iterations + 1))
+            if stop:
                 break
     wall = time.perf_counter() - started
     best = log.champion()

@@ -157,10 +157,9 @@ class Objective:
             except optuna.TrialPruned:
                 state = "PRUNED"
                 raise
-            except Exception:
-                raise
-            except BaseException:  # an interrupt, not the trial's fault: a resumed study replaces it
-                trial.set_user_attr(INTERRUPTED_ATTR, True)
+            except BaseException as exc:
+                if not isinstance(exc, Exception):  # an interrupt, not the trial's fault: a resumed study replaces it
+                    trial.set_user_attr(INTERRUPTED_ATTR, True)
                 raise
             finally:
                 self._nest(trial.number, seed, state)

@@ -379,6 +379,12 @@ class DatasetStore:
         self._check_current(name, parent.lineage, version)
         return committed
 
+    def append_digest(self, parent: Manifest, sequences: pa.Table) -> str:
+        """The digest `append(name, parent, sequences, ...)` would commit, computed without
+        writing anything: what checks sequences brought from elsewhere (an archive) before they
+        become a version."""
+        return chain_digest(parent.digest, [table_digest(part) for part in _buckets(sequences)])
+
     def fork(self, source: str, name: str, version: int = 0) -> Manifest:
         """Start dataset `name` whose version 0 holds exactly the content of `source` v`version`
         (same bytes, same digest; the partitions keep their iteration labels). A run works on its
@@ -532,16 +538,23 @@ class _Stage:
         return FileEntry(path=rel, rows=like.rows if like is not None else rows, bytes=len(data), sha256=digest)
 
     def partition(self, iteration: int, sequences: pa.Table) -> tuple[list[PartitionEntry], list[str]]:
-        sequences = sequences.select(SEQUENCE_SCHEMA.names).cast(SEQUENCE_SCHEMA)
-        n_buckets = max(1, -(-sequences.num_rows // ROWS_PER_BUCKET))
-        seq_ids = sequences.column("seq_id").to_numpy()
         entries, digests = [], []
-        for b in range(n_buckets):
-            part = sequences.filter(pa.array(seq_ids % n_buckets == b)) if n_buckets > 1 else sequences
+        for b, part in enumerate(_buckets(sequences)):
             entry = self.file(_partition_dir(iteration, b) + "/part", part)
             entries.append(PartitionEntry(**entry.model_dump(), iteration=iteration, bucket=b))
             digests.append(table_digest(part))
         return entries, digests
+
+
+def _buckets(sequences: pa.Table) -> list[pa.Table]:
+    """A partition's sequences in the schema, split into buckets of at most ROWS_PER_BUCKET rows
+    by seq_id (the files one iteration's partition is written as)."""
+    sequences = sequences.select(SEQUENCE_SCHEMA.names).cast(SEQUENCE_SCHEMA)
+    n_buckets = max(1, -(-sequences.num_rows // ROWS_PER_BUCKET))
+    if n_buckets == 1:
+        return [sequences]
+    seq_ids = sequences.column("seq_id").to_numpy()
+    return [sequences.filter(pa.array(seq_ids % n_buckets == b)) for b in range(n_buckets)]
 
 
 def _partition_dir(iteration: int, bucket: int) -> str:

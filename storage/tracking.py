@@ -134,6 +134,8 @@ class ArchivedRun(BaseModel):
     tags: dict[str, str]
     params: dict[str, str]
     metrics: list[tuple[str, float, int, int]] = Field(description="(key, value, timestamp ms, step)")
+    documents: dict[str, dict[str, Any]] = Field(default_factory=dict, description="small JSON artifacts "
+                                                 "by file name (an iteration's row: what resumes a run)")
 
     @property
     def archived_id(self) -> str:
@@ -271,18 +273,34 @@ class Tracker:
         """The child run `name` of `parent`: an existing one (a resumed parent's, reopened unless it
         finished) or a new one. Returns (run id, status before: "" when new, "FINISHED" when its
         work is logged and done)."""
+        found = self.find_child(parent, name)
+        if found is None:
+            return self.start_run(name, tags, parent=parent), ""
+        run_id, status = found
+        if status != "FINISHED":
+            self._client.update_run(run_id, status="RUNNING")
+        return run_id, status
+
+    def find_child(self, parent: str, name: str) -> tuple[str, str] | None:
+        """The newest child run `name` of `parent` as (run id, status), or None."""
         found = self.search_runs(f"tags.`mlflow.parentRunId` = '{parent}' and attributes.run_name = '{name}'")
         if not found:
-            return self.start_run(name, tags, parent=parent), ""
+            return None
         run = max(found, key=lambda r: r.info.start_time)
-        if run.info.status != "FINISHED":
-            self._client.update_run(run.info.run_id, status="RUNNING")
         return run.info.run_id, run.info.status
 
     def output_models(self, run_id: str) -> list[str]:
         """Ids of the logged models the run lists as outputs."""
         outputs = self._client.get_run(run_id).outputs
         return [m.model_id for m in (outputs.model_outputs if outputs else [])]
+
+    def output_model(self, run_id: str, name: str) -> str | None:
+        """The id of the run's output model named `name`, or None (a run restored from an archive
+        lists none: an archive keeps no models)."""
+        for model_id in self.output_models(run_id):
+            if self._client.get_logged_model(model_id).name == name:
+                return model_id
+        return None
 
     def load_dict(self, run_id: str, path: str) -> dict[str, Any]:
         """A JSON artifact of the run (as `log_dict` wrote it)."""
@@ -411,9 +429,9 @@ class Tracker:
         of that name (a resumed iteration) keeps it."""
         from mlflow.entities import LoggedModelOutput
 
-        for model_id in self.output_models(run_id):
-            if self._client.get_logged_model(model_id).name == name:
-                return model_id
+        logged = self.output_model(run_id, name)
+        if logged is not None:
+            return logged
         model = self._client.create_logged_model(
             self.experiment_id, name=name, source_run_id=run_id, model_type=model_type,
             params={k: str(v)[:6000] for k, v in _flatten(params).items()}, tags=tags)

@@ -389,6 +389,11 @@ class RunConfig(CpuThreads, TrainingSettings):
                 (("leakage_max", "leakage"), ("tau_candidates", "validation")) if self.tau_schedule != schedule}
         return json_digest(key_fields(self, generator=self.generator_model.model_dump(mode="json"), **idle))
 
+    @property
+    def run_dataset(self) -> str:
+        """The run's own fork of its dataset, named by its lineage: a re-run resumes in it."""
+        return f"{self.dataset}--{self.lineage_key()[:10]}"
+
     def run_key(self, base_digest: str) -> str:
         """What makes two runs the same run: the lineage, K (with k_max and k_tolerance when
         auto), the labels and the content of D_0 (`base_digest`, so a replaced base dataset is a

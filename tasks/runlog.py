@@ -91,7 +91,8 @@ class Champion(Record):
 
     iteration: int
     registered_model: str
-    version: int | str
+    version: int | str | None = Field(description="None: not registered (its θ was trained in another "
+                                      "workspace and restored from an archive, which keeps no models)")
     alias: str = "champion"
     champion_version: int | str | None = None
     metric: str = Field("ndcg@10", description="the validation metric it was chosen on (summaries logged "
@@ -129,13 +130,19 @@ class RunSummary(Record):
     server_start_seconds: float | None = None
 
 
+# An iteration run's row (IterationRow, JSON): what a resumed run reads instead of redoing the
+# iteration, here or, restored from an archive (tasks/archive.py), in another workspace.
+ROW_FILE = "iteration.json"
+
+
 @dataclass(frozen=True)
 class Logged:
-    """One iteration as MLflow holds it: its child run, θ_k's logged model, the table row."""
+    """One iteration as MLflow holds it: its child run, θ_k's logged model (None for an iteration
+    restored from an archive: an archive keeps no models), the table row."""
 
     k: int
     run_id: str
-    model_id: str
+    model_id: str | None
     row: IterationRow
 
 
@@ -225,13 +232,32 @@ class RunLog:
         self._child = (child, before == "FINISHED")
         return child
 
+    def restore_iteration(self, k: int) -> Logged | None:
+        """Iteration k as the reopened parent's finished child run holds it (its row, θ_k's
+        model if it has one), or None when it has to run: no such child, not finished, or logged
+        without its row (by a version before rows were kept). What a resumed run reads instead of
+        training, evaluating and generating again: the same numbers, and no checkpoint needed
+        (one restored from an archive, tasks/archive.py, has none)."""
+        found = self.tracker.find_child(self.parent, f"iteration-{k}") if self.parent else None
+        if found is None or found[1] != "FINISHED" or ROW_FILE not in self.tracker.artifact_files(found[0], ""):
+            return None
+        run_id = found[0]
+        row = IterationRow.model_validate(self.tracker.load_dict(run_id, ROW_FILE))
+        logged = Logged(k, run_id, self.tracker.output_model(run_id, f"theta-{k}"), row)
+        self.logged.append(logged)
+        get_run_logger().info("iteration %d: finished before (MLflow run %s), read, not run again: valid %s %.4f, "
+                              "test ndcg@10 %.4f", k, run_id, self.cfg.early_stop, row.valid[self.cfg.early_stop],
+                              row.test["ndcg@10"])
+        return logged
+
     def log_iteration(self, result: Iteration) -> Logged:
         """What iteration k produced, on the child run `start_iteration` opened: curves, θ_k (a
-        logged model whose metrics name D_k), statistics, D_{k+1}; and every metric and statistic
-        on the parent at step k. Ends the child run."""
+        logged model whose metrics name D_k), statistics, D_{k+1}, the row (ROW_FILE); and every
+        metric and statistic on the parent at step k. Ends the child run."""
         child, done = self._child
-        model_id = self._log_theta(child, result) if done else self._log_results(child, result)
-        logged = Logged(result.k, child, model_id, self._row(result))
+        row = self._row(result)
+        model_id = self._log_theta(child, result) if done else self._log_results(child, result, row)
+        logged = Logged(result.k, child, model_id, row)
         self.logged.append(logged)
         get_run_logger().info("iteration %d: valid %s %.4f, test ndcg@10 %.4f", result.k, self.cfg.early_stop,
                               result.evaluation.valid[self.cfg.early_stop], result.evaluation.test["ndcg@10"])
@@ -254,18 +280,24 @@ class RunLog:
         cfg, tracker, parent, rows = self.cfg, self.tracker, self.parent, self.rows
         metric, last = cfg.early_stop, self.logged[-1].k
         model_name = f"rsir-{cfg.dataset}-{cfg.model.name}"
-        registration = tracker.register_champion(model_name, best.run_id, best.model_id, tags={
-            "rsir.iteration": best.k, "rsir.K": last, "rsir.dataset": self.dataset, "rsir.dataset_version": best.k,
-            "rsir.dataset_digest": self.store.manifest(self.dataset, best.k).digest,
-            "rsir.lineage": cfg.lineage_key()[:16], RUN_KEY_TAG: self.run_key,
-            **{f"{split}_{name.replace('@', '_at_')}": f"{value:.6g}" for split in ("valid", "test")
-               for name, value in getattr(best.row, split).items()}}, metric=metric, base_digest=self.base)
+        version = champion_version = None
+        if best.model_id is None:  # restored from an archive: its weights stayed in the other workspace
+            get_run_logger().warning("the best θ, θ_%d, was trained in another workspace (restored from an archive, "
+                                     "which keeps no models): not registered", best.k)
+        else:
+            registration = tracker.register_champion(model_name, best.run_id, best.model_id, tags={
+                "rsir.iteration": best.k, "rsir.K": last, "rsir.dataset": self.dataset, "rsir.dataset_version": best.k,
+                "rsir.dataset_digest": self.store.manifest(self.dataset, best.k).digest,
+                "rsir.lineage": cfg.lineage_key()[:16], RUN_KEY_TAG: self.run_key,
+                **{f"{split}_{name.replace('@', '_at_')}": f"{value:.6g}" for split in ("valid", "test")
+                   for name, value in getattr(best.row, split).items()}}, metric=metric, base_digest=self.base)
+            version, champion_version = registration.version, registration.champion
         self._log_version(parent, last, "output")  # D_K: the parent's lineage ends here
         step_seconds = sum(sum(r.times.values()) for r in rows)
-        champion = Champion(iteration=best.k, registered_model=model_name, version=registration.version,
-                            alias="champion", champion_version=registration.champion, metric=metric,
+        champion = Champion(iteration=best.k, registered_model=model_name, version=version,
+                            alias="champion", champion_version=champion_version, metric=metric,
                             valid=best.row.valid[metric], model_id=best.model_id,
-                            model_url=tracker.model_url(best.model_id))
+                            model_url=tracker.model_url(best.model_id) if best.model_id else None)
         summary = RunSummary(dataset=cfg.dataset, run_dataset=self.dataset, model=cfg.model.name,
                              generator=cfg.generator_model.name, K=last, iterations=rows, champion=champion,
                              stopped=self.stopped,
@@ -302,7 +334,7 @@ class RunLog:
                                             "rsir.checkpoint": student.checkpoint},
                                       file_name=student.name or None)
 
-    def _log_results(self, child: str, result: Iteration) -> str:
+    def _log_results(self, child: str, result: Iteration, row: IterationRow) -> str:
         """Everything of iteration k on its child run and its metrics on the parent at step k;
         ends the child run; returns θ_k's model id."""
         tracker, k, student, evaluation = self.tracker, result.k, result.student, result.evaluation
@@ -336,6 +368,7 @@ class RunLog:
             if result.generator.checkpoint != student.checkpoint:  # weak-to-strong
                 tracker.log_artifact(child, result.generator.checkpoint, "generator_checkpoint",
                                      name=result.generator.name or None)
+        tracker.log_dict(child, row.model_dump(mode="json"), ROW_FILE)  # last: a finished child has it
         tracker.end_run(child)
         return model_id
 
@@ -394,6 +427,9 @@ def table_rows(rows: list[IterationRow]) -> list[dict[str, Any]]:
 def champion_line(summary: RunSummary) -> str:
     """Which θ this run registered, and whether it took the champion alias."""
     c = summary.champion
+    if c.version is None:
+        return (f"iteration {c.iteration}, trained in another workspace (restored from an archive, which keeps no "
+                f"models): not registered")
     registered = f"iteration {c.iteration} registered as {c.registered_model} v{c.version}"
     if summary.resubmitted:
         registered = f"identical to a finished run, nothing registered: its {registered}"
@@ -413,7 +449,7 @@ def summary_markdown(summary: RunSummary) -> str:
     else:  # a database, no server: the page's address under any server over it
         run = (f"`{summary.mlflow_run_id}` in `{summary.tracking_uri}`: start `rsir serve --only mlflow` "
                f"over this store and open `{summary.mlflow_path}` on its URL")
-    model = f"[{c.model_id}]({c.model_url})" if c.model_url else f"`{c.model_id}`"
+    model = f"[{c.model_id}]({c.model_url})" if c.model_url else f"`{c.model_id}`" if c.model_id else "none here"
     rows = table_rows(summary.iterations)
     cols = list(rows[0])
     lines = [f"## RSIR on {summary.dataset}: {summary.model}, K = {summary.K}", "",

@@ -255,7 +255,7 @@ def _fork_of_tiny(ws: Workspace) -> str:
 
     cfg = RunConfig.from_parameters({"dataset": "tiny", "seed": 0, "threads": 1, "K": 1, "epochs": 1,
                                      "model_params": {"hidden": 16, "max_len": 20}})
-    name = f"tiny--{cfg.lineage_key()[:10]}"
+    name = cfg.run_dataset
     dataset_store(ws).fork("tiny", name)
     return name
 
