@@ -520,7 +520,7 @@ def _run_study(cfg: ExperimentConfig, tracker: Tracker, ws: Workspace, study: St
     finally:  # an interrupt too: what ended is kept
         if folder is not None:
             archive_trials(folder, study.name, export_trials(tune_cfg, url))
-            archive_runs(tracker, folder)
+            archive_runs(tracker, folder, dataset_store(ws))
     return True
 
 

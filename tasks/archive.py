@@ -73,7 +73,7 @@ def archive_runs(tracker: Tracker, folder: Path, store: DatasetStore | None = No
         if parent in stopped and ROW_FILE in tracker.artifact_files(r.info.run_id, ""):
             resumable.setdefault(parent, []).append(r)
     runs = [r for r in finished if r.data.tags.get("mlflow.parentRunId") not in stopped
-            or r in resumable[r.data.tags["mlflow.parentRunId"]]] + [stopped[p] for p in resumable]
+            or r in resumable.get(r.data.tags["mlflow.parentRunId"], [])] + [stopped[p] for p in resumable]
     archived_id = {r.info.run_id: r.data.tags.get(ARCHIVED_ID_TAG, r.info.run_id) for r in runs}
     folder = Path(folder)
     try:
@@ -99,9 +99,13 @@ def archive_runs(tracker: Tracker, folder: Path, store: DatasetStore | None = No
             record.tags.pop("mlflow.parentRunId", None)
         record.tags.pop(ARCHIVED_ID_TAG, None)
         text = record.model_dump_json(indent=1) + "\n"
-        if target.exists() and run.info.run_id in stopped and _same_record(target, text):
-            continue
+        fork = run.data.params.get("run_dataset") if not parent and RUN_KEY_TAG in tags else None
         try:
+            if fork and store is not None and run.info.run_id in stopped:  # what the archive lacks, first
+                done = max(int(c.data.tags.get("rsir.iteration", -1)) for c in resumable[run.info.run_id])
+                archive_fork(store, folder, fork, done + 1)
+            if target.exists() and run.info.run_id in stopped and _same_record(target, text):
+                continue
             if parent and ROW_FILE in tracker.artifact_files(run.info.run_id, ""):
                 record.documents[ROW_FILE] = tracker.load_dict(run.info.run_id, ROW_FILE)
                 text = record.model_dump_json(indent=1) + "\n"
@@ -109,10 +113,6 @@ def archive_runs(tracker: Tracker, folder: Path, store: DatasetStore | None = No
                 with tempfile.TemporaryDirectory() as tmp:
                     _write_compact(tracker.download_artifact(run.info.run_id, path, tmp),
                                    folder / f"{name}.{Path(path).name}")
-            fork = run.data.params.get("run_dataset") if not parent and RUN_KEY_TAG in tags else None
-            if fork and store is not None and run.info.run_id in stopped:
-                done = max(int(c.data.tags.get("rsir.iteration", -1)) for c in resumable[run.info.run_id])
-                archive_fork(store, folder, fork, done + 1)
             # The JSON last: it is what marks the run archived.
             staged = target.with_suffix(".json.tmp")
             staged.write_text(text)

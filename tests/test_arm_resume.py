@@ -112,3 +112,19 @@ def test_a_damaged_archived_version_is_one_line_and_commits_nothing(uninterrupte
     assert "\n" not in message and str(path.with_suffix(".json")) in message and "not restored" in message
     assert store.versions(fork) == [0, 1]  # v1 is sound and committed; v2 is not
     assert store.manifest(fork, 1).digest == source.manifest(fork, 1).digest
+
+
+def test_a_stopped_arm_without_a_kept_row_is_left_out_and_redone(tmp_path):
+    """An arm stopped with an iteration logged by a version that kept no rows: nothing of it is
+    archived (a resumed arm could not read that iteration), and the rest is archived as before."""
+    from storage.tracking import RUN_KEY_TAG
+    from tasks.archive import archive_runs
+
+    tracker = Tracker.open(f"sqlite:///{tmp_path / 'mlflow.db'}", "arms")
+    parent = tracker.start_run("rsir-tiny", {"rsir.label.arm": "fidelity", RUN_KEY_TAG: "k"})
+    child = tracker.start_run("iteration-0", {"rsir.iteration": "0"}, parent=parent)
+    tracker.end_run(child)
+    tracker.end_run(parent, "KILLED")
+    whole = tracker.start_run("rsir-tiny", {"rsir.label.arm": "other", RUN_KEY_TAG: "j"})
+    tracker.end_run(whole)
+    assert archive_runs(tracker, tmp_path / "archive") == [whole]
