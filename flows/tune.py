@@ -34,11 +34,13 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from core.config import with_parameters
+from core.hashing import json_digest
 from core.workspace import Workspace
 from flows.boundary import boundary, check_environment, naming_service
 from flows.liveness import PARENT_RUNS
 from flows.rsir import rsir
 from storage.dataset import dataset_store
+from storage.files import file_lock
 from storage.tracking import RunOwner, Tracker, dead_reason, redact_uri, resolve_tracking_uri
 from tasks.builtin import fetch_builtin_task
 from tasks.runlog import RunSummary
@@ -321,7 +323,17 @@ def _register_best(cfg: TuneConfig, tracker: Tracker, best: TrialRow, outcome: B
     the model named after the study, tagged with the settings and scores; once per trial (a
     second worker finding the same best trial returns that version). None when that θ_1 is not
     in this workspace (a trial of an earlier sitting, restored from an archive: its run's id was
-    another tracker's, and an archive keeps no models)."""
+    another tracker's, and an archive keeps no models). The look and the registration are one
+    step for the workers of one workspace (a file lock): two workers ending together both found
+    no version of the same best trial and both registered it (seen under load). Workers in
+    different workspaces are not serialized."""
+    lock = Workspace.at(cfg.home).root / "locks" / f"register-{json_digest(cfg.study_name)[:16]}.lock"
+    with file_lock(lock):
+        return _register_once(cfg, tracker, best, outcome, base_digest)
+
+
+def _register_once(cfg: TuneConfig, tracker: Tracker, best: TrialRow, outcome: BestTrial,
+                   base_digest: str) -> Registered | None:
     name = cfg.study_name
     for version in tracker.model_versions(name):
         if version.tags.get(TRIAL_TAG) == str(best.number):
