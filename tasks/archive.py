@@ -15,7 +15,7 @@ An `rsir` run stopped before its end (a deadline's SIGINT, Ctrl-C: its MLflow ru
 its finished iterations: its run, each finished iteration's run with its row
 (tasks/runlog.py ROW_FILE, kept in the record's `documents`) and ranks, and the versions of its
 fork it will continue from (`forks/FORK/vNNNNN.json` and `.parquet`: each D_{k+1}'s synthetic
-sequences, a few hundred KB, never the real data). `restore_fork` commits those versions again in
+sequences, 0.1-0.4 MB per version with fidelity, MBs without, never the real data). `restore_fork` commits those versions again in
 another workspace, checked against their digests, and the run, reopened there, reads its finished
 iterations instead of running them (flows/rsir.py). No checkpoint travels: the resumed run trains
 from its first unfinished iteration, and a best θ restored this way is not registered. The run's
