@@ -80,14 +80,16 @@ def iteration(cfg: RunConfig, home: str, dataset: str, k: int, valid_before: lis
                                executor=cfg.executor_spec())
         times["train_generator"] = generator.seconds
     made_by = GeneratorRef(backbone=cfg.generator_model.name, checkpoint=generator.value.checkpoint)
+    # τ_k: None with fidelity off, and for the validation schedule until its candidates are trained.
     choice = None if cfg.tau_schedule == "validation" else leakage_tau(cfg, leakage.value)
     generated = generate_task(home, dataset, k, generator.value.checkpoint,
                               cfg.generation_params(k, choice.tau if choice else None),
                               executor=cfg.executor_spec(), wait_for=[generator, leakage])
-    if choice is None:  # validation: one θ_{k+1} per candidate τ, in scratch forks of D_k
+    if cfg.tau_schedule == "validation":  # one θ_{k+1} per candidate τ, in scratch forks of D_k
         chosen = tau_candidates(cfg, home, dataset, k, generated.value, made_by)
         choice, times["tau_candidates"] = chosen.value, chosen.seconds
-    accepted = filter_task(home, dataset, k, generated.value, cfg.filter_params(choice.tau), wait_for=[generated])
+    accepted = filter_task(home, dataset, k, generated.value, cfg.filter_params(choice.tau if choice else None),
+                           wait_for=[generated])
     expanded = expand_task(home, accepted.value, k + 1, made_by, wait_for=[accepted, generator])
     times.update(generate=generated.seconds, filter=accepted.seconds, expand=expanded.seconds)
     return Iteration(k, student.value, evaluation.value, times, generator.value, generated.value, accepted.value,
@@ -158,7 +160,7 @@ def _iterate(cfg: RunConfig, ws: Workspace, log: RunLog, started: float) -> RunS
     with torch_threads(cfg.threads):
         for k in range(cfg.max_iterations + 1):  # the rule stops at max_iterations at the latest
             if log.restore_iteration(k) is not None:  # finished before, here or in an archived workspace
-                stop = log.stopped = stop_reason(cfg, log.valid_scores())  # as that iteration decided
+                stop = log.stopped  # as that iteration decided
             else:
                 log.start_iteration(k)
                 result = iteration(cfg, ws.home, log.dataset, k, log.valid_scores())

@@ -28,6 +28,7 @@ from tasks.evaluate import Evaluation
 from tasks.filter import Filtered
 from tasks.generate import Generation
 from tasks.leakage import Leakage
+from tasks.stopping import stop_reason
 from tasks.tau_schedule import TauChoice
 from tasks.train import TrainResult
 
@@ -105,7 +106,8 @@ class Champion(Record):
 class RunSummary(Record):
     """What a run returns and logs (summary.json): the run, its table, its champion, its times.
     `K`: the iterations it made (with K auto, where it stopped); `stopped`: why it stopped there
-    (None in summaries logged before it was recorded). `resubmitted` (a finished run's summary
+    (None in summaries logged before it was recorded); `wall_seconds` includes `restored_seconds`,
+    the step seconds of iterations finished in earlier sittings and read back. `resubmitted` (a finished run's summary
     answered again) and the CLI's `command_seconds` and `server_start_seconds` appear only when set."""
 
     model_config = ConfigDict(extra="allow")  # summaries logged by other versions
@@ -124,6 +126,7 @@ class RunSummary(Record):
     mlflow_path: str | None = None
     wall_seconds: float
     step_seconds: float
+    restored_seconds: float = 0.0
     overhead_fraction: float
     resubmitted: bool = False
     command_seconds: float | None = None
@@ -158,6 +161,7 @@ class RunLog:
         self.logged: list[Logged] = []
         self._child = ("", False)  # the current iteration's run, and whether it had finished
         self.stopped: str | None = None  # why the run stopped, once its last iteration is logged
+        self.restored_seconds = 0.0  # step seconds of the iterations read, not run (earlier sittings')
 
     @property
     def rows(self) -> list[IterationRow]:
@@ -237,14 +241,24 @@ class RunLog:
         model if it has one), or None when it has to run: no such child, not finished, or logged
         without its row (by a version before rows were kept). What a resumed run reads instead of
         training, evaluating and generating again: the same numbers, and no checkpoint needed
-        (one restored from an archive, tasks/archive.py, has none)."""
+        (one restored from an archive, tasks/archive.py, has none). Also None when the run goes
+        on after θ_k (`stop_reason`) but the fork lacks the D_{k+1} iteration k generated (an
+        archive that kept the run but not that version): iteration k runs again and makes it.
+        Sets `stopped` as iteration k decided."""
         found = self.tracker.find_child(self.parent, f"iteration-{k}") if self.parent else None
         if found is None or found[1] != "FINISHED" or ROW_FILE not in self.tracker.artifact_files(found[0], ""):
             return None
         run_id = found[0]
         row = IterationRow.model_validate(self.tracker.load_dict(run_id, ROW_FILE))
+        stop = stop_reason(self.cfg, [*self.valid_scores(), row.valid[self.cfg.early_stop]])
+        if stop is None and k + 1 not in self.store.versions(self.dataset):
+            get_run_logger().warning("iteration %d: finished before (MLflow run %s), but dataset %r lacks the "
+                                     "version %d it generated: run again", k, run_id, self.dataset, k + 1)
+            return None
         logged = Logged(k, run_id, self.tracker.output_model(run_id, f"theta-{k}"), row)
         self.logged.append(logged)
+        self.stopped = stop
+        self.restored_seconds += sum(row.times.values())
         get_run_logger().info("iteration %d: finished before (MLflow run %s), read, not run again: valid %s %.4f, "
                               "test ndcg@10 %.4f", k, run_id, self.cfg.early_stop, row.valid[self.cfg.early_stop],
                               row.test["ndcg@10"])
@@ -276,7 +290,9 @@ class RunLog:
 
     def finish(self, best: Logged, plots: list[str], wall: float) -> RunSummary:
         """Register `best`, log D_K as the parent's output, the summary, the `plots` (files) and
-        the run's totals; close the parent run. Returns the summary (`wall`: the flow's seconds)."""
+        the run's totals; close the parent run. Returns the summary (`wall`: the flow's seconds;
+        a resumed run's wall adds the step seconds of the iterations it read, `restored_seconds`,
+        since the sittings that ran them logged no total: their overhead is not counted)."""
         cfg, tracker, parent, rows = self.cfg, self.tracker, self.parent, self.rows
         metric, last = cfg.early_stop, self.logged[-1].k
         model_name = f"rsir-{cfg.dataset}-{cfg.model.name}"
@@ -293,6 +309,7 @@ class RunLog:
                    for name, value in getattr(best.row, split).items()}}, metric=metric, base_digest=self.base)
             version, champion_version = registration.version, registration.champion
         self._log_version(parent, last, "output")  # D_K: the parent's lineage ends here
+        wall += self.restored_seconds
         step_seconds = sum(sum(r.times.values()) for r in rows)
         champion = Champion(iteration=best.k, registered_model=model_name, version=version,
                             alias="champion", champion_version=champion_version, metric=metric,
@@ -303,7 +320,7 @@ class RunLog:
                              stopped=self.stopped,
                              mlflow_run_id=parent, tracking_uri=redact_uri(tracker.uri),
                              mlflow_url=tracker.run_url(parent), mlflow_path=tracker.run_path(parent),
-                             wall_seconds=wall, step_seconds=step_seconds,
+                             wall_seconds=wall, step_seconds=step_seconds, restored_seconds=self.restored_seconds,
                              overhead_fraction=max(wall - step_seconds, 0.0) / wall if wall else 0.0)
         for path in plots:
             tracker.log_artifact(parent, path, "plots")

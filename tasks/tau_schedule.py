@@ -46,10 +46,13 @@ class TauChoice:
     valid: dict[int, float] = field(default_factory=dict)
 
 
-def leakage_tau(cfg: RunConfig, leakage: Leakage | None) -> TauChoice:
+def leakage_tau(cfg: RunConfig, leakage: Leakage | None) -> TauChoice | None:
     """τ_k of the fixed and leakage schedules from the proxy measured at iteration k (None at
     k = 0, where no synthetic data exists yet: τ_0 = tau). `leakage.tau` is τ_{k-1}, the
-    threshold D_k's synthetic data was accepted under (its manifest's)."""
+    threshold D_k's synthetic data was accepted under (its manifest's). None with fidelity
+    control off: no threshold filters anything, so none is logged (the paper's ablation)."""
+    if not cfg.fidelity:
+        return None
     if cfg.tau_schedule == "fixed" or leakage is None:
         return TauChoice(cfg.tau, cfg.tau_schedule, f"tau={cfg.tau}")
     if leakage.proxy > cfg.leakage_max:

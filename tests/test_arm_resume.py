@@ -8,6 +8,7 @@ one line and commits nothing."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 
 import pyarrow as pa
@@ -39,6 +40,27 @@ def _arm_run(uri: str, experiment: str) -> tuple[dict, dict[int, dict]]:
     return tracker.load_dict(parent.info.run_id, "summary.json"), children
 
 
+def _resume(archive, fresh) -> tuple:
+    """The arm run again in workspace `fresh` from `archive`: (fresh, its summary, its runs by k)."""
+    from flows.experiments import experiment
+
+    uri = f"sqlite:///{fresh.root / 'mlflow.db'}"
+    resumed = experiment(home=str(fresh.root), tracking_uri=uri, archive=str(archive), **SUITE)
+    assert resumed["ran"] == ["tiny/fidelity/seed0"]
+    summary, runs = _arm_run(uri, resumed["experiment"])
+    assert [r["iteration"] for r in summary["iterations"]] == [0, 1, 2]
+    return fresh, summary, runs
+
+
+def _assert_as_uninterrupted(uninterrupted, fresh, summary: dict, runs: dict, fork: str) -> None:
+    """The same run as the uninterrupted one: every metric of every iteration, and D_2's digest."""
+    whole_ws, (whole, whole_runs) = uninterrupted
+    for k, row in enumerate(summary["iterations"]):
+        assert row["valid"] == whole["iterations"][k]["valid"] and row["test"] == whole["iterations"][k]["test"]
+        assert runs[k].data.metrics["test/ndcg_at_10"] == whole_runs[k].data.metrics["test/ndcg_at_10"]
+    assert dataset_store(fresh).manifest(fork, 2).digest == dataset_store(whole_ws).manifest(fork, 2).digest
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(prefect_api, tiny_csv, tmp_path_factory):
     """The same arm run whole, in a workspace of its own: what a resumed arm must equal."""
@@ -50,46 +72,61 @@ def uninterrupted(prefect_api, tiny_csv, tmp_path_factory):
     return ws, _arm_run(uri, result["experiment"])
 
 
-def test_an_arm_cut_in_iteration_1_resumes_elsewhere_as_if_never_cut(uninterrupted, tiny_csv, tmp_path):
-    from flows.experiments import experiment
-
-    archive, first = tmp_path / "archive", make_tiny_home(tmp_path / "first", tiny_csv)
+@pytest.fixture(scope="module")
+def cut(tiny_csv, tmp_path_factory):
+    """The arm stopped by a real SIGINT in iteration 1: (its archive, the first workspace), the
+    archive left as the stopped process wrote it (tests resume from copies)."""
+    root = tmp_path_factory.mktemp("cut")
+    archive, first = root / "archive", make_tiny_home(root / "first", tiny_csv)
     seen = interrupt_command([*ARGS, "--home", str(first.root), "--archive", str(archive)], signal.SIGINT,
                              lambda lines: any("Beginning subflow run 'iteration-1'" in line for line in lines))
     assert seen.returncode == 130, "".join(seen.after[-30:])
+    return archive, first
+
+
+def test_an_arm_cut_in_iteration_1_resumes_elsewhere_as_if_never_cut(uninterrupted, cut, tiny_csv, tmp_path):
+    archive, first = tmp_path / "archive", cut[1]
+    shutil.copytree(cut[0], archive)
     # What the cut arm left: its run (KILLED), iteration 0 with its row, D_1's synthetic sequences.
     records = [json.loads(p.read_text()) for p in archive.glob("*.json")]
-    (cut,) = [r for r in records if r["tags"].get("rsir.label.arm") == "fidelity"]
-    assert cut["status"] == "KILLED"
-    children = [r for r in records if r["tags"].get("mlflow.parentRunId") == cut["run_id"]]
+    (stopped,) = [r for r in records if r["tags"].get("rsir.label.arm") == "fidelity"]
+    assert stopped["status"] == "KILLED"
+    children = [r for r in records if r["tags"].get("mlflow.parentRunId") == stopped["run_id"]]
     assert [(r["name"], r["status"]) for r in children] == [("iteration-0", "FINISHED")]
     assert children[0]["documents"]["iteration.json"]["iteration"] == 0
-    fork = cut["params"]["run_dataset"]
+    fork = stopped["params"]["run_dataset"]
     assert sorted(p.name for p in (archive / FORKS_FOLDER / fork).iterdir()) == ["v00001.json", "v00001.parquet"]
     assert pq.read_table(archive / FORKS_FOLDER / fork / "v00001.parquet").column("origin").unique().to_pylist() == [
         "synthetic"]  # never the real data
 
-    fresh = make_tiny_home(tmp_path / "second", tiny_csv)
-    uri = f"sqlite:///{fresh.root / 'mlflow.db'}"
-    resumed = experiment(home=str(fresh.root), tracking_uri=uri, archive=str(archive), **SUITE)
-    assert resumed["ran"] == ["tiny/fidelity/seed0"]
-    summary, runs = _arm_run(uri, resumed["experiment"])
+    fresh, summary, runs = _resume(archive, make_tiny_home(tmp_path / "second", tiny_csv))
     rows = summary["iterations"]
-    assert [r["iteration"] for r in rows] == [0, 1, 2]
     # θ_0 was read from the archive, not trained here; θ_1 and θ_2 were trained here.
     assert ARCHIVED_ID_TAG in runs[0].data.tags and ARCHIVED_ID_TAG not in runs[1].data.tags
     assert rows[0]["checkpoint"].startswith(str(first.root)) and rows[1]["checkpoint"].startswith(str(fresh.root))
-    # The same run as the uninterrupted one: every metric of every iteration, and D_2's digest.
-    whole_ws, (whole, whole_runs) = uninterrupted
-    for k in (0, 1, 2):
-        assert rows[k]["valid"] == whole["iterations"][k]["valid"] and rows[k]["test"] == whole["iterations"][k]["test"]
-        assert runs[k].data.metrics["test/ndcg_at_10"] == whole_runs[k].data.metrics["test/ndcg_at_10"]
-    assert dataset_store(fresh).manifest(fork, 2).digest == dataset_store(whole_ws).manifest(fork, 2).digest
+    # Its wall time counts θ_0's steps, run in the first sitting, beside this sitting's.
+    assert summary["restored_seconds"] == pytest.approx(sum(rows[0]["times"].values()))
+    assert summary["wall_seconds"] > summary["restored_seconds"] > 0
+    _assert_as_uninterrupted(uninterrupted, fresh, summary, runs, fork)
     # The finished arm is archived whole, and its versions leave the archive.
-    final = json.loads((archive / f"{cut['run_id']}.json").read_text())
+    final = json.loads((archive / f"{stopped['run_id']}.json").read_text())
     assert final["status"] == "FINISHED" and not (archive / FORKS_FOLDER / fork).exists()
     champion = summary["champion"]
     assert (champion["version"] is None) == (champion["iteration"] == 0)  # θ_0's weights stayed in `first`
+
+
+def test_a_finished_iteration_whose_version_is_not_archived_runs_again(uninterrupted, cut, tiny_csv, tmp_path):
+    """The archive kept iteration 0's run but not the D_1 it generated (a version too large for
+    git, say): iteration 0 is trained and generates again here, and the arm still ends as the
+    uninterrupted one (every metric, D_2's digest)."""
+    archive = tmp_path / "archive"
+    shutil.copytree(cut[0], archive)
+    (forks,) = list((archive / FORKS_FOLDER).iterdir())
+    shutil.rmtree(forks)
+    fresh, summary, runs = _resume(archive, make_tiny_home(tmp_path / "fresh", tiny_csv))
+    assert all(r["checkpoint"].startswith(str(fresh.root)) for r in summary["iterations"])  # θ_0 too: trained here
+    assert summary["restored_seconds"] == 0
+    _assert_as_uninterrupted(uninterrupted, fresh, summary, runs, forks.name)
 
 
 def test_a_damaged_archived_version_is_one_line_and_commits_nothing(uninterrupted, tiny_csv, tmp_path):

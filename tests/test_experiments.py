@@ -50,6 +50,9 @@ def test_main_suite_runs_every_arm_and_reports_from_mlflow(suites):
     no_fid = {r["k"]: r for r in rows if r["arm"] == "no-fidelity" and r["seed"] == "0"}
     fid = {r["k"]: r for r in rows if r["arm"] == "fidelity" and r["seed"] == "0"}
     assert no_fid[1]["data/acceptance_rate"] > fid[1]["data/acceptance_rate"]
+    # τ_k is logged where a threshold filtered D_{k+1}, never for the arm without fidelity control.
+    assert fid[0]["generation/tau"] == fid[1]["generation/tau"] == 10
+    assert not any("generation/tau" in r for r in no_fid.values())
 
 
 def test_rerun_skips_finished_arms(suites):

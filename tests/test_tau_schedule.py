@@ -98,6 +98,8 @@ def test_the_leakage_rule_halves_tau_past_the_breakdown_and_keeps_it_below():
     assert leakage_tau(cfg, Leakage(version=2, tau=5, ranked=10, worse=5)).tau == 5  # 0.5 is not past 0.5
     assert leakage_tau(cfg, Leakage(version=3, tau=1, ranked=10, worse=10)).tau == 1  # never below 1
     assert leakage_tau(cfg, Leakage(version=1, tau=10, ranked=0, worse=0)).tau == 10  # nothing accepted
+    # Fidelity off (the paper's ablation): no threshold is chosen, whatever tau says.
+    assert leakage_tau(RunConfig.from_parameters({"fidelity": False}), None) is None
     fixed = RunConfig.from_parameters({"tau": 7, "leakage_max": 0.0})
     assert leakage_tau(fixed, Leakage(version=1, tau=7, ranked=10, worse=10)).tau == 7
 
