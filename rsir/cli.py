@@ -15,12 +15,12 @@ import time
 import uuid
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Callable, Literal, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Callable, Iterator, Literal, Optional, Union, get_args, get_origin
 
 import typer
 from typer.core import TyperCommand
 
-from core.config import DEVICES, ConfigError, Parameter, bare, with_parameters
+from core.config import DEVICES, ConfigError, Parameter, bare, parse_config, with_parameters
 from core.errors import RsirError
 from core.hashing import short_digest
 
@@ -252,7 +252,6 @@ def data_import(
     home: Home = None, as_json: Json = False,
 ) -> None:
     """Import your own interactions (user, item, timestamp) as a new dataset."""
-    from core.config import parse_config
     from tasks.ingest import FORMATS, ImportSpec, import_dataset
 
     if fmt not in FORMATS:
@@ -457,33 +456,58 @@ def _train_interrupted(cfg, ws, signum: int, seconds: float) -> str:
 
 app.command("train")(with_parameters(train, _train_options()))
 
-@app.command("evaluate")
-def evaluate(
-    checkpoint: Annotated[str, typer.Option(help="checkpoint written by `rsir train` (a path or a URL)")],
-    dataset: Annotated[str, typer.Option(help="dataset name")] = "ml-100k",
-    version: Annotated[Optional[int], typer.Option(help="dataset version (default: latest)")] = None,
-    include_history: Annotated[bool, typer.Option("--include-history", help="rank the user's own history items too")] = False,
-    device: Annotated[str, typer.Option(help=DEVICES)] = "auto",
-    home: Home = None, as_json: Json = False,
-) -> None:
-    """Evaluate a stored checkpoint on a dataset version (validation and test)."""
-    ws = _local_prefect(_workspace(home))
-    from tasks.evaluate import evaluate_checkpoint
+def _threads_option() -> Parameter:
+    """--threads of a command that runs torch outside `rsir train`, `run` and `experiment`
+    (whose configs carry it): the one declaration, tasks/config.py CpuThreads."""
+    from tasks.config import CpuThreads
 
-    result = evaluate_checkpoint(ws, checkpoint, dataset, version,
-                                 exclude_history=not include_history, device=device)
-    _emit(result, as_json, _render_eval)
+    field = CpuThreads.model_fields["threads"]
+    return _as_option(Parameter("threads", bare(field.annotation), field.default, field.description or ""))
+
+
+@contextlib.contextmanager
+def _on_threads(threads: int) -> Iterator[None]:
+    """Run the command's torch work on `threads` CPU threads, checked first (one line, exit 2)."""
+    from tasks.config import CpuThreads
+    from tasks.runtime import torch_threads
+
+    with _given_as_options():
+        parse_config(CpuThreads, {"threads": threads})
+    with torch_threads(threads):
+        yield
+
+
+def evaluate(**params: Any) -> None:
+    """Evaluate a stored checkpoint on a dataset version (validation and test)."""
+    with _on_threads(params["threads"]):
+        ws = _local_prefect(_workspace(params["home"]))
+        from tasks.evaluate import evaluate_checkpoint
+
+        result = evaluate_checkpoint(ws, params["checkpoint"], params["dataset"], params["version"],
+                                     exclude_history=not params["include_history"], device=params["device"])
+    _emit(result, params["as_json"], _render_eval)
+
+
+app.command("evaluate")(with_parameters(evaluate, [
+    Parameter("checkpoint", Annotated[str, typer.Option(help="checkpoint written by `rsir train` (a path or a URL)")],
+              inspect.Parameter.empty, ""),
+    Parameter("dataset", Annotated[str, typer.Option(help="dataset name")], "ml-100k", ""),
+    Parameter("version", Annotated[Optional[int], typer.Option(help="dataset version (default: latest)")], None, ""),
+    Parameter("include_history", Annotated[bool, typer.Option(
+        "--include-history", help="rank the user's own history items too")], False, ""),
+    Parameter("device", Annotated[str, typer.Option(help=DEVICES)], "auto", ""),
+    _threads_option(), Parameter("home", Home, None, ""), Parameter("as_json", Json, False, "")]))
 
 
 def generate(**params: Any) -> None:
     """Generate with fidelity control, filter and expand: publish the dataset's next version."""
-    from core.config import parse_config
     from storage.dataset import dataset_store
     from storage.manifest import FilterParams
     from tasks.config import GenerationParams
 
     dataset, checkpoint, version = params.pop("dataset"), params.pop("checkpoint"), params.pop("version")
     mode, holdout_h, home, as_json = params.pop("mode"), params.pop("holdout_h"), params.pop("home"), params.pop("as_json")
+    threads = params.pop("threads")
     if not params.pop("fidelity"):
         params["tau"] = None  # fidelity off: no rank threshold (GenerationParams' one encoding)
     with _given_as_options():
@@ -498,10 +522,11 @@ def generate(**params: Any) -> None:
     from tasks.filter import filter_step
     from tasks.generate import generate_step
 
-    generated = generate_step(ws.home, dataset, parent.version, str(checkpoint), params, mode, holdout_h)
-    accepted = filter_step(ws.home, dataset, parent.version, generated,
-                           FilterParams(tau=params.tau, min_len=params.min_len))
-    result = expand_step(ws.home, accepted)
+    with _on_threads(threads):
+        generated = generate_step(ws.home, dataset, parent.version, str(checkpoint), params, mode, holdout_h)
+        accepted = filter_step(ws.home, dataset, parent.version, generated,
+                               FilterParams(tau=params.tau, min_len=params.min_len))
+        result = expand_step(ws.home, accepted)
     _emit(result, as_json, _render_version)
 
 
@@ -889,7 +914,7 @@ def _generate_options() -> list[Parameter]:
         own("holdout_h", Annotated[int, typer.Option(help="extend mode: training items held out from the "
                                                      "prefix")], 1, ""),
         *(knob(name) for name in _GENERATE_RUNTIME),
-        knob("device", default="auto"),
+        knob("device", default="auto"), _threads_option(),
         own("home", Home, None, ""), own("as_json", Json, False, ""),
     ]
 

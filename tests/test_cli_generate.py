@@ -4,6 +4,7 @@ statistics in the manifest, and bad parameters refused before any compute."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from models import build_model
 from models.config import ModelConfig
@@ -99,3 +100,29 @@ def test_checkpoint_for_other_items_and_unknown_dataset(cli, trained, tmp_path):
     missing = cli("generate", "--dataset", "nope", "--checkpoint", other, "--home", ws.root)
     assert missing.code == 2 and "unknown dataset 'nope'" in missing.err
     assert dataset_store(ws).versions("tiny") == [0]
+
+
+def test_generate_and_evaluate_run_on_the_threads_asked(cli, trained, monkeypatch):
+    """Every command that runs torch takes --threads, default 1 (tasks/config.py CpuThreads), and
+    leaves the process's setting as it found it; a bad value is one line before any compute."""
+    import tasks.evaluate
+    import tasks.generate
+
+    seen: list[int] = []
+    for module, name in ((tasks.generate, "generate_step"), (tasks.evaluate, "evaluate_checkpoint")):
+        real = getattr(module, name)
+
+        def spy(*args, _real=real, **kwargs):
+            seen.append(torch.get_num_threads())
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(module, name, spy)
+    ws, ckpt = trained
+    before = torch.get_num_threads()
+    for command in ("evaluate", "generate"):
+        for threads in (["--threads", "3"], []):
+            result = cli(command, "--dataset", "tiny", "--checkpoint", ckpt, "--home", ws.root, *threads)
+            assert result.code == 0, result.err
+    assert seen == [3, 1, 3, 1] and torch.get_num_threads() == before
+    bad = cli("generate", "--dataset", "tiny", "--checkpoint", ckpt, "--home", ws.root, "--threads", "-1")
+    assert bad.code == 2 and "--threads -1: " in bad.err and len(bad.err.strip().splitlines()) == 1, bad.err
+    assert seen == [3, 1, 3, 1] and dataset_store(ws).versions("tiny") == [0, 1, 2]

@@ -18,7 +18,7 @@ def test_every_entry_point_defaults_to_one_thread_from_one_declaration(cli):
     (parameter,) = [p for p in run_parameters() if p.name == "threads"]
     assert parameter.default == 1  # the flow's and the deployment's parameter, `rsir run`'s option
     why = " ".join(field.description.split()[:8])
-    for command in ("run", "train", "experiment"):
+    for command in ("run", "train", "experiment", "tune", "generate", "evaluate"):
         assert why in _flat_help(cli(command, "--help").out), command
 
 
