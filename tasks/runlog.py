@@ -376,8 +376,10 @@ class RunLog:
         tracker.log_metrics(child, rest, step=k)
         tracker.log_metrics(self.parent, {**scores, **rest}, step=k)  # the trend over k
         # The device θ_k trained on, resolved (the run's `device` parameter may say only "auto"):
-        # its seconds are only comparable with runs on the same kind of device.
-        tracker.set_tags(child, {"rsir.device": student.device})
+        # its seconds are only comparable with runs on the same kind of device, and its weights
+        # bit-identical only with θ trained on the same hardware (a reused θ's: where it trained).
+        tracker.set_tags(child, {"rsir.device": student.device,
+                                 **({"rsir.hardware": student.hardware} if student.hardware else {})})
         tracker.log_artifact(child, student.checkpoint, "checkpoint", name=student.name or None)
         tracker.log_artifact(child, evaluation.ranks_path, "ranks")  # per-user ranks: paired tests across runs
         if result.next is not None:

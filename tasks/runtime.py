@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import platform
 import random
 import time
 from collections.abc import Iterator
@@ -23,6 +25,20 @@ def resolve_device(spec: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RsirError(f"invalid parameter 'device': {spec!r} requested but CUDA is not available")
     return device
+
+
+def hardware(device: torch.device) -> str:
+    """What computes on `device`, as a run records it: the accelerator's name, or the CPU's model
+    and the instruction set torch's kernels use, with torch's version. Why: the same seed gives
+    bit-identical weights only on the same kind of hardware (float kernels differ across CPUs),
+    so two sittings' θ may differ in their 5th digit; this says where each came from."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}; torch {torch.__version__}"
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as info:  # Linux: the model name platform does not give
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+    return f"{model} ({torch.backends.cpu.get_cpu_capability()}); torch {torch.__version__}"
 
 
 @contextmanager

@@ -33,7 +33,7 @@ from tasks.config import TrainConfig, TrainingSettings
 from tasks.evaluate import evaluate_split
 from tasks.executor import LOCAL, Executor, report_result, run_data_parallel
 from tasks.ranking import NonFiniteScores
-from tasks.runtime import Timed, resolve_device, seed_everything, timed, torch_threads
+from tasks.runtime import Timed, hardware, resolve_device, seed_everything, timed, torch_threads
 from tasks.split import (
     BATCHINGS,
     LeaveOneOut,
@@ -67,6 +67,7 @@ class TrainResult:
     synthetic_position_share: float = 0.0  # synthetic target positions / all, per epoch
     synthetic_weight_share: float = 0.0  # their share of the gradient weight (mean over epochs)
     resumed_after: int = 0  # the epoch an interrupted training continued after (0: one sitting)
+    hardware: str = ""  # what trained θ (tasks/runtime.py hardware; "" in checkpoints written before)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -440,7 +441,8 @@ def train_model(cfg: TrainConfig, ws: Workspace, checkpoint: Location | None = N
         valid=valid, test=test, epochs=fitted.epochs, best_epoch=fitted.best_epoch,
         seconds_per_epoch=sum(p["seconds"] for p in fitted.curve) / max(len(fitted.curve), 1),
         seconds_total=time.perf_counter() - started + fitted.earlier_seconds, checkpoint=str(path), dataset=cfg.dataset,
-        version=manifest.version, digest=manifest.digest, device=str(device), curve=fitted.curve, name=name,
+        version=manifest.version, digest=manifest.digest, device=str(device), hardware=hardware(device),
+        curve=fitted.curve, name=name,
         synthetic_position_share=fitted.synthetic_position_share,
         synthetic_weight_share=fitted.synthetic_weight_share, resumed_after=fitted.resumed_after,
     )

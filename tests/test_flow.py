@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from core.errors import RsirError
@@ -69,6 +70,10 @@ def test_mlflow_lineage_and_registry(run):
         if k < 2:
             assert inputs["output"].digest == store.manifest(summary["run_dataset"], k + 1).digest[:SHOWN_DIGITS]
         assert "valid/ndcg_at_10" in child.data.metrics and "data/density" in child.data.metrics
+        # Where θ_k trained: same seed, bit-identical θ only on the same hardware.
+        assert child.data.tags["rsir.device"] == "cpu"
+        assert child.data.tags["rsir.hardware"].endswith(f"({torch.backends.cpu.get_cpu_capability()}); torch "
+                                                         f"{torch.__version__}")
         curve = client.get_metric_history(child.info.run_id, "train/loss")
         assert len(curve) == summary["iterations"][k]["epochs"]
         # θ_0 trains on real data only; θ_1 and θ_2 on D_1, D_2 with synthetic sequences.
