@@ -243,8 +243,8 @@ class RunLog:
         training, evaluating and generating again: the same numbers, and no checkpoint needed
         (one restored from an archive, tasks/archive.py, has none). Also None when the run goes
         on after θ_k (`stop_reason`) but the fork lacks the D_{k+1} iteration k generated (an
-        archive that kept the run but not that version): iteration k runs again and makes it.
-        Sets `stopped` as iteration k decided."""
+        archive that kept the run but not that version): iteration k runs again in the same
+        child run (marked KILLED here, reopened) and makes it. Sets `stopped` as iteration k decided."""
         found = self.tracker.find_child(self.parent, f"iteration-{k}") if self.parent else None
         if found is None or found[1] != "FINISHED" or ROW_FILE not in self.tracker.artifact_files(found[0], ""):
             return None
@@ -254,6 +254,9 @@ class RunLog:
         if stop is None and k + 1 not in self.store.versions(self.dataset):
             get_run_logger().warning("iteration %d: finished before (MLflow run %s), but dataset %r lacks the "
                                      "version %d it generated: run again", k, run_id, self.dataset, k + 1)
+            # Its run is redone, not kept beside the new numbers: `start_iteration` reopens a
+            # stopped child and everything, the row included, is logged again.
+            self.tracker.end_run(run_id, "KILLED")
             return None
         logged = Logged(k, run_id, self.tracker.output_model(run_id, f"theta-{k}"), row)
         self.logged.append(logged)

@@ -41,7 +41,8 @@ def _arm_run(uri: str, experiment: str) -> tuple[dict, dict[int, dict]]:
 
 
 def _resume(archive, fresh) -> tuple:
-    """The arm run again in workspace `fresh` from `archive`: (fresh, its summary, its runs by k)."""
+    """The arm run again in workspace `fresh` from `archive`: (fresh, its summary, its runs by k,
+    the tracker they are in)."""
     from flows.experiments import experiment
 
     uri = f"sqlite:///{fresh.root / 'mlflow.db'}"
@@ -49,7 +50,7 @@ def _resume(archive, fresh) -> tuple:
     assert resumed["ran"] == ["tiny/fidelity/seed0"]
     summary, runs = _arm_run(uri, resumed["experiment"])
     assert [r["iteration"] for r in summary["iterations"]] == [0, 1, 2]
-    return fresh, summary, runs
+    return fresh, summary, runs, Tracker.open(uri, resumed["experiment"])
 
 
 def _assert_as_uninterrupted(uninterrupted, fresh, summary: dict, runs: dict, fork: str) -> None:
@@ -99,7 +100,7 @@ def test_an_arm_cut_in_iteration_1_resumes_elsewhere_as_if_never_cut(uninterrupt
     assert pq.read_table(archive / FORKS_FOLDER / fork / "v00001.parquet").column("origin").unique().to_pylist() == [
         "synthetic"]  # never the real data
 
-    fresh, summary, runs = _resume(archive, make_tiny_home(tmp_path / "second", tiny_csv))
+    fresh, summary, runs, _ = _resume(archive, make_tiny_home(tmp_path / "second", tiny_csv))
     rows = summary["iterations"]
     # θ_0 was read from the archive, not trained here; θ_1 and θ_2 were trained here.
     assert ARCHIVED_ID_TAG in runs[0].data.tags and ARCHIVED_ID_TAG not in runs[1].data.tags
@@ -123,9 +124,12 @@ def test_a_finished_iteration_whose_version_is_not_archived_runs_again(uninterru
     shutil.copytree(cut[0], archive)
     (forks,) = list((archive / FORKS_FOLDER).iterdir())
     shutil.rmtree(forks)
-    fresh, summary, runs = _resume(archive, make_tiny_home(tmp_path / "fresh", tiny_csv))
+    fresh, summary, runs, tracker = _resume(archive, make_tiny_home(tmp_path / "fresh", tiny_csv))
     assert all(r["checkpoint"].startswith(str(fresh.root)) for r in summary["iterations"])  # θ_0 too: trained here
     assert summary["restored_seconds"] == 0
+    # Iteration 0's run was redone, not duplicated: one run, finished, its row the new one.
+    assert runs[0].info.status == "FINISHED"
+    assert tracker.load_dict(runs[0].info.run_id, "iteration.json")["checkpoint"].startswith(str(fresh.root))
     _assert_as_uninterrupted(uninterrupted, fresh, summary, runs, forks.name)
 
 
