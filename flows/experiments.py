@@ -368,8 +368,10 @@ def tune_arms(cfg: ExperimentConfig, done: Finished) -> list[Arm]:
             # τ, p and m are the suite's (cfg.tau, cfg.p, cfg.m: the paper's 10, 0.5 and 5 by default).
             arms.append(_arm(cfg, "fixed", ds, s, {"stage": "fixed"}, K=1))
             if outcome.best_trial is not None:
+                # Labels enter the run key, so they hold no run id: a restored archive gives runs
+                # new ids, and a cut arm must find its stopped run again in another workspace.
                 arms.append(_arm(cfg, "tuned", ds, s, {"stage": "tuned", "study": outcome.study,
-                                                       "study_run": outcome.run_id, "trial": str(outcome.best_trial)},
+                                                       "trial": str(outcome.best_trial)},
                                  K=1, **outcome.best_settings))
             arms.append(_arm(cfg, "adaptive", ds, s, {"stage": "adaptive"}, K="auto", k_max=cfg.K,
                              tau_schedule="leakage"))

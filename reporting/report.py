@@ -623,8 +623,9 @@ def tune_report(tracker: Tracker, rows: list[dict[str, Any]], folder: Path) -> t
     model the tool hands back (best on validation, θ_0 included); then the answer."""
     paired, parts, figures, answers = Paired(tracker), [], [], []
     for ds in sorted({r["dataset"] for r in rows}):
-        study = select(rows, dataset=ds, stage="tuned")
-        outcome = study_outcome(tracker, study[0]["study"]) if study else None
+        # The tuned arm names its study; without one (not run yet), the study on this dataset.
+        tuned = select(rows, dataset=ds, stage="tuned")
+        outcome = study_outcome(tracker, tuned[0]["study"]) if tuned else study_outcome(tracker, dataset=ds)
         parts += _study_section(tracker, ds, outcome, folder, figures)
         base = {r["seed"]: r for r in sorted(select(rows, dataset=ds, k=0), key=lambda r: r["arm"])}
         body = []

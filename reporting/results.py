@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from storage.tracking import Tracker
-from tasks.tune import STATE_TAG, StudyOutcome
+from tasks.tune import STATE_TAG, STUDY_TAG, StudyOutcome
 
 LABEL = "rsir.label."
 
@@ -120,11 +120,16 @@ def paired_bootstrap(arm: np.ndarray, base: np.ndarray, resamples: int = 2000, s
             "diff": float(arm.mean() - base.mean())}
 
 
-def study_outcome(tracker: Tracker, study: str) -> StudyOutcome | None:
-    """A tuning study's outcome as its MLflow run logged it last (of several runs of one name, the
-    one whose trials ended most: a study restarted in a new workspace starts a new run); None
-    before any worker finished."""
+def study_outcome(tracker: Tracker, study: str | None = None, dataset: str | None = None) -> StudyOutcome | None:
+    """A tuning study's outcome as its MLflow run logged it last, found by the study's name or by
+    the dataset it tuned on (its run's `dataset` parameter; a suite's study is found so before any
+    arm used it); of several runs, the one whose trials ended most (a study restarted in a new
+    workspace starts a new run). None before any worker finished."""
+    if (study is None) == (dataset is None):
+        raise ValueError("study_outcome takes a study name or a dataset, one of them")
+    found = f"tags.`{STUDY_TAG}` = '{study}'" if study is not None else \
+        f"params.dataset = '{dataset}' and tags.`{STUDY_TAG}` LIKE '%'"
     # Its trials' runs carry the tag too (and a trial archived without its study run has no parent).
-    outcomes = [StudyOutcome.of(r) for r in _finished(tracker, f"tags.`rsir.tune_study` = '{study}'")
+    outcomes = [StudyOutcome.of(r) for r in _finished(tracker, found)
                 if "mlflow.parentRunId" not in r.data.tags and STATE_TAG not in r.data.tags]
     return max(outcomes, key=lambda o: o.ended, default=None)

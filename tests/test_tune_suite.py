@@ -72,6 +72,49 @@ def test_rerun_and_restored_archive_skip_the_study_and_every_arm(tune_suite, tmp
     assert not (fresh.root / "optuna.db").exists()
 
 
+def test_a_restored_archive_lists_the_tuned_arms_under_the_same_run_keys(tune_suite, tmp_path):
+    """A cut arm resumes in another workspace only if its run key (labels included) is the same
+    there; restoring an archive gives every run a new id, so no label may hold one (the tuned arm
+    named its study's run id and, cut in one sitting, started over in the next: session 18)."""
+    from flows.experiments import Finished, tune_arms
+    from tasks.archive import restore_runs
+    from tasks.config import RunConfig
+    from tasks.experiment_config import ExperimentConfig
+
+    ws, uri, summary, archive = tune_suite
+    cfg = ExperimentConfig.from_parameters({**SMOKE, "home": str(ws.root)})
+    here = Tracker.open(uri, summary["experiment"])
+    fresh = Tracker.open(f"sqlite:///{tmp_path / 'fresh.db'}", summary["experiment"])
+    assert restore_runs(fresh, archive)
+
+    def keys(tracker: Tracker) -> list[tuple[str, str]]:
+        arms = tune_arms(cfg, Finished(collect_runs(tracker), tracker))
+        assert {a.arm for a in arms} == {"fixed", "tuned", "adaptive"}
+        return [(a.id, RunConfig.from_parameters({**a.params, "labels": a.labels}).run_key("d0")) for a in arms]
+
+    assert keys(fresh) == keys(here)
+    assert study_outcome(fresh, f"{summary['experiment']}-tiny").run_id != study_outcome(
+        here, f"{summary['experiment']}-tiny").run_id  # the ids do differ: what the key must not hold
+
+
+def test_the_report_finds_a_finished_study_before_any_tuned_arm_used_it(tune_suite, tmp_path):
+    """Found by its dataset: a study that ended while its tuned arms had not (amazon-beauty, session
+    17) was reported as "No finished study"."""
+    from reporting.report import tune_report
+
+    ws, uri, summary, _ = tune_suite
+    tracker = Tracker.open(uri, summary["experiment"])
+    untuned = [r for r in collect_runs(tracker) if r["arm"] != "tuned"]
+    parts, _ = tune_report(tracker, untuned, tmp_path)
+    text = "".join(parts)
+    assert "Study `experiment-tune-smoke-tiny`" in text and "2 trials ended" in text
+    assert "No finished study" not in text
+    assert study_outcome(tracker, dataset="tiny") == study_outcome(tracker, "experiment-tune-smoke-tiny")
+    assert study_outcome(tracker, dataset="other") is None
+    with pytest.raises(ValueError, match="one of them"):
+        study_outcome(tracker)
+
+
 def test_tune_report_tables_every_arm_against_theta0_and_plots_the_study(tune_suite, tmp_path):
     from reporting.report import write_report
 
