@@ -202,12 +202,20 @@ def _run(cmd: list[str], env: dict[str, str]) -> None:
                         f"{redact_uri((done.stderr or done.stdout).strip()[-500:])}")
 
 
-def _deployments(api: str) -> list[dict]:
-    import httpx
+def prefect_api(api: str):
+    """An HTTP client of the Prefect server at `api` (its REST API URL) that retries as
+    Prefect's own client does: 408, 429, 502 and 503 (the server's SQLite busy while its
+    scheduler and a flow run write, seen on loaded machines) and dropped connections, up to
+    PREFECT_CLIENT_MAX_RETRIES times with backoff; any other error status raises
+    `httpx.HTTPStatusError`. Use it as a context manager. Source: prefect.client.base."""
+    from prefect.client.base import PrefectHttpxSyncClient
 
-    resp = httpx.post(f"{api}/deployments/filter", json={}, timeout=30)
-    resp.raise_for_status()
-    return resp.json()
+    return PrefectHttpxSyncClient(base_url=api, timeout=30)
+
+
+def _deployments(api: str) -> list[dict]:
+    with prefect_api(api) as client:
+        return client.post("/deployments/filter", json={}).json()
 
 
 def schedule_states(api: str) -> dict[tuple[str, str], bool]:
@@ -221,24 +229,26 @@ def restore_schedule_states(api: str, before: dict[tuple[str, str], bool]) -> li
     schedule resumed or paused with `prefect deployment schedule` stays so when `rsir serve`
     restarts; prefect.yaml's `active` is the state of a new schedule only). One line per
     schedule: its deployment, slug, state and id."""
-    import httpx
-
     lines = []
     flows: dict[str, str] = {}
-    for d in _deployments(api):
-        if d["schedules"] and d["flow_id"] not in flows:
-            flows[d["flow_id"]] = httpx.get(f"{api}/flows/{d['flow_id']}", timeout=30).json()["name"]
-        for s in d["schedules"]:
-            active = before.get((d["id"], s.get("slug")), s["active"])
-            if active != s["active"]:
-                resp = httpx.patch(f"{api}/deployments/{d['id']}/schedules/{s['id']}", json={"active": active},
-                                   timeout=30)
-                resp.raise_for_status()
-            name = f"{flows[d['flow_id']]}/{d['name']}"
-            lines.append(f"schedule {s.get('slug') or s['id']} of {name}: {'active' if active else 'paused'}; "
-                         f"{'pause' if active else 'resume'} it with: prefect deployment schedule "
-                         f"{'pause' if active else 'resume'} {name} {s['id']}")
+    with prefect_api(api) as client:
+        for d in _deployments(api):
+            if d["schedules"] and d["flow_id"] not in flows:
+                flows[d["flow_id"]] = client.get(f"/flows/{d['flow_id']}").json()["name"]
+            for s in d["schedules"]:
+                active = before.get((d["id"], s.get("slug")), s["active"])
+                if active != s["active"]:
+                    client.patch(f"/deployments/{d['id']}/schedules/{s['id']}", json={"active": active})
+                lines.append(_schedule_line(flows[d["flow_id"]], d, s, active))
     return lines
+
+
+def _schedule_line(flow: str, d: dict, s: dict, active: bool) -> str:
+    """One line naming a schedule, its state and the command that flips it."""
+    name = f"{flow}/{d['name']}"
+    verb = "pause" if active else "resume"
+    return (f"schedule {s.get('slug') or s['id']} of {name}: {'active' if active else 'paused'}; "
+            f"{verb} it with: prefect deployment schedule {verb} {name} {s['id']}")
 
 
 def _artifacts_destination(ws: Workspace) -> str:

@@ -15,10 +15,10 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
+from deployments.serve import prefect_api
 from storage.dataset import dataset_store
 from tests.conftest import TINY_FLOW, make_tiny_home
 from tests.test_e2e_deployment import BIN, REPO, _free_port, stop_serve
@@ -48,9 +48,8 @@ def start_serve(home: Path, port: int, ready: Path, *options: str) -> tuple[subp
 
 
 def _iterate(api: str) -> dict:
-    resp = httpx.get(f"{api}/deployments/name/rsir/iterate", timeout=30)
-    resp.raise_for_status()
-    return resp.json()
+    with prefect_api(api) as client:
+        return client.get("/deployments/name/rsir/iterate").json()
 
 
 def _wait_for_scheduled_run(api: str, deployment: str, timeout: float) -> dict:
@@ -58,9 +57,10 @@ def _wait_for_scheduled_run(api: str, deployment: str, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     runs: list[dict] = []
     while time.monotonic() < deadline:
-        runs = httpx.post(f"{api}/flow_runs/filter", timeout=30, json={
-            "deployments": {"id": {"any_": [deployment]}},
-            "flow_runs": {"tags": {"all_": ["auto-scheduled"]}}}).json()
+        with prefect_api(api) as client:
+            runs = client.post("/flow_runs/filter", json={
+                "deployments": {"id": {"any_": [deployment]}},
+                "flow_runs": {"tags": {"all_": ["auto-scheduled"]}}}).json()
         final = [r for r in runs if r["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")]
         if final:
             return final[0]
@@ -75,27 +75,16 @@ def fire_a_schedule(api: str, deployment: dict, ws) -> dict:
     the run the server's scheduler creates and the worker runs, and check it."""
     start = (datetime.now(timezone.utc) + timedelta(seconds=20)).strftime("%Y%m%dT%H%M%S")
     params = {**TINY_FLOW, "K": 0}
-    resp = httpx.post(f"{api}/deployments/{deployment['id']}/schedules", timeout=30, json=[{
-        "schedule": {"rrule": f"DTSTART:{start}\nRRULE:FREQ=SECONDLY;INTERVAL=10;COUNT=1", "timezone": "UTC"},
-        "active": True, "parameters": params, "slug": "test-tiny"}])
-    resp.raise_for_status()
+    with prefect_api(api) as client:
+        resp = client.post(f"/deployments/{deployment['id']}/schedules", json=[{
+            "schedule": {"rrule": f"DTSTART:{start}\nRRULE:FREQ=SECONDLY;INTERVAL=10;COUNT=1", "timezone": "UTC"},
+            "active": True, "parameters": params, "slug": "test-tiny"}])
     run = _wait_for_scheduled_run(api, deployment["id"], timeout=400)
     assert run["state"]["type"] == "COMPLETED", run["state"]
     assert {k: run["parameters"][k] for k in params} == params  # the schedule's, over the deployment's
     assert any(name.startswith("tiny--") and dataset_store(ws).versions(name) == [0]
                for name in dataset_store(ws).names())  # the run's fork of tiny, D_0 only (K = 0)
     return resp.json()[0]
-
-
-def _patch(url: str, body: dict, attempts: int = 5) -> None:
-    """PATCH as Prefect's own client does: a 503 (the server's SQLite busy while its scheduler and
-    a flow run write, seen on a loaded machine) is retried, any other error raises."""
-    for attempt in range(attempts):
-        resp = httpx.patch(url, json=body, timeout=30)
-        if resp.status_code != 503 or attempt + 1 == attempts:
-            resp.raise_for_status()
-            return
-        time.sleep(2 * (attempt + 1))
 
 
 def test_a_schedule_fires_with_its_parameters_and_keeps_its_state_across_restarts(tiny_csv, tmp_path):
@@ -112,8 +101,9 @@ def test_a_schedule_fires_with_its_parameters_and_keeps_its_state_across_restart
 
         # A schedule resumed by hand stays active when `rsir serve` restarts and deploys again.
         weekly = next(s for s in deployment["schedules"] if s["slug"] == "weekly-ml-100k")
-        for schedule, active in ((weekly, True), (added, False)):
-            _patch(f"{api}/deployments/{deployment['id']}/schedules/{schedule['id']}", {"active": active})
+        with prefect_api(api) as client:
+            for schedule, active in ((weekly, True), (added, False)):
+                client.patch(f"/deployments/{deployment['id']}/schedules/{schedule['id']}", json={"active": active})
     finally:
         stop_serve(serve)
     serve, api = start_serve(ws.root, port, ready)

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 
+import httpx
 import psutil
 import pytest
 
 from core.config import parse_config
 from core.errors import RsirError
-from deployments.serve import ServeConfig, stop_tree
+from deployments.serve import ServeConfig, _deployments, prefect_api, stop_tree
 
 # A child that starts a grandchild in a session of its own (as MLflow's job runners do), so
 # signalling the child's process group alone would leave the grandchild running.
@@ -64,3 +67,40 @@ def test_a_public_host_is_warned_about(cli, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(serve.Services, "start_prefect", lambda self: (_ for _ in ()).throw(RsirError("stop here")))
     result = cli("serve", "--host", "0.0.0.0", "--home", tmp_path / "ws")
     assert result.code == 2 and "no authentication" in result.err and "stop here" in result.err
+
+
+class _BusyThenOk(http.server.BaseHTTPRequestHandler):
+    """Answers 503 (as the Prefect server does while its SQLite is busy) to the first two
+    requests, then 200; a path under /missing is a 404 every time."""
+
+    answers: list[int] = []
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        status = 404 if self.path.startswith("/missing") else (503 if len(self.answers) < 2 else 200)
+        self.answers.append(status)
+        self.send_response(status)
+        self.send_header("Retry-After", "0")  # the test's wait only; the backoff is Prefect's
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b"[]" if status == 200 else b'{"detail": "busy"}')
+
+    def log_message(self, *args):
+        pass
+
+
+def test_calls_to_the_prefect_api_retry_a_busy_server_and_raise_on_other_errors():
+    """Every call `rsir serve` (and its tests) makes to the Prefect REST API goes through
+    `prefect_api`; a 503 from a busy server is retried, as Prefect's own client does (a CI run
+    failed on one unretried 503 while creating a schedule)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BusyThenOk)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    api = f"http://127.0.0.1:{server.server_port}"
+    try:
+        assert _deployments(api) == []
+        assert _BusyThenOk.answers == [503, 503, 200]
+        with prefect_api(api) as client, pytest.raises(httpx.HTTPStatusError, match="404"):
+            client.post("/missing", json={})
+        assert _BusyThenOk.answers[3:] == [404]
+    finally:
+        server.shutdown()
