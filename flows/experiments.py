@@ -11,7 +11,8 @@ one MLflow experiment, and found again there (never from memory) by their labels
                  "strong" trainer), Table 1 (θ_0 and RSIR K = 1 under the release recipe and
                  under the strong trainer, four datasets), a control of Table 1's release-bce
                  gain (that θ_0 with early stopping's patience 100), Table 2 on amazon-sports (K = 3 with
-                 and without fidelity under the trainer validation prefers) and weak-to-strong
+                 and without fidelity under the trainer validation prefers, |D_0| generation
+                 sources per iteration in both) and weak-to-strong
                  (SASRec → HSTU) on amazon-beauty; Beauty and Sports first
     tune         self-tuning RSIR (issue 26): per dataset an Optuna study of τ, p, m, λ and the
                  generation budget on validation (first seed), then on every seed K = 1 at the
@@ -315,9 +316,26 @@ def table2_arms(cfg: ExperimentConfig, done: Finished) -> list[Arm]:
                       f"--dataset {PAPER_TABLE2_DATASET}")
     stage1 = [r for r in done.rows if r.get("stage") == "table1" and r["trainer"] in trainers]
     name = best_on_validation(stage1, PAPER_TABLE2_DATASET, "trainer", k=0)
+    sources = cfg.max_sources or _d0_sequences(stage1, PAPER_TABLE2_DATASET)
     return [_arm(cfg, f"table2/{name}/{'fidelity' if fid else 'no-fidelity'}", PAPER_TABLE2_DATASET, s,
-                 {"stage": "table2", "trainer": name, "strong": strong, "fidelity": str(fid)}, K=cfg.K,
-                 fidelity=fid, **trainers[name]) for s in cfg.seeds for fid in (True, False)]
+                 {"stage": "table2", "trainer": name, "strong": strong, "fidelity": str(fid),
+                  "sources": str(sources)}, K=cfg.K,
+                 fidelity=fid, max_sources=sources, **trainers[name]) for s in cfg.seeds for fid in (True, False)]
+
+
+def _d0_sequences(rows: list[dict[str, Any]], dataset: str) -> int:
+    """Table 2's generation budget: as many sources per iteration as D_0 has training sequences
+    (one per real user), drawn from D_k's sequences (tasks/generate.py sample_sources), the same
+    for both arms. Issue 22 asks for the same sources per iteration in every arm; generating from
+    every sequence of D_k instead lets the arm without fidelity feed on its own growth (on Sports
+    its D_1 is 7 times D_0, so its 2nd iteration would generate from 5 times the other arm's
+    sources). At k = 0 the budget is every sequence, so the fidelity arm's θ_1 is Table 1's."""
+    found = {int(r["data/sequences"]) for r in rows
+             if r["dataset"] == dataset and r["k"] == 0 and r.get("data/sequences") is not None}
+    if len(found) != 1:  # every θ_0 of a dataset trains on the same D_0
+        raise RsirError(f"the paper suite's Table 2 budget: {dataset}'s finished Table 1 arms disagree on the "
+                        f"number of training sequences of D_0 ({sorted(found)}); was the dataset replaced?")
+    return found.pop()
 
 
 @arms_named("sasrec-to-hstu")

@@ -536,11 +536,22 @@ def _patience(group: list[dict[str, Any]]) -> str:
 
 def _table2_section(paired: Paired, t2: list[dict[str, Any]], folder: Path
                     ) -> tuple[list[str], list[Path]]:
-    if not t2:
-        return [], []
+    """One Table 2 per generation budget its arms ran under (the suite's budget changed once: from
+    every sequence of D_k to |D_0| sources per iteration, flows/experiments.py _d0_sequences), the
+    current budget (a cap) last; the figures are of the last table."""
+    budgets = sorted({_cap(r) for r in t2}, key=lambda b: (b is not None, b or 0))
+    parts: list[str] = []
+    for i, budget in enumerate(budgets):
+        last = i == len(budgets) - 1
+        section, figures = _table2_budget(paired, [r for r in t2 if _cap(r) == budget], folder if last else None)
+        parts += section
+    return parts, figures
+
+
+def _table2_budget(paired: Paired, t2: list[dict[str, Any]], folder: Path | None) -> tuple[list[str], list[Path]]:
     ds = t2[0]["dataset"]
     arms = [{**r, "arm": "fidelity" if r["fidelity"] == "True" else "no-fidelity"} for r in t2]
-    base = select(arms, arm="fidelity", k=0)
+    base = select(arms, arm="fidelity", k=0) or select(arms, arm="no-fidelity", k=0)
     kmax = max(r["k"] for r in arms)
     body = [["base", *(f"{x:.4f}" for x in PAPER_TABLE2["base"]), "", mean_std(base, "test/ndcg@10"),
              mean_std(base, "test/recall@10"), "", mean_std(base, "data/density", 5)]]
@@ -553,18 +564,22 @@ def _table2_section(paired: Paired, t2: list[dict[str, Any]], folder: Path
                          pct(paper[0] / PAPER_TABLE2["base"][0] - 1) if paper else "–", mean_std(g, "test/ndcg@10"),
                          mean_std(g, "test/recall@10"), f"{change(c)} {verdict(c, 1 if arm == 'fidelity' else -1)}",
                          mean_std(g, "data/density", 5)])
-    d0 = values(base, "data/density").mean()
-    d_last = values(select(arms, arm="fidelity", k=kmax), "data/density").mean()
-    parts = [f"## Table 2: {ds}, base → 1st → K = {kmax}, with and without fidelity\n",
-             f"Trainer chosen on validation (θ_0, Table 1 arms): `{t2[0]['trainer']}`. The same generation budget for "
-             f"every arm: {_sources(t2)}. Claimed direction: a gain with fidelity, a loss (collapse) without.\n",
+    parts = [f"## Table 2: {ds}, base → 1st → K = {kmax}, with and without fidelity ({_budget(t2)})\n",
+             f"Trainer chosen on validation (θ_0, Table 1 arms): `{t2[0]['trainer']}`. Generation budget: "
+             f"{_sources(t2)}, the same for every arm of this table. Claimed direction: a gain with fidelity, "
+             "a loss (collapse) without.\n",
              table(["", "paper ndcg@10", "paper recall@10", "paper Δ ndcg@10", "ours ndcg@10", "ours recall@10",
-                    "ours Δ ndcg@10 vs base", "density"], body) + "\n",
-             f"Density: {d0:.5f} at k = 0, {d_last:.5f} at k = {kmax} with fidelity ({pct(d_last / d0 - 1)}); the "
-             f"paper: {pct(PAPER_DENSITY_3RD)} by the 3rd iteration.\n"]
+                    "ours Δ ndcg@10 vs base", "density"], body) + "\n"]
+    for arm in ("fidelity", "no-fidelity"):
+        last = select(arms, arm=arm, k=kmax)
+        if base and last:
+            d0, d_last = values(base, "data/density").mean(), values(last, "data/density").mean()
+            parts.append(f"Density {arm.replace('-', ' ')}: {d0:.5f} at k = 0, {d_last:.5f} at k = {kmax} "
+                         f"({pct(d_last / d0 - 1)}); the paper: {pct(PAPER_DENSITY_3RD)} by the 3rd iteration "
+                         "with fidelity.\n")
     parts += _arm_tables(paired, base, [("base", base)] + [
         (f"{a} K = {k}", select(arms, arm=a, k=k)) for a in ("fidelity", "no-fidelity") for k in range(1, kmax + 1)])
-    return parts, main_figures(arms, [ds], list(range(kmax + 1)), folder)
+    return parts, [] if folder is None else main_figures(arms, [ds], list(range(kmax + 1)), folder)
 
 
 def _weak_to_strong_section(paired: Paired, w2s: list[dict[str, Any]]) -> list[str]:
@@ -578,9 +593,23 @@ def _weak_to_strong_section(paired: Paired, w2s: list[dict[str, Any]]) -> list[s
                     mean_std(k1, "test/ndcg@10"), change(c), verdict(c)]]) + "\n"]
 
 
+def _cap(row: dict[str, Any]) -> int | None:
+    """The generation sources per iteration an arm ran with (the `max_sources` it logged), None for all."""
+    text = row.get("settings", {}).get("max_sources")
+    return None if text in (None, "None") else int(float(text))
+
+
 def _sources(rows: list[dict[str, Any]]) -> str:
-    sources = {r.get("max_sources") for r in rows}
-    return "every training sequence of D_k (no cap)" if sources <= {None} else f"at most {sorted(sources)} sources"
+    caps = {_cap(r) for r in rows}
+    if caps <= {None}:
+        return "every training sequence of D_k (no cap)"
+    return ("at most " + ", ".join(f"{n:,}" for n in sorted(caps - {None})) + " sources per iteration, drawn "
+            "uniformly from D_k's training sequences" + (" (some arms: no cap)" if None in caps else ""))
+
+
+def _budget(rows: list[dict[str, Any]]) -> str:
+    caps = {_cap(r) for r in rows}
+    return "no cap" if caps <= {None} else "sources per iteration: " + ", ".join(f"{n:,}" for n in sorted(caps - {None}))
 
 
 def _paper_answers(answers: list[tuple], controlled: dict[str, tuple[Any, Any]]) -> list[str]:

@@ -757,9 +757,15 @@ def _artifact_location(tracking_uri: str, root: Path | str | None) -> str | None
     """MLflow's artifact location for a new experiment: a file URI, or the home's URL as is
     (s3://… is uploaded with boto3, which reads the standard AWS environment). Behind a tracking
     server the server decides (`mlflow server --artifacts-destination`, proxied uploads): a
-    client's local folder would mean nothing to the server or to other machines."""
-    if root is None or tracking_uri.startswith(("http://", "https://")):
+    client's local folder would mean nothing to the server or to other machines. Without a root,
+    a SQLite store keeps its artifacts beside its database (`mlartifacts/`, as a workspace does),
+    never in MLflow's default `./mlruns` of whatever directory the caller ran in."""
+    if tracking_uri.startswith(("http://", "https://")):
         return None
+    if root is None:
+        if not tracking_uri.startswith("sqlite:///"):
+            return None
+        root = Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts"
     return root if isinstance(root, str) else root.resolve().as_uri()
 
 

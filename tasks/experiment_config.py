@@ -106,7 +106,7 @@ class ExperimentConfig(BaseModel):
     epochs: Epochs | None = Field(None, description="maximum epochs per training, every arm (None: the recipe's)")
     patience: Epochs | None = Field(None, description="early-stopping patience, every arm (None: the recipe's)")
     max_sources: SequenceCount | None = Field(None, description="generation sources per iteration, every arm "
-                                              "(None: all)")
+                                              "(None: all; the paper suite's Table 2: as many as D_0 has)")
     shard: str | None = Field(None, pattern=r"^\d+/[1-9]\d*$", description="I/N: run only every N-th arm of each "
                               "stage from the I-th (0-based), so N processes share a suite; a stage that needs "
                               "another shard's unfinished arms fails with one line (run it again later)")

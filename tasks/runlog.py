@@ -375,6 +375,8 @@ class RunLog:
                 "train/synthetic_weight_share": student.synthetic_weight_share}
         if result.next is not None:
             rest.update({f"generation/{key}": v for key, v in result.filtered.counts.model_dump().items()})
+            if result.generation is not None:  # the sequences of D_k it generated from (max_sources)
+                rest["generation/sources"] = result.generation.sources
         rest.update(_fidelity_metrics(result))
         tracker.log_metrics(child, rest, step=k)
         tracker.log_metrics(self.parent, {**scores, **rest}, step=k)  # the trend over k

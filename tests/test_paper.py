@@ -67,6 +67,13 @@ def test_paper_suite_stages_and_choices(paper):
     assert {r["trainer"] for r in t2} == {chosen} and {r["dataset"] for r in t2} == {"amazon-sports"}
     assert {(r["fidelity"], r["seed"], r["k"]) for r in t2} == {
         (f, "0", k) for f in ("True", "False") for k in (0, 1, 2)}
+    # Both arms generate from as many sources per iteration as D_0 has sequences (one per user of
+    # the slice), whatever their D_k grew to: the same generation budget.
+    d0 = {r["data/sequences"] for r in t1 if r["dataset"] == "amazon-sports" and r["k"] == 0}
+    assert d0 == {SLICE_USERS} and {(r["sources"], r["settings"]["max_sources"]) for r in t2} == {
+        (str(SLICE_USERS), str(SLICE_USERS))}
+    assert {r["data/sequences"] for r in t2 if r["k"] == 2 and r["fidelity"] == "False"} != {SLICE_USERS}
+    assert {r["generation/sources"] for r in t2 if r["k"] < 2} == {SLICE_USERS}
     # Table 2's fidelity arm extends the Table 1 arm of the same trainer: the same θ_0 and θ_1.
     same = [r["test/ndcg@10"] for r in t1 + t2 if r["dataset"] == "amazon-sports" and r["trainer"] == chosen
             and r["k"] == 1 and r.get("fidelity", "True") == "True"]
@@ -224,6 +231,29 @@ def test_an_archive_carries_finished_arms_to_a_new_workspace(paper, tmp_path):
     assert table1[0] == table1[1] and "±" in table1[0]
     # The new workspace's suite run (it skipped every arm) was archived at its end; reports are not.
     assert archive_runs(restored, folder) == [] and len(list(folder.glob("*.json"))) == len(written) + 1
+
+
+def test_table2_is_reported_once_per_generation_budget(paper, tmp_path):
+    """Arms that ran under different generation budgets (the suite's Table 2 generated from every
+    sequence of D_k before it took |D_0| sources per iteration) are never averaged together: one
+    table per budget, the uncapped first, the figures of the last."""
+    from reporting.report import Paired, _table2_section
+
+    _, uri, summary = paper
+    tracker = Tracker.open(uri, summary["experiment"])
+    capped = [r for r in collect_runs(tracker) if r.get("stage") == "table2"]
+    uncapped = [{**r, "settings": {**r["settings"], "max_sources": "None"}} for r in capped]
+    parts, figures = _table2_section(Paired(tracker), uncapped + capped, tmp_path)
+    text = "\n".join(parts)
+    heads = [line for line in text.splitlines() if line.startswith("## Table 2")]
+    assert heads == ["## Table 2: amazon-sports, base → 1st → K = 2, with and without fidelity (no cap)",
+                     f"## Table 2: amazon-sports, base → 1st → K = 2, with and without fidelity (sources per "
+                     f"iteration: {SLICE_USERS})"], heads
+    assert "Generation budget: every training sequence of D_k (no cap)" in text
+    assert f"Generation budget: at most {SLICE_USERS} sources per iteration, drawn uniformly" in text
+    assert text.count("| base | 0.0271 | 0.0474 |") == 2 and text.count("Density no fidelity: ") == 2
+    assert {p.name for p in figures} == {"metrics_per_iteration.png", "density_entropy_per_iteration.png",
+                                         "acceptance_length_per_iteration.png"} and all(p.exists() for p in figures)
 
 
 def test_a_damaged_archive_is_one_line_naming_the_file(tmp_path):

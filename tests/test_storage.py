@@ -594,6 +594,21 @@ def _registered(tracker, score: float, base: str = "d0"):
     return tracker.register_champion("m", run_id, model_id, {"valid_ndcg_at_10": score}, "ndcg@10", base)
 
 
+def test_a_sqlite_store_keeps_its_artifacts_beside_its_database(tmp_path, monkeypatch):
+    """Not in MLflow's default ./mlruns of the caller's directory (tests and `rsir report` restored
+    archives into the repository's mlruns/ that way)."""
+    from storage.tracking import Tracker
+
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "store" / "mlflow.db"
+    tracker = Tracker.open(f"sqlite:///{db}", "x")
+    run = tracker.start_run("r")
+    (tmp_path / "a.json").write_text("{}")
+    tracker.log_artifact(run, tmp_path / "a.json", "here")
+    assert not (tmp_path / "mlruns").exists()
+    assert [p.name for p in (db.parent / "mlartifacts").rglob("a.json")] == ["a.json"]
+
+
 def test_champion_alias_survives_a_concurrent_insert(tmp_path, monkeypatch):
     """Two runs setting `champion` at once on one SQL store: one insert loses to the other's
     unique key. The loser sets it again (now an update) instead of failing its run."""
