@@ -14,8 +14,9 @@ Checkpoints and datasets are not archived (hundreds of MB): an arm that needs a 
 An `rsir` run stopped before its end (a deadline's SIGINT, Ctrl-C: its MLflow run KILLED) keeps
 its finished iterations: its run, each finished iteration's run with its row
 (tasks/runlog.py ROW_FILE, kept in the record's `documents`) and ranks, and the versions of its
-fork it will continue from (`forks/FORK/vNNNNN.json` and `.parquet`: each D_{k+1}'s synthetic
-sequences, 0.1-0.4 MB per version with fidelity, MBs without, never the real data). `restore_fork` commits those versions again in
+fork it will continue from (`forks/FORK/vNNNNN.json` and `.parquet`, or `.pMMM.parquet` parts
+below PART_BYTES each: each D_{k+1}'s synthetic sequences, 0.1-0.4 MB per version with fidelity,
+MBs without, never the real data). `restore_fork` commits those versions again in
 another workspace, checked against their digests, and the run, reopened there, reads its finished
 iterations instead of running them (flows/rsir.py). No checkpoint travels: the resumed run trains
 from its first unfinished iteration, and a best θ restored this way is not registered. The run's
@@ -36,6 +37,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -49,6 +51,9 @@ from tasks.tune import STATE_TAG
 RANKS_FOLDER = "ranks"  # the only artifacts archived: what the reports' paired statistics read
 TRIALS_SUFFIX = ".trials.jsonl"  # a study's Optuna trials, one JSON record per line (not *.json: no run)
 FORKS_FOLDER = "forks"  # the versions a stopped run continues from, per fork
+# A version's Parquet larger than this is written in row ranges below it: the repository keeps
+# its files under 2 MiB (a version without fidelity is several MB).
+PART_BYTES = 1_800_000
 ARM_TAG = "rsir.label.arm"  # an `rsir` run that is a suite's arm (its labels, tasks/runlog.py)
 
 
@@ -155,13 +160,44 @@ def archive_fork(store: DatasetStore, folder: Path, fork: str, last: int) -> lis
         manifest = store.manifest(fork, version)
         table = store.scan(fork, version, iterations=[version]).collect().drop("iteration").to_arrow()
         target.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table.select(SEQUENCE_SCHEMA.names).cast(SEQUENCE_SCHEMA), manifest_path.with_suffix(".parquet"),
-                       compression="zstd", compression_level=19)
+        _write_parts(table.select(SEQUENCE_SCHEMA.names).cast(SEQUENCE_SCHEMA), manifest_path)
         staged = manifest_path.with_suffix(".json.tmp")
         staged.write_text(manifest.model_dump_json(indent=1) + "\n")
         staged.replace(manifest_path)
         written.append(version)
     return written
+
+
+def _write_parts(table: pa.Table, manifest_path: Path, part_bytes: int | None = None) -> list[Path]:
+    """The version's sequences as `vNNNNN.parquet`, or, when that file would exceed `part_bytes`
+    (PART_BYTES), as consecutive row ranges `vNNNNN.pMMM.parquet`, each below it: a version
+    without fidelity (MBs) stays in a git archive whose files must stay small. Returns the files."""
+    limit = PART_BYTES if part_bytes is None else part_bytes
+    parts = 1
+    while True:
+        bounds = np.linspace(0, table.num_rows, parts + 1).astype(int)
+        buffers = []
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            sink = pa.BufferOutputStream()
+            pq.write_table(table.slice(lo, hi - lo), sink, compression="zstd", compression_level=19)
+            buffers.append(sink.getvalue())
+        if max(b.size for b in buffers) <= limit or parts >= table.num_rows:
+            break
+        parts = max(parts + 1, int(np.ceil(parts * max(b.size for b in buffers) / limit)))
+    names = ([manifest_path.with_suffix(".parquet")] if parts == 1 else
+             [manifest_path.with_name(f"{manifest_path.stem}.p{i:03d}.parquet") for i in range(parts)])
+    for name, buffer in zip(names, buffers):
+        name.write_bytes(buffer.to_pybytes())
+    return names
+
+
+def _read_parts(manifest_path: Path) -> pa.Table:
+    """The sequences `_write_parts` wrote for this manifest, in their order."""
+    whole = manifest_path.with_suffix(".parquet")
+    parts = sorted(manifest_path.parent.glob(f"{manifest_path.stem}.p[0-9][0-9][0-9].parquet"))
+    if whole.exists() or not parts:
+        return pq.read_table(whole)
+    return pa.concat_tables([pq.read_table(p) for p in parts])
 
 
 def has_archived_fork(folder: Path, fork: str) -> bool:
@@ -183,7 +219,7 @@ def restore_fork(store: DatasetStore, folder: Path, source: str, fork: str) -> l
     for path in paths:
         try:
             archived = Manifest.model_validate_json(path.read_text())
-            table = pq.read_table(path.with_suffix(".parquet"))
+            table = _read_parts(path)
         except (OSError, ValueError, pa.ArrowException) as exc:
             raise RsirError(f"archived version {path} cannot be read: {str(exc).splitlines()[0][:200]}") from None
         version = archived.version

@@ -155,6 +155,28 @@ def test_a_damaged_archived_version_is_one_line_and_commits_nothing(uninterrupte
     assert store.manifest(fork, 1).digest == source.manifest(fork, 1).digest
 
 
+def test_a_version_larger_than_a_part_is_archived_in_parts_and_restored_whole(uninterrupted, tiny_csv, tmp_path,
+                                                                            monkeypatch):
+    """A version over PART_BYTES (a no-fidelity D_1 is MBs; the repository keeps files under
+    2 MiB) is archived as row ranges each below it, and restored to the same digest."""
+    import tasks.archive as archive
+
+    whole_ws, _ = uninterrupted
+    source = dataset_store(whole_ws)
+    (fork,) = [n for n in source.names() if n.startswith("tiny--")]
+    archive_fork(source, tmp_path / "one", fork, 2)
+    size = (tmp_path / "one" / FORKS_FOLDER / fork / "v00002.parquet").stat().st_size
+    monkeypatch.setattr(archive, "PART_BYTES", size * 3 // 4)
+    assert archive_fork(source, tmp_path / "parts", fork, 2) == [1, 2]
+    folder = tmp_path / "parts" / FORKS_FOLDER / fork
+    parts = sorted(p.name for p in folder.glob("v00002.p*.parquet"))
+    assert len(parts) >= 2 and not (folder / "v00002.parquet").exists(), sorted(p.name for p in folder.iterdir())
+    assert all((folder / p).stat().st_size <= size * 3 // 4 for p in parts)
+    store = dataset_store(make_tiny_home(tmp_path / "target", tiny_csv))
+    assert restore_fork(store, tmp_path / "parts", "tiny", fork) == [1, 2]
+    assert [store.manifest(fork, v).digest for v in (1, 2)] == [source.manifest(fork, v).digest for v in (1, 2)]
+
+
 def test_a_stopped_arm_without_a_kept_row_is_left_out_and_redone(tmp_path):
     """An arm stopped with an iteration logged by a version that kept no rows: nothing of it is
     archived (a resumed arm could not read that iteration), and the rest is archived as before."""
