@@ -35,6 +35,7 @@ from prefect import flow, get_run_logger
 
 from core.config import with_parameters
 from core.hashing import json_digest
+from core.interrupts import stop_status
 from core.workspace import Workspace
 from flows.boundary import boundary, check_environment, naming_service
 from flows.liveness import PARENT_RUNS
@@ -119,7 +120,7 @@ def run_tune(cfg: TuneConfig) -> TuneSummary:
             opened.study.optimize(objective, n_trials=trials, callbacks=callbacks)
     except BaseException as exc:
         try:
-            closed = close_worker(cfg, tracker, opened.study, "FAILED" if isinstance(exc, Exception) else "KILLED")
+            closed = close_worker(cfg, tracker, opened.study, stop_status(exc))
             get_run_logger().warning("stopped (%s): %s", type(exc).__name__, ", ".join(closed))
         except Exception as fault:  # the stop is what to report; `rsir tune` checks again
             get_run_logger().warning("stopped (%s); closing the study's records failed: %s", type(exc).__name__,
@@ -160,7 +161,7 @@ class Objective:
                 state = "PRUNED"
                 raise
             except BaseException as exc:
-                if not isinstance(exc, Exception):  # an interrupt, not the trial's fault: a resumed study replaces it
+                if stop_status(exc) == "KILLED":  # an interrupt, not the trial's fault: a resumed study replaces it
                     trial.set_user_attr(INTERRUPTED_ATTR, True)
                 raise
             finally:

@@ -694,10 +694,13 @@ def _interrupts():
     in the main thread. Yields the list of the signals received (Prefect's own SIGTERM handler,
     active inside a flow, raises its TerminationSignal and then signals again: this handler sees
     it then)."""
+    from core import interrupts
+
     received: list[int] = []
 
     def interrupt(signum: int, _frame: object) -> None:
         received.append(signum)
+        interrupts.note(signum)  # what ends a run reads it (core/interrupts.py stop_status)
         raise KeyboardInterrupt
 
     # A signal that lands while a finalizer or a weakref callback runs (the garbage collector
@@ -725,6 +728,7 @@ def _interrupts():
         yield received
     finally:
         sys.unraisablehook = hook
+        interrupts.clear()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import RsirError
 from core.hashing import short_digest
+from core.interrupts import stop_status
 from storage.files import file_lock, location, read_bytes
 
 
@@ -332,8 +333,8 @@ class Tracker:
         """While the block runs, refresh the run's heartbeat tag every `every` seconds (a daemon
         thread: a step may take longer than `STALE_AFTER_SECONDS`, the process is alive all the
         same). A block that raises ends the run and the iteration it cut short FAILED, or KILLED
-        when it was interrupted (Ctrl-C, Prefect's cancellation), so only a killed process leaves a
-        run RUNNING. A failed beat is
+        when it was interrupted (Ctrl-C, Prefect's cancellation, or any exception after a signal:
+        core/interrupts.py), so only a killed process leaves a run RUNNING. A failed beat is
         logged and retried at the next one: tracking trouble must not fail the run."""
         stop = threading.Event()
 
@@ -351,7 +352,7 @@ class Tracker:
             yield
         except BaseException as exc:
             stop.set()
-            status = "FAILED" if isinstance(exc, Exception) else "KILLED"
+            status = stop_status(exc)
             with contextlib.suppress(Exception):  # the block's own error is the one to report
                 if self._client.get_run(run_id).info.status == "RUNNING":
                     self.kill(run_id, status)  # the iteration it cut short too

@@ -402,6 +402,18 @@ def _training_trial(mlflow_db: Path) -> str | None:
     return found[0] if found else None
 
 
+def _running_flow(prefect_db: Path, name: str) -> bool:
+    """Whether the Prefect database holds a RUNNING flow run of that name."""
+    if not prefect_db.exists():
+        return False
+    try:
+        with sqlite3.connect(f"file:{prefect_db}?mode=ro", uri=True) as db:
+            return db.execute("select 1 from flow_run where name = ? and state_type = 'RUNNING'",
+                              (name,)).fetchone() is not None
+    except sqlite3.Error:  # tables not made yet, or locked by the writer
+        return False
+
+
 def _interrupt_tune(root: Path, sig: int) -> tuple[list[str], str]:
     """`rsir tune` (TUNE_COMMAND) in a process group of its own, sent `sig` while its first trial
     trains θ_0 (SIGINT to the group, as Ctrl-C in a terminal; SIGTERM to the process). Asserts the
@@ -411,10 +423,14 @@ def _interrupt_tune(root: Path, sig: int) -> tuple[list[str], str]:
     args = [*TUNE_COMMAND, "--home", str(root)]
     training: list[str] = []
 
-    def ready(_: list[str]) -> bool:  # θ_0's training has begun in the trial's run
+    def ready(_: list[str]) -> bool:  # θ_0's training has begun in the trial's run and its subflow
+        # The MLflow iteration run opens before its Prefect subflow does: under load (seen in CI)
+        # more than the settling second apart, and the signal then came before the subflow existed.
         found = _training_trial(root / "mlflow.db")
-        training.extend([found] if found else [])
-        return bool(found)
+        if not found or not _running_flow(root / "prefect" / "prefect.db", "iteration-0"):
+            return False
+        training.append(found)
+        return True
 
     seen = interrupt_command(args, sig, ready, settle=1)  # inside θ_0's training loop
     trial_run, after = training[0], seen.after
