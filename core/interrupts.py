@@ -23,11 +23,6 @@ def clear() -> None:
     _received.clear()
 
 
-def received() -> list[int]:
-    """The signals noted since the last `clear`, oldest first."""
-    return list(_received)
-
-
 def stop_status(exc: BaseException) -> str:
     """MLflow's status for a run that `exc` ended: KILLED when the process was interrupted (a
     signal noted, or a KeyboardInterrupt or other BaseException such as Prefect's

@@ -543,12 +543,14 @@ def _table2_section(paired: Paired, t2: list[dict[str, Any]], folder: Path
     parts: list[str] = []
     for i, budget in enumerate(budgets):
         last = i == len(budgets) - 1
-        section, figures = _table2_budget(paired, [r for r in t2 if _cap(r) == budget], folder if last else None)
+        section, figures = _table2_budget(paired, [r for r in t2 if _cap(r) == budget], budget,
+                                          folder if last else None)
         parts += section
     return parts, figures
 
 
-def _table2_budget(paired: Paired, t2: list[dict[str, Any]], folder: Path | None) -> tuple[list[str], list[Path]]:
+def _table2_budget(paired: Paired, t2: list[dict[str, Any]], cap: int | None, folder: Path | None
+                   ) -> tuple[list[str], list[Path]]:
     ds = t2[0]["dataset"]
     arms = [{**r, "arm": "fidelity" if r["fidelity"] == "True" else "no-fidelity"} for r in t2]
     base = select(arms, arm="fidelity", k=0) or select(arms, arm="no-fidelity", k=0)
@@ -564,9 +566,12 @@ def _table2_budget(paired: Paired, t2: list[dict[str, Any]], folder: Path | None
                          pct(paper[0] / PAPER_TABLE2["base"][0] - 1) if paper else "–", mean_std(g, "test/ndcg@10"),
                          mean_std(g, "test/recall@10"), f"{change(c)} {verdict(c, 1 if arm == 'fidelity' else -1)}",
                          mean_std(g, "data/density", 5)])
-    parts = [f"## Table 2: {ds}, base → 1st → K = {kmax}, with and without fidelity ({_budget(t2)})\n",
+    budget = "every training sequence of D_k (no cap)" if cap is None else \
+        f"at most {cap:,} sources per iteration, drawn uniformly from D_k's training sequences"
+    parts = [f"## Table 2: {ds}, base → 1st → K = {kmax}, with and without fidelity "
+             f"({'no cap' if cap is None else f'sources per iteration: {cap:,}'})\n",
              f"Trainer chosen on validation (θ_0, Table 1 arms): `{t2[0]['trainer']}`. Generation budget: "
-             f"{_sources(t2)}, the same for every arm of this table. Claimed direction: a gain with fidelity, "
+             f"{budget}, the same for every arm of this table. Claimed direction: a gain with fidelity, "
              "a loss (collapse) without.\n",
              table(["", "paper ndcg@10", "paper recall@10", "paper Δ ndcg@10", "ours ndcg@10", "ours recall@10",
                     "ours Δ ndcg@10 vs base", "density"], body) + "\n"]
@@ -597,19 +602,6 @@ def _cap(row: dict[str, Any]) -> int | None:
     """The generation sources per iteration an arm ran with (the `max_sources` it logged), None for all."""
     text = row.get("settings", {}).get("max_sources")
     return None if text in (None, "None") else int(float(text))
-
-
-def _sources(rows: list[dict[str, Any]]) -> str:
-    caps = {_cap(r) for r in rows}
-    if caps <= {None}:
-        return "every training sequence of D_k (no cap)"
-    return ("at most " + ", ".join(f"{n:,}" for n in sorted(caps - {None})) + " sources per iteration, drawn "
-            "uniformly from D_k's training sequences" + (" (some arms: no cap)" if None in caps else ""))
-
-
-def _budget(rows: list[dict[str, Any]]) -> str:
-    caps = {_cap(r) for r in rows}
-    return "no cap" if caps <= {None} else "sources per iteration: " + ", ".join(f"{n:,}" for n in sorted(caps - {None}))
 
 
 def _paper_answers(answers: list[tuple], controlled: dict[str, tuple[Any, Any]]) -> list[str]:
