@@ -44,7 +44,7 @@ from storage.dataset import dataset_store
 from storage.files import file_lock
 from storage.tracking import RunOwner, Tracker, dead_reason, redact_uri, resolve_tracking_uri
 from tasks.builtin import fetch_builtin_task
-from tasks.runlog import RunSummary
+from tasks.runlog import ROW_FILE, IterationRow, RunSummary
 from tasks.train import watching_epochs
 from tasks.tune import (
     IMPORTED_ATTR,
@@ -165,8 +165,10 @@ class Objective:
                     trial.set_user_attr(INTERRUPTED_ATTR, True)
                 raise
             finally:
-                self._nest(trial.number, seed, state)
-            run = SeedRun.of(seed, summary, self._generation_key(summary))
+                found = self._nest(trial.number, seed, state)
+                if state == "PRUNED":
+                    self._keep_pruned(trial, seed, found)
+            run = SeedRun.of(seed, summary, self._generation_key(summary.run_dataset))
             trial.set_user_attr(f"seed_{seed}", run.to_json())
             scores.append(run.valid)
             get_run_logger().info(
@@ -176,9 +178,9 @@ class Objective:
         self.tracker.log_metrics(self.study_run, {f"trial/valid_{METRIC}": value}, step=trial.number)
         return value
 
-    def _nest(self, number: int, seed: int, state: str) -> None:
+    def _nest(self, number: int, seed: int, state: str) -> list[Any]:
         """The trial's run (found by its labels: a pruned run returned nothing) becomes a child
-        of the study run, tagged with the study, trial, seed and how the trial ended."""
+        of the study run, tagged with the study, trial, seed and how the trial ended; returned."""
         found = self.tracker.search_runs(f"tags.`rsir.label.tune_study` = '{self.cfg.study_name}' and "
                                          f"tags.`rsir.label.tune_trial` = '{number}' and "
                                          f"tags.`rsir.label.tune_seed` = '{seed}'")
@@ -186,11 +188,24 @@ class Objective:
             self.tracker.set_tags(run.info.run_id, {"mlflow.parentRunId": self.study_run,
                                                     STUDY_TAG: self.cfg.study_name, TRIAL_TAG: number,
                                                     SEED_TAG: seed, STATE_TAG: state})
+        return found
 
-    def _generation_key(self, summary: RunSummary) -> str:
-        """The content key of the generation D_1 was filtered from (D_1's key is it plus the
-        filter's parameters): equal keys, one generation."""
-        return dataset_store(self.ws).manifest(summary.run_dataset, 1).generation.key.split(":", 1)[0]
+    def _keep_pruned(self, trial: Any, seed: int, found: list[Any]) -> None:
+        """A pruned run is kept as the trial's run at `seed` from its finished iteration 0 (θ_0's
+        row; D_1 was made before θ_1's training): it may be the run that trained θ_0 or made
+        the generation the others reused, which the study's reuse figures must count."""
+        for run in sorted(found, key=lambda r: r.info.start_time, reverse=True)[:1]:
+            child = self.tracker.find_child(run.info.run_id, "iteration-0")
+            if child is None or child[1] != "FINISHED" or ROW_FILE not in self.tracker.artifact_files(child[0], ""):
+                return  # pruned before iteration 0 was logged (θ_1 is watched only after it): nothing to keep
+            row = IterationRow.model_validate(self.tracker.load_dict(child[0], ROW_FILE))
+            key = self._generation_key(run.data.params["run_dataset"])
+            trial.set_user_attr(f"seed_{seed}", SeedRun.of_pruned(seed, run.info.run_id, row, key).to_json())
+
+    def _generation_key(self, fork: str) -> str:
+        """The content key of the generation the run's D_1 (dataset `fork`, version 1) was
+        filtered from (D_1's key is it plus the filter's parameters): equal keys, one generation."""
+        return dataset_store(self.ws).manifest(fork, 1).generation.key.split(":", 1)[0]
 
 
 def _study_run(tracker: Tracker, opened: OpenedStudy, cfg: TuneConfig, url: str, wait_seconds: float = 60.0) -> str:

@@ -41,7 +41,7 @@ from storage.manifest import Record
 from tasks.config import CpuThreads, RunConfig, TrainConfig
 
 if TYPE_CHECKING:  # tasks.runlog imports Prefect, which `rsir tune`'s options must not
-    from tasks.runlog import RunSummary
+    from tasks.runlog import IterationRow, RunSummary
 
 # The run settings a study searches, and those that are integers.
 TUNED = ("tau", "p", "m", "synthetic_weight", "source_share")
@@ -548,10 +548,13 @@ class EpochPruner:
 class SeedRun:
     """One trial's run at one seed, as the study keeps it (a trial's user attribute): θ_1's and
     θ_0's validation NDCG@10, the MLflow parent run, and what the run reused: θ_0 (its training's
-    seconds when trained, the task's seconds now) and the generation (its content key)."""
+    seconds when trained, the task's seconds now) and the generation (its content key). A run
+    the pruner stopped in θ_1's training is kept too (`pruned`): its θ_0 and generation count in
+    what the study shared (a pruned run may be the one that trained θ_0), but it has no θ_1
+    score (`valid`) and no wall time (None)."""
 
     seed: int
-    valid: float
+    valid: float | None
     theta0_valid: float
     mlflow_run_id: str
     theta0_reused: bool
@@ -559,7 +562,8 @@ class SeedRun:
     theta0_task_seconds: float
     generation_key: str
     generate_seconds: float
-    wall_seconds: float
+    wall_seconds: float | None
+    pruned: bool = False
 
     @classmethod
     def of(cls, seed: int, summary: RunSummary, generation_key: str) -> "SeedRun":
@@ -568,7 +572,13 @@ class SeedRun:
                    zero.train_seconds, zero.times["train"], generation_key, zero.times["generate"],
                    summary.wall_seconds)
 
-    def to_json(self) -> dict[str, float | int | str | bool]:
+    @classmethod
+    def of_pruned(cls, seed: int, run_id: str, theta0: IterationRow, generation_key: str) -> "SeedRun":
+        """A pruned run, from its iteration 0 as logged (θ_0's row; D_1 was made before θ_1)."""
+        return cls(seed, None, theta0.valid[METRIC], run_id, theta0.reused, theta0.train_seconds,
+                   theta0.times["train"], generation_key, theta0.times["generate"], None, pruned=True)
+
+    def to_json(self) -> dict[str, float | int | str | bool | None]:
         """The trial's user attribute (Optuna keeps JSON)."""
         return asdict(self)
 
@@ -685,7 +695,8 @@ def trial_counts(rows: list[TrialRow], this_worker: int) -> TrialCounts:
 
 def reuse_figures(rows: list[TrialRow]) -> Reuse:
     """What the study's runs shared: θ_0 trainings run against reused (and the seconds the reuse
-    saved: the training's own seconds minus the reusing task's), generations made against runs."""
+    saved: the training's own seconds minus the reusing task's), generations made against runs.
+    Pruned runs count (SeedRun.of_pruned): one of them may be the run that trained θ_0."""
     runs = [run for row in rows for run in row.runs]
     reused = [r for r in runs if r.theta0_reused]
     return Reuse(runs=len(runs), theta0_trained=len(runs) - len(reused), theta0_reused=len(reused),

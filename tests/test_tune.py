@@ -79,8 +79,9 @@ def test_a_study_in_the_workspace_runs_prunes_and_counts_its_trials(one_worker):
 def test_trials_share_theta0_and_one_generation(one_worker):
     ws, _, summary = one_worker
     reuse = summary["reuse"]
-    # The first trial trained θ_0, the second reused it (task seconds below the training's own).
-    assert (reuse["runs"], reuse["theta0_trained"], reuse["theta0_reused"]) == (2, 1, 1)
+    # The first trial trained θ_0, the second and the third reused it (task seconds below the
+    # training's own); the third, pruned in θ_1's training, counts: it ran θ_0's task and D_1.
+    assert (reuse["runs"], reuse["theta0_trained"], reuse["theta0_reused"]) == (3, 1, 2)
     assert reuse["theta0_seconds_saved"] > 0
     # Every trial generated at τ = 20 with the same p, m and budget: one generation, filtered per τ.
     assert reuse["generations"] == 1
@@ -137,7 +138,7 @@ def test_the_summary_for_people_names_the_best_settings_and_the_counts(one_worke
     assert f"valid ndcg@10 of θ_1 {best['valid_ndcg@10']:.4f} against θ_0's {best['theta0_valid_ndcg@10']:.4f}" in out
     assert ("keep θ_0" in out) == (not best["beats_theta0"])
     assert "trial   2 PRUNED   valid      -" in out and "(stopped at step 1: " in out
-    assert "reuse: θ_0 trained 1x, reused 1x" in out and "1 generations for 2 runs" in out
+    assert "reuse: θ_0 trained 1x, reused 2x" in out and "1 generations for 3 runs" in out
 
 
 def test_study_trials_caps_the_study_not_the_worker(prefect_api, tiny_csv, tmp_path):
@@ -298,7 +299,7 @@ NESTED_KEYS = {
 }
 ROW_KEYS = {"number", "state", "value", "settings", "worker", "runs", "last_report", "interrupted"}
 SEED_RUN_KEYS = {"seed", "valid", "theta0_valid", "mlflow_run_id", "theta0_reused", "theta0_train_seconds",
-                 "theta0_task_seconds", "generation_key", "generate_seconds", "wall_seconds"}
+                 "theta0_task_seconds", "generation_key", "generate_seconds", "wall_seconds", "pruned"}
 
 
 def _assert_summary_keys(summary: dict) -> None:
@@ -320,7 +321,15 @@ def test_the_summary_is_a_typed_record_with_the_json_it_had(one_worker):
     json.dumps(summary)  # plain JSON, as the flow's result and `--json`
     typed = TuneSummary.model_validate(summary)
     assert typed.model_dump(mode="json") == summary  # the record round-trips its JSON exactly
-    assert typed.best.valid == summary["best"]["valid_ndcg@10"] and typed.rows[2].runs == []  # pruned: no run
+    assert typed.best.valid == summary["best"]["valid_ndcg@10"]
+    # The pruned trial's run: θ_0 and the generation it shared, no θ_1 score and no wall time.
+    (pruned,) = typed.rows[2].runs
+    assert (pruned.pruned, pruned.valid, pruned.wall_seconds, pruned.theta0_reused) == (True, None, None, True)
+    assert pruned.theta0_valid == typed.rows[0].runs[0].theta0_valid
+    assert pruned.generation_key == typed.rows[0].runs[0].generation_key and not typed.rows[0].runs[0].pruned
+    assert pruned.mlflow_run_id == MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("rsir").experiment_id],
+        "tags.`rsir.tune_trial` = '2'")[0].info.run_id
     assert isinstance(typed.rows[0].settings["tau"], int) and isinstance(summary["rows"][0]["settings"]["tau"], int)
     # The study run's tune_summary.json is the same JSON.
     logged = Tracker.open(uri, "rsir").load_dict(summary["mlflow_run_id"], "tune_summary.json")
