@@ -194,13 +194,13 @@ class Objective:
         """A pruned run is kept as the trial's run at `seed` from its finished iteration 0 (θ_0's
         row; D_1 was made before θ_1's training): it may be the run that trained θ_0 or made
         the generation the others reused, which the study's reuse figures must count."""
-        for run in sorted(found, key=lambda r: r.info.start_time, reverse=True)[:1]:
-            child = self.tracker.find_child(run.info.run_id, "iteration-0")
-            if child is None or child[1] != "FINISHED" or ROW_FILE not in self.tracker.artifact_files(child[0], ""):
-                return  # pruned before iteration 0 was logged (θ_1 is watched only after it): nothing to keep
-            row = IterationRow.model_validate(self.tracker.load_dict(child[0], ROW_FILE))
-            key = self._generation_key(run.data.params["run_dataset"])
-            trial.set_user_attr(f"seed_{seed}", SeedRun.of_pruned(seed, run.info.run_id, row, key).to_json())
+        run = max(found, key=lambda r: r.info.start_time, default=None)
+        child = None if run is None else self.tracker.find_child(run.info.run_id, "iteration-0")
+        if child is None or child[1] != "FINISHED" or ROW_FILE not in self.tracker.artifact_files(child[0], ""):
+            return  # pruned before iteration 0 was logged (θ_1 is watched only after it): nothing to keep
+        row = IterationRow.model_validate(self.tracker.load_dict(child[0], ROW_FILE))
+        key = self._generation_key(run.data.params["run_dataset"])
+        trial.set_user_attr(f"seed_{seed}", SeedRun.of_pruned(seed, run.info.run_id, row, key).to_json())
 
     def _generation_key(self, fork: str) -> str:
         """The content key of the generation the run's D_1 (dataset `fork`, version 1) was
